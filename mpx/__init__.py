@@ -1,0 +1,27 @@
+"""mpx: FP8/BF16 mixed-precision training and inference of transformer LMs in JAX."""
+
+from mpx import formats, metrics, recipes, scaled
+from mpx.formats import Format, cast
+from mpx.scaled import (
+    MX,
+    Blocks,
+    PerAxis,
+    PerTensor,
+    ScaledArray,
+    check_finite,
+    compute_amax,
+    compute_scale,
+    dequantize,
+    fake_quant,
+    nonfinite_counts,
+    quantize,
+    quantize_with_scale,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Blocks", "Format", "MX", "PerAxis", "PerTensor", "ScaledArray",
+    "cast", "check_finite", "compute_amax", "compute_scale", "dequantize", "fake_quant",
+    "formats", "metrics", "nonfinite_counts", "quantize", "quantize_with_scale", "recipes", "scaled",
+]

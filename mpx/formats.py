@@ -1,0 +1,299 @@
+"""Number formats: a registry of native and simulated floating-point formats, and `cast`.
+
+A `Format` describes a floating-point format by its bits and limits. Native formats
+(`fp32`, `bf16`, `fp16`, the FP8 variants, `e8m0`, `e2m1`) carry a JAX dtype and are
+cast by XLA; simulated formats (`e4m4` "FP9", `e5m4` "FP10", the FP6 formats `e2m3`
+and `e3m2`, or any `simulated(e, m)`) are rounded in float32 with the same semantics.
+
+`cast(x, fmt)` is the one way values enter a format in mpx:
+
+* round to nearest, ties to even;
+* finite values beyond the format's range saturate to +-max (they never become NaN:
+  a plain `astype(float8_e4m3fn)` turns |x| >= 464 into NaN);
+* NaN stays NaN;
+* +-inf stays +-inf in formats that have inf (fp32, bf16, fp16, e5m2) and saturates
+  to +-max in formats that have none (e4m3, the fnuz formats, e2m1, simulated).
+
+`e8m0` is a scale format (unsigned powers of two, no zero): `cast` clips to
+[2^-127, 2^127] so zero and negative inputs become 2^-127 rather than NaN.
+
+Example:
+    >>> import jax.numpy as jnp, mpx
+    >>> mpx.cast(jnp.array([1.0625, 500.0, -jnp.inf]), "e4m3").astype(jnp.float32).tolist()
+    [1.0, 448.0, -448.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A floating-point number format.
+
+    Attributes:
+      name: registry name, e.g. "e4m3".
+      exponent_bits, mantissa_bits: field widths (mantissa excludes the implicit bit).
+      max: largest finite value.
+      min_normal: smallest positive normal value.
+      min_subnormal: smallest positive value (equals min_normal without subnormals).
+      eps: spacing of values just above 1.0 (2**-mantissa_bits).
+      has_inf, has_nan: whether the format encodes inf / NaN.
+      dtype: the JAX dtype that stores it, or None for simulated formats (held in f32).
+      signed: False only for e8m0.
+    """
+
+    name: str
+    exponent_bits: int
+    mantissa_bits: int
+    max: float
+    min_normal: float
+    min_subnormal: float
+    eps: float
+    has_inf: bool
+    has_nan: bool
+    dtype: Any = None
+    signed: bool = True
+
+    @property
+    def simulated(self) -> bool:
+        """True when no native dtype exists and values are held in float32."""
+        return self.dtype is None
+
+    @property
+    def storage_dtype(self):
+        """The dtype arrays of this format are stored in (float32 when simulated)."""
+        return jnp.float32 if self.dtype is None else self.dtype
+
+    @property
+    def bits(self) -> int:
+        return int(self.signed) + self.exponent_bits + self.mantissa_bits
+
+    @property
+    def bytes_per_element(self) -> float:
+        """Storage cost: native bits / 8; simulated formats are stored as f32 (4)."""
+        return 4.0 if self.dtype is None else jnp.dtype(self.dtype).itemsize
+
+    @property
+    def half_ulp(self) -> float:
+        """Worst-case relative rounding error in the normal range (2**-(m+1))."""
+        return 2.0 ** -(self.mantissa_bits + 1)
+
+    def __repr__(self) -> str:
+        kind = "simulated" if self.simulated else jnp.dtype(self.dtype).name
+        return f"Format({self.name}: e{self.exponent_bits}m{self.mantissa_bits}, max={self.max:g}, {kind})"
+
+
+def _native(name: str, dtype, *, signed: bool = True) -> Format:
+    info = ml_dtypes.finfo(dtype)
+    exponent_bits = int(info.nexp)
+    mantissa_bits = int(info.nmant)
+    np_dtype = np.dtype(dtype)
+    return Format(
+        name=name,
+        exponent_bits=exponent_bits,
+        mantissa_bits=mantissa_bits,
+        max=float(info.max),
+        min_normal=float(info.smallest_normal),
+        min_subnormal=float(info.smallest_subnormal),
+        eps=float(info.eps),
+        has_inf=bool(np.isinf(np.array(np.inf, np.float32).astype(np_dtype))),
+        has_nan=bool(np.isnan(np.array(np.nan, np.float32).astype(np_dtype))),
+        dtype=jnp.dtype(dtype),
+        signed=signed,
+    )
+
+
+def simulated(exponent_bits: int, mantissa_bits: int, *, name: str | None = None, ieee: bool = False) -> Format:
+    """A simulated format with the given bit widths, rounded in float32.
+
+    Args:
+      exponent_bits: 2..8 exponent bits; the bias is 2**(e-1) - 1.
+      mantissa_bits: 0..10 explicit mantissa bits.
+      name: registry name; defaults to "e{e}m{m}".
+      ieee: if True the top exponent code is reserved for inf/NaN (like e5m2);
+        if False every code is finite (like the OCP MX FP6/FP4 formats), which is the
+        default for the simulated FP6/FP9/FP10 formats.
+
+    Returns:
+      A `Format` with dtype None and subnormals.
+
+    Raises:
+      ValueError: if the widths are outside what float32 can simulate exactly.
+    """
+    if not 2 <= exponent_bits <= 8 or not 0 <= mantissa_bits <= 10:
+        raise ValueError(
+            f"simulated formats need 2 <= exponent_bits <= 8 and 0 <= mantissa_bits <= 10 "
+            f"(float32 must hold them exactly); got e{exponent_bits}m{mantissa_bits}"
+        )
+    bias = 2 ** (exponent_bits - 1) - 1
+    top = 2**exponent_bits - 1 - (1 if ieee else 0)
+    max_value = 2.0 ** (top - bias) * (2.0 - 2.0**-mantissa_bits)
+    min_normal = 2.0 ** (1 - bias)
+    return Format(
+        name=name or f"e{exponent_bits}m{mantissa_bits}",
+        exponent_bits=exponent_bits,
+        mantissa_bits=mantissa_bits,
+        max=max_value,
+        min_normal=min_normal,
+        min_subnormal=min_normal * 2.0**-mantissa_bits,
+        eps=2.0**-mantissa_bits,
+        has_inf=ieee,
+        has_nan=ieee,
+        dtype=None,
+    )
+
+
+_REGISTRY: dict[str, Format] = {}
+_ALIASES = {
+    "float32": "fp32", "f32": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16", "f16": "fp16", "half": "fp16",
+    "float8_e4m3fn": "e4m3", "e4m3fn": "e4m3", "fp8": "e4m3",
+    "float8_e5m2": "e5m2",
+    "float8_e4m3fnuz": "e4m3fnuz",
+    "float8_e5m2fnuz": "e5m2fnuz",
+    "float8_e8m0fnu": "e8m0", "e8m0fnu": "e8m0",
+    "float4_e2m1fn": "e2m1", "fp4": "e2m1",
+    "fp9": "e4m4", "fp10": "e5m4",
+}
+
+
+def register(fmt: Format) -> Format:
+    """Adds a format to the registry (so `get(fmt.name)` finds it) and returns it."""
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def _register_builtins() -> None:
+    for name, dtype in [
+        ("fp32", jnp.float32), ("bf16", jnp.bfloat16), ("fp16", jnp.float16),
+        ("e4m3", jnp.float8_e4m3fn), ("e5m2", jnp.float8_e5m2),
+        ("e4m3fnuz", jnp.float8_e4m3fnuz), ("e5m2fnuz", jnp.float8_e5m2fnuz),
+        ("e2m1", jnp.float4_e2m1fn),
+    ]:
+        register(_native(name, dtype))
+    register(_native("e8m0", jnp.float8_e8m0fnu, signed=False))
+    # jnp has float6 dtypes but XLA cannot run them: simulate (all codes finite, as OCP MX).
+    register(simulated(2, 3, name="e2m3"))
+    register(simulated(3, 2, name="e3m2"))
+    register(simulated(4, 4, name="e4m4"))
+    register(simulated(5, 4, name="e5m4"))
+    register(simulated(5, 3, name="e5m3"))
+
+
+_register_builtins()
+
+
+def names() -> list[str]:
+    """All registered format names."""
+    return sorted(_REGISTRY)
+
+
+def get(fmt: str | Format | Any) -> Format:
+    """Looks up a format by name ("e4m3"), alias ("float8_e4m3fn") or dtype.
+
+    Raises:
+      ValueError: naming the unknown format and the registered ones.
+    """
+    if isinstance(fmt, Format):
+        return fmt
+    if isinstance(fmt, str):
+        key = _ALIASES.get(fmt.lower(), fmt.lower())
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(names())}")
+    try:
+        dtype = jnp.dtype(fmt)
+    except TypeError:
+        raise ValueError(f"cannot interpret {fmt!r} as a format; known formats: {', '.join(names())}") from None
+    for candidate in _REGISTRY.values():
+        if candidate.dtype is not None and candidate.dtype == dtype:
+            return candidate
+    raise ValueError(f"dtype {dtype} has no registered format; known formats: {', '.join(names())}")
+
+
+def cast(x: jax.Array, fmt: str | Format) -> jax.Array:
+    """Casts `x` into `fmt` with saturation and round-to-nearest-even.
+
+    Args:
+      x: a floating array of any shape.
+      fmt: a format name or `Format`.
+
+    Returns:
+      An array of `fmt.storage_dtype` (float32 for simulated formats) and x's shape.
+    """
+    fmt = get(fmt)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    if fmt.name == "e8m0":
+        return jnp.clip(x.astype(jnp.float32), fmt.min_normal, fmt.max).astype(fmt.dtype)
+    if fmt.simulated:
+        return _round_simulated(x.astype(jnp.float32), fmt)
+    if x.dtype == fmt.dtype:
+        return x
+    return saturate(x, fmt).astype(fmt.dtype)
+
+
+def saturate(x: jax.Array, fmt: str | Format) -> jax.Array:
+    """Clips finite values (and inf, where `fmt` has no inf) to +-fmt.max; keeps NaN.
+
+    Values are clipped in x's own dtype when it can hold fmt.max exactly, else in f32.
+    """
+    fmt = get(fmt)
+    if jnp.finfo(x.dtype).max < fmt.max:
+        return x  # x's dtype cannot exceed the format's range (e.g. bf16 -> fp32)
+    clipped = jnp.clip(x, -fmt.max, fmt.max)
+    if fmt.has_inf:
+        clipped = jnp.where(jnp.isinf(x), x, clipped)
+    return clipped
+
+
+def _round_simulated(x: jax.Array, fmt: Format) -> jax.Array:
+    """Rounds float32 `x` to `fmt`'s grid (RNE, subnormals, saturation) in float32."""
+    bias = 2 ** (fmt.exponent_bits - 1) - 1
+    emin = 1 - bias
+    _, exp = jnp.frexp(x)  # x = frac * 2**exp with frac in [0.5, 1)
+    e = jnp.maximum(exp - 1, emin)  # binade of x, clamped into the subnormal range
+    shift = e - fmt.mantissa_bits  # log2 of the grid spacing in that binade
+    # Scaling by a power of two is exact, so one RNE rounding happens (jnp.round).
+    rounded = jnp.ldexp(jnp.round(jnp.ldexp(x, -shift)), shift)
+    out = jnp.clip(rounded, -fmt.max, fmt.max)
+    if fmt.has_inf:
+        out = jnp.where(jnp.isinf(x), x, out)
+    return jnp.where(jnp.isnan(x), x, out)
+
+
+def representable_values(fmt: str | Format) -> np.ndarray:
+    """All finite non-negative values of `fmt`, sorted (for tests and tables)."""
+    fmt = get(fmt)
+    bias = 2 ** (fmt.exponent_bits - 1) - 1
+    m = fmt.mantissa_bits
+    values = {0.0} if fmt.signed else set()
+    spacing = fmt.min_subnormal
+    for k in range(1, 2**m):
+        values.add(k * spacing)
+    e = 1 - bias
+    while 2.0**e <= fmt.max:
+        for k in range(2**m):
+            v = 2.0**e * (1 + k * 2.0**-m)
+            if v <= fmt.max:
+                values.add(v)
+        e += 1
+    if not fmt.signed:
+        values = {v for v in values if v >= fmt.min_normal}
+    return np.array(sorted(values), dtype=np.float64)
+
+
+def ulp_exponent(value: float) -> int:
+    """floor(log2(|value|)) for a positive finite value (helper for error bounds)."""
+    return math.frexp(value)[1] - 1

@@ -1,0 +1,254 @@
+"""Scaling recipes: how each matmul operand is quantized, and delayed-scaling state.
+
+A recipe is a small frozen (hashable, jit-static) description. Scale *state* is data,
+kept apart from the recipe and passed explicitly:
+
+* `CurrentScaling`: just-in-time per-tensor scales from the operand's own amax;
+  E4M3 forward operands, E5M2 gradients (the "HYBRID" format).
+* `DelayedScaling`: forward scales from an amax history (`AmaxHistory`, a pytree)
+  updated by a pure function; gradients use current scaling (see `mpx.dot`).
+* `StaticScaling`: fixed scales from calibration (the state is a calibrated amax
+  that is never updated).
+* `DeepSeekV3`: E4M3 everywhere, 1x128 activation tiles, 128x128 weight blocks,
+  1x128 per-token gradient tiles, online scales (DeepSeek-V3 report, section 3.3).
+
+Delayed scaling across microbatches: each microbatch observes an amax; observations
+are combined with `merge_amax` (the max), never summed and never overwritten by the
+last microbatch.
+
+Example:
+    >>> import jax.numpy as jnp, mpx
+    >>> r = mpx.recipes.DelayedScaling(history=4)
+    >>> h = r.init_state()
+    >>> h = mpx.recipes.update_history(h, jnp.float32(3.0))
+    >>> float(mpx.recipes.history_amax(h, "max"))
+    3.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mpx import formats as formats_lib
+from mpx.scaled import compute_scale
+
+AMAX_ALGOS = ("max", "most_recent")
+
+
+def _check_format(name: str, value: str) -> None:
+    formats_lib.get(value)  # raises ValueError naming the known formats
+
+
+@dataclasses.dataclass(frozen=True)
+class CurrentScaling:
+    """Per-tensor just-in-time scaling.
+
+    Attributes:
+      fwd_format: format of forward operands (activations and weights).
+      bwd_format: format of output gradients.
+      margin: headroom in powers of two.
+      pow2_scale: round scales up to powers of two.
+    """
+
+    fwd_format: str = "e4m3"
+    bwd_format: str = "e5m2"
+    margin: float = 0.0
+    pow2_scale: bool = False
+
+    def __post_init__(self):
+        _check_format("fwd_format", self.fwd_format)
+        _check_format("bwd_format", self.bwd_format)
+
+    @property
+    def name(self) -> str:
+        return "current"
+
+
+@dataclasses.dataclass(frozen=True)
+class DelayedScaling:
+    """Per-tensor delayed scaling from an amax history (forward operands).
+
+    Attributes:
+      history: length of the amax history.
+      amax_algo: "max" (max over the history) or "most_recent".
+      margin: headroom in powers of two.
+      fwd_format, bwd_format: as in CurrentScaling; gradients are scaled just in time.
+      pow2_scale: round scales up to powers of two.
+    """
+
+    history: int = 16
+    amax_algo: str = "max"
+    margin: float = 0.0
+    fwd_format: str = "e4m3"
+    bwd_format: str = "e5m2"
+    pow2_scale: bool = False
+
+    def __post_init__(self):
+        if self.history < 1:
+            raise ValueError(f"DelayedScaling.history must be >= 1; got {self.history}")
+        if self.amax_algo not in AMAX_ALGOS:
+            raise ValueError(f"DelayedScaling.amax_algo must be one of {AMAX_ALGOS}; got {self.amax_algo!r}")
+        _check_format("fwd_format", self.fwd_format)
+        _check_format("bwd_format", self.bwd_format)
+
+    @property
+    def name(self) -> str:
+        return "delayed"
+
+    def init_state(self) -> "AmaxHistory":
+        return init_history(self.history)
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticScaling:
+    """Fixed per-tensor scales from calibration (post-training quantization).
+
+    The state is an `AmaxHistory` of length 1 holding the calibrated amax; it is read,
+    never updated. An all-zero (uncalibrated) state falls back to current scaling.
+    """
+
+    fwd_format: str = "e4m3"
+    bwd_format: str = "e5m2"
+    margin: float = 0.0
+    pow2_scale: bool = False
+
+    def __post_init__(self):
+        _check_format("fwd_format", self.fwd_format)
+        _check_format("bwd_format", self.bwd_format)
+
+    @property
+    def name(self) -> str:
+        return "static"
+
+    @property
+    def amax_algo(self) -> str:
+        return "most_recent"
+
+    def init_state(self) -> "AmaxHistory":
+        return init_history(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeepSeekV3:
+    """The DeepSeek-V3 fine-grained FP8 recipe.
+
+    Every operand is grouped 128-wide along the contraction dimension of the matmul it
+    feeds: activations and output gradients in 1x128 tiles (per token), weights in
+    128x128 blocks; the wgrad matmul groups both operands 128x1 along tokens. Scales are
+    computed online; 128x128 blocks are never used on activation gradients.
+
+    Attributes:
+      block: tile / block edge (128 in the report).
+      fmt: element format for all operands (E4M3).
+      grad_format: format of output gradients (E4M3 in the report).
+      pow2_scale: ue8m0 (power-of-two) scales, as in DeepSeek-V3.1 / DeepGEMM.
+    """
+
+    block: int = 128
+    fmt: str = "e4m3"
+    grad_format: str = "e4m3"
+    pow2_scale: bool = False
+
+    def __post_init__(self):
+        if self.block < 1:
+            raise ValueError(f"DeepSeekV3.block must be >= 1; got {self.block}")
+        _check_format("fmt", self.fmt)
+        _check_format("grad_format", self.grad_format)
+
+    @property
+    def name(self) -> str:
+        return "deepseek_v3"
+
+    @property
+    def fwd_format(self) -> str:
+        return self.fmt
+
+    @property
+    def bwd_format(self) -> str:
+        return self.grad_format
+
+
+Recipe = CurrentScaling | DelayedScaling | StaticScaling | DeepSeekV3
+RECIPES = {"current": CurrentScaling, "delayed": DelayedScaling, "static": StaticScaling, "deepseek_v3": DeepSeekV3}
+
+
+def get(name: str | Recipe | None, **kwargs) -> Recipe | None:
+    """A recipe by name ("current", "delayed", "static", "deepseek_v3"), or None.
+
+    Raises:
+      ValueError: naming the unknown recipe and the known ones.
+    """
+    if name is None or isinstance(name, (CurrentScaling, DelayedScaling, StaticScaling, DeepSeekV3)):
+        return name
+    if name in ("none", "null", ""):
+        return None
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)} (or none)")
+    return RECIPES[name](**kwargs)
+
+
+def is_stateful(recipe: Recipe | None) -> bool:
+    """True for recipes whose forward scales come from state (delayed, static)."""
+    return isinstance(recipe, (DelayedScaling, StaticScaling))
+
+
+# --------------------------------------------------------------------------- amax history
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AmaxHistory:
+    """Amax observations of one tensor, most recent first.
+
+    Attributes:
+      history: float32 (length,). Zeros mean "not observed yet".
+    """
+
+    history: jax.Array
+
+
+def init_history(length: int) -> AmaxHistory:
+    """A fresh, all-zero history of `length` observations."""
+    return AmaxHistory(history=jnp.zeros((length,), jnp.float32))
+
+
+def update_history(state: AmaxHistory, amax: jax.Array) -> AmaxHistory:
+    """Shifts the history by one and records `amax` as the most recent observation."""
+    rolled = jnp.roll(state.history, 1)
+    return AmaxHistory(history=rolled.at[0].set(jnp.asarray(amax, jnp.float32).reshape(())))
+
+
+def history_amax(state: AmaxHistory, algo: str = "max") -> jax.Array:
+    """The amax a delayed scale is computed from: max over history or the latest."""
+    if algo not in AMAX_ALGOS:
+        raise ValueError(f"amax algo must be one of {AMAX_ALGOS}; got {algo!r}")
+    return jnp.max(state.history) if algo == "max" else state.history[0]
+
+
+def delayed_scale(state: AmaxHistory, fmt, *, algo: str = "max", margin: float = 0.0,
+                  pow2: bool = False, current_amax: jax.Array | None = None) -> jax.Array:
+    """The dequantization scale from a history; falls back to `current_amax` when empty.
+
+    A fresh (all-zero) history would give scale 1 and saturate the first step's
+    operands; with `current_amax` given, the first step scales just in time instead.
+    """
+    amax = history_amax(state, algo)
+    if current_amax is not None:
+        amax = jnp.where(amax > 0, amax, jnp.asarray(current_amax, jnp.float32).reshape(()))
+    return compute_scale(amax, fmt, margin=margin, pow2=pow2)
+
+
+def merge_amax(*observations: jax.Array) -> jax.Array:
+    """Combines amax observations of the same tensor (e.g. across microbatches): the max."""
+    out = jnp.asarray(observations[0], jnp.float32)
+    for obs in observations[1:]:
+        out = jnp.maximum(out, obs)
+    return out
+
+
+def merge_amax_trees(a, b):
+    """Leafwise max of two pytrees of amax observations (microbatch accumulation)."""
+    return jax.tree_util.tree_map(jnp.maximum, a, b)
