@@ -1,0 +1,238 @@
+"""The reference decoder-only transformer LM, built from mpx.nn layers.
+
+RMSNorm (pre-norm), RoPE, grouped-query attention, SwiGLU FFN or a top-k MoE FFN, a tied
+or untied LM head. Every layer takes its precision from the policy by its module path:
+
+    embed                                   token embedding (attend() = tied LM head)
+    layers_{i}/attn_norm, layers_{i}/mlp_norm, final_norm
+    layers_{i}/attn/{q_proj,k_proj,v_proj,o_proj}   projections
+    layers_{i}/attn/qk, layers_{i}/attn/pv          QK^T and PV contractions
+    layers_{i}/mlp/{gate,up,down}                   SwiGLU FFN
+    layers_{i}/moe/router                           MoE router (f32 in every preset)
+    layers_{i}/moe/experts/{gate,up,down}           per-expert FP8 weights
+    lm_head                                 untied LM head
+
+Shapes: B batch, T query length, S key length, D model width, H query heads, G key/value
+heads, K head dim, E experts, F FFN width, V vocabulary.
+
+Example:
+    >>> import jax, jax.numpy as jnp, mpx
+    >>> from models import transformer, config
+    >>> model = transformer.Transformer(config.preset("tiny"), mpx.policy.preset("fp8"))
+    >>> tokens = jnp.zeros((2, 16), jnp.int32)
+    >>> variables = model.init(jax.random.key(0), tokens)
+    >>> model.apply(variables, tokens)[0].shape
+    (2, 16, 256)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from mpx import nn as mnn
+from mpx.policy import Policy
+
+Array = jax.Array
+Cache = dict  # per layer: {"k": (B, S_max, G, K), "v": (B, S_max, G, K)}
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding of x (B, T, H, K) at integer positions (B, T), in f32."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (K/2,)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, K/2)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def init_cache(config: ModelConfig, batch: int, dtype=jnp.bfloat16, length: int | None = None) -> list[Cache]:
+    """An empty KV cache: one {"k", "v"} dict of (B, S_max, G, K) zeros per layer."""
+    shape = (batch, length or config.max_seq_len, config.n_kv_heads, config.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
+
+
+def _write_cache(cache: Cache, k: Array, v: Array, positions: Array) -> Cache:
+    """Writes k, v (B, T, G, K) at their positions (B, T) into the cache."""
+    rows = jnp.arange(k.shape[0])[:, None]
+    return {
+        "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
+        "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype)),
+    }
+
+
+class SelfAttention(nn.Module):
+    """Grouped-query self-attention with RoPE; optional KV cache for generation."""
+
+    config: ModelConfig
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, cache: Cache | None) -> tuple[Array, Cache | None]:
+        c = self.config
+        dense = lambda feats, name: mnn.DenseGeneral(feats, policy=self.policy, name=name)  # noqa: E731
+        q = dense((c.n_heads, c.head_dim), "q_proj")(x)  # (B, T, H, K)
+        k = dense((c.n_kv_heads, c.head_dim), "k_proj")(x)  # (B, T, G, K)
+        v = dense((c.n_kv_heads, c.head_dim), "v_proj")(x)  # (B, T, G, K)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if cache is None:
+            mask = mnn.causal_mask(x.shape[1], x.shape[1])[None, None]  # (1, 1, T, T)
+        else:
+            cache = _write_cache(cache, k, v, positions)
+            k, v = cache["k"], cache["v"]  # (B, S_max, G, K)
+            # Keys at or before each query's position; later slots are empty or stale.
+            mask = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        out = mnn.grouped_attention(self, self.policy, q, k, v, mask)  # (B, T, H, K)
+        out = mnn.DenseGeneral(c.d_model, axis=(-2, -1), policy=self.policy, name="o_proj")(out)
+        return out, cache
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); the product is formed in f32."""
+
+    d_ff: int
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        gate = mnn.Dense(self.d_ff, policy=self.policy, name="gate")(x)
+        up = mnn.Dense(self.d_ff, policy=self.policy, name="up")(x)
+        hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+        return mnn.Dense(x.shape[-1], policy=self.policy, name="down")(hidden)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts with their own weights: (E, N, D) -> (E, N, D)."""
+
+    n_experts: int
+    d_ff: int
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        expert = lambda feats, name: mnn.ExpertDense(self.n_experts, feats, policy=self.policy, name=name)  # noqa: E731
+        hidden = jax.nn.silu(expert(self.d_ff, "gate")(x).astype(jnp.float32)) * expert(self.d_ff, "up")(x).astype(
+            jnp.float32
+        )
+        return expert(x.shape[-1], "down")(hidden)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts with an f32 router.
+
+    Dispatch is dense: every expert runs on every token and the outputs are combined
+    with the (sparse) top-k gate weights. That is exact and simple but costs E/k times
+    the FLOPs of capacity-based dispatch; it suits the small models mpx trains on CPU.
+    Returns the output and the load-balancing auxiliary loss (Switch Transformer form).
+    """
+
+    n_experts: int
+    top_k: int
+    d_ff: int
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        logits = mnn.Dense(self.n_experts, policy=self.policy, name="router")(tokens).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)  # (N, E)
+        top_p, top_i = jax.lax.top_k(probs, self.top_k)  # (N, k)
+        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        gates = jnp.sum(jax.nn.one_hot(top_i, self.n_experts) * top_p[..., None], axis=1)  # (N, E)
+        expert_out = Experts(self.n_experts, self.d_ff, policy=self.policy, name="experts")(
+            jnp.broadcast_to(tokens, (self.n_experts, b * t, d))
+        )  # (E, N, D)
+        out = jnp.einsum("ne,end->nd", gates, expert_out.astype(jnp.float32))
+        load = jnp.mean(jax.nn.one_hot(top_i[:, 0], self.n_experts), axis=0)
+        aux = self.n_experts * jnp.sum(load * jnp.mean(probs, axis=0))
+        return out.reshape(b, t, d), aux
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)); f32 residual."""
+
+    config: ModelConfig
+    use_moe: bool = False
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, cache: Cache | None):
+        c = self.config
+        h = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="attn_norm")(x)
+        attn, cache = SelfAttention(c, policy=self.policy, name="attn")(h, positions, cache)
+        x = x + attn.astype(jnp.float32)
+        h = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="mlp_norm")(x)
+        if self.use_moe:
+            ffn, aux = MoE(c.n_experts, c.top_k, c.d_ff, policy=self.policy, name="moe")(h)
+        else:
+            ffn, aux = SwiGLU(c.d_ff, policy=self.policy, name="mlp")(h), jnp.zeros((), jnp.float32)
+        return x + ffn.astype(jnp.float32), cache, aux
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: tokens (B, T) -> (logits (B, T, V) f32, aux).
+
+    aux = {"cache": updated KV cache or None, "moe_loss": mean MoE balance loss}.
+    """
+
+    config: ModelConfig
+    policy: Policy | None = None
+
+    def _remat(self, layer: int) -> bool:
+        if self.config.remat == "full":
+            return True
+        if self.config.remat == "non_fp8":
+            # FP8 blocks save 4x smaller activations: the seed skips their recomputation.
+            probe = "mlp/up" if not self._is_moe(layer) else "moe/experts/up"
+            policy = self.policy or mnn.preset("fp32")
+            return policy.resolve(f"layers_{layer}/{probe}").recipe is None
+        return False
+
+    def _is_moe(self, layer: int) -> bool:
+        return self.config.n_experts > 0 and layer % self.config.moe_every == self.config.moe_every - 1
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, cache: list[Cache] | None = None):
+        c = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, seq) ids; got shape {tokens.shape}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        embed = mnn.Embed(c.vocab_size, c.d_model, policy=self.policy, name="embed")
+        x = embed(tokens).astype(jnp.float32)  # (B, T, D) f32 residual stream
+        new_cache, moe_losses = [], []
+        for i in range(c.n_layers):
+            block_cls = nn.remat(Block) if self._remat(i) else Block
+            block = block_cls(c, use_moe=self._is_moe(i), policy=self.policy, name=f"layers_{i}")
+            x, layer_cache, aux = block(x, positions, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+            moe_losses.append(aux)
+        x = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = mnn.Dense(c.vocab_size, policy=self.policy, name="lm_head")(x)
+        aux = {"cache": None if cache is None else new_cache, "moe_loss": jnp.mean(jnp.stack(moe_losses))}
+        return logits.astype(jnp.float32), aux
+
+
+def count_params(params) -> int:
+    """Number of parameters in a params pytree."""
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+def param_count_estimate(config: ModelConfig) -> int:
+    """Parameter count from the config alone (matches count_params of an initialized model)."""
+    c = config
+    attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    dense_ffn = 3 * c.d_model * c.d_ff
+    moe_ffn = c.n_experts * dense_ffn + c.d_model * c.n_experts
+    total = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.d_model  # + final norm
+    for i in range(c.n_layers):
+        is_moe = c.n_experts > 0 and i % c.moe_every == c.moe_every - 1
+        total += attn + (moe_ffn if is_moe else dense_ffn) + 2 * c.d_model
+    return total

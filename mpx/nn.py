@@ -1,0 +1,292 @@
+"""Flax Linen layers that take their precision from a `Policy`, by their own module path.
+
+Every layer has a `policy` attribute (a frozen `mpx.policy.Policy`; None means fp32) and
+resolves its `Precision` from its path (`layers_3/attn/v_proj`), so the same model code
+runs in fp32, bf16 or FP8 and `policy.explain` shows what each layer gets. No layer reads
+a global setting.
+
+* `Dense` / `DenseGeneral`: matmuls through `mpx.dot.dot_general`, FP8 when the
+  precision has a recipe. Stateful recipes (delayed, static scaling) keep their amax
+  histories in the `fp8_state` collection: apply with `mutable=["fp8_state"]` to get the
+  updated histories back (and merge microbatches with `mpx.recipes.merge_amax_trees`).
+* `Embed`: token embedding with `attend()` for a tied LM head.
+* `RMSNorm`, `LayerNorm`: always computed in float32.
+* `grouped_attention`: QK^T and PV contractions resolved at `<block>/qk` and
+  `<block>/pv`, so a policy puts them in bf16 (the default) or FP8; softmax in f32.
+
+Alignment (seed, 128-byte rule): FP8 GEMMs want matmul dimensions that are multiples of
+16. A layer under an FP8 recipe warns once, naming itself, when one is not; set
+`pad_to=16` to zero-pad the contraction dimension instead.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mpx import dot as dot_lib
+from mpx import recipes as recipes_lib
+from mpx.policy import Policy, Precision, preset
+
+Array = jax.Array
+FP8_ALIGNMENT = 16
+_WARNED: set[str] = set()
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def module_path(module: nn.Module, *extra: str) -> str:
+    """The policy path of a module: its Linen path joined with '/' (plus `extra`).
+
+    A top-level module (empty path) is named by its `name`, else its class name.
+    """
+    parts = tuple(str(p) for p in module.path) or (module.name or type(module).__name__,)
+    return "/".join(parts + extra)
+
+
+def resolve_precision(module: nn.Module, policy: Policy | None, *extra: str) -> Precision:
+    """The `Precision` the policy gives this module (fp32 preset when policy is None)."""
+    return (policy or preset("fp32")).resolve(module_path(module, *extra))
+
+
+def warn_misaligned(path: str, dims: dict[str, int]) -> None:
+    """Warns once per layer when a matmul dimension is not a multiple of 16 under FP8."""
+    bad = {k: v for k, v in dims.items() if v % FP8_ALIGNMENT}
+    if bad and path not in _WARNED:
+        _WARNED.add(path)
+        warnings.warn(
+            f"{path}: FP8 matmul dimension(s) {bad} are not multiples of {FP8_ALIGNMENT}; "
+            f"FP8 GEMMs need 16-element (128-bit) alignment. Pass pad_to=16 to pad, or "
+            f"choose aligned sizes.",
+            stacklevel=3,
+        )
+
+
+def _pad_axis(x: Array, axis: int, multiple: int) -> Array:
+    pad = -x.shape[axis] % multiple
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_numbers,
+             precision: Precision, *, rhs_kind: str = "weight") -> Array:
+    """dot_general under `precision`, with the recipe's scale state kept in `fp8_state`.
+
+    Returns the result in `precision.output_dtype`.
+    """
+    recipe = precision.recipe
+    if recipe is None:
+        out = jax.lax.dot_general(lhs.astype(precision.compute_dtype), rhs.astype(precision.compute_dtype),
+                                  dimension_numbers, preferred_element_type=precision.accum_dtype)
+        return out.astype(precision.output_dtype)
+    kwargs = dict(recipe=recipe, preferred_element_type=precision.accum_dtype, rhs_kind=rhs_kind)
+    if not recipes_lib.is_stateful(recipe):
+        out = dot_lib.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+        return out.astype(precision.output_dtype)
+    state = module.variable("fp8_state", name, dot_lib.init_state, recipe)
+    out, new_state = dot_lib.dot_general(lhs, rhs, dimension_numbers, state=state.value, **kwargs)
+    if module.is_mutable_collection("fp8_state") and not module.is_initializing():
+        state.value = new_state
+    return out.astype(precision.output_dtype)
+
+
+def _fp8_inputs(x: Array, precision: Precision) -> Array:
+    # FP8 operands are quantized from the activations as they arrive (f32 or bf16);
+    # without a recipe they are cast to the compute dtype.
+    return x if precision.recipe is not None else x.astype(precision.compute_dtype)
+
+
+class DenseGeneral(nn.Module):
+    """A linear map over `axis` of the input to `features` (int or tuple).
+
+    Attributes:
+      features: output feature shape.
+      axis: input axes contracted (default the last).
+      use_bias: add a bias (kept in param dtype, added in f32).
+      policy: precision policy; None means fp32.
+      kernel_init: initializer of the (in..., out...) kernel.
+      pad_to: zero-pad the contraction dimension to a multiple of this (0: no padding).
+    """
+
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
+    use_bias: bool = False
+    policy: Policy | None = None
+    kernel_init: Callable = default_kernel_init
+    pad_to: int = 0
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        precision = resolve_precision(self, self.policy)
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        axes = tuple(a % x.ndim for a in axes)
+        in_shape = tuple(x.shape[a] for a in axes)
+        kernel = self.param("kernel", self.kernel_init, in_shape + features, precision.param_dtype)
+        # Contract over flattened input axes against a (K, N) view of the kernel.
+        batch_axes = tuple(a for a in range(x.ndim) if a not in axes)
+        x2 = jnp.transpose(x, batch_axes + axes).reshape(tuple(x.shape[a] for a in batch_axes) + (-1,))
+        k2 = kernel.reshape(math.prod(in_shape), math.prod(features))
+        if precision.recipe is not None:
+            warn_misaligned(module_path(self), {"in": k2.shape[0], "out": k2.shape[1]})
+            if self.pad_to:
+                x2, k2 = _pad_axis(x2, -1, self.pad_to), _pad_axis(k2, 0, self.pad_to)
+        dims = (((x2.ndim - 1,), (0,)), ((), ()))
+        y = contract(self, "kernel", _fp8_inputs(x2, precision), k2, dims, precision)
+        y = y.reshape(y.shape[:-1] + features)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, features, precision.param_dtype)
+            y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(precision.output_dtype)
+        return y
+
+
+class Dense(DenseGeneral):
+    """A linear map of the last axis to `features` (see `DenseGeneral`)."""
+
+
+class ExpertDense(nn.Module):
+    """Per-expert linear maps: (E, N, K) x kernel (E, K, F) -> (E, N, F).
+
+    Each expert's kernel is its own FP8 operand (128x128 blocks per expert under the
+    DeepSeek-V3 recipe).
+    """
+
+    n_experts: int
+    features: int
+    policy: Policy | None = None
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        precision = resolve_precision(self, self.policy)
+        shape = (self.n_experts, x.shape[-1], self.features)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
+        kernel = self.param("kernel", init, shape, precision.param_dtype)
+        if precision.recipe is not None:
+            warn_misaligned(module_path(self), {"in": shape[1], "out": shape[2]})
+        dims = (((2,), (1,)), ((0,), (0,)))
+        return contract(self, "kernel", _fp8_inputs(x, precision), kernel, dims, precision)
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend(x)` computes logits against it (tied LM head).
+
+    Lookups return `output_dtype` (f32 under the presets: the residual stream is f32);
+    logits are computed in the compute dtype with `accum_dtype` accumulation.
+    """
+
+    num_embeddings: int
+    features: int
+    policy: Policy | None = None
+    embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+
+    def setup(self):
+        self._precision = resolve_precision(self, self.policy)
+        self.embedding = self.param(
+            "embedding", self.embedding_init, (self.num_embeddings, self.features), self._precision.param_dtype
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"Embed expects integer token ids; got dtype {ids.dtype}")
+        emb = self.embedding.astype(self._precision.compute_dtype)
+        return jnp.take(emb, ids, axis=0).astype(self._precision.output_dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Logits x @ embedding^T: (..., D) -> (..., V)."""
+        dims = (((x.ndim - 1,), (1,)), ((), ()))
+        return contract(self, "attend", _fp8_inputs(x, self._precision), self.embedding, dims, self._precision)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization, always in float32 (output dtype per policy)."""
+
+    epsilon: float = 1e-6
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        precision = resolve_precision(self, self.policy)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), precision.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (normed * scale.astype(jnp.float32)).astype(precision.output_dtype)
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization with bias, always in float32 (output dtype per policy)."""
+
+    epsilon: float = 1e-6
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        precision = resolve_precision(self, self.policy)
+        features = (x.shape[-1],)
+        scale = self.param("scale", nn.initializers.ones, features, precision.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, features, precision.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(precision.output_dtype)
+
+
+def causal_mask(q_len: int, kv_len: int, q_offset: Array | int = 0, dtype=jnp.bool_) -> Array:
+    """(q_len, kv_len) mask, True (or 1) where query i may attend key j (j <= i + offset)."""
+    q = jnp.arange(q_len)[:, None] + q_offset
+    k = jnp.arange(kv_len)[None, :]
+    return (k <= q).astype(dtype)
+
+
+def attention_weights(logits: Array, mask: Array | None) -> Array:
+    """Softmax in float32 over the last axis; mask (bool or int8, broadcastable) hides keys."""
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+        if mask.dtype not in (jnp.bool_, jnp.int8, jnp.uint8):
+            raise TypeError(f"attention mask must be bool or int8; got {mask.dtype}")
+        logits = jnp.where(mask.astype(jnp.bool_), logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Array, v: Array,
+                      mask: Array | None) -> Array:
+    """Grouped-query attention core with QK^T and PV at their own precisions.
+
+    The contractions resolve `<module path>/qk` and `<module path>/pv` in the policy (bf16
+    without a recipe in the presets, FP8 if a policy asks); softmax always runs in f32.
+    Call it from inside the attention block's `__call__` (it declares `fp8_state` there).
+
+    Args:
+      module: the calling attention block (gives the path and the variable scope).
+      policy: the precision policy.
+      q: (B, T, H, D) queries; k, v: (B, S, G, D) keys and values, H a multiple of G.
+      mask: bool or int8, broadcastable to (B, 1, T, S), or None.
+
+    Returns:
+      (B, T, H, D) in the pv precision's output dtype.
+    """
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    # (B, T, G, R, D) -> (B, G, R, T, D); the 1/sqrt(D) is a power of two for D = 4**n.
+    qg = jnp.transpose(q.reshape(b, t, g, h // g, d), (0, 2, 3, 1, 4)) * (1.0 / math.sqrt(d))
+    kt = jnp.transpose(k, (0, 2, 1, 3))  # (B, G, S, D)
+    vt = jnp.transpose(v, (0, 2, 1, 3))  # (B, G, S, D)
+    qk = resolve_precision(module, policy, "qk")
+    logits = contract(module, "qk", _fp8_inputs(qg, qk), kt, (((4,), (3,)), ((0, 1), (0, 1))), qk,
+                      rhs_kind="activation")  # (B, G, R, T, S)
+    if mask is not None and mask.ndim == 4:
+        mask = mask[:, :, None]  # (B, 1, T, S) -> (B, 1, 1, T, S)
+    probs = attention_weights(logits, mask)
+    pv = resolve_precision(module, policy, "pv")
+    out = contract(module, "pv", _fp8_inputs(probs, pv), vt, (((4,), (2,)), ((0, 1), (0, 1))), pv,
+                   rhs_kind="activation")  # (B, G, R, T, D)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
