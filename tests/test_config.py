@@ -1,0 +1,270 @@
+"""Tests of train/config.py: YAML -> frozen dataclasses, extends, overrides, strict errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from models.config import PRESETS
+from train import config as config_lib
+from train.config import ConfigError, TrainConfig, from_dict, load, to_dict
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_tiny_config_is_a_short_fp8_run():
+    cfg = load(CONFIGS / "tiny.yaml")
+    assert cfg.model == PRESETS["tiny"]
+    assert cfg.precision == config_lib.PrecisionConfig(preset="fp8")
+    assert (cfg.data.source, cfg.data.tokenizer) == ("builtin", "bytes")
+    assert (cfg.data.seq_len, cfg.data.batch_size, cfg.steps) == (128, 16, 300)
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps) == (3e-3, 20)
+    assert cfg.optimizer.schedule == "cosine"
+    assert cfg.run_dir == str(Path("runs") / "tiny")
+    assert cfg.checkpoint_dir == str(Path("runs") / "tiny" / "checkpoints")
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp8"])
+def test_precision_configs_change_only_precision(name):
+    tiny, cfg = load(CONFIGS / "tiny.yaml"), load(CONFIGS / f"{name}.yaml")
+    assert cfg.precision.preset == name
+    assert cfg.run_dir == str(Path("runs") / name)
+    assert dataclasses.replace(cfg, precision=tiny.precision, run_dir=tiny.run_dir) == tiny
+
+
+def test_small_config_uses_the_small_model():
+    tiny, small = load(CONFIGS / "tiny.yaml"), load(CONFIGS / "small.yaml")
+    assert small.model == PRESETS["small"]
+    assert dataclasses.replace(small, model=tiny.model, run_dir=tiny.run_dir) == tiny
+
+
+def test_overrides_use_dotted_keys_and_yaml_values():
+    cfg = load(CONFIGS / "tiny.yaml", ["optimizer.learning_rate=1e-3", "model.n_layers=4",
+                                       "steps=50", "optimizer.clip_norm=null", "mesh.fsdp=2"])
+    assert cfg.optimizer.learning_rate == 1e-3 and isinstance(cfg.optimizer.learning_rate, float)
+    assert cfg.model == dataclasses.replace(PRESETS["tiny"], n_layers=4)
+    assert (cfg.steps, cfg.optimizer.clip_norm, cfg.mesh.fsdp) == (50, None, 2)
+
+
+def test_ints_are_accepted_for_floats():
+    cfg = load(CONFIGS / "tiny.yaml", ["optimizer.learning_rate=1", "model.rope_theta=500"])
+    assert cfg.optimizer.learning_rate == 1.0 and isinstance(cfg.optimizer.learning_rate, float)
+    assert isinstance(cfg.model.rope_theta, float)
+
+
+def test_yaml_exponent_floats_without_a_dot(tmp_path):
+    # PyYAML reads `3e-3` as a string (YAML 1.1); the loader reads it as a float.
+    path = write(tmp_path, "c.yaml", "optimizer:\n  learning_rate: 3e-3\n  eps: 1E-8\n")
+    cfg = load(path)
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.eps) == (3e-3, 1e-8)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("precision=bf16", config_lib.PrecisionConfig(preset="bf16")),
+    ("precision=configs/policies/fp8.yaml",
+     config_lib.PrecisionConfig(preset=None, policy_file="configs/policies/fp8.yaml")),
+    ("precision.policy_file=my.yaml", config_lib.PrecisionConfig(preset=None, policy_file="my.yaml")),
+    ("precision.preset=fp8_delayed", config_lib.PrecisionConfig(preset="fp8_delayed")),
+])
+def test_precision_is_replaced_whole(override, expected):
+    assert load(CONFIGS / "tiny.yaml", [override]).precision == expected
+
+
+def test_precision_with_both_fields_is_an_error(tmp_path):
+    path = write(tmp_path, "c.yaml", "precision:\n  preset: fp8\n  policy_file: p.yaml\n")
+    with pytest.raises(ConfigError, match="exactly one of preset and policy_file"):
+        load(path)
+
+
+def test_extends_deep_merges_sections(tmp_path):
+    write(tmp_path, "base.yaml", """\
+        optimizer: {learning_rate: 0.01, warmup_steps: 5, b2: 0.99}
+        data: {seq_len: 64}
+        steps: 10
+        """)
+    (tmp_path / "sub").mkdir()
+    child = write(tmp_path, "sub/child.yaml", """\
+        extends: ../base.yaml
+        optimizer: {warmup_steps: 7}
+        """)
+    cfg = load(child)
+    assert (cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps, cfg.optimizer.b2) == (0.01, 7, 0.99)
+    assert (cfg.data.seq_len, cfg.steps) == (64, 10)
+    assert cfg.run_dir == str(Path("runs") / "child")
+
+
+def test_switching_model_preset_drops_inherited_field_overrides(tmp_path):
+    write(tmp_path, "base.yaml", "model: {preset: tiny, n_layers: 3}\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\nmodel: {preset: small}\n")
+    assert load(tmp_path / "base.yaml").model.n_layers == 3
+    assert load(child).model == PRESETS["small"]
+    assert load(child, ["model.n_layers=6"]).model == dataclasses.replace(PRESETS["small"], n_layers=6)
+
+
+def test_model_preset_shorthand(tmp_path):
+    path = write(tmp_path, "c.yaml", "model: tiny_moe\n")
+    assert load(path).model == PRESETS["tiny_moe"]
+
+
+def test_overrides_must_be_a_list():
+    with pytest.raises(TypeError, match="list of key=value"):
+        load(CONFIGS / "tiny.yaml", "steps=5")
+
+
+def test_model_from_full_fields(tmp_path):
+    fields = "d_model: 64, n_layers: 1, n_heads: 2, n_kv_heads: 1, d_ff: 96"
+    path = write(tmp_path, "c.yaml", f"model: {{{fields}}}\n")
+    assert load(path).model == config_lib.ModelConfig(d_model=64, n_layers=1, n_heads=2,
+                                                      n_kv_heads=1, d_ff=96)
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    write(tmp_path, "a.yaml", "extends: b.yaml\n")
+    write(tmp_path, "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends cycle"):
+        load(tmp_path / "a.yaml")
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load(tmp_path / "nope.yaml")
+    child = write(tmp_path, "c.yaml", "extends: base.yaml\n")
+    with pytest.raises(FileNotFoundError, match="base.yaml"):
+        load(child)
+
+
+def test_unknown_key_names_dotted_key_file_suggestion_and_allowed_keys(tmp_path):
+    path = write(tmp_path, "c.yaml", "optimizer:\n  learnig_rate: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert "'optimizer.learnig_rate'" in message and str(path) in message
+    assert "did you mean 'learning_rate'" in message
+    assert "weight_decay" in message and "moment_dtype" in message  # the allowed keys
+    assert info.value.key == "optimizer.learnig_rate"
+
+
+def test_unknown_key_in_an_extended_file_names_that_file(tmp_path):
+    base = write(tmp_path, "base.yaml", "data:\n  seqlen: 64\n")
+    child = write(tmp_path, "child.yaml", "extends: base.yaml\nsteps: 5\n")
+    with pytest.raises(ConfigError, match=f"'data.seqlen'.*did you mean 'seq_len'.*{base}"):
+        load(child)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_laers=3", "model.n_laers"),
+    ("stepz=3", "stepz"),
+    ("checkpoint.directory=x", "checkpoint.directory"),
+])
+def test_unknown_override_keys(override, key):
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'.*--set {override}"):
+        load(CONFIGS / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("steps=abc", "steps: expected int, got 'abc'"),
+    ("steps=true", "steps: expected int, got True"),  # bools are not ints
+    ("model.n_layers=1.5", "model.n_layers: expected int, got 1.5"),
+    ("optimizer.learning_rate=fast", "optimizer.learning_rate: expected float, got 'fast'"),
+    ("optimizer.adaptive_clip=1", "optimizer.adaptive_clip: expected bool, got 1"),
+    ("data.source=3", "data.source: expected str, got 3"),
+    ("optimizer.clip_norm=big", "optimizer.clip_norm: expected float or null, got 'big'"),
+    ("optimizer=5", "optimizer: expected a mapping"),
+])
+def test_type_mismatches_name_key_value_and_type(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+        load(CONFIGS / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optimizer.schedule=linear", "schedule must be one of 'cosine', 'constant'; got 'linear'"),
+    ("optimizer.moment_dtype=f16", "moment_dtype must be one of 'bf16', 'f32'"),
+    ("optimizer.loss_scale=auto", "loss_scale must be one of 'none', 'dynamic', 'static'"),
+    ("precision=fp9", "preset must be one of 'fp32', 'bf16'"),
+    ("model.preset=huge", "unknown model preset 'huge'"),
+    ("model.remat=some", "remat must be one of"),
+    ("optimizer.learning_rate=0", "learning_rate must be > 0"),
+    ("data.eval_fraction=1", "eval_fraction must be in"),
+    ("mesh.fsdp=-1", "at most one axis may be -1"),
+    ("checkpoint.keep=0", "keep must be >= 1"),
+    ("data.seq_len=256", "data.seq_len=256 exceeds model.max_seq_len=128"),
+    ("optimizer.microbatches=3", "microbatches=3 must divide data.batch_size=16"),
+    ("model.vocab_size=100", "bytes tokenizer needs model.vocab_size >= 256"),
+    ("data.eval_fraction=0", "eval_every=50 needs held-out data"),
+])
+def test_invalid_values_name_the_allowed_ones(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("(", r"\(")) as info:
+        load(CONFIGS / "tiny.yaml", [override])
+    assert f"--set {override}" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["steps", "=3", "optimizer.learning_rate=[1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(ConfigError, match="--set"):
+        load(CONFIGS / "tiny.yaml", [bad])
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "c.yaml", "steps: [1\n")
+    with pytest.raises(ConfigError, match=f"{path}: invalid YAML"):
+        load(path)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load(CONFIGS / "small.yaml", ["precision.policy_file=configs/policies/fp8.yaml",
+                                        "optimizer.clip_norm=null", "checkpoint.dir=/tmp/x"])
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+    config_lib.dump(cfg, tmp_path / "resolved.yaml")
+    assert load(tmp_path / "resolved.yaml") == cfg
+
+
+def test_defaults_build_a_valid_config():
+    assert from_dict(TrainConfig, {}) == TrainConfig()
+    assert TrainConfig().checkpoint_dir == str(Path(".") / "checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    size: int = 1
+    name: str = "a"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    shape: tuple[int, ...] = ()
+    pair: tuple[int, str] = (0, "")
+    mode: Literal["x", "y"] = "x"
+    inner: _Inner | None = None
+    ratio: float = 0.5
+
+
+def test_from_dict_handles_tuples_optionals_literals_and_nesting():
+    out = from_dict(_Outer, {"shape": [2, 3], "pair": [1, "b"], "mode": "y",
+                             "inner": {"size": 4}, "ratio": 1})
+    assert out == _Outer(shape=(2, 3), pair=(1, "b"), mode="y", inner=_Inner(size=4), ratio=1.0)
+    assert from_dict(_Outer, {"inner": None}) == _Outer()
+    assert from_dict(_Outer, to_dict(out)) == out
+
+
+@pytest.mark.parametrize("d, expected", [
+    ({"shape": [2, "3"]}, r"shape\[1\]: expected int, got '3'"),
+    ({"shape": 3}, "shape: expected a list of int"),
+    ({"pair": [1]}, r"pair: expected a list of 2 items \(int, str\)"),
+    ({"mode": "z"}, "mode: expected one of 'x', 'y'"),
+    ({"inner": {"size": True}}, "inner.size: expected int, got True"),
+    ({"inner": {"nme": "b"}}, "unknown key 'inner.nme' \\(did you mean 'name'\\?\\)"),
+    ({"ratio": "1"}, "ratio: expected float"),
+])
+def test_from_dict_errors(d, expected):
+    with pytest.raises(ConfigError, match=expected):
+        from_dict(_Outer, d)

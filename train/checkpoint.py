@@ -1,0 +1,378 @@
+"""Checkpoints of training state with orbax, verified by a checksum manifest on restore.
+
+Layout, one directory per step:
+
+    <directory>/<step>/state/          the state pytree (orbax StandardSave, OCDBT)
+    <directory>/<step>/meta/           JSON metadata (the caller's dict, PRNG key impls)
+    <directory>/<step>/manifest.json   size and sha256 of every other file in <step>/
+
+orbax writes bf16, float8 and sharded arrays bit-exactly but does not notice flipped
+bytes in its data files, so `save` writes the manifest after orbax has finished and
+`restore` checks every file against it before reading anything: a corrupt, truncated,
+missing or unexpected file is a `CheckpointError`, never a silently wrong state. A step
+without a manifest (a save interrupted before it was written) is incomplete:
+`latest_step` skips it and `restore` refuses it.
+
+Typed PRNG keys (`jax.random.key`) are stored as their `key_data` and re-wrapped on
+restore with their recorded implementation. Saves are synchronous; steps must increase.
+
+Usage (`abstract_state = jax.eval_shape(init_fn)` with shardings attached):
+
+    save(ckpt_dir, step, {"params": params, "opt": opt_state, "rng": key},
+         {"model": to_dict(cfg.model)}, keep=3)
+    state, meta = restore(ckpt_dir, target=abstract_state, expect={"model": to_dict(cfg.model)})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+MANIFEST = "manifest.json"
+_FORMAT = 1  # version of the layout above
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt or incompatible."""
+
+
+# ---------------------------------------------------------------------------
+# Pytree paths and typed PRNG keys.
+
+
+def _path_str(path: tuple) -> str:
+    """A path that reads the same for a NamedTuple and the dict orbax restores it as."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _unwrap_keys(state: Any) -> tuple[Any, dict[str, str]]:
+    impls = {}
+
+    def unwrap(path, x):
+        if not _is_key(x):
+            return x
+        impls[_path_str(path)] = str(jax.random.key_impl(x))
+        return jax.random.key_data(x)
+
+    return jax.tree_util.tree_map_with_path(unwrap, state), impls
+
+
+def _wrap_keys(state: Any, impls: dict[str, str]) -> Any:
+    found = set()
+
+    def wrap(path, x):
+        name = _path_str(path)
+        if name not in impls:
+            return x
+        found.add(name)
+        return jax.random.wrap_key_data(x, impl=impls[name])
+
+    state = jax.tree_util.tree_map_with_path(wrap, state)
+    if found != set(impls):
+        raise CheckpointError(f"PRNG keys saved at {sorted(set(impls) - found)} are missing "
+                              "from the restored tree; pass a target with the saved structure")
+    return state
+
+
+def _keys_to_wrap(step_dir: Path, impls: dict[str, str], target: Any) -> dict[str, str]:
+    """The saved keys to re-wrap: all of them, or those the target wants as typed keys."""
+    if target is None:
+        return impls
+    wanted = {name for name, leaf in _leaves_by_path(target).items() if _is_key(leaf)}
+    if wanted - set(impls):
+        raise CheckpointError(f"checkpoint {step_dir}: the target asks for PRNG keys at "
+                              f"{sorted(wanted - set(impls))}, saved as raw arrays")
+    return {name: impls[name] for name in wanted}
+
+
+def _key_data_struct(leaf: Any) -> jax.ShapeDtypeStruct:
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(leaf, "sharding", None))
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+    if _is_key(leaf):
+        return _key_data_struct(leaf)
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf  # ShapeDtypeStruct, numpy array or Python scalar: orbax takes them as is
+
+
+# ---------------------------------------------------------------------------
+# Directory layout and the checksum manifest.
+
+
+def _step_dir(directory: str | Path, step: int) -> Path:
+    return Path(directory) / str(step)
+
+
+def all_steps(directory: str | Path) -> list[int]:
+    """Steps with a finalized orbax directory under `directory`, complete or not, sorted."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_step(directory: str | Path) -> int | None:
+    """The newest complete step (one with a manifest) under `directory`, or None."""
+    complete = [s for s in all_steps(directory) if (_step_dir(directory, s) / MANIFEST).is_file()]
+    return complete[-1] if complete else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(step_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(step_dir)) for p in step_dir.rglob("*")
+                  if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(step_dir: Path) -> None:
+    files = {name: {"size": (step_dir / name).stat().st_size, "sha256": _sha256(step_dir / name)}
+             for name in _files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"format": _FORMAT, "files": files}, indent=1, sort_keys=True))
+    os.replace(tmp, step_dir / MANIFEST)  # atomic: a manifest is whole or absent
+
+
+def _read_manifest(step_dir: Path) -> dict:
+    path = step_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {step_dir} is incomplete: no {MANIFEST} (the save "
+                              "was interrupted, or the file was deleted)")
+    try:
+        files = json.loads(path.read_text())["files"]
+        return {name: (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: {MANIFEST} is corrupt ({e!r})") from None
+
+
+def _file_problem(path: Path, size: int, sha256: str) -> str | None:
+    if not path.is_file():
+        return "missing"
+    actual = path.stat().st_size
+    if actual != size:
+        kind = "truncated" if actual < size else "longer than saved"
+        return f"{kind}: {actual} bytes, manifest says {size}"
+    if _sha256(path) != sha256:
+        return "corrupt: sha256 differs from the manifest"
+    return None
+
+
+def verify(directory: str | Path, step: int) -> None:
+    """Checks every file of checkpoint `step` against its manifest.
+
+    Raises:
+      CheckpointError: no manifest, or a file missing, truncated, changed or unexpected;
+        the message names the step directory and the file.
+    """
+    step_dir = _step_dir(directory, step)
+    expected = _read_manifest(step_dir)
+    for name in sorted(set(_files(step_dir)) - set(expected)):
+        raise CheckpointError(f"checkpoint {step_dir}: unexpected file {name} not in {MANIFEST}")
+    for name, (size, sha256) in sorted(expected.items()):
+        problem = _file_problem(step_dir / name, size, sha256)
+        if problem:
+            raise CheckpointError(f"checkpoint {step_dir}: file {name} is {problem}")
+
+
+# ---------------------------------------------------------------------------
+# Save and restore.
+
+
+def _manager(directory: str | Path, keep: int | None = None, *,
+             read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False)  # the manifest must see finished files
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                 item_handlers=handlers)
+
+
+def _check_json(metadata: Any) -> None:
+    try:
+        json.dumps(metadata)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint metadata must be JSON-serializable: {e}") from None
+
+
+def save(directory: str | Path, step: int, state: Any, metadata: dict | None = None, *,
+         keep: int | None = None) -> Path:
+    """Saves `state` and `metadata` as checkpoint `step`, then writes its manifest.
+
+    Args:
+      directory: checkpoint root; created if missing.
+      step: the step number; must be greater than every step already in `directory`.
+      state: any pytree of jax/numpy arrays (any dtype, any sharding, typed PRNG keys)
+        and Python scalars: params, optimizer state, scale state, data position, ...
+      metadata: a JSON-serializable dict (e.g. the resolved config), checked by
+        `restore(expect=...)`.
+      keep: keep only the newest `keep` steps (None keeps all).
+
+    Returns:
+      The step directory.
+
+    Raises:
+      CheckpointError: `step` is not after the existing steps.
+      TypeError: `metadata` is not JSON-serializable.
+    """
+    metadata = {} if metadata is None else metadata
+    _check_json(metadata)
+    existing = all_steps(directory)
+    if existing and step <= existing[-1]:
+        raise CheckpointError(f"cannot save step {step} in {directory}: it already holds steps "
+                              f"up to {existing[-1]} and steps must increase; move or delete "
+                              f"the steps >= {step} first")
+    state, key_impls = _unwrap_keys(state)
+    meta = {"format": _FORMAT, "metadata": metadata, "prng_keys": key_impls}
+    with _manager(directory, keep) as manager:
+        saved = manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+    if not saved:
+        raise CheckpointError(f"orbax declined to save step {step} in {directory}")
+    step_dir = _step_dir(directory, step)
+    if jax.process_index() == 0:
+        _write_manifest(step_dir)
+    return step_dir
+
+
+def _resolve_step(directory: str | Path, step: int | None) -> int:
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
+    steps = all_steps(directory)
+    if step is None:
+        step = latest_step(directory)
+        if step is None:
+            detail = f"steps {steps} have no {MANIFEST}" if steps else "it is empty"
+            raise CheckpointError(f"no complete checkpoint in {directory}: {detail}")
+    elif step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {steps}")
+    return step
+
+
+def _differences(expect: dict, actual: dict, prefix: str = "") -> list[str]:
+    diffs = []
+    for key, want in expect.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(actual, dict) or key not in actual:
+            diffs.append(f"{dotted}: expected {want!r}, checkpoint has none")
+        elif isinstance(want, dict) and isinstance(actual[key], dict):
+            diffs.extend(_differences(want, actual[key], dotted + "."))
+        elif want != actual[key]:
+            diffs.append(f"{dotted}: expected {want!r}, checkpoint has {actual[key]!r}")
+    return diffs
+
+
+def _check_expect(step_dir: Path, metadata: dict, expect: dict) -> None:
+    expect = json.loads(json.dumps(expect))  # tuples -> lists, as stored
+    diffs = _differences(expect, metadata)
+    if diffs:
+        raise CheckpointError(f"checkpoint {step_dir} is incompatible: {'; '.join(diffs)}")
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_path_str(path): leaf for path, leaf in flat}
+
+
+def _some(names: set[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"[{', '.join(names[:limit])}]{more}"
+
+
+def _check_target(step_dir: Path, saved_tree: Any, abstract: Any) -> None:
+    """orbax casts to the target's dtype silently: insist on the saved shapes and dtypes."""
+    saved, wanted = _leaves_by_path(saved_tree), _leaves_by_path(abstract)
+    if set(saved) != set(wanted):
+        raise CheckpointError(
+            f"checkpoint {step_dir} does not match the target tree: only in the checkpoint: "
+            f"{_some(set(saved) - set(wanted))}; only in the target: {_some(set(wanted) - set(saved))}")
+    for name, want in wanted.items():
+        if not hasattr(want, "dtype"):
+            continue  # a Python scalar in the target
+        have = saved[name]
+        if tuple(have.shape) != tuple(want.shape) or np.dtype(have.dtype) != np.dtype(want.dtype):
+            raise CheckpointError(
+                f"checkpoint {step_dir}: {name} was saved as {np.dtype(have.dtype)}{list(have.shape)}, "
+                f"the target asks for {np.dtype(want.dtype)}{list(want.shape)}")
+
+
+def read_metadata(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """The step and metadata dict of checkpoint `step` (default: latest), verified.
+
+    Raises:
+      CheckpointError: as `restore`.
+    """
+    step = _resolve_step(directory, step)
+    verify(directory, step)
+    with _manager(directory, read_only=True) as manager:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    return step, meta["metadata"]
+
+
+def restore(directory: str | Path, step: int | None = None, target: Any = None, *,
+            expect: dict | None = None) -> tuple[Any, dict]:
+    """Restores checkpoint `step` after verifying its files and metadata.
+
+    Args:
+      directory: checkpoint root.
+      step: the step to restore; None for the latest complete one.
+      target: optional pytree like the saved state, of arrays or `jax.ShapeDtypeStruct`
+        with `sharding=`: arrays are restored with those shardings (so a checkpoint
+        saved on one mesh restores onto another). Shapes and dtypes must match the
+        saved ones. Without it, arrays come back as saved (dicts for NamedTuples).
+      expect: key/value pairs (nested dicts compared key by key) the saved metadata
+        must contain, e.g. {"model": to_dict(model_config)}.
+
+    Returns:
+      (state, metadata).
+
+    Raises:
+      CheckpointError: no directory or no complete checkpoint; a missing, truncated or
+        corrupt file; metadata differing from `expect` (naming the keys); a target
+        whose structure, shapes or dtypes differ from the checkpoint.
+    """
+    step = _resolve_step(directory, step)
+    step_dir = _step_dir(directory, step)
+    verify(directory, step)
+    with _manager(directory, read_only=True) as manager:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if expect:
+            _check_expect(step_dir, meta["metadata"], expect)
+        abstract = None
+        if target is not None:
+            abstract = jax.tree.map(_abstract_leaf, target)
+            saved_tree = manager.item_metadata(step)["state"]
+            _check_target(step_dir, getattr(saved_tree, "tree", saved_tree), abstract)
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract))).state
+    return _wrap_keys(state, _keys_to_wrap(step_dir, meta["prng_keys"], target)), meta["metadata"]
