@@ -202,7 +202,9 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be (batch, seq) ids; got shape {tokens.shape}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        embed = mnn.Embed(c.vocab_size, c.d_model, policy=self.policy, name="embed")
+        # Unit-RMS rows would make tied-head logits O(sqrt(D)) at init: scale by D**-0.5.
+        embed = mnn.Embed(c.vocab_size, c.d_model, policy=self.policy, name="embed",
+                          embedding_init=nn.initializers.normal(stddev=c.d_model**-0.5))
         x = embed(tokens).astype(jnp.float32)  # (B, T, D) f32 residual stream
         new_cache, moe_losses = [], []
         for i in range(c.n_layers):

@@ -1,6 +1,6 @@
 """mpx: FP8/BF16 mixed-precision training and inference of transformer LMs in JAX."""
 
-from mpx import formats, hardware, metrics, policy, recipes, scaled
+from mpx import formats, hardware, metrics, optim, policy, recipes, scaled
 from mpx.formats import Format, cast
 from mpx.policy import Policy, Precision, Rule
 from mpx.scaled import (
@@ -24,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Blocks", "Format", "MX", "PerAxis", "PerTensor", "Policy", "Precision", "Rule", "ScaledArray",
     "cast", "check_finite", "compute_amax", "compute_scale", "dequantize", "fake_quant",
-    "formats", "hardware", "metrics", "policy", "nonfinite_counts", "quantize", "quantize_with_scale", "recipes", "scaled",
+    "formats", "hardware", "metrics", "optim", "policy", "nonfinite_counts", "quantize", "quantize_with_scale", "recipes", "scaled",
 ]

@@ -1,0 +1,266 @@
+"""The training loop: build a run from a `TrainConfig`, step, evaluate, log, checkpoint.
+
+`Run` holds what a config builds (model, policy, optimizer, data stream, jitted steps);
+`train(cfg, resume=...)` drives it. Metrics go to `<run_dir>/metrics.jsonl` (and to
+TensorBoard when `tensorboardX` is installed); checkpoints hold the `TrainState`, and
+their metadata the resolved config and the data position, so `--resume` continues the
+same loss trajectory bit for bit. SIGINT / SIGTERM finish the current step, save a
+checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mpx
+from models import transformer
+from mpx import optim
+from train import checkpoint as ckpt
+from train import config as config_lib
+from train import data as data_lib
+from train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """The pieces of a training run built from its config."""
+
+    cfg: config_lib.TrainConfig
+    policy: mpx.Policy
+    model: transformer.Transformer
+    tx: Any
+    stream: data_lib.TokenStream
+    tokenizer: Any
+    train_step: Any
+    eval_step: Any
+
+
+def load_policy(precision: config_lib.PrecisionConfig) -> mpx.Policy:
+    """The policy a precision section names (a preset or a policy YAML file)."""
+    if precision.policy_file is not None:
+        return mpx.policy.load(precision.policy_file)
+    return mpx.policy.preset(precision.preset)
+
+
+def make_loss_scale(name: str):
+    """"none" -> NoOp, "dynamic" -> dynamic (2**15 start), "static" -> 2**12."""
+    if name == "dynamic":
+        return optim.dynamic_loss_scale()
+    if name == "static":
+        return optim.static_loss_scale(2.0**12)
+    return optim.NoOpLossScale()
+
+
+def make_optimizer(cfg: config_lib.TrainConfig):
+    o = cfg.optimizer
+    return optim.build(
+        o.name, o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+        total_steps=max(cfg.steps, o.warmup_steps + 1), final_ratio=0.1 if o.schedule == "cosine" else 1.0,
+        clip_norm=o.clip_norm, adaptive_clip=2.0 if o.adaptive_clip else None, moment_dtype=o.moment_dtype,
+        b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=optim.matrices_only,
+    )
+
+
+def build(cfg: config_lib.TrainConfig) -> Run:
+    """Builds model, policy, optimizer, data stream and jitted steps from `cfg`."""
+    policy = load_policy(cfg.precision)
+    model = transformer.Transformer(cfg.model, policy)
+    tx = make_optimizer(cfg)
+    stream, tokenizer = data_lib.build(cfg.data, cfg.model.vocab_size)
+    train_step = jax.jit(step_lib.make_train_step(model, tx, cfg.optimizer.microbatches), donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(model))
+    return Run(cfg, policy, model, tx, stream, tokenizer, train_step, eval_step)
+
+
+def initial_state(run: Run) -> step_lib.TrainState:
+    example = jnp.zeros((1, run.cfg.data.seq_len), jnp.int32)
+    return step_lib.init_state(run.model, run.tx, make_loss_scale(run.cfg.optimizer.loss_scale), run.cfg.seed,
+                               example)
+
+
+def evaluate(run: Run, state: step_lib.TrainState) -> dict:
+    """Mean held-out loss and perplexity over `cfg.eval_batches` fixed batches."""
+    count = min(run.cfg.eval_batches, run.stream.num_eval_batches)
+    nll, tokens = 0.0, 0.0
+    for batch in run.stream.eval_batches(count):
+        out = run.eval_step(state, {"inputs": batch.inputs, "targets": batch.targets})
+        nll += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+    loss = nll / tokens
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def checkpoint_metadata(cfg: config_lib.TrainConfig, data_state: data_lib.DataState) -> dict:
+    return {"config": config_lib.to_dict(cfg), "data_state": data_state.to_dict()}
+
+
+def compatibility(cfg: config_lib.TrainConfig) -> dict:
+    """Metadata a checkpoint must match to resume this config (model and precision)."""
+    full = config_lib.to_dict(cfg)
+    return {"config": {"model": full["model"], "precision": full["precision"],
+                       "optimizer": {"moment_dtype": full["optimizer"]["moment_dtype"],
+                                     "loss_scale": full["optimizer"]["loss_scale"]}}}
+
+
+def save(run: Run, state, data_state) -> Path:
+    cfg = run.cfg
+    return ckpt.save(cfg.checkpoint_dir, int(state.step), state, checkpoint_metadata(cfg, data_state),
+                     keep=cfg.checkpoint.keep)
+
+
+def resume(run: Run, template) -> tuple[step_lib.TrainState, data_lib.DataState]:
+    """The latest checkpoint of this run, checked against the config, onto `template`."""
+    state, meta = ckpt.restore(run.cfg.checkpoint_dir, target=template, expect=compatibility(run.cfg))
+    return state, data_lib.DataState.from_dict(meta["data_state"])
+
+
+class MetricsLog:
+    """Appends one JSON object per record to metrics.jsonl (and TensorBoard if present)."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = _tensorboard(run_dir)
+
+    def write(self, step: int, record: dict) -> None:
+        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from tensorboardX import SummaryWriter  # optional
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (the step in flight finishes)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress(step: int, total: int, loss: float, tokens_per_s: float, out=sys.stderr) -> None:
+    width = 24
+    done = int(width * step / total)
+    bar = "#" * done + "." * (width - done)
+    out.write(f"\r[{bar}] step {step}/{total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s ")
+    out.flush()
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: (bool(v) if np.asarray(v).dtype == bool else float(v)) for k, v in metrics.items()}
+
+
+def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool = False) -> dict:
+    """Runs (or resumes) training; returns a summary with the loss history.
+
+    Returns:
+      {"losses": [train loss per step taken in this call], "eval": last eval metrics,
+       "final_step": int, "interrupted": signal number or None, "memory": bytes/param}.
+    """
+    run = build(cfg)
+    state = initial_state(run)
+    data_state = data_lib.DataState()
+    if resume_run:
+        state, data_state = resume(run, state)
+    report = optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
+                                 compute_dtype_bytes=_compute_bytes(run))
+    run_dir = Path(cfg.run_dir or "runs/default")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, run_dir / "config.yaml")  # the resolved config, for the record
+    if not quiet:
+        print(f"mpx: {transformer.count_params(state.params):,} parameters, precision "
+              f"{run.policy.name}, {jax.device_count()} {jax.default_backend()} device(s)")
+        print(report)
+    log = MetricsLog(run_dir)
+    summary = {"losses": [], "eval": {}, "interrupted": None,
+               "memory_bytes_per_param": report.per_param("total")}
+    try:
+        state, data_state = _loop(run, state, data_state, log, summary, quiet)
+    finally:
+        log.close()
+    summary["final_step"] = int(state.step)
+    return summary
+
+
+def _compute_bytes(run: Run) -> float:
+    recipe = run.policy.resolve("layers_0/mlp/up").recipe
+    if recipe is not None:
+        return 1.0
+    return float(np.dtype(run.policy.resolve("layers_0/mlp/up").compute_dtype).itemsize)
+
+
+def _loop(run: Run, state, data_state, log: MetricsLog, summary: dict, quiet: bool):
+    cfg = run.cfg
+    start = int(state.step)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    t0, last_saved = time.perf_counter(), start
+    with StopRequest() as stop:
+        for step in range(start, cfg.steps):
+            batch, data_state = run.stream.batch(data_state)
+            state, metrics = run.train_step(state, {"inputs": batch.inputs, "targets": batch.targets})
+            done = step + 1
+            record = _scalars(metrics)
+            summary["losses"].append(record["loss"])
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rate = (done - start) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
+                log.write(done, {**record, "tokens_per_s": rate})
+                if not quiet:
+                    _progress(done, cfg.steps, record["loss"], rate)
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                summary["eval"] = evaluate(run, state)
+                log.write(done, summary["eval"])
+                if not quiet:
+                    print(f"\n  eval loss {summary['eval']['eval_loss']:.4f}  ppl {summary['eval']['eval_ppl']:.2f}")
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.steps:
+                save(run, state, data_state)
+                last_saved = done
+            if stop.signal is not None:
+                if last_saved != done:
+                    save(run, state, data_state)
+                summary["interrupted"] = stop.signal
+                if not quiet:
+                    print(f"\nstopped by signal {stop.signal} at step {done}; checkpoint saved to "
+                          f"{cfg.checkpoint_dir}; continue with --resume")
+                break
+    if not quiet:
+        print()
+    return state, data_state

@@ -1,0 +1,150 @@
+"""Pure train and eval steps: `state, metrics = train_step(state, batch)`.
+
+All training state is explicit data in `TrainState`: f32 master weights, optimizer
+state (bf16 moments under the bf16/fp8 presets), FP8 scale state (the `fp8_state`
+collection: amax histories of delayed/static recipes), the loss scale, the RNG key and
+the step. The layers cast the f32 masters to their compute dtype per the policy, so
+gradients arrive in f32 with respect to the masters.
+
+Microbatches (optimizer.microbatches > 1) run through `mpx.optim.accumulate_gradients`:
+gradients are summed in f32, metrics averaged, and the FP8 amax histories merged with
+the max (every microbatch rolls the same old history, so the max keeps the largest
+observation of this step at history[0], never the last microbatch's).
+
+A step whose gradients are not finite changes neither the params, the moments (the
+`skip_nonfinite` guard in the optimizer chain) nor the FP8 scale state, and shrinks a
+dynamic loss scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from mpx import optim
+
+MOE_LOSS_WEIGHT = 0.01
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training run carries from one step to the next.
+
+    Attributes:
+      step: int32 scalar, optimizer steps taken.
+      params: f32 master weights.
+      opt_state: the optax chain's state.
+      fp8_state: the model's `fp8_state` collection ({} without stateful recipes).
+      loss_scale: `mpx.optim` NoOp / Static / DynamicLossScale.
+      rng: uint32 raw key data (jax.random.key_data), split once per step.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    fp8_state: Any
+    loss_scale: Any
+    rng: jax.Array
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, loss_scale, seed: int,
+               example_tokens: jax.Array) -> TrainState:
+    """Initializes params (f32), optimizer and FP8 scale state from `seed`."""
+    init_key, run_key = jax.random.split(jax.random.key(seed))
+    variables = model.init(init_key, example_tokens)
+    params = variables["params"]
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        fp8_state=variables.get("fp8_state", {}),
+        loss_scale=loss_scale,
+        rng=jax.random.key_data(run_key),
+    )
+    # Optimizer states may share one array between leaves (e.g. zero counters); the
+    # jitted step donates its input, which needs every leaf to own its buffer.
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy (f32) and the token count for (B, T, V) logits."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+
+
+def _forward(model: nn.Module, params, fp8_state, inputs):
+    """Logits, aux and the updated fp8_state of one forward pass."""
+    variables = {"params": params, **({"fp8_state": fp8_state} if fp8_state else {})}
+    if not fp8_state:
+        (logits, aux) = model.apply(variables, inputs)
+        return logits, aux, fp8_state
+    (logits, aux), updated = model.apply(variables, inputs, mutable=["fp8_state"])
+    return logits, aux, updated["fp8_state"]
+
+
+def make_loss_fn(model: nn.Module, loss_scale) -> Callable:
+    """(params, microbatch-with-fp8_state) -> (scaled loss, aux) for value_and_grad."""
+
+    def loss_fn(params, micro):
+        logits, aux, fp8_state = _forward(model, params, micro["fp8_state"], micro["inputs"])
+        nll_sum, count = cross_entropy(logits, micro["targets"])
+        loss = nll_sum / count + MOE_LOSS_WEIGHT * aux["moe_loss"]
+        metrics = {"loss": nll_sum / count, "moe_loss": aux["moe_loss"]}
+        return loss_scale.scale(loss), {"metrics": metrics, "fp8_state": fp8_state}
+
+    return loss_fn
+
+
+def _microbatches(batch, fp8_state, n: int):
+    micro = optim.split_microbatches({"inputs": batch["inputs"], "targets": batch["targets"]}, n)
+    # Each microbatch reads the same scale state (broadcast along the microbatch axis).
+    micro["fp8_state"] = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), fp8_state)
+    return micro
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbatches: int = 1) -> Callable:
+    """The pure train step `(state, batch) -> (state, metrics)`; jit it with donation.
+
+    `batch` is {"inputs": (B, T) int32, "targets": (B, T) int32}.
+    """
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        loss_fn = make_loss_fn(model, state.loss_scale)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        micro = _microbatches(batch, state.fp8_state, microbatches)
+        merge = {"metrics": "mean", "fp8_state": "max"}
+        (_, aux), grads = optim.accumulate_gradients(grad_fn, state.params, micro, has_aux=True, aux_merge=merge)
+        grads = state.loss_scale.unscale(grads)
+        finite = optim.all_finite(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A skipped step must not record its (possibly inf) amax observations.
+        fp8_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), aux["fp8_state"], state.fp8_state)
+        new_state = TrainState(
+            step=state.step + 1, params=params, opt_state=opt_state, fp8_state=fp8_state,
+            loss_scale=state.loss_scale.adjust(finite),
+            rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
+        )
+        metrics = {**aux["metrics"], "grad_norm": optim.global_norm(grads), "skipped": ~finite,
+                   "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+    """`(state, batch) -> {"nll_sum", "tokens"}` on held-out data (no state change)."""
+
+    def eval_step(state: TrainState, batch) -> dict:
+        logits, _, _ = _forward(model, state.params, state.fp8_state, batch["inputs"])
+        nll_sum, count = cross_entropy(logits, batch["targets"])
+        return {"nll_sum": nll_sum, "tokens": count}
+
+    return eval_step
