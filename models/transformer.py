@@ -27,6 +27,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,8 @@ from mpx.policy import Policy
 
 Array = jax.Array
 Cache = dict  # per layer: {"k": (B, S_max, G, K), "v": (B, S_max, G, K)}
+ACTIVATION_AXES = ("batch", "seq", "act_embed")  # logical axes of the residual stream
+LOGITS_AXES = ("batch", "seq", "vocab")
 
 
 def rope(x: Array, positions: Array, theta: float) -> Array:
@@ -47,6 +51,15 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def residual_init(n_layers: int):
+    """Init of projections that write into the residual stream (o_proj, FFN down).
+
+    GPT-2's scaling: variance 1 / (2 * n_layers) of fan-in init, so the residual stream's
+    variance does not grow with depth at initialization.
+    """
+    return nn.initializers.variance_scaling(1.0 / (2 * n_layers), "fan_in", "truncated_normal")
 
 
 def init_cache(config: ModelConfig, batch: int, dtype=jnp.bfloat16, length: int | None = None) -> list[Cache]:
@@ -86,7 +99,8 @@ class SelfAttention(nn.Module):
             # Keys at or before each query's position; later slots are empty or stale.
             mask = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
         out = mnn.grouped_attention(self, self.policy, q, k, v, mask)  # (B, T, H, K)
-        out = mnn.DenseGeneral(c.d_model, axis=(-2, -1), policy=self.policy, name="o_proj")(out)
+        out = mnn.DenseGeneral(c.d_model, axis=(-2, -1), policy=self.policy, name="o_proj",
+                               kernel_init=residual_init(c.n_layers))(out)
         return out, cache
 
 
@@ -94,6 +108,7 @@ class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); the product is formed in f32."""
 
     d_ff: int
+    n_layers: int = 1
     policy: Policy | None = None
 
     @nn.compact
@@ -101,7 +116,7 @@ class SwiGLU(nn.Module):
         gate = mnn.Dense(self.d_ff, policy=self.policy, name="gate")(x)
         up = mnn.Dense(self.d_ff, policy=self.policy, name="up")(x)
         hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
-        return mnn.Dense(x.shape[-1], policy=self.policy, name="down")(hidden)
+        return mnn.Dense(x.shape[-1], policy=self.policy, name="down", kernel_init=residual_init(self.n_layers))(hidden)
 
 
 class Experts(nn.Module):
@@ -169,7 +184,7 @@ class Block(nn.Module):
         if self.use_moe:
             ffn, aux = MoE(c.n_experts, c.top_k, c.d_ff, policy=self.policy, name="moe")(h)
         else:
-            ffn, aux = SwiGLU(c.d_ff, policy=self.policy, name="mlp")(h), jnp.zeros((), jnp.float32)
+            ffn, aux = SwiGLU(c.d_ff, c.n_layers, policy=self.policy, name="mlp")(h), jnp.zeros((), jnp.float32)
         return x + ffn.astype(jnp.float32), cache, aux
 
 
@@ -177,10 +192,18 @@ class Transformer(nn.Module):
     """Decoder-only LM: tokens (B, T) -> (logits (B, T, V) f32, aux).
 
     aux = {"cache": updated KV cache or None, "moe_loss": mean MoE balance loss}.
+
+    `constrain(x, logical_axes)`, when given (e.g. `mpx.sharding.Layout.constrain`), pins
+    the sharding of the residual stream ("batch", "seq", "act_embed") at every block
+    boundary and of the logits ("batch", "seq", "vocab"); it never changes values.
     """
 
     config: ModelConfig
     policy: Policy | None = None
+    constrain: Callable[[Array, tuple], Array] | None = None
+
+    def _pin(self, x: Array, logical_axes: tuple) -> Array:
+        return x if self.constrain is None else self.constrain(x, logical_axes)
 
     def _remat(self, layer: int) -> bool:
         if self.config.remat == "full":
@@ -202,15 +225,18 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be (batch, seq) ids; got shape {tokens.shape}")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        # Unit-RMS rows would make tied-head logits O(sqrt(D)) at init: scale by D**-0.5.
+        # Gemma-style: rows of RMS D**-0.5 keep tied-head logits O(1); the lookup is scaled
+        # by sqrt(D) so the residual stream starts at unit RMS, on a par with the blocks.
         embed = mnn.Embed(c.vocab_size, c.d_model, policy=self.policy, name="embed",
                           embedding_init=nn.initializers.normal(stddev=c.d_model**-0.5))
-        x = embed(tokens).astype(jnp.float32)  # (B, T, D) f32 residual stream
+        x = embed(tokens).astype(jnp.float32) * jnp.float32(c.d_model**0.5)  # (B, T, D) f32 residual
+        x = self._pin(x, ACTIVATION_AXES)
         new_cache, moe_losses = [], []
         for i in range(c.n_layers):
             block_cls = nn.remat(Block) if self._remat(i) else Block
             block = block_cls(c, use_moe=self._is_moe(i), policy=self.policy, name=f"layers_{i}")
             x, layer_cache, aux = block(x, positions, None if cache is None else cache[i])
+            x = self._pin(x, ACTIVATION_AXES)
             new_cache.append(layer_cache)
             moe_losses.append(aux)
         x = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="final_norm")(x)
@@ -219,7 +245,7 @@ class Transformer(nn.Module):
         else:
             logits = mnn.Dense(c.vocab_size, policy=self.policy, name="lm_head")(x)
         aux = {"cache": None if cache is None else new_cache, "moe_loss": jnp.mean(jnp.stack(moe_losses))}
-        return logits.astype(jnp.float32), aux
+        return self._pin(logits.astype(jnp.float32), LOGITS_AXES), aux
 
 
 def count_params(params) -> int:
