@@ -1,0 +1,415 @@
+"""Did FP8 actually run? Find every GEMM in HLO text and say which precision it used.
+
+XLA falls back to a high-precision GEMM without a word when the FP8 pattern breaks.
+`fp8_report` reads the text of a lowered or compiled computation, finds every dot,
+convolution and GEMM custom call (e.g. cuBLASLt's `__cublas$lt$matmul$f8`), and
+classifies it:
+
+* "fp8":            both operands reach the GEMM as FP8 values (f8e4m3fn, f8e5m2, ...);
+* "upcast":         an FP8 value is converted to a wider type before the GEMM (what XLA
+                    does on CPU, and what happens when the Hopper FP8 rewrite fails);
+* "high_precision": no FP8 value feeds the GEMM.
+
+Compiled text (`jax.jit(f).lower(...).compile()`) shows what runs on the backend;
+lowered StableHLO (`.lower(...)`) shows only what was asked for. On CPU every FP8 dot
+is an upcast; `mpx.dot`'s "upcast_bf16" path never materializes FP8 at all, so its
+GEMMs are bf16 "high_precision" ones, which is what the CPU really multiplies.
+
+Example:
+    >>> import jax, jax.numpy as jnp, mpx.inspect
+    >>> f8 = jnp.ones((16, 32), jnp.float8_e4m3fn)
+    >>> dot = lambda a, b: jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32).T)
+    >>> mpx.inspect.fp8_report(jax.jit(dot).lower(f8, f8).compile()).counts["upcast"]
+    1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+CLASSES = ("fp8", "upcast", "high_precision")
+_GEMM_OPCODES = ("dot", "convolution")
+_GEMM_TARGET = re.compile(r"gemm|matmul|conv", re.IGNORECASE)
+_MAX_VISITS = 400  # bound on the backward walk from one GEMM operand
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    """One GEMM found in the text.
+
+    Attributes:
+      name: instruction (HLO) or SSA value (StableHLO) name.
+      kind: "dot", "convolution" or "custom-call <target>".
+      lhs_dtype, rhs_dtype, out_dtype: element types as printed ("f8e4m3fn", "bf16").
+      classification: "fp8", "upcast" or "high_precision".
+      computation: the HLO computation or MLIR function holding it.
+      op_name: the JAX op that produced it (HLO metadata), when printed.
+    """
+
+    name: str
+    kind: str
+    lhs_dtype: str
+    rhs_dtype: str
+    out_dtype: str
+    classification: str
+    computation: str = ""
+    op_name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Report:
+    """All GEMMs of a computation with their precision class.
+
+    Attributes:
+      gemms: the GEMMs in text order.
+    """
+
+    gemms: tuple[Gemm, ...]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Number of GEMMs per class (all three keys always present)."""
+        return {c: sum(g.classification == c for g in self.gemms) for c in CLASSES}
+
+    @property
+    def fp8_fraction(self) -> float:
+        """Fraction of GEMMs that run in FP8 (0.0 when there are none)."""
+        return self.counts["fp8"] / len(self.gemms) if self.gemms else 0.0
+
+    def fallbacks(self) -> tuple[Gemm, ...]:
+        """GEMMs that do not run in FP8."""
+        return tuple(g for g in self.gemms if g.classification != "fp8")
+
+    def __str__(self) -> str:
+        head = ("class", "kind", "lhs", "rhs", "out", "name", "op")
+        rows = [head] + [
+            (g.classification, g.kind, g.lhs_dtype, g.rhs_dtype, g.out_dtype, g.name, g.op_name)
+            for g in self.gemms
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        c = self.counts
+        lines.append(f"{len(self.gemms)} GEMMs: {c['fp8']} fp8, {c['upcast']} upcast, "
+                     f"{c['high_precision']} high_precision (fp8 fraction {self.fp8_fraction:.2f})")
+        return "\n".join(lines)
+
+
+class Fp8FallbackError(AssertionError):
+    """Raised by `assert_fp8` when too few GEMMs run in FP8."""
+
+
+# --------------------------------------------------------------------------- graph
+
+
+@dataclasses.dataclass
+class _Node:
+    name: str
+    opcode: str
+    dtypes: tuple[str, ...]  # element types of the result (several for tuples)
+    operands: list[str]
+    operand_dtypes: list[str | None]  # inline operand types, when printed
+    attrs: str
+    computation: str
+    param_index: int | None = None
+    is_root: bool = False
+
+
+@dataclasses.dataclass
+class _Graph:
+    nodes: dict[tuple[str, str], _Node] = dataclasses.field(default_factory=dict)
+    order: list[_Node] = dataclasses.field(default_factory=list)
+    callers: dict[str, list[_Node]] = dataclasses.field(default_factory=dict)  # computation -> callers
+    callees: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # caller -> computation
+    roots: dict[str, _Node] = dataclasses.field(default_factory=dict)
+
+    def add(self, node: _Node) -> None:
+        self.nodes[(node.computation, node.name)] = node
+        self.order.append(node)
+
+    def get(self, computation: str, name: str) -> _Node | None:
+        return self.nodes.get((computation, name))
+
+
+def _is_f8(dtype: str | None) -> bool:
+    return bool(dtype) and dtype.lower().startswith("f8")
+
+
+def _split_top(text: str) -> list[str]:
+    """Splits on commas that are not nested in (), [], {} or <>."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{<":
+            depth += 1
+        elif ch in ")]}>":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    tail = text[start:].strip()
+    return parts + [tail] if tail else parts
+
+
+def _closing(text: str, open_at: int) -> int:
+    """Index of the bracket closing the one at `open_at`."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] in "([{<":
+            depth += 1
+        elif text[i] in ")]}>":
+            depth -= 1
+            if depth == 0:
+                return i
+    return len(text) - 1
+
+
+# --------------------------------------------------------------------------- HLO text
+
+_HLO_COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-$]+)\s*(?:\(.*\)\s*->\s*.*)?\{\s*$")
+_HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-$]+)\s*=\s*(.*)$")
+_HLO_DTYPE = re.compile(r"([a-z][a-z0-9]*)\[")
+
+
+def _hlo_dtypes(type_text: str) -> tuple[str, ...]:
+    return tuple(_HLO_DTYPE.findall(type_text))
+
+
+def _parse_hlo_instr(name: str, rest: str, computation: str) -> _Node | None:
+    if rest.startswith("("):  # tuple result type
+        end = _closing(rest, 0)
+        type_text, rest = rest[: end + 1], rest[end + 1:].lstrip()
+    else:
+        type_text, _, rest = rest.partition(" ")
+    m = re.match(r"([\w\-]+)\(", rest)
+    if not m:
+        return None
+    open_at = m.end() - 1
+    close = _closing(rest, open_at)
+    operands, operand_dtypes = [], []
+    for tok in _split_top(rest[open_at + 1: close]):
+        words = tok.split()
+        operands.append(words[-1].lstrip("%") if words else tok)
+        inline = _hlo_dtypes(" ".join(words[:-1])) if len(words) > 1 else ()
+        operand_dtypes.append(inline[0] if len(inline) == 1 else None)
+    node = _Node(name, m.group(1), _hlo_dtypes(type_text), operands, operand_dtypes,
+                 rest[close + 1:], computation)
+    if node.opcode == "parameter" and operands and operands[0].isdigit():
+        node.operands, node.param_index = [], int(operands[0])
+    return node
+
+
+def _parse_hlo(text: str) -> _Graph:
+    graph, computation = _Graph(), ""
+    for line in text.splitlines():
+        m = _HLO_INSTR.match(line)
+        if m and computation:
+            node = _parse_hlo_instr(m.group(1), m.group(2), computation)
+            if node is not None:
+                node.is_root = line.lstrip().startswith("ROOT ")
+                graph.add(node)
+            continue
+        c = _HLO_COMP.match(line)
+        if c and not line.lstrip().startswith("HloModule"):
+            computation = c.group(1)
+        elif line.strip() == "}":
+            computation = ""
+    for node in graph.order:
+        if node.is_root:
+            graph.roots[node.computation] = node
+        called = re.search(r"\b(?:calls|to_apply)=%?([\w.\-$]+)", node.attrs)
+        if called and node.opcode in ("fusion", "call"):
+            graph.callers.setdefault(called.group(1), []).append(node)
+            graph.callees[(node.computation, node.name)] = called.group(1)
+    return graph
+
+
+# --------------------------------------------------------------------------- StableHLO text
+
+_MLIR_FUNC = re.compile(r"func\.func\s+(?:\w+\s+)?@([\w.\-$]+)\((.*?)\)\s*(?:->|\{|attributes)")
+_MLIR_OP = re.compile(r"^\s*(%[\w#.:\-]+(?:\s*,\s*%[\w#.:\-]+)*)\s*=\s*\"?([\w.]+)\"?(.*)$")
+_MLIR_TENSOR = re.compile(r"tensor<(?:[^<>]*x)?([a-zA-Z][\w]*)>")
+
+
+def _mlir_dtype(type_text: str) -> str | None:
+    m = _MLIR_TENSOR.search(type_text)
+    return m.group(1).lower() if m else None
+
+
+def _parse_mlir_op(results: str, opcode: str, rest: str, func: str) -> _Node:
+    body, _, signature = rest.rpartition(" : ")
+    if not body:
+        body, signature = rest, ""
+    operands = [o.lstrip("%") for o in re.findall(r"%[\w#.\-]+", body)]
+    ins, arrow, out = signature.partition("->")
+    out_text = out if arrow else signature
+    operand_dtypes: list[str | None] = [None] * len(operands)
+    if arrow:
+        in_types = _split_top(ins.strip().strip("()")) if ins.strip().startswith("(") else [ins]
+        operand_dtypes = [_mlir_dtype(t) for t in in_types][: len(operands)]
+        operand_dtypes += [None] * (len(operands) - len(operand_dtypes))
+    out_dtype = _mlir_dtype(out_text)
+    name = results.split(",")[0].strip().lstrip("%").split(":")[0]
+    opcode = opcode.removeprefix("stablehlo.").removeprefix("mhlo.").replace("_", "-")
+    if opcode == "dot-general":
+        opcode = "dot"
+    if opcode == "custom-call":
+        target = re.search(r"(?:call_target_name\s*=\s*\"|@)([^\s\"(]+)", body)
+        rest = f'custom_call_target="{target.group(1)}"' if target else ""
+    return _Node(name, opcode, (out_dtype,) if out_dtype else (), operands, operand_dtypes, rest, func)
+
+
+def _parse_mlir(text: str) -> _Graph:
+    graph, func = _Graph(), ""
+    for line in text.splitlines():
+        f = _MLIR_FUNC.search(line)
+        if f:
+            func = f.group(1)
+            for arg in _split_top(f.group(2)):
+                arg_name, _, arg_type = arg.partition(":")
+                graph.add(_Node(arg_name.strip().lstrip("%"), "parameter",
+                                (_mlir_dtype(arg_type) or "",), [], [], "", func))
+            continue
+        m = _MLIR_OP.match(line)
+        if m and func:
+            graph.add(_parse_mlir_op(m.group(1), m.group(2), m.group(3), func))
+    return graph
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _gemm_kind(node: _Node) -> str | None:
+    if node.opcode in _GEMM_OPCODES:
+        return node.opcode
+    if node.opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', node.attrs)
+        if target and _GEMM_TARGET.search(target.group(1)):
+            return f"custom-call {target.group(1)}"
+    return None
+
+
+def _operand_dtype(graph: _Graph, node: _Node, i: int) -> str:
+    if i < len(node.operand_dtypes) and node.operand_dtypes[i]:
+        return node.operand_dtypes[i]
+    src = graph.get(node.computation, node.operands[i]) if i < len(node.operands) else None
+    return src.dtypes[0] if src is not None and src.dtypes else "?"
+
+
+def _sources(graph: _Graph, node: _Node) -> list[_Node]:
+    """The nodes feeding `node`: a fusion's root, a fused parameter's fusion operand."""
+    callee = graph.callees.get((node.computation, node.name))
+    if callee in graph.roots:
+        return [graph.roots[callee]]
+    if node.param_index is not None:
+        return [graph.get(f.computation, f.operands[node.param_index])
+                for f in graph.callers.get(node.computation, ())
+                if node.param_index < len(f.operands)]
+    return [graph.get(node.computation, name) for name in node.operands]
+
+
+def _reaches_f8(graph: _Graph, start: _Node | None) -> bool:
+    """Whether an FP8 value lies upstream of `start` (not crossing other GEMMs)."""
+    stack, seen = [start], set()
+    while stack and len(seen) < _MAX_VISITS:
+        node = stack.pop()
+        if node is None or (node.computation, node.name) in seen:
+            continue
+        seen.add((node.computation, node.name))
+        if any(_is_f8(d) for d in node.dtypes):
+            return True
+        if node is not start and _gemm_kind(node):
+            continue
+        stack.extend(_sources(graph, node))
+    return False
+
+
+def _classify(graph: _Graph, node: _Node) -> str:
+    dtypes = [_operand_dtype(graph, node, i) for i in (0, 1)]
+    if all(_is_f8(d) for d in dtypes):
+        return "fp8"
+    for i in (0, 1):
+        if i < len(node.operands) and (
+            _is_f8(dtypes[i]) or _reaches_f8(graph, graph.get(node.computation, node.operands[i]))
+        ):
+            return "upcast"
+    return "high_precision"
+
+
+def _text_of(obj: Any) -> str:
+    if isinstance(obj, str):
+        return obj
+    as_text = getattr(obj, "as_text", None)
+    if as_text is None:
+        raise TypeError(
+            f"fp8_report takes HLO/StableHLO text or an object with .as_text() (jax Lowered or "
+            f"Compiled); got {type(obj).__name__}"
+        )
+    text = as_text()
+    if not isinstance(text, str):
+        raise TypeError(f"{type(obj).__name__}.as_text() returned {type(text).__name__}, not text")
+    return text
+
+
+def fp8_report(compiled_or_lowered_or_text: Any) -> Fp8Report:
+    """Lists every GEMM in a computation with its operand dtypes and precision class.
+
+    Args:
+      compiled_or_lowered_or_text: `jax.jit(f).lower(...).compile()`, `.lower(...)`, or
+        their `.as_text()` (HLO or StableHLO).
+
+    Returns:
+      An `Fp8Report` (print it for a table; `.counts`, `.fp8_fraction`).
+
+    Raises:
+      TypeError: for an object that is neither text nor has `.as_text()`.
+    """
+    text = _text_of(compiled_or_lowered_or_text)
+    graph = _parse_mlir(text) if "func.func" in text else _parse_hlo(text)
+    gemms = []
+    for node in graph.order:
+        kind = _gemm_kind(node)
+        if kind is None:
+            continue
+        op_name = re.search(r'op_name="([^"]*)"', node.attrs)
+        gemms.append(Gemm(
+            name=node.name, kind=kind,
+            lhs_dtype=_operand_dtype(graph, node, 0), rhs_dtype=_operand_dtype(graph, node, 1),
+            out_dtype=node.dtypes[0] if node.dtypes else "?",
+            classification=_classify(graph, node), computation=node.computation,
+            op_name=op_name.group(1) if op_name else "",
+        ))
+    return Fp8Report(tuple(gemms))
+
+
+def assert_fp8(compiled_or_lowered_or_text: Any, min_fraction: float = 1.0) -> Fp8Report:
+    """Raises unless at least `min_fraction` of the GEMMs run in FP8.
+
+    Args:
+      compiled_or_lowered_or_text: as `fp8_report`.
+      min_fraction: required share of "fp8" GEMMs, in [0, 1].
+
+    Returns:
+      The report, when the check passes.
+
+    Raises:
+      ValueError: for min_fraction outside [0, 1].
+      Fp8FallbackError: naming each GEMM that fell back (and its class), or saying that
+        no GEMM was found.
+    """
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be in [0, 1]; got {min_fraction}")
+    report = fp8_report(compiled_or_lowered_or_text)
+    if not report.gemms and min_fraction > 0:
+        raise Fp8FallbackError("no dot, convolution or GEMM custom call found in the computation")
+    if report.fp8_fraction < min_fraction:
+        names = ", ".join(f"{g.name} ({g.classification}: {g.lhs_dtype} x {g.rhs_dtype}"
+                          f"{', ' + g.op_name if g.op_name else ''})" for g in report.fallbacks())
+        raise Fp8FallbackError(
+            f"only {report.counts['fp8']} of {len(report.gemms)} GEMMs run in FP8 "
+            f"(fraction {report.fp8_fraction:.2f} < {min_fraction}); fell back: {names}"
+        )
+    return report
+
+
+__all__ = ["CLASSES", "Fp8FallbackError", "Fp8Report", "Gemm", "assert_fp8", "fp8_report"]

@@ -1,0 +1,402 @@
+"""Tests for mpx.dot: quantized dot_general / einsum, forward and gradients, scale state.
+
+Error bounds come from the formats. Rounding x to a format with half-ulp u gives a
+relative error delta with |delta| <= u and, for values spread over a binade, RMS at most
+u / sqrt(3). A dot of two rounded operands then has a relative (Frobenius) error of
+about sqrt((u_a^2 + u_b^2) / 3). Tests allow twice that (sampling spread, the few
+subnormals) and, where scales are folded into bf16, add bf16's half-ulp to each u.
+They also require at least a quarter of it, so a path that silently skipped
+quantization would fail.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mpx
+import mpx.dot as mdot
+from mpx import formats, metrics, recipes
+
+E4M3, E5M2, BF16 = formats.get("e4m3"), formats.get("e5m2"), formats.get("bf16")
+F32_EPS = float(jnp.finfo(jnp.float32).eps)
+
+MK_KN = (((1,), (0,)), ((), ()))       # x (M, K) @ W (K, N)
+MK_NK = (((1,), (1,)), ((), ()))       # W stored (N, K): contract rhs dim 1
+BATCHED = (((2,), (1,)), ((0,), (0,)))  # (B, M, K) x (B, K, N)
+BTK_KN = (((2,), (0,)), ((), ()))      # 3-D activations (B, T, K) x (K, N)
+
+LAYOUTS = {  # "ragged_k200" is the plain x @ W layout
+    "mk_nk": ((192, 256), (96, 256), MK_NK),
+    "batched": ((2, 136, 256), (2, 256, 48), BATCHED),
+    "btk_kn": ((2, 96, 256), (256, 64), BTK_KN),
+    "ragged_k200": ((150, 200), (200, 72), MK_KN),
+}
+
+
+# Jitted entry points: eager tests would spend their time compiling one op at a time.
+_STATIC = ("recipe", "preferred_element_type", "rhs_kind", "impl")
+jit_dot = jax.jit(mdot.dot_general, static_argnums=(2,), static_argnames=_STATIC)
+jit_einsum = jax.jit(mdot.einsum, static_argnums=(0,), static_argnames=_STATIC)
+jit_operands = jax.jit(mdot.quantized_operands, static_argnums=(2,), static_argnames=("recipe", "rhs_kind"))
+
+
+def _normal(key, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def _rms_rel(*fmts, fold=False):
+    """Expected relative error of a dot whose operands were rounded to `fmts`."""
+    us = [f.half_ulp + (BF16.half_ulp if fold else 0.0) for f in fmts]
+    return math.sqrt(sum(u * u for u in us) / 3.0)
+
+
+def _recipe_and_state(name):
+    if name == "delayed":
+        r = recipes.DelayedScaling(history=4)
+        return r, mdot.init_state(r)
+    if name == "static":
+        r = recipes.StaticScaling()
+        return r, mdot.init_state(r)
+    return {"current": recipes.CurrentScaling(), "deepseek": recipes.DeepSeekV3(),
+            "deepseek_pow2": recipes.DeepSeekV3(pow2_scale=True)}[name], None
+
+
+def _value_and_grads(fn, lhs, rhs, ct):
+    """(out, d_lhs, d_rhs) of sum(fn(lhs, rhs) * ct), in one jitted call."""
+
+    @jax.jit
+    def run(lhs, rhs, ct):
+        out, vjp = jax.vjp(fn, lhs, rhs)
+        return (out, *vjp(ct.astype(out.dtype)))
+
+    return run(lhs, rhs, ct)
+
+
+def _reference(lhs, rhs, dn):
+    return lambda a, b: jax.lax.dot_general(a, b, dn, precision=jax.lax.Precision.HIGHEST)
+
+
+def _quantized(dn, recipe, state=None, **kw):
+    def fn(a, b):
+        out = mdot.dot_general(a, b, dn, recipe=recipe, state=state, **kw)
+        return out if state is None else out[0]
+
+    return fn
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_plan_per_tensor_recipes_use_e4m3_forward_and_e5m2_gradients():
+    for r in (recipes.CurrentScaling(), recipes.DelayedScaling(), recipes.StaticScaling()):
+        p = mdot.plan(r)
+        for spec in (p.fprop_lhs, p.fprop_rhs, p.dgrad_rhs, p.wgrad_lhs):
+            assert (spec.fmt, spec.granularity) == ("e4m3", mpx.PerTensor())
+        for spec in (p.dgrad_dy, p.wgrad_dy):
+            assert (spec.fmt, spec.granularity) == ("e5m2", mpx.PerTensor())
+
+
+def test_plan_deepseek_groups_along_each_contraction_and_never_128x128_on_activations():
+    weight, act = mdot.plan(recipes.DeepSeekV3(), "weight"), mdot.plan(recipes.DeepSeekV3(), "activation")
+    assert weight.fprop_lhs.granularity == mpx.Blocks((1, 128))       # (M, K): per token
+    assert weight.fprop_rhs.granularity == mpx.Blocks((128, 128))     # (K, N) weight blocks
+    assert weight.dgrad_rhs == weight.fprop_rhs                       # reused in dgrad
+    assert weight.dgrad_dy.granularity == mpx.Blocks((1, 128))        # (M, N): per token
+    assert weight.wgrad_lhs.granularity == mpx.Blocks((128, 1))       # 128 tokens x 1
+    assert weight.wgrad_dy.granularity == mpx.Blocks((128, 1))
+    assert act.fprop_rhs.granularity == mpx.Blocks((128, 1))          # along K of (K, N)
+    assert act.dgrad_rhs.granularity == mpx.Blocks((1, 128))          # along N of (K, N)
+    for p in (weight, act):
+        for spec in (p.fprop_lhs, p.dgrad_dy, p.wgrad_lhs, p.wgrad_dy):
+            assert spec.granularity != mpx.Blocks((128, 128))
+            assert spec.fmt == "e4m3"
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+# Per-tensor scaling does not depend on the layout (test_other_recipes covers "mk_nk").
+@pytest.mark.parametrize("recipe_name,layout", [("deepseek", name) for name in sorted(LAYOUTS)]
+                         + [("current", "batched")])
+def test_forward_and_gradients_match_float32_within_format_bounds(recipe_name, layout):
+    lhs_shape, rhs_shape, dn = LAYOUTS[layout]
+    recipe, state = _recipe_and_state(recipe_name)
+    lhs, rhs = _normal(1, lhs_shape), _normal(2, rhs_shape, 0.05)
+    ct = _normal(3, jax.eval_shape(_reference(lhs, rhs, dn), lhs, rhs).shape, 1e-3)
+    ref = _value_and_grads(_reference(lhs, rhs, dn), lhs, rhs, ct)
+    got = _value_and_grads(_quantized(dn, recipe, state), lhs, rhs, ct)
+    fold = recipe_name == "deepseek"  # non-pow2 block scales folded into bf16
+    bwd = recipe.bwd_format
+    expect = (_rms_rel(E4M3, E4M3, fold=fold), _rms_rel(formats.get(bwd), E4M3, fold=fold),
+              _rms_rel(E4M3, formats.get(bwd), fold=fold))
+    for what, g, r, e in zip(("out", "d_lhs", "d_rhs"), got, ref, expect):
+        assert g.shape == r.shape and g.dtype == r.dtype, what
+        err = float(metrics.relative_error(g, r))
+        assert 0.25 * e <= err <= 2.0 * e, (what, err, e)
+
+
+@pytest.mark.parametrize("recipe_name", ["delayed", "static"])
+def test_other_recipes_match_float32(recipe_name):
+    lhs_shape, rhs_shape, dn = LAYOUTS["mk_nk"]
+    recipe, state = _recipe_and_state(recipe_name)
+    lhs, rhs = _normal(4, lhs_shape), _normal(5, rhs_shape)
+    ct = _normal(6, (lhs_shape[0], rhs_shape[0]))
+    ref = _value_and_grads(_reference(lhs, rhs, dn), lhs, rhs, ct)
+    got = _value_and_grads(_quantized(dn, recipe, state), lhs, rhs, ct)
+    bwd = formats.get(recipe.bwd_format)
+    # Fresh delayed/static state falls back to current scaling: same bounds.
+    for g, r, e in zip(got, ref, (_rms_rel(E4M3, E4M3), _rms_rel(bwd, E4M3), _rms_rel(E4M3, bwd))):
+        assert 0.25 * e <= float(metrics.relative_error(g, r)) <= 2.0 * e
+
+
+@pytest.mark.parametrize("recipe", [recipes.CurrentScaling(), recipes.DeepSeekV3()], ids=["current", "deepseek"])
+def test_implementations_agree_with_the_dequantized_reference(recipe):
+    lhs_shape, rhs_shape, dn = LAYOUTS["ragged_k200"]
+    lhs, rhs = _normal(7, lhs_shape), _normal(8, rhs_shape)
+    ct = _normal(9, (lhs_shape[0], rhs_shape[1]))
+    ref = _value_and_grads(_quantized(dn, recipe, impl="dequant_f32"), lhs, rhs, ct)
+    k = lhs_shape[1]
+    # Per-tensor: the same exact products, summed in another order (<= K eps relative).
+    # Blocks: each folded operand carries at most one extra bf16 rounding.
+    bound = 2.0 * _rms_rel(BF16, BF16) if isinstance(recipe, recipes.DeepSeekV3) else k * F32_EPS
+    assert mdot.resolve_impl("auto") == ("fp8" if jax.default_backend() == "gpu" else "upcast_bf16")
+    for impl in ("upcast_bf16", "fp8"):
+        got = _value_and_grads(_quantized(dn, recipe, impl=impl), lhs, rhs, ct)
+        for g, r in zip(got, ref):
+            assert float(metrics.relative_error(g, r)) <= bound, impl
+
+
+# Under DeepSeekV3, "fp8" runs the "upcast_bf16" computation (no block-scaled XLA GEMM);
+# "dequant_f32" is compared with both in test_implementations_agree_....
+@pytest.mark.parametrize("recipe,impl", [
+    (recipes.CurrentScaling(pow2_scale=True), "upcast_bf16"), (recipes.CurrentScaling(pow2_scale=True), "fp8"),
+    (recipes.DeepSeekV3(pow2_scale=True), "upcast_bf16")], ids=lambda v: getattr(v, "name", v))
+def test_representable_inputs_with_pow2_scales_are_exact(recipe, impl):
+    # Integers |v| <= 16 are E4M3 values, |v| <= 8 are E5M2 values; with power-of-two
+    # scales quantization loses nothing and all partial sums are exact in float32.
+    lhs = jax.random.randint(jax.random.key(10), (136, 200), -16, 17).astype(jnp.float32)
+    rhs = jax.random.randint(jax.random.key(11), (200, 40), -16, 17).astype(jnp.float32)
+    ct = jax.random.randint(jax.random.key(12), (136, 40), -8, 9).astype(jnp.float32)
+    got = _value_and_grads(_quantized(MK_KN, recipe, impl=impl), lhs, rhs, ct)
+    ref = _value_and_grads(_reference(lhs, rhs, MK_KN), lhs, rhs, ct)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+
+
+def test_dgrad_output_gradient_is_tiled_per_token():
+    """One token with a huge gradient must not wreck the other tokens' input gradients."""
+    m, k, n, outlier = 128, 64, 256, 5
+    x, w = _normal(13, (m, k)), _normal(14, (k, n))
+    dy = _normal(15, (m, n)).at[outlier].multiply(2.0**20)
+    ref = dy @ w.T
+    _, d_x, _ = _value_and_grads(_quantized(MK_KN, recipes.DeepSeekV3()), x, w, dy)
+    others = jnp.arange(m) != outlier
+    bound = 2.0 * _rms_rel(E4M3, E4M3, fold=True)
+    assert float(metrics.relative_error(d_x[others], ref[others])) <= bound
+    # The same dY in one 128x128 block: the other tokens fall below E4M3's smallest
+    # subnormal relative to the outlier's scale, and more than half their signal is lost.
+    blocked = jax.jit(lambda v: mpx.dequantize(mpx.quantize(v, "e4m3", mpx.Blocks((128, 128)))))
+    assert float(metrics.relative_error((blocked(dy) @ blocked(w.T))[others], ref[others])) > 0.5
+
+
+def test_jit_matches_eager():
+    lhs, rhs = _normal(16, (2, 40, 200)), _normal(17, (200, 24))
+    # Eager runs compile every op on their own (~50 compiles per quantized forward,
+    # ~100 with the backward), so the eager check is one forward; the layout and
+    # quantization code is shared by all recipes and gradients run under jit above.
+    fn = _quantized(BTK_KN, recipes.CurrentScaling())
+    # Eager and jitted runs may sum in another order: <= K eps relative.
+    assert float(metrics.relative_error(fn(lhs, rhs), jax.jit(fn)(lhs, rhs))) <= 200 * F32_EPS
+
+
+def test_dtypes_follow_inputs_and_preferred_element_type():
+    x, w = _normal(18, (32, 64)).astype(jnp.bfloat16), _normal(19, (64, 16)).astype(jnp.bfloat16)
+    r = recipes.DeepSeekV3()
+    shape = lambda a, b, **kw: jax.eval_shape(  # noqa: E731
+        lambda a, b: mdot.dot_general(a, b, MK_KN, recipe=r, **kw), a, b)
+    assert shape(x, w).dtype == jnp.bfloat16
+    assert shape(x, w, preferred_element_type=jnp.float32).dtype == jnp.float32
+    assert shape(x, w.astype(jnp.float32)).dtype == jnp.float32
+    g = jax.eval_shape(jax.grad(lambda a, b: jnp.sum(mdot.dot_general(a, b, MK_KN, recipe=r)),
+                                argnums=(0, 1)), x, w)
+    assert [v.dtype for v in g] == [jnp.bfloat16, jnp.bfloat16]
+
+
+def test_no_recipe_is_a_plain_dot_general():
+    x, w = _normal(20, (8, 16)), _normal(21, (16, 4))
+    want = jax.jit(jax.lax.dot_general, static_argnums=2)(x, w, MK_KN)
+    np.testing.assert_array_equal(np.asarray(jit_dot(x, w, MK_KN)), np.asarray(want))
+    y = jit_dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), MK_KN, preferred_element_type=jnp.float32)
+    assert y.dtype == jnp.float32
+
+
+# --------------------------------------------------------------------------- fast path = core
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2", "e4m3fnuz", "e5m2fnuz"])
+def test_fast_rounding_equals_core_cast(name):
+    fmt = formats.get(name)
+    grid = jnp.asarray(formats.representable_values(fmt), jnp.float32)
+    mids = (grid[1:] + grid[:-1]) / 2  # ties: round-to-nearest-even decides
+    special = jnp.array([np.nan, np.inf, -np.inf, 0.0, 1e30, -1e30, 1e-30], jnp.float32)
+    v = jnp.concatenate([grid, mids, -mids, _normal(22, (2000,), fmt.max / 4), special])
+    want = formats.cast(v, fmt).astype(jnp.float32)
+    got = jax.jit(lambda v: mdot._round_to_format(v, fmt))(v)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("spec_name", ["fprop_lhs", "fprop_rhs", "wgrad_lhs"])
+def test_fused_fold_equals_core_quantize_then_dequantize(spec_name):
+    x = _normal(23, (150, 200), 3.0)
+    for recipe in (recipes.DeepSeekV3(), recipes.CurrentScaling()):
+        spec = getattr(mdot.plan(recipe), spec_name)
+        values, scalar = jax.jit(lambda x: mdot._fold(x, spec, None))(x)
+        q = mdot._quantize(x, spec)
+        if scalar is None:
+            want = mpx.dequantize(q).astype(jnp.bfloat16)
+        else:
+            want = q.data.astype(jnp.bfloat16)
+            assert float(scalar) == float(q.scale.reshape(()))
+        np.testing.assert_array_equal(np.asarray(values), np.asarray(want))
+
+
+# --------------------------------------------------------------------------- state
+
+
+def test_delayed_scaling_quantizes_with_the_old_history_and_records_the_new_amax():
+    r = recipes.DelayedScaling(history=4)
+    x, w = _normal(24, (32, 64)), _normal(25, (64, 16))
+    old = mdot.DotState(lhs=recipes.update_history(r.init_state(), 10.0),
+                        rhs=recipes.update_history(r.init_state(), 20.0))
+    q_lhs, q_rhs = jit_operands(x, w, MK_KN, recipe=r, state=old)
+    assert float(q_lhs.scale.reshape(())) == float(mpx.compute_scale(jnp.float32(10.0), "e4m3"))
+    assert float(q_rhs.scale.reshape(())) == float(mpx.compute_scale(jnp.float32(20.0), "e4m3"))
+    _, new = jit_dot(x, w, MK_KN, recipe=r, state=old)
+    assert float(new.lhs.history[0]) == float(jnp.max(jnp.abs(x)))
+    assert float(new.rhs.history[1]) == 20.0
+
+
+def test_delayed_scaling_first_call_falls_back_to_the_current_amax():
+    r = recipes.DelayedScaling(history=4)
+    x, w = _normal(26, (32, 64)), _normal(27, (64, 16))
+    q_lhs, _ = jit_operands(x, w, MK_KN, recipe=r, state=mdot.init_state(r))
+    want = mpx.compute_scale(jnp.max(jnp.abs(x)), "e4m3")
+    assert float(q_lhs.scale.reshape(())) == float(want)
+
+
+def test_microbatch_states_merge_to_the_max_observation():
+    r = recipes.DelayedScaling(history=4)
+    state = mdot.init_state(r)
+    step = jax.jit(lambda x, w, s: jit_dot(x, w, MK_KN, recipe=r, state=s)[1])
+    w = _normal(28, (64, 16))
+    small, large = _normal(29, (32, 64)), _normal(30, (32, 64), 7.0)
+    merged = recipes.merge_amax_trees(step(small, w, state), step(large, w, state))
+    assert float(merged.lhs.history[0]) == float(jnp.max(jnp.abs(large)))
+    assert float(merged.rhs.history[0]) == float(jnp.max(jnp.abs(w)))
+
+
+def test_static_scaling_returns_the_state_unchanged():
+    r = recipes.StaticScaling()
+    calibrated = mdot.DotState(lhs=recipes.update_history(r.init_state(), 3.0),
+                               rhs=recipes.update_history(r.init_state(), 0.5))
+    x, w = _normal(31, (16, 32)), _normal(32, (32, 8))
+    _, new = jit_dot(x, w, MK_KN, recipe=r, state=calibrated)
+    assert float(new.lhs.history[0]) == 3.0 and float(new.rhs.history[0]) == 0.5
+    q_lhs, _ = jit_operands(x, w, MK_KN, recipe=r, state=calibrated)
+    assert float(q_lhs.scale.reshape(())) == float(mpx.compute_scale(jnp.float32(3.0), "e4m3"))
+
+
+def test_state_gets_no_gradient():
+    r = recipes.DelayedScaling(history=4)
+    x, w = _normal(33, (16, 32)), _normal(34, (32, 8))
+    state = mdot.DotState(lhs=recipes.update_history(r.init_state(), 2.0),
+                          rhs=recipes.update_history(r.init_state(), 2.0))
+
+    def loss(s):
+        out, new = jit_dot(x, w, MK_KN, recipe=r, state=s)
+        return jnp.sum(out) + jnp.sum(new.lhs.history)
+
+    g = jax.grad(loss)(state)
+    assert all(float(jnp.max(jnp.abs(leaf))) == 0.0 for leaf in jax.tree_util.tree_leaves(g))
+
+
+def test_state_errors():
+    x, w = _normal(35, (8, 16)), _normal(36, (16, 4))
+    with pytest.raises(ValueError, match="init_state"):
+        mdot.dot_general(x, w, MK_KN, recipe=recipes.DelayedScaling())
+    with pytest.raises(ValueError, match="keeps no scale state"):
+        mdot.dot_general(x, w, MK_KN, recipe=recipes.CurrentScaling(),
+                         state=mdot.init_state(recipes.DelayedScaling()))
+    with pytest.raises(ValueError, match="keeps no scale state"):
+        mdot.init_state(recipes.DeepSeekV3())
+    with pytest.raises(ValueError, match="history has shape"):
+        mdot.dot_general(x, w, MK_KN, recipe=recipes.DelayedScaling(history=8),
+                         state=mdot.init_state(recipes.DelayedScaling(history=4)))
+
+
+def test_argument_errors_name_the_bad_value():
+    x, w = _normal(37, (8, 16)), _normal(38, (16, 4))
+    with pytest.raises(ValueError, match="impl"):
+        mdot.dot_general(x, w, MK_KN, recipe="current", impl="tensorcore")
+    with pytest.raises(ValueError, match="rhs_kind"):
+        mdot.dot_general(x, w, MK_KN, recipe="current", rhs_kind="bias")
+    with pytest.raises(ValueError, match="do not pair up"):
+        mdot.dot_general(x, w, (((0,), (0,)), ((), ())), recipe="current")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        mdot.dot_general(x, w, MK_KN, recipe="fp7")
+
+
+# --------------------------------------------------------------------------- einsum
+
+
+@pytest.mark.parametrize("subscripts,lhs_shape,rhs_shape", [
+    ("mk,nk->nm", (24, 64), (16, 64)),
+    ("bhtd,bhsd->bhts", (2, 2, 16, 32), (2, 2, 24, 32)),
+    ("mkj,kn->mn", (24, 64, 3), (64, 16)),
+])
+def test_einsum_matches_jnp_einsum(subscripts, lhs_shape, rhs_shape):
+    lhs, rhs = _normal(39, lhs_shape), _normal(40, rhs_shape)
+
+    @jax.jit
+    def run(lhs, rhs):
+        want = jnp.einsum(subscripts, lhs, rhs, precision=jax.lax.Precision.HIGHEST)
+        plain = mdot.einsum(subscripts, lhs, rhs)
+        got = mdot.einsum(subscripts, lhs, rhs, recipe=recipes.DeepSeekV3(), rhs_kind="activation")
+        return want, plain, got
+
+    want, plain, got = run(lhs, rhs)
+    assert plain.shape == want.shape == got.shape
+    assert float(metrics.relative_error(plain, want)) <= 100 * F32_EPS
+    assert float(metrics.relative_error(got, want)) <= 2.0 * _rms_rel(E4M3, E4M3, fold=True)
+
+
+def test_einsum_implicit_output_is_sorted_single_letters():
+    assert mdot._parse_einsum("mk,kn") == ("mk", "kn", "mn")
+    assert mdot._parse_einsum("bk, nk") == ("bk", "nk", "bn")
+
+
+def test_einsum_returns_state_for_stateful_recipes():
+    r = recipes.DelayedScaling(history=2)
+    out, new = jit_einsum("mk,kn->mn", _normal(41, (8, 32)), _normal(42, (32, 4)), recipe=r,
+                           state=mdot.init_state(r))
+    assert out.shape == (8, 4) and isinstance(new, mdot.DotState)
+
+
+def test_einsum_rejects_what_it_cannot_map():
+    x = _normal(43, (4, 4))
+    for bad in ("ij,jk,kl->il", "...j,jk->...k", "ii,ij->j", "ij,jk->iz"):
+        with pytest.raises(ValueError):
+            mdot.einsum(bad, x, x)
+    with pytest.raises(ValueError, match="letters"):
+        mdot.einsum("ijk,kl->il", x, x)
+
+
+def test_plan_is_hashable_and_frozen():
+    p = mdot.plan(recipes.DeepSeekV3())
+    assert hash(p) == hash(mdot.plan(recipes.DeepSeekV3()))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.fprop_lhs = p.fprop_rhs
