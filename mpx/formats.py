@@ -15,7 +15,11 @@ and `e3m2`, or any `simulated(e, m)`) are rounded in float32 with the same seman
   to +-max in formats that have none (e4m3, the fnuz formats, e2m1, simulated).
 
 `e8m0` is a scale format (unsigned powers of two, no zero): `cast` clips to
-[2^-127, 2^127] so zero and negative inputs become 2^-127 rather than NaN.
+[2^-127, 2^127] so zero and negative inputs become 2^-127 rather than NaN (it rounds
+halfway cases up, like XLA and ml_dtypes).
+
+`e2m1` has no NaN code: a NaN cast to it becomes -0 (as in XLA and ml_dtypes). Scaled
+arrays still surface it, because a NaN in a block makes that block's scale NaN.
 
 Example:
     >>> import jax.numpy as jnp, mpx
@@ -26,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -79,8 +84,8 @@ class Format:
 
     @property
     def bytes_per_element(self) -> float:
-        """Storage cost: native bits / 8; simulated formats are stored as f32 (4)."""
-        return 4.0 if self.dtype is None else jnp.dtype(self.dtype).itemsize
+        """Storage cost: native bits / 8 (0.5 for e2m1); simulated formats are stored as f32 (4)."""
+        return 4.0 if self.dtype is None else self.bits / 8
 
     @property
     def half_ulp(self) -> float:
@@ -127,12 +132,18 @@ def simulated(exponent_bits: int, mantissa_bits: int, *, name: str | None = None
       A `Format` with dtype None and subnormals.
 
     Raises:
-      ValueError: if the widths are outside what float32 can simulate exactly.
+      ValueError: if the widths are outside what float32 can simulate exactly
+        (8 exponent bits need ieee=True: an all-finite top binade exceeds float32's).
     """
     if not 2 <= exponent_bits <= 8 or not 0 <= mantissa_bits <= 10:
         raise ValueError(
             f"simulated formats need 2 <= exponent_bits <= 8 and 0 <= mantissa_bits <= 10 "
             f"(float32 must hold them exactly); got e{exponent_bits}m{mantissa_bits}"
+        )
+    if exponent_bits == 8 and not ieee:
+        raise ValueError(
+            f"simulated e8m{mantissa_bits} with ieee=False would reach 2**128, beyond float32; "
+            f"use ieee=True (top exponent code reserved, like bf16) or fewer exponent bits"
         )
     bias = 2 ** (exponent_bits - 1) - 1
     top = 2**exponent_bits - 1 - (1 if ieee else 0)
@@ -233,15 +244,32 @@ def cast(x: jax.Array, fmt: str | Format) -> jax.Array:
     """
     fmt = get(fmt)
     x = jnp.asarray(x)
+    if x.dtype == fmt.dtype:
+        return x
+    return _cast(x, fmt)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one compiled kernel, also when called eagerly
+def _cast(x: jax.Array, fmt: Format) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
     if fmt.name == "e8m0":
-        return jnp.clip(x.astype(jnp.float32), fmt.min_normal, fmt.max).astype(fmt.dtype)
+        return _cast_e8m0(x.astype(jnp.float32), fmt)
     if fmt.simulated:
         return _round_simulated(x.astype(jnp.float32), fmt)
-    if x.dtype == fmt.dtype:
-        return x
     return saturate(x, fmt).astype(fmt.dtype)
+
+
+def _cast_e8m0(x: jax.Array, fmt: Format) -> jax.Array:
+    """Casts float32 to e8m0, with 2**-127 for zero, negative and tiny inputs.
+
+    2**-127 is a float32 subnormal, which XLA on CPU flushes to zero (and e8m0 has no
+    zero: it would read as NaN), so the smallest code is built from its bits instead.
+    """
+    tiny = jnp.finfo(jnp.float32).tiny  # 2**-126, the smallest normal float32
+    rounded = jnp.clip(x, tiny, fmt.max).astype(fmt.dtype)
+    smallest = jax.lax.bitcast_convert_type(jnp.zeros(x.shape, jnp.uint8), fmt.dtype)
+    return jnp.where(x < tiny, smallest, rounded)  # NaN compares False: stays NaN
 
 
 def saturate(x: jax.Array, fmt: str | Format) -> jax.Array:
@@ -259,38 +287,71 @@ def saturate(x: jax.Array, fmt: str | Format) -> jax.Array:
 
 
 def _round_simulated(x: jax.Array, fmt: Format) -> jax.Array:
-    """Rounds float32 `x` to `fmt`'s grid (RNE, subnormals, saturation) in float32."""
-    bias = 2 ** (fmt.exponent_bits - 1) - 1
-    emin = 1 - bias
-    _, exp = jnp.frexp(x)  # x = frac * 2**exp with frac in [0.5, 1)
-    e = jnp.maximum(exp - 1, emin)  # binade of x, clamped into the subnormal range
-    shift = e - fmt.mantissa_bits  # log2 of the grid spacing in that binade
-    # Scaling by a power of two is exact, so one RNE rounding happens (jnp.round).
-    rounded = jnp.ldexp(jnp.round(jnp.ldexp(x, -shift)), shift)
-    out = jnp.clip(rounded, -fmt.max, fmt.max)
+    """Rounds float32 `x` to `fmt`'s grid (RNE, subnormals, saturation), held in float32.
+
+    Works on the float32 bit pattern with integer arithmetic only: no float operation
+    touches the value, so the result is exact on every backend, including XLA on CPU
+    (which flushes float32 subnormals in arithmetic) and backends whose exp2/log2 are
+    approximate.
+    """
+    m = fmt.mantissa_bits
+    emin = 2 - 2 ** (fmt.exponent_bits - 1)  # exponent of the smallest normal
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    sign = bits & jnp.uint32(0x80000000)
+    mag = bits & jnp.uint32(0x7FFFFFFF)
+    exp_field = (mag >> 23).astype(jnp.int32)
+    binade = jnp.maximum(exp_field, 1) - 127  # float32 subnormals sit in binade -126
+    # Normal range of fmt: keep m mantissa bits; a carry moves into the exponent field.
+    drop = jnp.uint32(23 - m)
+    normal = _shift_right_rne(mag, drop) << drop
+    # Subnormal range of fmt: count multiples of its smallest subnormal.
+    significand = (mag & jnp.uint32(0x7FFFFF)) | jnp.where(exp_field > 0, jnp.uint32(0x800000), jnp.uint32(0))
+    shift = jnp.clip(23 - m + emin - binade, 1, 31).astype(jnp.uint32)
+    count = _shift_right_rne(significand, shift)  # at most 2**m (= the smallest normal)
+    if emin - m >= -126:  # the smallest subnormal is a float32 normal: exact product
+        scaled = count.astype(jnp.float32) * np.float32(fmt.min_subnormal)
+        subnormal = jax.lax.bitcast_convert_type(scaled, jnp.uint32)
+    else:  # emin == -126: fmt's subnormals are float32 subnormals, built bit by bit
+        subnormal = count << jnp.uint32(23 - m)
+    out = jnp.where(binade >= emin, normal, subnormal)
+    # Non-negative float32 bit patterns order like their values: saturate with min.
+    out = jnp.minimum(out, jnp.uint32(np.float32(fmt.max).view(np.uint32)))
+    inf_bits = jnp.uint32(0x7F800000)
     if fmt.has_inf:
-        out = jnp.where(jnp.isinf(x), x, out)
-    return jnp.where(jnp.isnan(x), x, out)
+        out = jnp.where(mag == inf_bits, inf_bits, out)
+    out = jnp.where(mag > inf_bits, mag, out)  # NaN stays NaN
+    return jax.lax.bitcast_convert_type(sign | out, jnp.float32)
+
+
+def _shift_right_rne(v: jax.Array, shift: jax.Array) -> jax.Array:
+    """round(v / 2**shift), ties to even, for uint32 v < 2**31 and 1 <= shift <= 31."""
+    one = jnp.uint32(1)
+    below_half = (one << (shift - one)) - one
+    odd = (v >> shift) & one
+    return (v + below_half + odd) >> shift
 
 
 def representable_values(fmt: str | Format) -> np.ndarray:
-    """All finite non-negative values of `fmt`, sorted (for tests and tables)."""
+    """All finite non-negative values of `fmt`, sorted (for tests and tables).
+
+    Built from the format's bits and limits (`min_normal`, `mantissa_bits`, `max`), not
+    from its dtype, so it serves as an independent reference for the fnuz formats
+    (bias 2**(e-1)) and e8m0 (no zero, no subnormals) too.
+
+    Raises:
+      ValueError: for formats with more than 2**16 values (fp32), naming the format.
+    """
     fmt = get(fmt)
-    bias = 2 ** (fmt.exponent_bits - 1) - 1
     m = fmt.mantissa_bits
+    emin = ulp_exponent(fmt.min_normal)
+    emax = ulp_exponent(fmt.max)
+    if (emax - emin + 1) * 2**m > 2**16:
+        raise ValueError(f"format {fmt.name} has too many values to enumerate (mantissa_bits={m})")
     values = {0.0} if fmt.signed else set()
-    spacing = fmt.min_subnormal
-    for k in range(1, 2**m):
-        values.add(k * spacing)
-    e = 1 - bias
-    while 2.0**e <= fmt.max:
-        for k in range(2**m):
-            v = 2.0**e * (1 + k * 2.0**-m)
-            if v <= fmt.max:
-                values.add(v)
-        e += 1
-    if not fmt.signed:
-        values = {v for v in values if v >= fmt.min_normal}
+    if fmt.min_subnormal < fmt.min_normal:
+        values.update(k * fmt.min_subnormal for k in range(1, 2**m))
+    for e in range(emin, emax + 1):
+        values.update(v for k in range(2**m) if (v := 2.0**e * (1 + k * 2.0**-m)) <= fmt.max)
     return np.array(sorted(values), dtype=np.float64)
 
 

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,17 @@ AMAX_ALGOS = ("max", "most_recent")
 
 
 def _check_format(name: str, value: str) -> None:
-    formats_lib.get(value)  # raises ValueError naming the known formats
+    """Raises ValueError naming the field, the bad value and the known formats."""
+    try:
+        formats_lib.get(value)
+    except ValueError as err:
+        raise ValueError(f"{name}={value!r} is not a format: {err}") from None
+
+
+def _check_length(name: str, value) -> None:
+    """Raises ValueError unless value is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +98,7 @@ class DelayedScaling:
     pow2_scale: bool = False
 
     def __post_init__(self):
-        if self.history < 1:
-            raise ValueError(f"DelayedScaling.history must be >= 1; got {self.history}")
+        _check_length("DelayedScaling.history", self.history)
         if self.amax_algo not in AMAX_ALGOS:
             raise ValueError(f"DelayedScaling.amax_algo must be one of {AMAX_ALGOS}; got {self.amax_algo!r}")
         _check_format("fwd_format", self.fwd_format)
@@ -153,8 +163,7 @@ class DeepSeekV3:
     pow2_scale: bool = False
 
     def __post_init__(self):
-        if self.block < 1:
-            raise ValueError(f"DeepSeekV3.block must be >= 1; got {self.block}")
+        _check_length("DeepSeekV3.block", self.block)
         _check_format("fmt", self.fmt)
         _check_format("grad_format", self.grad_format)
 
@@ -211,14 +220,32 @@ class AmaxHistory:
 
 
 def init_history(length: int) -> AmaxHistory:
-    """A fresh, all-zero history of `length` observations."""
+    """A fresh, all-zero history of `length` observations.
+
+    Raises:
+      ValueError: if length is not an int >= 1.
+    """
+    _check_length("history length", length)
     return AmaxHistory(history=jnp.zeros((length,), jnp.float32))
 
 
 def update_history(state: AmaxHistory, amax: jax.Array) -> AmaxHistory:
-    """Shifts the history by one and records `amax` as the most recent observation."""
+    """Shifts the history by one and records `amax` as the most recent observation.
+
+    Pure: returns a new `AmaxHistory`; the oldest observation drops out.
+
+    Args:
+      state: the history, most recent first.
+      amax: a scalar (or one-element array) observation.
+
+    Raises:
+      ValueError: if amax has more than one element.
+    """
+    amax = jnp.asarray(amax, jnp.float32)
+    if amax.size != 1:
+        raise ValueError(f"amax must be a scalar observation; got shape {amax.shape}")
     rolled = jnp.roll(state.history, 1)
-    return AmaxHistory(history=rolled.at[0].set(jnp.asarray(amax, jnp.float32).reshape(())))
+    return AmaxHistory(history=rolled.at[0].set(amax.reshape(())))
 
 
 def history_amax(state: AmaxHistory, algo: str = "max") -> jax.Array:
@@ -242,7 +269,13 @@ def delayed_scale(state: AmaxHistory, fmt, *, algo: str = "max", margin: float =
 
 
 def merge_amax(*observations: jax.Array) -> jax.Array:
-    """Combines amax observations of the same tensor (e.g. across microbatches): the max."""
+    """Combines amax observations of the same tensor (e.g. across microbatches): the max.
+
+    Raises:
+      ValueError: if no observation is given.
+    """
+    if not observations:
+        raise ValueError("merge_amax needs at least one observation; got none")
     out = jnp.asarray(observations[0], jnp.float32)
     for obs in observations[1:]:
         out = jnp.maximum(out, obs)

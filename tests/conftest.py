@@ -1,0 +1,31 @@
+"""Shared pytest setup: float64 off, and tests marked `gpu` skip (with a reason) without one.
+
+XLA_FLAGS (e.g. a host device count) is deliberately not set here: tests that need
+several devices start their own subprocess.
+"""
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", False)
+
+
+def _gpu_skip_reason() -> str | None:
+    """None when an NVIDIA GPU with FP8 (compute capability >= 8.9) is present, else why not."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return f"needs an NVIDIA GPU with FP8 support; jax backend is {backend!r}"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if capability is not None and tuple(int(p) for p in str(capability).split(".")) < (8, 9):
+        return f"needs FP8 support (compute capability >= 8.9); this GPU has {capability}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return  # do not initialize a backend when nothing asks for one
+    reason = _gpu_skip_reason()
+    if reason is not None:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
