@@ -79,12 +79,12 @@ from mpx.scaled import (
     Blocks,
     PerTensor,
     ScaledArray,
-    compute_amax,
     compute_scale,
     dequantize,
     quantize,
     quantize_with_scale,
     resolve_block,
+    scale_shape,
 )
 
 IMPLS = ("auto", "upcast_bf16", "fp8", "dequant_f32")
@@ -160,7 +160,7 @@ def _deepseek_plan(recipe: recipes_lib.DeepSeekV3, rhs_kind: str) -> DotPlan:
     b, pow2 = recipe.block, recipe.pow2_scale
     along_k_of_lhs = Blocks((1, b))  # rows (tokens) x 128 contraction channels
     along_k_of_rhs = Blocks((b, 1))  # 128 contraction channels x columns
-    act = lambda fmt, g: OperandSpec(fmt, g, pow2)  # noqa: E731
+    act = functools.partial(OperandSpec, pow2=pow2)
     if rhs_kind == "weight":
         fprop_rhs = dgrad_rhs = act(recipe.fmt, Blocks((b, b)))
     else:
@@ -303,23 +303,23 @@ def _quantize(x: jax.Array, spec: OperandSpec, scale: jax.Array | None = None) -
     return quantize(x, spec.fmt, spec.granularity, pow2_scale=spec.pow2, margin=spec.margin)
 
 
-def _blocked(x: jax.Array, block) -> jax.Array:
-    """x zero-padded to whole blocks, shaped (n0, b0, n1, b1, ...)."""
-    pads = [(0, -d % b) for d, b in zip(x.shape, block)]
-    if any(p for _, p in pads):
-        x = jnp.pad(x, pads)
-    return x.reshape([v for d, b in zip(x.shape, block) for v in (d // b, b)])
-
-
 def _block_amax(x: jax.Array, block) -> jax.Array:
     """max |x| per block, equal to `mpx.compute_amax` (NaN included).
 
-    max(max x, -min x) instead of max |x|: XLA on CPU reduces it about 5x faster.
-    Zero padding of ragged blocks cannot raise it (it is >= 0).
+    max(max x, -min x) instead of max |x|, and no split for size-1 block axes: XLA on
+    CPU reduces that 3-5x faster. Zero padding of ragged blocks cannot raise it (>= 0).
     """
-    xb = _blocked(x, block)
-    axes = tuple(range(1, xb.ndim, 2))
-    return jnp.maximum(jnp.max(xb, axis=axes), -jnp.min(xb, axis=axes)).astype(jnp.float32)
+    pads = [(0, -d % b) for d, b in zip(x.shape, block)]
+    if any(p for _, p in pads):
+        x = jnp.pad(x, pads)
+    split, axes = [], []
+    for d, b in zip(x.shape, block):
+        split += [d] if b == 1 else [d // b, b]
+        if b != 1:
+            axes.append(len(split) - 1)
+    xb = x.reshape(split)
+    amax = jnp.maximum(jnp.max(xb, axis=tuple(axes)), -jnp.min(xb, axis=tuple(axes)))
+    return amax.astype(jnp.float32).reshape(scale_shape(x.shape, block))
 
 
 def _broadcast(scale: jax.Array, shape, block) -> jax.Array:
@@ -473,7 +473,7 @@ _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 def _tensor_amax(x: jax.Array) -> jax.Array:
-    return compute_amax(lax.stop_gradient(x), x.shape).reshape(())
+    return _block_amax(lax.stop_gradient(x), x.shape).reshape(())
 
 
 def _forward_scales(recipe, state: DotState | None, lhs, rhs):
@@ -656,3 +656,196 @@ __all__ = [
     "DotPlan", "DotState", "IMPLS", "OperandSpec", "RHS_KINDS", "dot_general", "einsum",
     "init_state", "plan", "quantized_operands", "resolve_impl",
 ]
+
+
+
+# --------------------------------------------------------------------------- pre-quantized weights (serving)
+#
+# Serving stores each weight once as a ScaledArray (FP8 data + f32 scales) and multiplies
+# it without dequantizing it: the contraction K is split into groups over which both
+# operands' scales are constant; each group is one bf16 x bf16 -> f32 GEMM of exact FP8
+# values (bf16 holds every E4M3/E5M2 value), and the f32 partial sums are scaled and
+# added, as a block-scaled FP8 GEMM promotes its partial sums every 128 elements
+# (DeepSeek-V3 report, 3.3). Per-output-channel and per-tensor weight scales with a
+# per-tensor (or no) activation scale need one group: one GEMM whose f32 result is
+# scaled per column, exactly.
+
+
+def _scale_groups(k: int, lhs_group: int, rhs_group: int) -> tuple[int, int] | None:
+    """(group width, K padded to whole groups), or None when the scale groups do not nest."""
+    up = lambda n, m: -(-n // m) * m  # noqa: E731
+    if lhs_group >= k and rhs_group >= k:
+        return k, k
+    if rhs_group >= k or lhs_group >= k:
+        group = min(lhs_group, rhs_group)
+        return group, up(k, group)
+    lo, hi = sorted((lhs_group, rhs_group))
+    return None if hi % lo else (lo, up(k, hi))
+
+
+def _prequantized_lhs_scale(recipe, state: DotState | None, lhs: jax.Array) -> jax.Array | None:
+    """The per-tensor lhs scale of a per-tensor recipe (None for DeepSeekV3 and no recipe)."""
+    if recipe is None or isinstance(recipe, recipes_lib.DeepSeekV3):
+        return None
+    amax, kw = _tensor_amax(lhs), dict(margin=recipe.margin, pow2=recipe.pow2_scale)
+    if isinstance(recipe, recipes_lib.CurrentScaling):
+        return compute_scale(amax, recipe.fwd_format, **kw)
+    # Static / delayed: the recorded amax (calibration), never updated while serving; an
+    # empty state falls back to this call's amax.
+    return recipes_lib.delayed_scale(lax.stop_gradient(state).lhs, recipe.fwd_format, algo=recipe.amax_algo,
+                                     current_amax=amax, **kw)
+
+
+def _lhs_operand(x: jax.Array, recipe, scale, tile: int, compute_dtype):
+    """x (B, M, K) as (values, scales): FP8 grid values in bf16 (x in compute_dtype without
+    a recipe) and the scales: (B, M, K / tile) per DeepSeek tile, a scalar, or None."""
+    if recipe is None:
+        return x.astype(compute_dtype), None
+    fmt = formats_lib.get(recipe.fwd_format)
+    x = x.astype(jnp.float32)
+    if scale is not None:
+        return _round_to_format(x * (1.0 / scale), fmt).astype(jnp.bfloat16), scale
+    b, m, k = x.shape
+    tiles = x.reshape(b, m, k // tile, tile)
+    amax = jnp.maximum(jnp.max(tiles, axis=-1), -jnp.min(tiles, axis=-1))
+    scale = compute_scale(amax, fmt, pow2=recipe.pow2_scale)  # (B, M, K / tile)
+    grid = _round_to_format(tiles * (1.0 / scale)[..., None], fmt).reshape(x.shape)
+    return grid.astype(jnp.bfloat16), scale
+
+
+def _rhs_group_scales(rhs: ScaledArray, group: int, n_groups: int) -> jax.Array:
+    """One rhs scale per (B, K group, column): (B, nG, N)."""
+    _, rows, cols = rhs.block
+    index = [min(g * group // rows, rhs.scale.shape[1] - 1) for g in range(n_groups)]
+    return jnp.repeat(rhs.scale[:, jnp.array(index), :], cols, axis=2)[:, :, :rhs.shape[-1]]
+
+
+def _pad_axis_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths) if size > x.shape[axis] else x
+
+
+def _grouped_dot(xv, sx, wv, sw, group: int, guard: bool) -> jax.Array:
+    """sum_g (xv_g . wv_g) * sx_g * sw_g in f32.
+
+    xv (B, M, nG * group), wv (B, nG * group, N); sx (B, M, nG), a scalar or None;
+    sw (B, nG, N). Returns (B, M, N).
+    """
+    b, m, k = xv.shape
+    n, ng = wv.shape[-1], k // group
+    if ng == 1:  # sx is (B, M, 1), a scalar or None: scale the rows and columns of one GEMM
+        out = _dot((xv, None), (wv, None), _dims(True, 1, 0), guard) * sw  # (B, M, N)
+        return out if sx is None else out * sx
+    xg = jnp.swapaxes(xv.reshape(b, m, ng, group), 1, 2).reshape(b * ng, m, group)
+    partial = _dot((xg, None), (wv.reshape(b * ng, group, n), None), _dims(True, 1, 0), guard)
+    partial = partial.reshape(b, ng, m, n) * sw[:, :, None, :]
+    if sx is not None and jnp.ndim(sx) == 3:
+        partial = partial * jnp.swapaxes(sx, 1, 2)[..., None]
+    out = jnp.sum(partial, axis=1)
+    return out * sx if sx is not None and jnp.ndim(sx) == 0 else out
+
+
+def _check_prequantized(lhs: jax.Array, rhs: ScaledArray) -> None:
+    if not isinstance(rhs, ScaledArray):
+        raise TypeError(f"rhs must be a ScaledArray (from mpx.quantize); got {type(rhs).__name__}")
+    if rhs.ndim not in (2, 3):
+        raise ValueError(f"rhs must be (K, N) or (E, K, N); got shape {rhs.shape}")
+    if lhs.shape[-1] != rhs.shape[-2]:
+        raise ValueError(f"lhs {lhs.shape} and rhs {rhs.shape} do not contract: K {lhs.shape[-1]} != {rhs.shape[-2]}")
+    if rhs.ndim == 3 and (lhs.ndim != 3 or lhs.shape[0] != rhs.shape[0]):
+        raise ValueError(f"a batched rhs {rhs.shape} needs lhs (E, M, K) with E={rhs.shape[0]}; got {lhs.shape}")
+    if rhs.ndim == 3 and rhs.block[0] != 1:
+        raise ValueError(f"a batched rhs needs block size 1 along its batch axis; got block {rhs.block}")
+
+
+def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState | None = None,
+                        compute_dtype=jnp.bfloat16, preferred_element_type=jnp.float32,
+                        impl: str = "auto") -> jax.Array:
+    """Forward-only product of activations with a weight quantized ahead of time (serving).
+
+        out[..., n] = sum_k q(lhs)[..., k] * dequantize(rhs)[k, n]      (f32 accumulation)
+
+    The rhs is never dequantized: its FP8 values enter the GEMM as they are and its
+    scales multiply f32 partial sums (see the comment above). lhs is quantized as the
+    recipe says: DeepSeekV3 in 1 x `block` tiles along K with online scales (per token);
+    CurrentScaling per tensor, online; StaticScaling / DelayedScaling per tensor from the
+    recorded amax in `state.lhs` (calibration), online when that is still empty; None
+    keeps lhs in `compute_dtype` (weight-only quantization).
+
+    Args:
+      lhs: (..., K) activations, or (E, M, K) when rhs is batched (one matmul per expert).
+      rhs: ScaledArray (K, N) or (E, K, N) with blocks over its last two axes: whole (per
+        tensor), (K, 1) (per output channel) or (b, b) (e.g. 128x128).
+      recipe: None, a recipe or its name.
+      state: the `DotState` of a stateful recipe; read, never updated.
+      compute_dtype: dtype of lhs in the GEMM when recipe is None (bf16 or f32).
+      preferred_element_type: output dtype.
+      impl: "auto", "upcast_bf16" (the grouped GEMM above), "fp8" (a per-tensor lhs scale
+        and one K group: the Hopper `convert(f8) * scalar -> dot` pattern on the raw FP8
+        data, column scales after; otherwise as "upcast_bf16") or "dequant_f32" (the
+        reference: both operands dequantized to f32, f32 GEMM).
+
+    Returns:
+      (..., N), or (E, M, N) for a batched rhs, in `preferred_element_type`.
+
+    Raises:
+      TypeError: rhs is not a ScaledArray.
+      ValueError: shapes that do not contract, a batched rhs blocked across experts, an
+        unknown recipe or impl, a stateful recipe without state.
+    """
+    _check_choice("impl", impl, IMPLS)
+    recipe = recipes_lib.get(recipe)
+    lhs = jnp.asarray(lhs)
+    _check_prequantized(lhs, rhs)
+    _check_state(recipe, state)
+    batched = rhs.ndim == 3
+    x3 = lhs if batched else lhs.reshape(1, -1, lhs.shape[-1])
+    rhs3 = rhs if batched else ScaledArray(rhs.data[None], rhs.scale[None], rhs.fmt, (1,) + tuple(rhs.block))
+    scale = _prequantized_lhs_scale(recipe, state, x3)
+    k = x3.shape[-1]
+    tile = recipe.block if isinstance(recipe, recipes_lib.DeepSeekV3) else k
+    groups = _scale_groups(k, tile, rhs3.block[1])
+    impl = resolve_impl(impl)
+    if groups is None or impl == "dequant_f32":
+        out = _reference_prequantized(x3, rhs3, recipe, scale, compute_dtype)
+    elif impl == "fp8" and groups[0] == k and scale is not None:
+        out = _fp8_prequantized(x3, rhs3, recipe, scale)
+    else:
+        out = _upcast_prequantized(x3, rhs3, recipe, scale, groups, tile, compute_dtype)
+    shape = out.shape if batched else lhs.shape[:-1] + (rhs.shape[-1],)
+    return out.reshape(shape).astype(preferred_element_type)
+
+
+def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype):
+    group, k_pad = groups
+    tile = min(tile, k_pad) if tile < x3.shape[-1] else k_pad
+    xv, sx = _lhs_operand(_pad_axis_to(x3, 2, k_pad), recipe, scale, tile, compute_dtype)
+    if sx is not None and jnp.ndim(sx) == 3 and tile > group:
+        sx = jnp.repeat(sx, tile // group, axis=2)  # lhs tiles span several rhs blocks
+    wdtype = jnp.float32 if jnp.dtype(xv.dtype) == jnp.float32 else jnp.bfloat16
+    wv = _pad_axis_to(rhs3.data.astype(wdtype), 1, k_pad)  # exact: bf16 holds every FP8 value
+    sw = _rhs_group_scales(rhs3, group, k_pad // group)
+    return _grouped_dot(xv, sx, wv, sw, group, jax.default_backend() == "cpu")
+
+
+def _reference_prequantized(x3, rhs3: ScaledArray, recipe, scale, compute_dtype) -> jax.Array:
+    """dequantize(q(lhs)) . dequantize(rhs) in f32 with HIGHEST precision."""
+    if recipe is None:
+        xd = x3.astype(compute_dtype).astype(jnp.float32)
+    elif scale is not None:
+        xd = dequantize(quantize_with_scale(x3, scale, recipe.fwd_format, x3.shape))
+    else:
+        xd = dequantize(quantize(x3, recipe.fwd_format, Blocks((1, recipe.block)), pow2_scale=recipe.pow2_scale))
+    return lax.dot_general(xd, dequantize(rhs3), _dims(True, 1, 0), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def _fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale):
+    """Per-tensor lhs x one-K-group rhs: raw FP8 data into the Hopper GEMM pattern."""
+    q = quantize_with_scale(x3, scale, recipe.fwd_format, x3.shape)
+    out = _dot((q.data, jnp.reshape(scale, ())), (rhs3.data, jnp.ones((), jnp.float32)), _dims(True, 1, 0), False)
+    return out * _rhs_group_scales(rhs3, rhs3.shape[1], 1)
+
+
+__all__ += ["prequantized_matmul"]
