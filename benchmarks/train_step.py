@@ -1,0 +1,103 @@
+"""Train-step time per precision preset (fp32 : bf16 : fp8), and bytes per parameter.
+
+Builds the same model and batch under each preset, jits the real train step
+(`train.step.make_train_step`, AdamW with the preset's moment dtype), and times the
+steps round-robin in one run so machine load affects every preset alike. Reports each
+preset's median step time relative to fp32, tokens/s, and `mpx.optim.memory_report`'s
+bytes per parameter (persistent: masters, grads, moments, scale state; and with the
+transient compute copy).
+
+    python -m benchmarks.train_step                 # tiny model, batch 16 x 128
+    python -m benchmarks.train_step --model small
+    python -m benchmarks.train_step --quick --json  # fewer repeats; JSON last line
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mpx
+from benchmarks.quantize import time_calls
+from models import config as model_config
+from models import transformer
+from train import step as step_lib
+
+PRESETS = ("fp32", "bf16", "fp8", "fp8_current")
+
+
+def _moment_dtype(preset: str):
+    return jnp.float32 if preset == "fp32" else jnp.bfloat16
+
+
+def _compute_bytes(policy: mpx.Policy) -> float:
+    precision = policy.resolve("layers_0/mlp/up")
+    if precision.recipe is not None:
+        return 1.0
+    if precision.compute_dtype == precision.param_dtype:
+        return 0.0  # the forward pass reads the masters themselves
+    return float(np.dtype(precision.compute_dtype).itemsize)
+
+
+def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
+    """(jitted step, state, memory report) for one preset."""
+    policy = mpx.policy.preset(preset)
+    model = transformer.Transformer(cfg, policy)
+    tx = mpx.optim.build("adamw", 1e-3, moment_dtype=_moment_dtype(preset), clip_norm=1.0)
+    state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, jnp.zeros((1, seq), jnp.int32))
+    step = jax.jit(step_lib.make_train_step(model, tx))
+    report = mpx.optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
+                                     compute_dtype_bytes=_compute_bytes(policy))
+    return step, state, report
+
+
+def run(model: str, batch: int, seq: int, repeats: int) -> dict:
+    cfg = model_config.preset(model)
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
+    data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    fns, reports = {}, {}
+    for preset in PRESETS:
+        step, state, reports[preset] = build(preset, cfg, batch, seq)
+        fns[preset] = lambda step=step, state=state: step(state, data)[1]["loss"]
+    times = time_calls(fns, repeats=repeats, inner=1)
+    rows = [{
+        "preset": p, "step_s": times[p], "vs_fp32": times[p] / times["fp32"],
+        "tokens_per_s": batch * seq / times[p],
+        "bytes_per_param": reports[p].per_param("total"),
+        "bytes_per_param_with_compute_copy": reports[p].per_param("total_with_compute_copy"),
+    } for p in PRESETS]
+    return {"model": model, "params": reports["fp32"].num_params, "batch": batch, "seq": seq,
+            "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "rows": rows}
+
+
+def table(result: dict) -> str:
+    lines = [f"train step, model {result['model']} ({result['params']:,} params), batch {result['batch']}x"
+             f"{result['seq']}, {result['backend']} ({result['device']})",
+             f"{'preset':<12}{'step ms':>10}{'vs fp32':>9}{'tok/s':>10}{'B/param':>9}{'+copy':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['preset']:<12}{r['step_s'] * 1e3:>10.1f}{r['vs_fp32']:>9.2f}{r['tokens_per_s']:>10,.0f}"
+                     f"{r['bytes_per_param']:>9.2f}{r['bytes_per_param_with_compute_copy']:>8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="model preset (tiny, small, 1b)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="3 repeats")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args(argv)
+    result = run(args.model, args.batch, args.seq, 3 if args.quick else args.repeats)
+    print(table(result))
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
