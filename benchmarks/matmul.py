@@ -1,7 +1,7 @@
 """Matmul benchmark: mpx.dot.dot_general per recipe and impl vs bf16, f32 and flax FP8.
 
-For square n x n x n products it times, side by side in one run (cases interleaved,
-median of several rounds), the forward and the forward+backward of
+For square n x n x n products it times, side by side in one run (every case of every
+size once per round, median of several rounds), the forward and the forward+backward of
 
 * a float32 dot and a bf16 x bf16 dot with float32 accumulation (the baselines),
 * `mpx.dot.dot_general` under CurrentScaling, DelayedScaling and DeepSeekV3 with each
@@ -119,32 +119,44 @@ def _time_ms(fn: Callable, args) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _measure(cases: list[Case], x32, w32, ct, rounds: int) -> None:
-    ref_out, ref_dx, _ = _with_grads(lambda a, b: lax.dot_general(a, b, DN, precision=lax.Precision.HIGHEST))(
-        x32, w32, ct)
+def _check(cases: list[Case], x32, w32, ct) -> None:
+    """Errors against a float32 (HIGHEST) reference and GEMM classes, once per case."""
+    ref = _with_grads(lambda a, b: lax.dot_general(a, b, DN, precision=lax.Precision.HIGHEST))
+    ref_out, ref_dx, _ = ref(x32, w32, ct)
     for c in cases:
-        x, w, ct_c, *rest = c.args
+        x, w, _, *rest = c.args
         out = c.fwd(x, w, *rest)
         _, dx, _ = c.fwd_bwd(*c.args)
         c.out_err = float(metrics.relative_error(out, ref_out))
         c.dx_err = float(metrics.relative_error(dx, ref_dx))
         counts = minspect.fp8_report(c.fwd_bwd.lower(*c.args).compile()).counts
         c.gemms = f"{counts['fp8']}/{counts['upcast']}/{counts['high_precision']}"
-    for _ in range(rounds):  # interleaved: load changes hit every case alike
-        for c in cases:
-            x, w, ct_c, *rest = c.args
-            c.fwd_ms.append(_time_ms(c.fwd, (x, w, *rest)))
-            c.fwd_bwd_ms.append(_time_ms(c.fwd_bwd, c.args))
 
 
-def run_size(n: int, rounds: int, input_dtype) -> list[dict]:
+def build_size(n: int, input_dtype) -> list[Case]:
+    """All cases for n x n x n, compiled and checked."""
     kx, kw, kc = jax.random.split(jax.random.key(n), 3)
     x32 = jax.random.normal(kx, (n, n), jnp.float32)
     w32 = jax.random.normal(kw, (n, n), jnp.float32) / jnp.sqrt(n)
     ct = jax.random.normal(kc, (n, n), jnp.float32)
     x, w = x32.astype(input_dtype), w32.astype(input_dtype)
     cases = _baselines(x32, w32, ct) + _mpx_cases(x, w, ct) + [_flax_case(x, w, ct)]
-    _measure(cases, x32, w32, ct, rounds)
+    _check(cases, x32, w32, ct)
+    return cases
+
+
+def time_rounds(cases_by_n: dict[int, list[Case]], rounds: int) -> None:
+    """Each round times every case of every size once: load changes hit all alike."""
+    for _ in range(rounds):
+        for cases in cases_by_n.values():
+            for c in cases:
+                x, w, _, *rest = c.args
+                c.fwd_ms.append(_time_ms(c.fwd, (x, w, *rest)))
+                c.fwd_bwd_ms.append(_time_ms(c.fwd_bwd, c.args))
+
+
+def rows_for(n: int, cases: list[Case]) -> list[dict]:
+    """Medians and ratios to the bf16 and f32 dots of the same size."""
     med = {c.name: (statistics.median(c.fwd_ms), statistics.median(c.fwd_bwd_ms)) for c in cases}
     bf16, f32 = med["bf16 dot"], med["f32 dot"]
     gpu = jax.default_backend() == "gpu"
@@ -191,9 +203,11 @@ def main(argv=None) -> dict:
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
           f"mpx inputs {args.input_dtype}, impl 'auto' = {mdot.resolve_impl('auto')!r}, "
           f"median of {args.rounds} interleaved rounds")
+    cases_by_n = {n: build_size(n, input_dtype) for n in sizes}
+    time_rounds(cases_by_n, args.rounds)
     rows = []
-    for n in sizes:
-        rows += run_size(n, args.rounds, input_dtype)
+    for n, cases in cases_by_n.items():
+        rows += rows_for(n, cases)
         print(_table([r for r in rows if r["n"] == n]), "\n", flush=True)
     best = _best_fp8(rows, sizes[-1])
     print(f"best mpx FP8 forward at n={sizes[-1]}: {best['case']} = {best['fwd_vs_bf16']:.2f}x bf16 dot, "

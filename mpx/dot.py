@@ -51,6 +51,11 @@ Implementations of the quantized matmul (`impl`):
 * "dequant_f32": the exact reference: dequantize to float32, float32 dot (HIGHEST).
 * "auto": "fp8" on GPU backends, "upcast_bf16" elsewhere.
 
+On CPU the bf16 GEMMs keep the two layouts XLA's fast kernel takes, (M, K) x (K, N) and
+(M, K) x (N, K): wgrad's lhs^T is materialized while it is quantized, and optimization
+barriers stop XLA from folding a neighbouring transpose into the dot after it picked its
+kernel (its fallback kernel rejects bf16 x bf16 -> f32 on jax 0.10).
+
 Example:
     >>> import jax, jax.numpy as jnp, mpx, mpx.dot
     >>> x = jax.random.normal(jax.random.key(0), (64, 256))
