@@ -1,7 +1,8 @@
 """Accuracy metrics for comparing a low-precision result with a float32 reference.
 
 All functions take (approximate, reference) arrays of the same shape, compute in
-float32 and return float32 scalars, so they can run inside jit.
+float32 and return float32 scalars. They are jitted (one compiled kernel per shape,
+also when called eagerly) and can run inside a caller's jit.
 
 Example:
     >>> import jax.numpy as jnp, mpx
@@ -12,6 +13,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ def _check_shapes(a, b):
         raise ValueError(f"shapes differ: approx {a.shape} vs reference {b.shape}")
 
 
+@jax.jit
 def cosine_similarity(approx: jax.Array, reference: jax.Array) -> jax.Array:
     """Cosine of the angle between the flattened arrays (1.0 = same direction)."""
     a, b = _f32(approx, reference)
@@ -37,6 +41,7 @@ def cosine_similarity(approx: jax.Array, reference: jax.Array) -> jax.Array:
     return jnp.dot(a, b) / denom
 
 
+@jax.jit
 def relative_error(approx: jax.Array, reference: jax.Array) -> jax.Array:
     """||approx - reference|| / ||reference|| (Frobenius norms)."""
     a, b = _f32(approx, reference)
@@ -44,6 +49,7 @@ def relative_error(approx: jax.Array, reference: jax.Array) -> jax.Array:
     return jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), _TINY)
 
 
+@jax.jit
 def sqnr_db(approx: jax.Array, reference: jax.Array) -> jax.Array:
     """Signal-to-quantization-noise ratio in dB: 10 log10(||ref||^2 / ||approx - ref||^2).
 
@@ -56,6 +62,7 @@ def sqnr_db(approx: jax.Array, reference: jax.Array) -> jax.Array:
     return 10.0 * (jnp.log10(signal) - jnp.log10(noise))
 
 
+@jax.jit
 def max_error_over_amax(approx: jax.Array, reference: jax.Array) -> jax.Array:
     """max |approx - reference| / max |reference|: worst error relative to the range."""
     a, b = _f32(approx, reference)
@@ -63,6 +70,7 @@ def max_error_over_amax(approx: jax.Array, reference: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), _TINY)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def kl_divergence(approx_logits: jax.Array, reference_logits: jax.Array, axis: int = -1) -> jax.Array:
     """Mean KL(P_ref || P_approx) between softmax distributions along `axis` (nats)."""
     a, b = _f32(approx_logits, reference_logits)
@@ -73,6 +81,7 @@ def kl_divergence(approx_logits: jax.Array, reference_logits: jax.Array, axis: i
     return jnp.mean(kl)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def top1_agreement(approx_logits: jax.Array, reference_logits: jax.Array, axis: int = -1) -> jax.Array:
     """Fraction of positions whose argmax agrees."""
     a, b = _f32(approx_logits, reference_logits)

@@ -502,6 +502,7 @@ def _first_nonfinite(x: jax.Array) -> jax.Array:
     return jnp.argwhere(~jnp.isfinite(x), size=1)[0]
 
 
+@jax.jit
 def quantization_error_bound(q: ScaledArray) -> jax.Array:
     """Per-element worst-case |x - dequantize(q)| for in-range x (broadcast to x's shape).
 
