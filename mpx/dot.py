@@ -481,20 +481,24 @@ def _tensor_amax(x: jax.Array) -> jax.Array:
     return _block_amax(lax.stop_gradient(x), x.shape).reshape(())
 
 
+def _forward_scale(recipe, history: AmaxHistory | None, x: jax.Array, amax: jax.Array) -> jax.Array | None:
+    """Per-tensor forward scale of x: just in time, or from `history` (None for blocks)."""
+    if isinstance(recipe, recipes_lib.DeepSeekV3):
+        return None
+    kw = dict(margin=recipe.margin, pow2=recipe.pow2_scale)
+    if history is None:
+        return compute_scale(amax, recipe.fwd_format, **kw)
+    return recipes_lib.delayed_scale(history, recipe.fwd_format, algo=recipe.amax_algo, current_amax=amax, **kw)
+
+
 def _forward_scales(recipe, state: DotState | None, lhs, rhs):
     """(lhs_scale, rhs_scale, new_state): per-tensor scales computed outside the vjp."""
     if isinstance(recipe, recipes_lib.DeepSeekV3):
         return None, None, state
     amax = (_tensor_amax(lhs), _tensor_amax(rhs))
-    kw = dict(margin=recipe.margin, pow2=recipe.pow2_scale)
-    if isinstance(recipe, recipes_lib.CurrentScaling):
-        return (*(compute_scale(a, recipe.fwd_format, **kw) for a in amax), state)
-    state = lax.stop_gradient(state)
-    hists = (state.lhs, state.rhs)
-    scales = tuple(
-        recipes_lib.delayed_scale(h, recipe.fwd_format, algo=recipe.amax_algo, current_amax=a, **kw)
-        for h, a in zip(hists, amax)
-    )
+    state = None if state is None else lax.stop_gradient(state)
+    hists = (None, None) if state is None else (state.lhs, state.rhs)
+    scales = tuple(_forward_scale(recipe, h, x, a) for h, x, a in zip(hists, (lhs, rhs), amax))
     if isinstance(recipe, recipes_lib.DelayedScaling):
         state = DotState(*(recipes_lib.update_history(h, a) for h, a in zip(hists, amax)))
     return (*scales, state)

@@ -400,3 +400,42 @@ def test_plan_is_hashable_and_frozen():
     assert hash(p) == hash(mdot.plan(recipes.DeepSeekV3()))
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.fprop_lhs = p.fprop_rhs
+
+
+
+# --------------------------------------------------------------------------- pre-quantized weights
+
+
+def test_prequantized_matmul_agrees_with_dot_general_forward():
+    x, w = _normal(44, (2, 40, 200)), _normal(45, (200, 72))
+    e_x, e_w = _normal(46, (3, 24, 160)), _normal(47, (3, 160, 40))
+    ds, static = recipes.DeepSeekV3(), recipes.StaticScaling()
+    calibrated = mdot.DotState(lhs=recipes.update_history(static.init_state(), 2.5), rhs=static.init_state())
+
+    @jax.jit
+    def run(x, w, e_x, e_w):
+        stored = mpx.quantize(w, "e4m3", mpx.Blocks((128, 128)))
+        experts = mpx.quantize(e_w, "e4m3", mpx.Blocks((1, 128, 128)))
+        per_tensor = mpx.quantize(w, "e4m3")  # what an uncalibrated rhs history falls back to
+        return [
+            (mdot.prequantized_matmul(x, stored, recipe=ds), mdot.dot_general(x, w, BTK_KN, recipe=ds)),
+            (mdot.prequantized_matmul(e_x, experts, recipe=ds), mdot.dot_general(e_x, e_w, BATCHED, recipe=ds)),
+            (mdot.prequantized_matmul(x, per_tensor, recipe=static, state=calibrated),
+             mdot.dot_general(x, w, BTK_KN, recipe=static, state=calibrated)[0]),
+            (mdot.prequantized_matmul(x, stored, compute_dtype=jnp.float32),  # weight-only
+             jnp.einsum("btk,kn->btn", x, mpx.dequantize(stored), precision="highest")),
+        ]
+
+    # The same quantized values; dot_general folds block scales into bf16 operands (one
+    # bf16 rounding each) where prequantized_matmul scales f32 partial sums per block.
+    for got, want in run(x, w, e_x, e_w):
+        assert got.shape == want.shape
+        assert float(metrics.relative_error(got, want)) <= 2.0 * _rms_rel(BF16, BF16)
+
+
+def test_prequantized_matmul_rejects_bad_inputs():
+    q = mpx.quantize(_normal(48, (32, 8)), "e4m3")
+    with pytest.raises(TypeError, match="ScaledArray"):
+        mdot.prequantized_matmul(_normal(49, (4, 32)), _normal(48, (32, 8)))
+    with pytest.raises(ValueError, match="do not contract"):
+        mdot.prequantized_matmul(_normal(49, (4, 16)), q)
