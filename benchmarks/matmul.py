@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -202,7 +203,8 @@ def main(argv=None) -> dict:
     input_dtype = jnp.bfloat16 if args.input_dtype == "bf16" else jnp.float32
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
           f"mpx inputs {args.input_dtype}, impl 'auto' = {mdot.resolve_impl('auto')!r}, "
-          f"median of {args.rounds} interleaved rounds")
+          f"median of {args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     cases_by_n = {n: build_size(n, input_dtype) for n in sizes}
     time_rounds(cases_by_n, args.rounds)
     rows = []
@@ -211,7 +213,8 @@ def main(argv=None) -> dict:
         print(_table([r for r in rows if r["n"] == n]), "\n", flush=True)
     best = _best_fp8(rows, sizes[-1])
     print(f"best mpx FP8 forward at n={sizes[-1]}: {best['case']} = {best['fwd_vs_bf16']:.2f}x bf16 dot, "
-          f"{best['fwd_vs_f32']:.2f}x f32 dot (target on CPU: <= 1.3x bf16)")
+          f"{best['fwd_vs_f32']:.2f}x f32 dot (target on CPU: <= 1.3x bf16); "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     result = dict(backend=jax.default_backend(), jax=jax.__version__, input_dtype=args.input_dtype,
                   rounds=args.rounds, sizes=list(sizes), rows=rows, best_fp8_forward=best)
     if args.json:
