@@ -36,9 +36,14 @@ import jax.numpy as jnp
 from models.config import ModelConfig
 from mpx import nn as mnn
 from mpx.policy import Policy
+from mpx.dot import upcast
+from mpx.scaled import ScaledArray, quantize
 
 Array = jax.Array
-Cache = dict  # per layer: {"k": (B, S_max, G, K), "v": (B, S_max, G, K)}
+# Per layer: {"k": (B, S_max, G, K), "v": (B, S_max, G, K)}, each an array (bf16, f32) or
+# an FP8 ScaledArray with one scale per (token, head): scale (B, S_max, G, 1), block
+# (1, 1, 1, K); serve/kv_cache.py builds both kinds.
+Cache = dict
 ACTIVATION_AXES = ("batch", "seq", "act_embed")  # logical axes of the residual stream
 LOGITS_AXES = ("batch", "seq", "vocab")
 
@@ -71,10 +76,27 @@ def init_cache(config: ModelConfig, batch: int, dtype=jnp.bfloat16, length: int 
 def _write_cache(cache: Cache, k: Array, v: Array, positions: Array) -> Cache:
     """Writes k, v (B, T, G, K) at their positions (B, T) into the cache."""
     rows = jnp.arange(k.shape[0])[:, None]
-    return {
-        "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype)),
-        "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype)),
-    }
+    return {"k": _write_slot(cache["k"], k, rows, positions), "v": _write_slot(cache["v"], v, rows, positions)}
+
+
+def _write_slot(slot, x: Array, rows: Array, positions: Array):
+    if isinstance(slot, ScaledArray):  # FP8: each (token, head) vector gets its own scale as it is written
+        q = quantize(x, slot.fmt, slot.block)
+        # Scattered as uint8: XLA on CPU scatters float8 arrays about 20x slower.
+        data = _as_bytes(slot.data).at[rows, positions].set(_as_bytes(q.data))
+        return ScaledArray(jax.lax.bitcast_convert_type(data, slot.data.dtype),
+                           slot.scale.at[rows, positions].set(q.scale), slot.fmt, slot.block)
+    return slot.at[rows, positions].set(x.astype(slot.dtype))
+
+
+def _as_bytes(x: Array) -> Array:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8)
+
+
+def _read_slot(slot) -> Array:
+    if isinstance(slot, ScaledArray):  # scale (B, S, G, 1) broadcasts over each head vector
+        return upcast(slot.data, jnp.float32) * slot.scale
+    return slot
 
 
 class SelfAttention(nn.Module):
@@ -95,7 +117,7 @@ class SelfAttention(nn.Module):
             mask = mnn.causal_mask(x.shape[1], x.shape[1])[None, None]  # (1, 1, T, T)
         else:
             cache = _write_cache(cache, k, v, positions)
-            k, v = cache["k"], cache["v"]  # (B, S_max, G, K)
+            k, v = _read_slot(cache["k"]), _read_slot(cache["v"])  # (B, S_max, G, K)
             # Keys at or before each query's position; later slots are empty or stale.
             mask = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
         out = mnn.grouped_attention(self, self.policy, q, k, v, mask)  # (B, T, H, K)

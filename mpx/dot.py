@@ -725,8 +725,12 @@ def _lhs_operand(x: jax.Array, recipe, scale, tile: int, compute_dtype):
 def _rhs_group_scales(rhs: ScaledArray, group: int, n_groups: int) -> jax.Array:
     """One rhs scale per (B, K group, column): (B, nG, N)."""
     _, rows, cols = rhs.block
-    index = [min(g * group // rows, rhs.scale.shape[1] - 1) for g in range(n_groups)]
-    return jnp.repeat(rhs.scale[:, jnp.array(index), :], cols, axis=2)[:, :, :rhs.shape[-1]]
+    scale = rhs.scale
+    if scale.shape[1] == 1:  # one scale along K (per channel or per tensor)
+        scale = jnp.broadcast_to(scale, (scale.shape[0], n_groups, scale.shape[2]))
+    else:  # groups nest in the row blocks: each row block covers rows // group groups
+        scale = jnp.repeat(scale, rows // group, axis=1)[:, :n_groups]
+    return jnp.repeat(scale, cols, axis=2)[:, :, :rhs.shape[-1]] if cols > 1 else scale
 
 
 def _pad_axis_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -826,6 +830,34 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     return out.reshape(shape).astype(preferred_element_type)
 
 
+def upcast(data: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """FP8 data (float8_e4m3fn or float8_e5m2) as `dtype` values, exactly, via float16.
+
+    XLA on CPU converts f8 element by element in scalar code; moving the bits into a
+    float16 instead is a few vectorized integer ops. E5M2 is the top byte of a float16.
+    E4M3's exponent and mantissa fields, placed in a float16's, read as the same value
+    divided by 2**8 in the normal and the subnormal range alike (the biases differ by
+    8), so one exact multiply by 256 restores it. E4M3's NaN (S.1111.111) becomes NaN.
+
+    Args:
+      data: an array of any shape; other dtypes go through `astype`.
+      dtype: the result dtype (bf16 or f32: both hold every FP8 value exactly).
+
+    Returns:
+      data's values as `dtype`.
+    """
+    kind = jnp.dtype(data.dtype)
+    if kind == jnp.dtype(jnp.float8_e5m2):
+        bits = lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.uint16) << 8
+        return lax.bitcast_convert_type(bits, jnp.float16).astype(dtype)
+    if kind != jnp.dtype(jnp.float8_e4m3fn):
+        return data.astype(dtype)
+    b = lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.uint16)
+    half = lax.bitcast_convert_type(((b & 0x80) << 8) | ((b & 0x7F) << 7), jnp.float16)
+    value = half.astype(jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype) * 256.0
+    return jnp.where((b & 0x7F) == 0x7F, jnp.nan, value).astype(dtype)
+
+
 def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype):
     group, k_pad = groups
     tile = min(tile, k_pad) if tile < x3.shape[-1] else k_pad
@@ -833,9 +865,9 @@ def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int
     if sx is not None and jnp.ndim(sx) == 3 and tile > group:
         sx = jnp.repeat(sx, tile // group, axis=2)  # lhs tiles span several rhs blocks
     wdtype = jnp.float32 if jnp.dtype(xv.dtype) == jnp.float32 else jnp.bfloat16
-    wv = _pad_axis_to(rhs3.data.astype(wdtype), 1, k_pad)  # exact: bf16 holds every FP8 value
+    wv = _pad_axis_to(upcast(rhs3.data, wdtype), 1, k_pad)  # exact: bf16 holds every FP8 value
     sw = _rhs_group_scales(rhs3, group, k_pad // group)
-    return _grouped_dot(xv, sx, wv, sw, group, jax.default_backend() == "cpu")
+    return _grouped_dot(xv, sx, wv, sw, group, False)
 
 
 def _reference_prequantized(x3, rhs3: ScaledArray, recipe, scale, compute_dtype) -> jax.Array:
@@ -857,4 +889,4 @@ def _fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale):
     return out * _rhs_group_scales(rhs3, rhs3.shape[1], 1)
 
 
-__all__ += ["prequantized_matmul"]
+__all__ += ["prequantized_matmul", "upcast"]

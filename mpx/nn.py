@@ -14,6 +14,12 @@ a global setting.
 * `grouped_attention`: QK^T and PV contractions resolved at `<block>/qk` and
   `<block>/pv`, so a policy puts them in bf16 (the default) or FP8; softmax in f32.
 
+Serving: a `DenseGeneral` or `ExpertDense` whose params hold a `ScaledArray` kernel (FP8
+data + f32 scales, see serve/quantize.py) runs the forward-only
+`mpx.dot.prequantized_matmul` on it: activations quantized per the layer's recipe,
+weight-only without one. A DenseGeneral kernel is stored in its 2-D (K, N) view (in
+features flattened, out features flattened), an ExpertDense kernel as (E, K, F).
+
 Alignment (seed, 128-byte rule): FP8 GEMMs want matmul dimensions that are multiples of
 16. A layer under an FP8 recipe warns once, naming itself, when one is not; set
 `pad_to=16` to zero-pad the contraction dimension instead.
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 from mpx import dot as dot_lib
 from mpx import recipes as recipes_lib
 from mpx.policy import Policy, Precision, preset
+from mpx.scaled import ScaledArray
 
 Array = jax.Array
 FP8_ALIGNMENT = 16
@@ -98,6 +105,31 @@ def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_num
     return out.astype(precision.output_dtype)
 
 
+def contract_prequantized(module: nn.Module, name: str, lhs: Array, rhs: ScaledArray,
+                          precision: Precision) -> Array:
+    """lhs (..., K) or (E, M, K) times a pre-quantized weight, forward only (serving).
+
+    Stateful recipes (static scaling) read their calibrated amax from `fp8_state`; it is
+    never updated. Returns the result in `precision.output_dtype`.
+    """
+    recipe, state = precision.recipe, None
+    if recipes_lib.is_stateful(recipe):
+        state = module.variable("fp8_state", name, dot_lib.init_state, recipe).value
+    out = dot_lib.prequantized_matmul(lhs, rhs, recipe=recipe, state=state, compute_dtype=precision.compute_dtype,
+                                      preferred_element_type=precision.accum_dtype)
+    return out.astype(precision.output_dtype)
+
+
+def _kernel(module: nn.Module, init: Callable, shape: tuple[int, ...], dtype) -> Array | ScaledArray:
+    """The "kernel" param, or the pre-quantized ScaledArray stored in its place (returned
+    as is: its 2-D view would fail `self.param`'s shape check against `shape`)."""
+    if module.has_variable("params", "kernel"):
+        stored = module.get_variable("params", "kernel")
+        if isinstance(stored, ScaledArray):
+            return stored
+    return module.param("kernel", init, shape, dtype)
+
+
 def _fp8_inputs(x: Array, precision: Precision) -> Array:
     # FP8 operands are quantized from the activations as they arrive (f32 or bf16);
     # without a recipe they are cast to the compute dtype.
@@ -130,10 +162,13 @@ class DenseGeneral(nn.Module):
         axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
         axes = tuple(a % x.ndim for a in axes)
         in_shape = tuple(x.shape[a] for a in axes)
-        kernel = self.param("kernel", self.kernel_init, in_shape + features, precision.param_dtype)
+        kernel = _kernel(self, self.kernel_init, in_shape + features, precision.param_dtype)
         # Contract over flattened input axes against a (K, N) view of the kernel.
         batch_axes = tuple(a for a in range(x.ndim) if a not in axes)
         x2 = jnp.transpose(x, batch_axes + axes).reshape(tuple(x.shape[a] for a in batch_axes) + (-1,))
+        if isinstance(kernel, ScaledArray):  # serving: stored in its (K, N) view
+            y = contract_prequantized(self, "kernel", x2, kernel, precision)
+            return self._finish(y.reshape(y.shape[:-1] + features), features, precision)
         k2 = kernel.reshape(math.prod(in_shape), math.prod(features))
         if precision.recipe is not None:
             warn_misaligned(module_path(self), {"in": k2.shape[0], "out": k2.shape[1]})
@@ -141,7 +176,9 @@ class DenseGeneral(nn.Module):
                 x2, k2 = _pad_axis(x2, -1, self.pad_to), _pad_axis(k2, 0, self.pad_to)
         dims = (((x2.ndim - 1,), (0,)), ((), ()))
         y = contract(self, "kernel", _fp8_inputs(x2, precision), k2, dims, precision)
-        y = y.reshape(y.shape[:-1] + features)
+        return self._finish(y.reshape(y.shape[:-1] + features), features, precision)
+
+    def _finish(self, y: Array, features: tuple[int, ...], precision: Precision) -> Array:
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, features, precision.param_dtype)
             y = (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(precision.output_dtype)
@@ -169,7 +206,9 @@ class ExpertDense(nn.Module):
         precision = resolve_precision(self, self.policy)
         shape = (self.n_experts, x.shape[-1], self.features)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
-        kernel = self.param("kernel", init, shape, precision.param_dtype)
+        kernel = _kernel(self, init, shape, precision.param_dtype)
+        if isinstance(kernel, ScaledArray):  # serving: pre-quantized (E, K, F)
+            return contract_prequantized(self, "kernel", x, kernel, precision)
         if precision.recipe is not None:
             warn_misaligned(module_path(self), {"in": shape[1], "out": shape[2]})
         dims = (((2,), (1,)), ((0,), (0,)))

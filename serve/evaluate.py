@@ -1,0 +1,295 @@
+"""`python -m serve.evaluate --checkpoint PATH`: what precision costs, measured.
+
+Serves one checkpoint in fp32, bf16 and several FP8 variants (weight scales per 128x128
+block or per output channel; activations per token, per tensor, static from each
+calibration method, or weight-only; an FP8 KV cache) and measures, against fp32, on
+held-out text (the checkpoint's own eval split):
+
+* weight memory (bytes of the serving params, and % of fp32),
+* decode tokens/s (greedy, KV cache, warm),
+* perplexity and its relative change,
+* logits cosine similarity, KL(fp32 || variant) per token, top-1 agreement,
+* greedy-generation agreement: the fraction of generated tokens equal to fp32's at the
+  same position, from held-out prompts.
+
+Writes `precision_report.md` and `precision_report.png` into `--out` (default
+`runs/<run name>/eval/`). User mistakes exit with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging as absl_logging
+
+import mpx
+from mpx import calibrate as calibrate_lib
+from serve import engine as engine_lib
+from serve import kv_cache as kv_cache_lib
+from serve import quantize as q
+
+SEED_CLAIMS = {"fp32": ("100%", "<0.1%"), "bf16": ("50%", "<0.5%"), "fp8": ("25%", "<2%")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the report: a serving spec and the KV cache kind it generates with."""
+
+    spec: q.ServeSpec
+    kv_cache: str = "bf16"
+
+    @property
+    def label(self) -> str:
+        return self.spec.label + (f" + {self.kv_cache} KV" if self.kv_cache == "fp8" else "")
+
+
+def default_variants(methods=calibrate_lib.METHODS) -> list[Variant]:
+    """fp32, bf16, FP8 weight/activation variants, each calibration method, FP8 KV cache."""
+    fp8 = q.ServeSpec("fp8")
+    rows = [Variant(q.ServeSpec("fp32")), Variant(q.ServeSpec("bf16")), Variant(fp8),
+            Variant(dataclasses.replace(fp8, weights="channel")),
+            Variant(dataclasses.replace(fp8, activations="tensor")),
+            Variant(dataclasses.replace(fp8, activations="none"))]
+    rows += [Variant(dataclasses.replace(fp8, activations="static", calibration=m)) for m in methods]
+    return rows + [Variant(fp8, kv_cache="fp8")]
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@dataclasses.dataclass
+class Data:
+    """Held-out batches, greedy prompts and the fp32 reference over them."""
+
+    inputs: list[np.ndarray]
+    targets: list[np.ndarray]
+    prompts: list[list[int]]
+    new_tokens: int
+    ref_logits: list[jax.Array] | None = None
+    ref_generation: list[list[int]] | None = None
+
+
+def held_out(ckpt: q.Checkpoint, batches: int, prompts: int, prompt_len: int, new_tokens: int) -> Data:
+    """The checkpoint's held-out batches and `prompts` greedy prompts cut from them."""
+    stream, _ = q.token_stream(ckpt, 8)
+    count = min(batches, stream.num_eval_batches)
+    if count == 0:
+        raise q.ServeError(f"checkpoint {ckpt.path} has no held-out data (data.eval_fraction is 0)")
+    eval_batches = stream.eval_batches(count)
+    windows = np.concatenate([b.inputs for b in eval_batches])
+    starts = [w[:prompt_len].tolist() for w in windows[:prompts]]
+    return Data([b.inputs for b in eval_batches], [b.targets for b in eval_batches], starts, new_tokens)
+
+
+def _forward(model, kv_cache: str):
+    """A jitted (variables, tokens) -> f32 logits, through a KV cache of that kind."""
+
+    @jax.jit
+    def forward(variables, tokens):
+        cache = kv_cache_lib.init(model.config, tokens.shape[0], kv_cache) if kv_cache == "fp8" else None
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return model.apply(variables, tokens, positions, cache)[0]
+
+    return forward
+
+
+def _nll(logits: jax.Array, targets: np.ndarray) -> float:
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return float(-jnp.sum(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)))
+
+
+def _generate(engine: engine_lib.Engine, data: Data) -> tuple[list[list[int]], float]:
+    """Greedy generations from the prompts, and warm decode tokens/s."""
+    engine.generate(data.prompts, max_new_tokens=engine.chunk + 1)  # compile prefill and decode
+    outputs, stats = engine.generate(data.prompts, max_new_tokens=data.new_tokens)
+    return [o.tokens for o in outputs], stats.decode_tokens_per_s
+
+
+def _agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    same = sum(sum(a == b for a, b in zip(x, r)) for x, r in zip(tokens, reference))
+    return same / max(sum(len(r) for r in reference), 1)
+
+
+def measure(variant: Variant, ckpt: q.Checkpoint, data: Data, hists, fp32_bytes: int) -> dict:
+    """One report row (fills the fp32 reference into `data` when given the fp32 variant)."""
+    model, variables = q.prepare(ckpt, variant.spec, hists=hists)
+    forward = _forward(model, variant.kv_cache)
+    logits = [forward(variables, jnp.asarray(x)) for x in data.inputs]
+    tokens, tps = _generate(engine_lib.Engine(model, variables, kv_cache=variant.kv_cache), data)
+    if data.ref_logits is None:
+        data.ref_logits, data.ref_generation = logits, tokens
+    count = sum(t.size for t in data.targets)
+    nll = sum(_nll(lg, t) for lg, t in zip(logits, data.targets)) / count
+    flat, ref = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in logits]), \
+        jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in data.ref_logits])
+    nbytes = q.weight_bytes(variables["params"])
+    return {"label": variant.label, "precision": variant.spec.precision, "bytes": nbytes,
+            "memory": nbytes / fp32_bytes, "tokens_per_s": tps, "ppl": math.exp(nll),
+            "cosine": float(mpx.metrics.cosine_similarity(flat, ref)),
+            "kl": float(mpx.metrics.kl_divergence(flat, ref)), "top1": float(mpx.metrics.top1_agreement(flat, ref)),
+            "greedy": _agreement(tokens, data.ref_generation), "logits": flat}
+
+
+def evaluate(ckpt: q.Checkpoint, variants: list[Variant], data: Data, calibration_batches: int = 8,
+             log=print) -> tuple[list[dict], dict]:
+    """Measures every variant (the first must be fp32: it is the reference).
+
+    Returns:
+      (rows, extra): rows as `measure` returns them plus "ppl_change"; extra holds the
+      calibrated amax per method and layer and the fitted FP8 logit scale.
+    """
+    if variants[0].spec.precision != "fp32" or variants[0].kv_cache == "fp8":
+        raise ValueError("the first variant must be fp32 with a bf16/fp32 KV cache: it is the reference")
+    hists = None
+    if any(v.spec.activations == "static" and v.spec.precision == "fp8" for v in variants):
+        hists = q.calibrate(ckpt.config, ckpt.params, q.calibration_batches(ckpt, calibration_batches))
+    fp32_bytes = q.weight_bytes(ckpt.params)
+    rows = []
+    for variant in variants:
+        log(f"measuring {variant.label} ...")
+        rows.append(measure(variant, ckpt, data, hists, fp32_bytes))
+    for row in rows:
+        row["ppl_change"] = row["ppl"] / rows[0]["ppl"] - 1.0
+    return rows, _extra(rows, hists)
+
+
+def _extra(rows: list[dict], hists) -> dict:
+    extra: dict = {}
+    fp8 = next((r for r in rows if r["precision"] == "fp8"), None)
+    if fp8 is not None:
+        scale = q.fit_logit_scale(fp8["logits"], rows[0]["logits"])
+        kl = float(mpx.metrics.kl_divergence(fp8["logits"] * scale, rows[0]["logits"]))
+        extra["logit_scale"] = {"label": fp8["label"], "scale": scale, "kl_before": fp8["kl"], "kl_after": kl}
+    if hists is not None:
+        extra["amax"] = {path: {m: float(calibrate_lib.calibrated_amax(h, m)) for m in calibrate_lib.METHODS}
+                         for path, h in hists.items()}
+    return extra
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _winner(rows: list[dict]) -> str:
+    static = [r for r in rows if "static" in r["label"] and "KV" not in r["label"]]
+    if not static:
+        return ""
+    best = min(static, key=lambda r: r["ppl"])
+    order = ", ".join(f"{r['label'].split('static ')[1].rstrip(' act)')} {r['ppl_change']:+.3%}"
+                      for r in sorted(static, key=lambda r: r["ppl"]))
+    return f"Calibration methods by perplexity (static per-tensor activations): {order}; best: {best['label']}."
+
+
+def to_markdown(rows: list[dict], extra: dict, ckpt: q.Checkpoint, data: Data) -> str:
+    """The report as Markdown: the table, the seed's claims beside it, calibration notes."""
+    tokens = sum(t.size for t in data.targets)
+    lines = [f"# Precision report: {ckpt.name} (step {ckpt.step})", "",
+             f"Model {ckpt.config.d_model}d x {ckpt.config.n_layers} layers, "
+             f"{sum(int(x.size) for x in jax.tree_util.tree_leaves(ckpt.params)):,} parameters. Held-out text: "
+             f"{tokens:,} tokens; greedy agreement over {len(data.prompts)} prompts x {data.new_tokens} new "
+             f"tokens; decode tokens/s on {jax.default_backend()} ({len(data.prompts)} rows, warm). "
+             "Every number below is measured by `python -m serve.evaluate`.", "",
+             "| variant | weight memory | vs fp32 | seed claim | decode tok/s | perplexity | ppl change | seed claim "
+             "| logits cosine | KL (nats/token) | top-1 agree | greedy agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    claimed = set()
+    for r in rows:
+        # The seed's claims sit beside the first (default) row of each precision.
+        first = r["precision"] not in claimed and "KV" not in r["label"]
+        claimed.add(r["precision"])
+        claim = SEED_CLAIMS[r["precision"]] if first else ("", "")
+        lines.append(f"| {r['label']} | {r['bytes'] / 1024:,.0f} KiB | {r['memory']:.1%} | {claim[0]} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['ppl']:.4f} | {r['ppl_change']:+.3%} | {claim[1]} | "
+                     f"{r['cosine']:.6f} | {r['kl']:.2e} | {r['top1']:.2%} | {r['greedy']:.2%} |")
+    lines += ["", _winner(rows)]
+    if "logit_scale" in extra:
+        e = extra["logit_scale"]
+        lines += ["", f"FP8 logit temperature (seed 5.1): the scale minimizing KL to fp32 for {e['label']} is "
+                      f"{e['scale']:.3f} (KL {e['kl_before']:.2e} -> {e['kl_after']:.2e})."]
+    if "amax" in extra:
+        lines += ["", "Calibrated activation amax per layer:", "",
+                  "| layer | " + " | ".join(calibrate_lib.METHODS) + " |", "|---" * (len(calibrate_lib.METHODS) + 1) + "|"]
+        lines += [f"| {p} | " + " | ".join(f"{a[m]:.4g}" for m in calibrate_lib.METHODS) + " |"
+                  for p, a in extra["amax"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Four bar charts: weight memory, perplexity change, KL, decode tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in rows]
+    panels = [("weight memory (% of fp32)", [100 * r["memory"] for r in rows]),
+              ("perplexity change vs fp32 (%)", [100 * r["ppl_change"] for r in rows]),
+              ("KL(fp32 || variant), nats/token", [r["kl"] for r in rows]),
+              ("decode tokens/s", [r["tokens_per_s"] for r in rows])]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 0.45 * len(rows) + 1.5), sharey=True)
+    for ax, (title, values) in zip(axes, panels):
+        ax.barh(range(len(rows)), values, color=["#777" if r["precision"] != "fp8" else "#c44" for r in rows])
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serve.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
+    p.add_argument("--out", help="output directory (default runs/<run name>/eval)")
+    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 sequences")
+    p.add_argument("--calibration-batches", type=int, default=8, help="training batches for static calibration")
+    p.add_argument("--prompts", type=int, default=8, help="greedy-generation prompts")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--methods", default=",".join(calibrate_lib.METHODS),
+                   help="calibration methods to compare (comma-separated; empty for none)")
+    return p.parse_args(argv)
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    for m in methods:
+        if m not in calibrate_lib.METHODS:
+            raise q.ServeError(f"unknown calibration method {m!r}; allowed: {', '.join(calibrate_lib.METHODS)}")
+    return methods
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
+    try:
+        methods = _methods(args.methods)
+        ckpt = q.load_checkpoint(args.checkpoint)
+        data = held_out(ckpt, args.eval_batches, args.prompts, args.prompt_len, args.new_tokens)
+        rows, extra = evaluate(ckpt, default_variants(methods), data, args.calibration_batches,
+                               log=lambda s: print(s, file=sys.stderr))
+    except (q.ServeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / ckpt.name / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    report = to_markdown(rows, extra, ckpt, data)
+    (out / "precision_report.md").write_text(report)
+    plot(rows, out / "precision_report.png")
+    print(report)
+    print(f"wrote {out / 'precision_report.md'} and {out / 'precision_report.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

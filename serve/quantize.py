@@ -1,0 +1,465 @@
+"""Serving weights: load a training checkpoint and convert it under a precision.
+
+    ckpt = load_checkpoint("runs/tiny/checkpoints")       # f32 masters + model config
+    spec = ServeSpec("fp8")                               # or "bf16", "fp32"
+    model, variables = prepare(ckpt, spec)                # quantized, ready for apply
+
+Precisions (the seed's table: memory 100 / 50 / 25 %):
+
+* "fp32": the training masters as they are.
+* "bf16": every parameter in bf16 (the MoE router stays f32).
+* "fp8": the matmul kernels the fp8 policy quantizes (Q/K/V/O projections, FFN, MoE
+  experts) stored as `mpx.ScaledArray`s: E4M3 data plus float32 scales, per 128x128
+  block (`weights="block"`, DeepSeek-V3's `weight_scale_inv`) or per output channel
+  (`weights="channel"`). A DenseGeneral kernel is quantized and stored in its 2-D
+  (K, N) view; expert kernels as (E, K, F) with blocks (1, 128, 128) or (1, K, 1).
+  Embeddings (and so the tied LM head), norms and the rest are bf16. Activations are
+  quantized per the `activations` option: "token" (online 1x128 tiles per token, the
+  DeepSeekV3 recipe), "tensor" (online per tensor), "static" (per tensor, from
+  calibration with the `calibration` method) or "none" (weight-only, bf16 activations).
+
+Calibration (`calibrate`) runs the fp32 model over calibration batches and streams the
+input of every DenseGeneral / ExpertDense layer into an `mpx.calibrate.Histogram`
+(collected with a Flax method interceptor, inside jit). `static_state` turns the
+histograms into the `fp8_state` of the StaticScaling recipe.
+
+User mistakes (a missing checkpoint, a checkpoint of another model, a missing
+tokenizer) raise `ServeError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mpx
+from models import transformer
+from models.config import ModelConfig
+from mpx import calibrate as calibrate_lib
+from mpx import dot as dot_lib
+from mpx import nn as mnn
+from mpx import recipes as recipes_lib
+from mpx.scaled import ScaledArray
+from train import checkpoint as ckpt
+from train import config as config_lib
+from train import data as data_lib
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+WEIGHT_SCALES = ("block", "channel")
+ACTIVATIONS = ("token", "tensor", "static", "none")
+TRAIN_COMMAND = "python -m train.run --config configs/tiny.yaml"
+TRAIN_CHECKPOINTS = "runs/tiny/checkpoints"
+BLOCK = 128
+
+
+class ServeError(ValueError):
+    """A user mistake in serving: bad checkpoint, model, tokenizer or option."""
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ServeError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSpec:
+    """How to serve a checkpoint.
+
+    Attributes:
+      precision: "fp32", "bf16" or "fp8".
+      weights: FP8 weight scales, "block" (128x128) or "channel" (per output channel).
+      activations: FP8 activation scaling, "token", "tensor", "static" or "none".
+      calibration: for static activations: "max", "percentile", "mse" or "kl".
+      fmt: FP8 element format of weights and activations.
+    """
+
+    precision: str = "fp8"
+    weights: str = "block"
+    activations: str = "token"
+    calibration: str = "max"
+    fmt: str = "e4m3"
+
+    def __post_init__(self):
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("weight scaling", self.weights, WEIGHT_SCALES)
+        _check_choice("activation scaling", self.activations, ACTIVATIONS)
+        _check_choice("calibration method", self.calibration, calibrate_lib.METHODS)
+
+    @property
+    def label(self) -> str:
+        """A short name for reports: "fp8 (block, static kl)"."""
+        if self.precision != "fp8":
+            return self.precision
+        acts = f"static {self.calibration}" if self.activations == "static" else self.activations
+        return f"fp8 ({self.weights} w, {acts} act)"
+
+    def recipe(self) -> recipes_lib.Recipe | None:
+        """The recipe of the FP8 layers' activations (None: weight-only)."""
+        return {"token": recipes_lib.DeepSeekV3(fmt=self.fmt, grad_format=self.fmt),
+                "tensor": recipes_lib.CurrentScaling(fwd_format=self.fmt),
+                "static": recipes_lib.StaticScaling(fwd_format=self.fmt), "none": None}[self.activations]
+
+    def policy(self) -> mpx.Policy:
+        """The serving policy: the preset, with the FP8 layers' recipe from `activations`."""
+        if self.precision != "fp8":
+            return mpx.policy.preset(self.precision)
+        recipe = self.recipe()
+        return mpx.policy.preset("fp8").map_recipes(lambda _: recipe)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A training checkpoint, ready to serve.
+
+    Attributes:
+      config: the model's shape.
+      params: the f32 master weights.
+      train_config: the checkpoint's training config as a dict (data, precision, ...).
+      step: the training step.
+      path: the checkpoint root directory.
+    """
+
+    config: ModelConfig
+    params: Any
+    train_config: dict
+    step: int
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """The run's name: the directory above `checkpoints/` (runs/tiny -> "tiny")."""
+        return self.path.parent.name if self.path.name == "checkpoints" else self.path.name
+
+    @property
+    def tokenizer_spec(self) -> str:
+        return self.train_config.get("data", {}).get("tokenizer", "bytes")
+
+
+def missing_checkpoint_message(path: str | Path) -> str:
+    return (f"no checkpoint at {str(path)!r}; make one with `{TRAIN_COMMAND}` "
+            f"(its checkpoints land in {TRAIN_CHECKPOINTS})")
+
+
+def _locate(path: str | Path) -> tuple[Path, int | None]:
+    """(checkpoint root, step or None) for a run dir, a checkpoint root or a step dir."""
+    path = Path(path)
+    if not path.exists():
+        raise ServeError(missing_checkpoint_message(path))
+    if (path / ckpt.MANIFEST).is_file() and path.name.isdigit():
+        return path.parent, int(path.name)
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if ckpt.latest_step(path) is None:
+        raise ServeError(missing_checkpoint_message(path))
+    return path, None
+
+
+def load_checkpoint(path: str | Path, *, expect_model: ModelConfig | None = None) -> Checkpoint:
+    """Restores a training checkpoint's params and config (verified by its manifest).
+
+    Args:
+      path: a run directory (runs/tiny), its checkpoints/ directory (latest step) or
+        one step's directory (runs/tiny/checkpoints/300).
+      expect_model: when given, the checkpoint's model config must equal it.
+
+    Returns:
+      A `Checkpoint`.
+
+    Raises:
+      ServeError: no checkpoint there (naming the command that makes one), a corrupt
+        checkpoint, a model config other than `expect_model`, or params that do not fit
+        the checkpoint's own model config.
+    """
+    root, step = _locate(path)
+    try:
+        step, meta = ckpt.read_metadata(root, step)
+        train_config = meta.get("config", {})
+        config = config_lib.from_dict(ModelConfig, train_config.get("model", {}), "model")
+        if expect_model is not None and config != expect_model:
+            raise ServeError(f"checkpoint {root} is for another model: {_config_diff(expect_model, config)}")
+        state, _ = ckpt.restore(root, step)
+    except (ckpt.CheckpointError, config_lib.ConfigError) as err:
+        raise ServeError(str(err)) from None
+    # Restored arrays keep the training mesh's sharding; serving runs on one device, and
+    # mixing mesh-sharded and plain arrays would make jit retrace per call.
+    params = jax.device_put(state["params"], jax.devices()[0])
+    check_params(config, params)
+    return Checkpoint(config, params, train_config, step, root)
+
+
+def _config_diff(want: ModelConfig, have: ModelConfig) -> str:
+    diffs = [f"{f.name}={getattr(have, f.name)!r} (expected {getattr(want, f.name)!r})"
+             for f in dataclasses.fields(ModelConfig) if getattr(want, f.name) != getattr(have, f.name)]
+    return ", ".join(diffs)
+
+
+def check_params(config: ModelConfig, params) -> None:
+    """Checks a params tree against the shapes the model config gives.
+
+    Raises:
+      ServeError: naming the first parameter that is missing, extra or of another shape.
+    """
+    model = transformer.Transformer(config)
+    want = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    have = {_path_name(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(want)[0]:
+        name = _path_name(path)
+        if name not in have:
+            raise ServeError(f"parameter {name} is missing: the checkpoint does not fit its model config")
+        if have.pop(name) != tuple(leaf.shape):
+            raise ServeError(f"parameter {name} has another shape than the model config gives {tuple(leaf.shape)}")
+    if have:
+        raise ServeError(f"parameters {sorted(have)[:4]} are not in the model: the checkpoint does not fit")
+
+
+def load_tokenizer(spec: str) -> data_lib.Tokenizer:
+    """The tokenizer a checkpoint was trained with ("bytes" or a tokenizer.json path).
+
+    Raises:
+      ServeError: the tokenizer file is missing or its package is not installed.
+    """
+    try:
+        return data_lib.make_tokenizer(spec)
+    except (FileNotFoundError, ImportError) as err:
+        raise ServeError(f"tokenizer: {err}; pass --tokenizer PATH to use another") from None
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _dense_layers(model: transformer.Transformer) -> dict[str, int | None]:
+    """{module path: number of output-feature axes of its kernel (None: ExpertDense)}."""
+    found: dict[str, int | None] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (mnn.DenseGeneral, mnn.ExpertDense)):
+            features = getattr(module, "features", None)
+            n_out = None if isinstance(module, mnn.ExpertDense) else len(np.atleast_1d(features))
+            found[mnn.module_path(module)] = n_out
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return found
+
+
+def _fp8_paths(config: ModelConfig) -> dict[str, int | None]:
+    """The layers the fp8 policy gives a recipe: {path: feature axes (None: experts)}."""
+    policy = mpx.policy.preset("fp8")
+    layers = _dense_layers(transformer.Transformer(config))
+    return {p: n for p, n in layers.items() if policy.resolve(p).recipe is not None}
+
+
+def _quantize_kernel(kernel: jax.Array, n_out: int | None, spec: ServeSpec) -> ScaledArray:
+    if n_out is None:  # ExpertDense (E, K, F)
+        block = (1, BLOCK, BLOCK) if spec.weights == "block" else (1, kernel.shape[1], 1)
+        return mpx.quantize(kernel, spec.fmt, mpx.Blocks(block))
+    n = math.prod(kernel.shape[kernel.ndim - n_out:])
+    k2 = kernel.reshape(-1, n)  # the (K, N) view DenseGeneral contracts with
+    block = (BLOCK, BLOCK) if spec.weights == "block" else (k2.shape[0], 1)
+    return mpx.quantize(k2, spec.fmt, mpx.Blocks(block))
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(_key_name(k) for k in path)
+
+
+def _path_of(path: tuple) -> tuple[str, str]:
+    """(module path, param name) of a params-tree key path."""
+    names = [_key_name(k) for k in path]
+    return "/".join(names[:-1]), names[-1]
+
+
+def quantize_params(params, config: ModelConfig, spec: ServeSpec):
+    """The serving params of f32 master `params` under `spec` (see the module docstring).
+
+    Args:
+      params: the model's f32 params tree.
+      config: the model's shape.
+      spec: the precision.
+
+    Returns:
+      A params tree of the same structure; FP8 kernels are `ScaledArray`s.
+    """
+    if spec.precision == "fp32":
+        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    fp8 = _fp8_paths(config) if spec.precision == "fp8" else {}
+
+    def convert(path, leaf):
+        module, name = _path_of(path)
+        if name == "kernel" and module in fp8:
+            return _quantize_kernel(jnp.asarray(leaf, jnp.float32), fp8[module], spec)
+        # The MoE router stays f32 in every preset: its top-k decisions flip easily.
+        return jnp.asarray(leaf, jnp.float32 if module.endswith("router") else jnp.bfloat16)
+
+    return jax.tree_util.tree_map_with_path(convert, params)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _nbytes(x) -> int:
+    return int(x.size) * jnp.dtype(x.dtype).itemsize  # arrays and jax.ShapeDtypeStructs alike
+
+
+def weight_bytes(params) -> int:
+    """Bytes the params hold on device: FP8 data, f32 scales and float arrays alike."""
+    return sum(_nbytes(x) for x in jax.tree_util.tree_leaves(params))
+
+
+def memory_report(params) -> dict[str, int]:
+    """Bytes by kind: "fp8" (data), "scales", "bf16", "f32" and "total"."""
+    out = {"fp8": 0, "scales": 0, "bf16": 0, "f32": 0}
+    for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, ScaledArray)):
+        if isinstance(leaf, ScaledArray):
+            out["fp8"] += _nbytes(leaf.data)
+            out["scales"] += _nbytes(leaf.scale)
+        else:
+            out["bf16" if leaf.dtype == jnp.bfloat16 else "f32"] += _nbytes(leaf)
+    out["total"] = sum(out.values())
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _record_inputs(records: dict) -> Callable:
+    """A Flax interceptor that stores the input of every dense layer by module path."""
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (mnn.DenseGeneral, mnn.ExpertDense)):
+            records[mnn.module_path(module)] = args[0]
+        return next_fun(*args, **kwargs)
+
+    return record
+
+
+def _observe_step(model: transformer.Transformer) -> Callable:
+    @jax.jit
+    def step(hists, params, tokens):
+        records: dict = {}
+        with nn.intercept_methods(_record_inputs(records)):
+            model.apply({"params": params}, tokens)
+        return {p: calibrate_lib.observe(h, records[p]) for p, h in hists.items()}
+
+    return step
+
+
+def calibrate(config: ModelConfig, params, batches: Iterable, *, bins: int = calibrate_lib.DEFAULT_BINS,
+              paths: Iterable[str] | None = None) -> dict[str, calibrate_lib.Histogram]:
+    """Histograms of every dense layer's input over `batches`, from the fp32 model.
+
+    Args:
+      config: the model's shape.
+      params: f32 params.
+      batches: (B, T) int token arrays.
+      bins: histogram bins (a power of two).
+      paths: the layers to observe (default: those the fp8 policy quantizes).
+
+    Returns:
+      {module path: Histogram}.
+    """
+    model = transformer.Transformer(config, mpx.policy.preset("fp32"))
+    paths = list(_fp8_paths(config) if paths is None else paths)
+    hists = {p: calibrate_lib.init_histogram(bins) for p in paths}
+    step = _observe_step(model)
+    for tokens in batches:
+        hists = step(hists, params, jnp.asarray(tokens, jnp.int32))
+    return hists
+
+
+def static_state(hists: dict[str, calibrate_lib.Histogram], method: str, fmt: str = "e4m3", **options) -> dict:
+    """The `fp8_state` collection of the StaticScaling recipe: calibrated lhs amax per layer.
+
+    Returns:
+      A nested dict {"layers_0": {"attn": {"q_proj": {"kernel": DotState}}}, ...}.
+    """
+    recipe = recipes_lib.StaticScaling(fwd_format=fmt)
+    state: dict = {}
+    for path, hist in hists.items():
+        amax = calibrate_lib.calibrated_amax(hist, method, fmt, **options)
+        entry = dot_lib.DotState(lhs=recipes_lib.AmaxHistory(jnp.reshape(amax, (1,))), rhs=recipe.init_state())
+        node = state
+        for part in path.split("/"):
+            node = node.setdefault(part, {})
+        node["kernel"] = entry
+    return state
+
+
+def calibration_batches(ckpt_: Checkpoint, count: int, batch_size: int = 8, seq_len: int | None = None) -> list:
+    """`count` training-split batches (B, T) of the checkpoint's own data (not held out)."""
+    stream, _ = token_stream(ckpt_, batch_size, seq_len)
+    state, out = data_lib.DataState(), []
+    for _ in range(min(count, stream.steps_per_epoch)):
+        batch, state = stream.batch(state)
+        out.append(np.asarray(batch.inputs))
+    return out
+
+
+def token_stream(ckpt_: Checkpoint, batch_size: int, seq_len: int | None = None):
+    """(TokenStream, tokenizer) of the checkpoint's own data, with another batch shape.
+
+    Raises:
+      ServeError: the data or tokenizer cannot be loaded.
+    """
+    data = dict(ckpt_.train_config.get("data", {}))
+    data.update(batch_size=batch_size, seq_len=seq_len or data.get("seq_len", ckpt_.config.max_seq_len))
+    try:
+        cfg = config_lib.from_dict(config_lib.DataConfig, data, "data")
+        return data_lib.build(cfg, ckpt_.config.vocab_size)
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        raise ServeError(f"data of checkpoint {ckpt_.path}: {err}") from None
+
+
+# --------------------------------------------------------------------------- putting it together
+
+
+def prepare(ckpt_: Checkpoint, spec: ServeSpec, *, hists: dict | None = None,
+            calibration_count: int = 8) -> tuple[transformer.Transformer, dict]:
+    """The serving model and its variables for a checkpoint under `spec`.
+
+    Static activations need histograms: `hists` from `calibrate`, or `calibration_count`
+    batches of the checkpoint's training data are observed here.
+
+    Returns:
+      (model, variables) for `model.apply(variables, tokens, positions, cache)`.
+    """
+    model = transformer.Transformer(ckpt_.config, spec.policy())
+    variables = {"params": quantize_params(ckpt_.params, ckpt_.config, spec)}
+    if spec.precision == "fp8" and spec.activations == "static":
+        if hists is None:
+            hists = calibrate(ckpt_.config, ckpt_.params, calibration_batches(ckpt_, calibration_count))
+        variables["fp8_state"] = static_state(hists, spec.calibration, spec.fmt)
+    return model, variables
+
+
+def fit_logit_scale(logits: jax.Array, reference: jax.Array, *, low: float = 0.8, high: float = 1.25,
+                    steps: int = 91) -> float:
+    """The factor a on `logits` minimizing KL(softmax(reference) || softmax(a * logits)).
+
+    The seed's temperature scaling at the output layer: if FP8 compresses (or stretches)
+    the logits, a > 1 (< 1) restores the distribution's sharpness. A grid search over
+    [low, high], geometric.
+    """
+    grid = np.geomspace(low, high, steps).astype(np.float32)
+    kls = jax.vmap(lambda a: mpx.metrics.kl_divergence(logits * a, reference))(jnp.asarray(grid))
+    return float(grid[int(jnp.argmin(kls))])

@@ -1,0 +1,239 @@
+"""Tests for serving: FP8 weights in memory, fidelity, the KV cache, the engine, the CLIs.
+
+One micro model is trained for a few steps (module fixture) and served in every test.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mpx
+from models import transformer
+from models.config import preset
+from serve import engine as engine_lib
+from serve import evaluate
+from serve import generate
+from serve import kv_cache
+from serve import quantize as q
+from serve import sampling
+from train import config as config_lib
+from train import loop
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ["model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
+         "model.max_seq_len=64", "data.seq_len=32", "data.batch_size=8", "eval_batches=1", "precision=fp32"]
+E4M3 = mpx.formats.get("e4m3")
+BF16 = mpx.formats.get("bf16")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("micro")
+    cfg = config_lib.load(ROOT / "configs" / "tiny.yaml",
+                          MICRO + [f"run_dir={run_dir}", "steps=60", "eval_every=0", "checkpoint.every=0"])
+    loop.train(cfg, quiet=True)
+    return q.load_checkpoint(cfg.checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def fp32(ckpt):
+    return q.prepare(ckpt, q.ServeSpec("fp32"))
+
+
+def _tokens(ckpt, rows=2, length=32):
+    stream, _ = q.token_stream(ckpt, rows, length)
+    return jnp.asarray(stream.eval_batch(0).inputs)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_fp8_weights_are_fp8_in_memory_and_at_most_27_percent_of_fp32():
+    config = preset("tiny")  # shapes and dtypes only: the bytes do not depend on the values
+    params = jax.eval_shape(transformer.Transformer(config).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    params = params["params"]
+    served = jax.eval_shape(lambda p: q.quantize_params(p, config, q.ServeSpec("fp8")), params)
+    kernels = [x for x in jax.tree_util.tree_leaves(served, is_leaf=lambda x: isinstance(x, mpx.ScaledArray))
+               if isinstance(x, mpx.ScaledArray)]
+    assert len(kernels) == 7 * config.n_layers  # q, k, v, o, gate, up, down
+    assert all(k.data.dtype == jnp.float8_e4m3fn and k.scale.dtype == jnp.float32 for k in kernels)
+    assert served["embed"]["embedding"].dtype == jnp.bfloat16  # and so the tied LM head
+    fp32_bytes = q.weight_bytes(params)
+    assert q.weight_bytes(served) <= 0.27 * fp32_bytes
+    bf16 = jax.eval_shape(lambda p: q.quantize_params(p, config, q.ServeSpec("bf16")), params)
+    assert q.weight_bytes(bf16) == fp32_bytes // 2
+    report = q.memory_report(served)
+    assert report["fp8"] == sum(k.data.size for k in kernels) and report["total"] == q.weight_bytes(served)
+
+
+@pytest.mark.parametrize("spec", [q.ServeSpec("fp8"), q.ServeSpec("fp8", weights="channel", activations="static",
+                                                                 calibration="kl"),
+                                  q.ServeSpec("fp8", activations="none")], ids=lambda s: s.label)
+def test_fp8_serving_logits_are_close_to_fp32(ckpt, fp32, spec):
+    tokens = _tokens(ckpt)
+    ref = fp32[0].apply(fp32[1], tokens)[0]
+    model, variables = q.prepare(ckpt, spec, calibration_count=2)
+    got = jax.jit(model.apply)(variables, tokens)[0]
+    # Each FP8 operand carries at most half an E4M3 ulp of relative error.
+    assert float(mpx.metrics.relative_error(got, ref)) < E4M3.half_ulp
+    assert float(mpx.metrics.top1_agreement(got, ref)) > 1 - E4M3.half_ulp
+
+
+def test_checkpoint_of_another_model_is_rejected(ckpt):
+    with pytest.raises(q.ServeError, match="another model: d_model=64 .expected 128."):
+        q.load_checkpoint(ckpt.path, expect_model=preset("tiny"))
+    bad = dict(ckpt.params, extra={"kernel": jnp.zeros((2, 2))})
+    with pytest.raises(q.ServeError, match="not in the model"):
+        q.check_params(ckpt.config, bad)
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("kind, bound", [("bf16", BF16.eps), ("fp8", E4M3.half_ulp)])
+def test_kv_cache_decode_equals_the_no_cache_forward(ckpt, fp32, kind, bound):
+    model, variables = fp32
+    tokens = _tokens(ckpt, rows=2, length=24)
+    full = model.apply(variables, tokens)[0]
+    cache = kv_cache.init(ckpt.config, 2, kind)
+    prefill = 16
+    positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
+    apply = jax.jit(model.apply)
+    logits, aux = apply(variables, tokens[:, :prefill], positions[:, :prefill], cache)
+    steps = [logits]
+    for t in range(prefill, 24):  # one token at a time, through the cache
+        logits, aux = apply(variables, tokens[:, t:t + 1], positions[:, t:t + 1], aux["cache"])
+        steps.append(logits)
+    cached = jnp.concatenate(steps, axis=1)
+    # Keys and values rounded once to the cache format: at most that format's relative error.
+    assert float(mpx.metrics.relative_error(cached, full)) < bound
+    if kind == "fp8":
+        slot = aux["cache"][0]["k"]
+        assert slot.data.dtype == jnp.float8_e4m3fn and slot.scale.shape == (2, 64, 2, 1)
+        slots = 2 * ckpt.config.max_seq_len
+        assert kv_cache.nbytes(aux["cache"]) == kv_cache.bytes_per_token(ckpt.config, "fp8") * slots
+        assert kv_cache.bytes_per_token(ckpt.config, "fp8") < kv_cache.bytes_per_token(ckpt.config, "bf16")
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@pytest.fixture(scope="module")
+def engine(fp32):
+    return engine_lib.Engine(*fp32, chunk=4)
+
+
+def test_decoding_never_recompiles_per_token(engine):
+    engine.traces.clear()
+    engine.generate([[5, 6, 7]], max_new_tokens=21)  # 1 prefill token + 5 decode calls
+    engine.generate([[1, 2, 3, 4, 5, 6]], max_new_tokens=13)  # same buckets: nothing new
+    assert dict(engine.traces) == {"prefill": 1, "decode": 1}
+
+
+def test_cached_generation_equals_recomputing_the_whole_sequence(ckpt, engine):
+    prompts = [_tokens(ckpt, 1, 12)[0].tolist()]
+    cached, _ = engine.generate(prompts, max_new_tokens=10)
+    recomputed, _ = engine.generate(prompts, max_new_tokens=10, use_cache=False)
+    assert cached[0].tokens == recomputed[0].tokens and len(cached[0].tokens) == 10
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(ckpt, engine):
+    rows = _tokens(ckpt, 3, 20)
+    prompts = [rows[0, :20].tolist(), rows[1, :5].tolist(), rows[2, :11].tolist()]
+    batched, _ = engine.generate(prompts, max_new_tokens=9)
+    for prompt, out in zip(prompts, batched):
+        alone, _ = engine.generate([prompt], max_new_tokens=9)
+        assert out.tokens == alone[0].tokens
+
+
+def test_sampling_is_reproducible_under_a_seed(engine):
+    draw = lambda seed: engine.generate([[3, 4, 5]], max_new_tokens=9, sampler=sampling.TopK(5), seed=seed)[0][0]
+    assert draw(1).tokens == draw(1).tokens
+    assert any(draw(1).tokens != draw(s).tokens for s in (2, 3, 4))
+
+
+def test_max_tokens_and_context_limits(ckpt, engine):
+    out, stats = engine.generate([[1, 2, 3]], max_new_tokens=6)
+    assert len(out[0].tokens) == 6 and out[0].finish == "length" and stats.new_tokens == 6
+    context = ckpt.config.max_seq_len
+    out, _ = engine.generate([[1] * (context - 3)], max_new_tokens=10)
+    assert len(out[0].tokens) == 3 and out[0].finish == "context"
+
+
+def test_stop_strings_end_a_row_and_streaming_matches_the_text(ckpt, engine):
+    tokenizer = q.load_tokenizer("bytes")
+    prompt = tokenizer.decode(_tokens(ckpt, 1, 16)[0])
+    texts, _, _ = engine_lib.generate_text(engine, tokenizer, [prompt], max_new_tokens=24)
+    stop = texts[0][10:12]
+    pieces = []
+    texts_stopped, outs, _ = engine_lib.generate_text(engine, tokenizer, [prompt], max_new_tokens=24, stop=[stop],
+                                                      stream=pieces.append)
+    assert texts_stopped[0] == texts[0][:texts[0].index(stop)]
+    assert outs[0].finish == "stop"
+    assert "".join(pieces) == texts_stopped[0]
+
+
+def test_bad_prompts_raise_clear_errors(ckpt, engine):
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate([[]], max_new_tokens=4)
+    with pytest.raises(ValueError, match=f"context is {ckpt.config.max_seq_len} tokens"):
+        engine.generate([[1] * ckpt.config.max_seq_len], max_new_tokens=4)
+
+
+# --------------------------------------------------------------------------- CLIs
+
+
+def _cli(capsys, *argv):
+    code = generate.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", ""], "prompt 0 is empty"),
+    (["--prompt", "x" * 100], "context is 64 tokens"),
+    (["--prompt", "hi", "--precision", "fp4"], "unknown precision 'fp4'; allowed: fp32, bf16, fp8"),
+    (["--prompt", "hi", "--kv-cache", "int8"], "unknown KV cache kind 'int8'"),
+    (["--prompt", "hi", "--config", str(ROOT / "configs" / "tiny.yaml")], "another model"),
+    (["--prompt", "hi", "--tokenizer", "/nonexistent/tokenizer.json"], "tokenizer"),
+])
+def test_generate_cli_user_mistakes_exit_2_with_one_line(capsys, ckpt, extra, message):
+    code, out, err = _cli(capsys, "--checkpoint", str(ckpt.path), *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_generate_cli_without_a_checkpoint_names_the_train_command(capsys, tmp_path):
+    code, _, err = _cli(capsys, "--checkpoint", str(tmp_path / "none"), "--prompt", "hi")
+    assert code == 2 and q.TRAIN_COMMAND in err and q.TRAIN_CHECKPOINTS in err
+
+
+def test_generate_cli_streams_and_reports_speed_and_memory(capsys, ckpt):
+    code, out, err = _cli(capsys, "--checkpoint", str(ckpt.path), "--prompt", "The ", "--max-tokens", "8",
+                          "--precision", "fp8", "--kv-cache", "fp8")
+    assert code == 0 and out.startswith("The ")
+    assert "tok/s" in err and "weight memory" in err
+
+
+def test_generate_cli_as_a_program_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "serve.generate", "--checkpoint", str(tmp_path), "--prompt", "x"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert q.TRAIN_COMMAND in result.stderr
+
+
+def test_evaluate_writes_a_measured_report(ckpt, tmp_path):
+    data = evaluate.held_out(ckpt, batches=1, prompts=2, prompt_len=8, new_tokens=8)
+    variants = [evaluate.Variant(q.ServeSpec("fp32")), evaluate.Variant(q.ServeSpec("fp8"), kv_cache="fp8")]
+    rows, extra = evaluate.evaluate(ckpt, variants, data, log=lambda s: None)
+    assert rows[0]["ppl_change"] == 0.0 and rows[0]["kl"] < E4M3.half_ulp**2
+    assert rows[1]["memory"] < 0.5 and abs(rows[1]["ppl_change"]) < E4M3.half_ulp
+    report = evaluate.to_markdown(rows, extra, ckpt, data)
+    assert "| fp8 (block w, token act) + fp8 KV |" in report and "logit temperature" in report
+    evaluate.plot(rows, tmp_path / "report.png")
+    assert (tmp_path / "report.png").stat().st_size > 0
