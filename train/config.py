@@ -42,6 +42,7 @@ OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant")
 MOMENT_DTYPES = ("bf16", "f32")
 LOSS_SCALES = ("none", "dynamic", "static")
+GRAD_COMMS = ("f32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -159,18 +160,29 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; -1 (at most one axis) takes the remaining devices."""
+    """The device mesh (see mpx/sharding.py) and how gradients cross it.
+
+    Attributes:
+      data: replicas (batch split, state replicated).
+      fsdp: batch split and params / optimizer state sharded.
+      tensor: heads, FFN width and vocabulary split within each layer.
+        Sizes multiply to the device count; -1 (at most one axis) takes the rest.
+      grad_comm: "f32" (gradients reduced in float32) or "bf16" (data-axis reduction
+        with bf16 communication and float32 accumulation).
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    grad_comm: str = "f32"
 
     def __post_init__(self):
-        sizes = dataclasses.asdict(self)
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, size in sizes.items():
             _check(name, size, size == -1 or size >= 1, ">= 1 or -1")
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"at most one axis may be -1; got {sizes}")
+        _check_choice("grad_comm", self.grad_comm, GRAD_COMMS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -369,15 +369,17 @@ class TokenStream:
                 f"{self.batch_size * self.seq_len + 1} for one eval batch of "
                 f"{self.batch_size}x{self.seq_len}; raise eval_fraction or set it to 0")
 
-    def batch(self, state: DataState) -> tuple[Batch, DataState]:
+    def batch(self, state: DataState, rows: slice | None = None) -> tuple[Batch, DataState]:
         """The training batch at `state` and the state after it.
 
         Args:
           state: position; `step_in_epoch` in [0, steps_per_epoch).
+          rows: only these rows of the global batch (a process's slice in multi-process
+            training, see `mpx.sharding.process_rows`); None for all of them.
 
         Returns:
-          (Batch of (batch_size, seq_len) int32 inputs and targets, next state); the
-          next state moves to the next epoch after its last step.
+          (Batch of (batch_size, seq_len) int32 inputs and targets, or its `rows`, next
+          state); the next state moves to the next epoch after its last step.
 
         Raises:
           ValueError: a state outside the stream.
@@ -387,14 +389,16 @@ class TokenStream:
                              f"[0, {self.steps_per_epoch}) and epoch >= 0")
         offset, order = _epoch_order(self.seed, state.epoch, self.n_windows, self.seq_len)
         step = state.step_in_epoch
-        idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+        idx = order[step * self.batch_size:(step + 1) * self.batch_size][slice(None) if rows is None else rows]
         batch = _windows(self.train_tokens, offset + idx * self.seq_len, self.seq_len)
         if step + 1 == self.steps_per_epoch:
             return batch, DataState(state.epoch + 1, 0)
         return batch, DataState(state.epoch, step + 1)
 
-    def eval_batch(self, index: int) -> Batch:
+    def eval_batch(self, index: int, rows: slice | None = None) -> Batch:
         """Held-out batch `index` in [0, num_eval_batches): consecutive, unshuffled windows.
+
+        `rows` selects a slice of the batch's rows, as in `batch`.
 
         Raises:
           ValueError: `index` out of range (naming how many eval batches exist).
@@ -404,12 +408,12 @@ class TokenStream:
                              f"({len(self.eval_tokens)} tokens) has {self.num_eval_batches} "
                              f"batches of {self.batch_size}x{self.seq_len}")
         first = index * self.batch_size
-        starts = (first + np.arange(self.batch_size)) * self.seq_len
+        starts = (first + np.arange(self.batch_size))[slice(None) if rows is None else rows] * self.seq_len
         return _windows(self.eval_tokens, starts, self.seq_len)
 
-    def eval_batches(self, count: int) -> list[Batch]:
-        """The first `count` eval batches (the same ones at every evaluation)."""
-        return [self.eval_batch(i) for i in range(count)]
+    def eval_batches(self, count: int, rows: slice | None = None) -> list[Batch]:
+        """The first `count` eval batches (the same ones at every evaluation), or their `rows`."""
+        return [self.eval_batch(i, rows) for i in range(count)]
 
 
 def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:

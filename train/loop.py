@@ -6,6 +6,14 @@ TensorBoard when `tensorboardX` is installed); checkpoints hold the `TrainState`
 their metadata the resolved config and the data position, so `--resume` continues the
 same loss trajectory bit for bit. SIGINT / SIGTERM finish the current step, save a
 checkpoint and exit.
+
+Scale-out: `cfg.mesh` builds one global (data, fsdp, tensor) mesh over every device of
+every process (`mpx.sharding`). The state is initialized directly into its shardings
+(params, moments and gradients by the sharding rules, scalars and FP8 amax histories
+replicated), the steps are jitted with in/out shardings, each process reads only its
+rows of the global batch and `jax.make_array_from_process_local_data` assembles them.
+A checkpoint restores onto the current mesh whatever mesh saved it. Only process 0
+prints and writes metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import numpy as np
 import mpx
 from models import transformer
 from mpx import optim
+from mpx import sharding
 from train import checkpoint as ckpt
 from train import config as config_lib
 from train import data as data_lib
@@ -44,6 +53,7 @@ class Run:
     tokenizer: Any
     train_step: Any
     eval_step: Any
+    layout: sharding.Layout
 
 
 def load_policy(precision: config_lib.PrecisionConfig) -> mpx.Policy:
@@ -72,29 +82,74 @@ def make_optimizer(cfg: config_lib.TrainConfig):
     )
 
 
+def make_layout(cfg: config_lib.TrainConfig) -> sharding.Layout:
+    """The mesh layout of `cfg.mesh` over all devices, checked against the batch size.
+
+    Raises:
+      ConfigError: the mesh does not fit the device count, or the batch does not split
+        evenly over the batch shards (times microbatches).
+    """
+    try:
+        layout = sharding.Layout(sharding.make_mesh(cfg.mesh), cfg.mesh.grad_comm)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mesh: {e}", "mesh") from None
+    need = layout.batch_shards * cfg.optimizer.microbatches
+    if cfg.data.batch_size % need:
+        raise config_lib.ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must be a multiple of {need} (batch shards "
+            f"{layout.batch_shards} of mesh {dict(layout.mesh.shape)} x optimizer.microbatches="
+            f"{cfg.optimizer.microbatches})", "data.batch_size")
+    return layout
+
+
 def build(cfg: config_lib.TrainConfig) -> Run:
-    """Builds model, policy, optimizer, data stream and jitted steps from `cfg`."""
+    """Builds mesh, model, policy, optimizer, data stream and jitted steps from `cfg`."""
     policy = load_policy(cfg.precision)
-    model = transformer.Transformer(cfg.model, policy)
+    layout = make_layout(cfg)
+    model = transformer.Transformer(cfg.model, policy, constrain=layout.constrain)
     tx = make_optimizer(cfg)
     stream, tokenizer = data_lib.build(cfg.data, cfg.model.vocab_size)
-    train_step = jax.jit(step_lib.make_train_step(model, tx, cfg.optimizer.microbatches), donate_argnums=0)
-    eval_step = jax.jit(step_lib.make_eval_step(model))
-    return Run(cfg, policy, model, tx, stream, tokenizer, train_step, eval_step)
+    shardings = layout.shardings(jax.eval_shape(_init_fn(cfg, model, tx)))
+    batch = {"inputs": layout.batch_sharding(), "targets": layout.batch_sharding()}
+    replicated = sharding.replicated(layout.mesh)
+    train_step = jax.jit(step_lib.make_train_step(model, tx, cfg.optimizer.microbatches, layout),
+                         in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
+                         donate_argnums=0)
+    eval_step = jax.jit(step_lib.make_eval_step(model), in_shardings=(shardings, batch),
+                        out_shardings=replicated)
+    return Run(cfg, policy, model, tx, stream, tokenizer, train_step, eval_step, layout)
+
+
+def _init_fn(cfg: config_lib.TrainConfig, model, tx):
+    example = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+    loss_scale = make_loss_scale(cfg.optimizer.loss_scale)
+    return lambda: step_lib.init_state(model, tx, loss_scale, cfg.seed, example)
 
 
 def initial_state(run: Run) -> step_lib.TrainState:
-    example = jnp.zeros((1, run.cfg.data.seq_len), jnp.int32)
-    return step_lib.init_state(run.model, run.tx, make_loss_scale(run.cfg.optimizer.loss_scale), run.cfg.seed,
-                               example)
+    """The initial train state, created directly in its shardings (never whole on one device)."""
+    init = _init_fn(run.cfg, run.model, run.tx)
+    return jax.jit(init, out_shardings=run.layout.shardings(jax.eval_shape(init)))()
+
+
+def device_batch(run: Run, batch: data_lib.Batch) -> dict:
+    """The global, sharded batch from this process's rows of it."""
+    local = {"inputs": batch.inputs, "targets": batch.targets}
+    return sharding.global_batch(local, run.layout.mesh, run.cfg.data.batch_size, run.layout.rules)
+
+
+def process_rows(run: Run) -> slice:
+    """The rows of each global batch this process feeds."""
+    shape = (run.cfg.data.batch_size, run.cfg.data.seq_len)
+    return sharding.process_rows(run.layout.batch_sharding(), shape)
 
 
 def evaluate(run: Run, state: step_lib.TrainState) -> dict:
     """Mean held-out loss and perplexity over `cfg.eval_batches` fixed batches."""
     count = min(run.cfg.eval_batches, run.stream.num_eval_batches)
     nll, tokens = 0.0, 0.0
-    for batch in run.stream.eval_batches(count):
-        out = run.eval_step(state, {"inputs": batch.inputs, "targets": batch.targets})
+    for batch in run.stream.eval_batches(count, process_rows(run)):
+        out = run.eval_step(state, device_batch(run, batch))
         nll += float(out["nll_sum"])
         tokens += float(out["tokens"])
     loss = nll / tokens
@@ -146,6 +201,16 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullLog:
+    """The metrics log of processes other than 0: writes nothing."""
+
+    def write(self, step: int, record: dict) -> None:
+        del step, record
+
+    def close(self) -> None:
+        pass
 
 
 def _tensorboard(run_dir: Path):
@@ -203,14 +268,18 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
         state, data_state = resume(run, state)
     report = optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
                                  compute_dtype_bytes=_compute_bytes(run))
+    main = jax.process_index() == 0
+    quiet = quiet or not main
     run_dir = Path(cfg.run_dir or "runs/default")
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run_dir / "config.yaml")  # the resolved config, for the record
+    if main:
+        config_lib.dump(cfg, run_dir / "config.yaml")  # the resolved config, for the record
     if not quiet:
         print(f"mpx: {transformer.count_params(state.params):,} parameters, precision "
-              f"{run.policy.name}, {jax.device_count()} {jax.default_backend()} device(s)")
+              f"{run.policy.name}, {jax.device_count()} {jax.default_backend()} device(s) in "
+              f"{jax.process_count()} process(es), mesh {dict(run.layout.mesh.shape)}")
         print(report)
-    log = MetricsLog(run_dir)
+    log = MetricsLog(run_dir) if main else NullLog()
     summary = {"losses": [], "eval": {}, "interrupted": None,
                "memory_bytes_per_param": report.per_param("total")}
     try:
@@ -228,15 +297,16 @@ def _compute_bytes(run: Run) -> float:
     return float(np.dtype(run.policy.resolve("layers_0/mlp/up").compute_dtype).itemsize)
 
 
-def _loop(run: Run, state, data_state, log: MetricsLog, summary: dict, quiet: bool):
+def _loop(run: Run, state, data_state, log: MetricsLog | NullLog, summary: dict, quiet: bool):
     cfg = run.cfg
     start = int(state.step)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     t0, last_saved = time.perf_counter(), start
+    rows = process_rows(run)
     with StopRequest() as stop:
         for step in range(start, cfg.steps):
-            batch, data_state = run.stream.batch(data_state)
-            state, metrics = run.train_step(state, {"inputs": batch.inputs, "targets": batch.targets})
+            batch, data_state = run.stream.batch(data_state, rows)
+            state, metrics = run.train_step(state, device_batch(run, batch))
             done = step + 1
             record = _scalars(metrics)
             summary["losses"].append(record["loss"])

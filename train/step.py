@@ -14,6 +14,14 @@ observation of this step at history[0], never the last microbatch's).
 A step whose gradients are not finite changes neither the params, the moments (the
 `skip_nonfinite` guard in the optimizer chain) nor the FP8 scale state, and shrinks a
 dynamic loss scale.
+
+Sharding (`layout`, a `mpx.sharding.Layout`): the step is jitted with the layout's
+shardings and GSPMD partitions it; gradients are then reduced in float32 (the weight
+gradient dots accumulate in f32 before XLA's all-reduce). Microbatch i takes rows i of
+every batch shard, so each microbatch spans all devices. With `grad_comm="bf16"`, each
+data replica computes its own gradients (a vmap over the data axis) and
+`Layout.mean_over_replicas` reduces them with bf16 communication and f32 accumulation;
+FP8 amax observations are then per replica (merged with the max) instead of global.
 """
 
 from __future__ import annotations
@@ -102,26 +110,82 @@ def make_loss_fn(model: nn.Module, loss_scale) -> Callable:
     return loss_fn
 
 
-def _microbatches(batch, fp8_state, n: int):
-    micro = optim.split_microbatches({"inputs": batch["inputs"], "targets": batch["targets"]}, n)
+def _split_rows(x: jax.Array, n: int, shards: int) -> jax.Array:
+    """(B, ...) -> (n, B/n, ...): microbatch i holds rows i of each of `shards` row blocks."""
+    if shards == 1:
+        return optim.split_microbatches(x, n)  # contiguous rows
+    if x.shape[0] % (n * shards):
+        raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {n} microbatches "
+                         f"over {shards} batch shards")
+    blocks = x.reshape((shards, n, x.shape[0] // (n * shards)) + x.shape[1:])
+    return jnp.swapaxes(blocks, 0, 1).reshape((n, x.shape[0] // n) + x.shape[1:])
+
+
+def _microbatches(batch, fp8_state, n: int, layout=None):
+    shards = 1 if layout is None else layout.batch_shards
+    micro = {k: _split_rows(batch[k], n, shards) for k in ("inputs", "targets")}
+    if layout is not None:
+        micro = {k: layout.constrain(v, (None, "batch", None)) for k, v in micro.items()}
     # Each microbatch reads the same scale state (broadcast along the microbatch axis).
     micro["fp8_state"] = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), fp8_state)
     return micro
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbatches: int = 1) -> Callable:
-    """The pure train step `(state, batch) -> (state, metrics)`; jit it with donation.
+def _per_replica(grad_fn: Callable, layout) -> Callable:
+    """grad_fn over each data replica's rows: stacked (R, ...) f32 gradients, merged aux."""
+    r = layout.replicas
 
-    `batch` is {"inputs": (B, T) int32, "targets": (B, T) int32}.
+    def fn(params, micro):
+        split = {k: micro[k].reshape((r, -1) + micro[k].shape[1:]) for k in ("inputs", "targets")}
+        split = {k: layout.constrain(v, ("replica", "replica_batch", None)) for k, v in split.items()}
+        axes = {"inputs": 0, "targets": 0, "fp8_state": None}
+        split["fp8_state"] = micro["fp8_state"]
+        (loss, aux), grads = jax.vmap(grad_fn, in_axes=(None, axes), spmd_axis_name="data")(params, split)
+        aux = {"metrics": jax.tree.map(lambda m: jnp.mean(m, axis=0), aux["metrics"]),
+               "fp8_state": jax.tree.map(lambda a: jnp.max(a, axis=0), aux["fp8_state"])}
+        grads = layout.replica_grads_constraint(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
+        return (jnp.mean(loss), aux), grads
+
+    return fn
+
+
+def make_grad_fn(model: nn.Module, microbatches: int = 1, layout=None) -> Callable:
+    """`(state, batch) -> (aux, grads)`: the step's f32 gradients, loss scale removed.
+
+    aux = {"metrics": {"loss", "moe_loss"} averaged over microbatches, "fp8_state": the
+    updated scale state (amax observations merged with the max)}. `layout` as in
+    `make_train_step`.
     """
+    per_replica = layout is not None and layout.replicas > 1
+    if per_replica and getattr(model, "constrain", None) is not None:
+        model = model.clone(constrain=layout.replica_constrain)  # the data axis is the vmap's
 
-    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        loss_fn = make_loss_fn(model, state.loss_scale)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        micro = _microbatches(batch, state.fp8_state, microbatches)
+    def grad_step(state: TrainState, batch) -> tuple[dict, Any]:
+        grad_fn = jax.value_and_grad(make_loss_fn(model, state.loss_scale), has_aux=True)
+        if per_replica:
+            grad_fn = _per_replica(grad_fn, layout)
+        micro = _microbatches(batch, state.fp8_state, microbatches, layout)
         merge = {"metrics": "mean", "fp8_state": "max"}
         (_, aux), grads = optim.accumulate_gradients(grad_fn, state.params, micro, has_aux=True, aux_merge=merge)
-        grads = state.loss_scale.unscale(grads)
+        if per_replica:
+            grads = layout.mean_over_replicas(grads)
+        return aux, state.loss_scale.unscale(grads)
+
+    return grad_step
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbatches: int = 1,
+                    layout=None) -> Callable:
+    """The pure train step `(state, batch) -> (state, metrics)`; jit it with donation.
+
+    `batch` is {"inputs": (B, T) int32, "targets": (B, T) int32}. `layout` (a
+    `mpx.sharding.Layout`, optional) adds batch sharding constraints and, with
+    `grad_comm="bf16"`, the per-replica gradient reduction (see the module doc).
+    """
+    grad_step = make_grad_fn(model, microbatches, layout)
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        aux, grads = grad_step(state, batch)
         finite = optim.all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

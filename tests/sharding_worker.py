@@ -1,0 +1,224 @@
+"""8-device checks for tests/test_sharding.py, run in a subprocess with 8 CPU devices.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py OUT_DIR {grads,loop}
+
+The pytest process keeps its single CPU device (other tests assume it), so everything
+that needs a multi-device mesh runs here and writes OUT_DIR/<group>.json (and
+OUT_DIR/grads.npz), which the parent compares. The single-device reference of the
+gradient checks runs here too, under the same XLA flags.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import mpx  # noqa: E402
+from models import config as model_config  # noqa: E402
+from models import transformer  # noqa: E402
+from mpx import plan as plan_lib  # noqa: E402
+from mpx import sharding  # noqa: E402
+from train import checkpoint as ckpt  # noqa: E402
+from train import config as config_lib  # noqa: E402
+from train import loop  # noqa: E402
+from train import step as step_lib  # noqa: E402
+
+# Meshes whose loss and gradients must match one device: name -> (sizes, grad_comm).
+MESHES = {
+    "one_device": ({"data": 1}, "f32"),  # the reference (devices[:1])
+    "data8": ({"data": 8}, "f32"),
+    "fsdp4_tensor2": ({"fsdp": 4, "tensor": 2}, "f32"),
+    "data2_tensor4": ({"data": 2, "tensor": 4}, "f32"),
+}
+BATCH, SEQ = 16, 64
+MICRO = ["model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
+         "data.seq_len=32", "data.batch_size=8", "eval_every=0", "log_every=1", "checkpoint.every=2",
+         "precision=bf16", f"data.source={Path(__file__).resolve()}", "data.eval_fraction=0"]
+
+
+def case():
+    """(model, state init fn, batch) of the gradient checks: one FP8 layer, GQA."""
+    cfg = model_config.ModelConfig(d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=SEQ)
+    tx = mpx.optim.build("adamw", 1e-3, moment_dtype="bf16")
+    keys = jax.random.split(jax.random.key(7), 2)
+    batch = {k: np.asarray(jax.random.randint(key, (BATCH, SEQ), 0, cfg.vocab_size), np.int32)
+             for k, key in zip(("inputs", "targets"), keys)}
+    return cfg, tx, batch
+
+
+def initial_state():
+    """The case's train state on one device (each mesh reshards it with device_put)."""
+    cfg, tx, _ = case()
+    model = transformer.Transformer(cfg, mpx.policy.preset("fp8"))
+    example = jnp.zeros((1, 8), jnp.int32)
+    init = lambda: step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, example)  # noqa: E731
+    return jax.jit(init)()
+
+
+def loss_and_grads(state, sizes: dict, grad_comm: str = "f32", devices=None):
+    """Loss, gradients (numpy by path), compiled HLO and sharded state of one gradient step."""
+    cfg, _, batch = case()
+    devices = jax.devices()[:math.prod(sizes.values())] if devices is None else devices
+    layout = sharding.Layout(sharding.make_mesh(sizes, devices), grad_comm)
+    model = transformer.Transformer(cfg, mpx.policy.preset("fp8"), constrain=layout.constrain)
+    shardings = layout.shardings(state)
+    state = jax.device_put(state, shardings)
+    batch_sh = {k: layout.batch_sharding() for k in batch}
+    compiled = jax.jit(step_lib.make_grad_fn(model, 1, layout), in_shardings=(shardings, batch_sh)).lower(
+        state, batch).compile()
+    aux, grads = compiled(state, jax.device_put(batch, batch_sh))
+    flat = {sharding.path_str(p): np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+    return float(aux["metrics"]["loss"]), flat, compiled.as_text(), state
+
+
+def _device0_bytes(tree) -> int:
+    """Bytes device 0 holds of a tree of sharded arrays (measured from its shards)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        total += sum(s.data.nbytes for s in leaf.addressable_shards if s.device == jax.devices()[0])
+    return total
+
+
+def check_meshes(out: Path, results: dict) -> None:
+    grads, state = {}, initial_state()
+    for name, (sizes, comm) in MESHES.items():
+        loss, flat, hlo, sharded = loss_and_grads(state, sizes, comm)
+        grads.update({f"{name}:{k}": v for k, v in flat.items()})
+        counts = sharding.collectives(hlo)
+        results[name] = {"loss": loss, "collectives": {f"{op}:{d}": n for (op, d), n in counts.items()}}
+        if name == "fsdp4_tensor2":
+            check_sharded_state(sharded, results)
+    np.savez(out / "grads.npz", **grads)
+
+
+def check_sharded_state(state, results: dict) -> None:
+    """Moments shard like their params; the plan's per-device bytes are the measured ones."""
+    q = state.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    mu = state.opt_state.inner_state[0][0].mu["layers_0"]["attn"]["q_proj"]["kernel"]
+    counters = [str(x.sharding.spec) for x in jax.tree.leaves(state.opt_state) if x.ndim == 0]
+    cfg, tx, _ = case()
+    p = plan_lib.plan(cfg, mpx.policy.preset("fp8"), q.sharding.mesh, tx=tx)
+    results["sharded_state"] = {
+        "q_proj": str(q.sharding.spec), "q_proj_mu": str(mu.sharding.spec), "mu_dtype": str(mu.dtype),
+        "counters": sorted(set(counters)),
+        "measured_params": _device0_bytes(state.params), "plan_params": p.params,
+        "measured_optimizer": _device0_bytes(state.opt_state), "plan_optimizer": p.optimizer}
+
+
+def check_per_tensor_amax(out: Path, results: dict) -> None:
+    """Per-tensor scale of an fsdp x tensor sharded operand = the single-device one."""
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    x = jax.random.normal(jax.random.key(1), (64, 256)) * jnp.linspace(0.1, 3.0, 256)
+    xs = jax.device_put(x, NamedSharding(mesh, P("fsdp", "tensor")))
+    quant = jax.jit(lambda v: mpx.quantize(v, "e4m3", mpx.PerTensor()))
+    ref, got = quant(x), quant(xs)
+    counts = sharding.collectives(quant.lower(xs).compile().as_text())
+    # Inside shard_map each shard only sees its part: the local amax differs, global_amax does not.
+    local = jax.shard_map(lambda v: jnp.max(jnp.abs(v)).reshape(1, 1), mesh=mesh, in_specs=P("fsdp", "tensor"),
+                          out_specs=P("fsdp", "tensor"))(xs)
+    glob = jax.shard_map(lambda v: sharding.global_amax(v, ("fsdp", "tensor")).reshape(1, 1), mesh=mesh,
+                         in_specs=P("fsdp", "tensor"), out_specs=P("fsdp", "tensor"))(xs)
+    results["per_tensor"] = {
+        "scale_equal": bool(np.array_equal(np.asarray(ref.scale), np.asarray(got.scale))),
+        "data_equal": bool(np.array_equal(np.asarray(ref.data).view(np.uint8), np.asarray(got.data).view(np.uint8))),
+        "reduces_across_shards": any(op == "all-reduce" for op, _ in counts),
+        "local_amax_distinct": int(len(np.unique(np.asarray(local)))),
+        "global_amax": np.asarray(glob).ravel().tolist(), "true_amax": float(jnp.max(jnp.abs(x))),
+    }
+
+
+def check_block_scales(out: Path, results: dict) -> None:
+    """128x128 block scales of a sharded weight: no communication, scales live with blocks."""
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    w = jax.random.normal(jax.random.key(2), (512, 256))
+    spec = sharding.spec_for("layers_0/mlp/up/kernel", w.shape, mesh)
+    ws = jax.device_put(w, NamedSharding(mesh, spec))
+    quant = jax.jit(lambda v: mpx.quantize(v, "e4m3", mpx.Blocks((128, 128))))
+    ref, got = quant(w), quant(ws)
+    scale_spec = sharding.spec_for("layers_0/mlp/up/kernel_scale", got.scale.shape, mesh)
+    results["blocks"] = {
+        "weight_spec": str(spec), "scale_spec_by_rule": str(scale_spec),
+        "scale_sharding": str(got.scale.sharding.spec),
+        "collectives": len(sharding.collectives(quant.lower(ws).compile().as_text())),
+        "scale_equal": bool(np.array_equal(np.asarray(ref.scale), np.asarray(got.scale))),
+        "data_equal": bool(np.array_equal(np.asarray(ref.data).view(np.uint8), np.asarray(got.data).view(np.uint8))),
+    }
+
+
+def check_mean_over_replicas(out: Path, results: dict) -> None:
+    """bf16 communication, f32 accumulation: equals the f32 mean of bf16-rounded parts, rounded."""
+    mesh = sharding.make_mesh({"data": 8})
+    stacked = {"layers_0": {"mlp": {"up": {"kernel": jax.random.normal(jax.random.key(3), (8, 64, 32))}}}}
+    stacked = jax.device_put(stacked, NamedSharding(mesh, P("data")))
+    got = jax.jit(lambda s: sharding.mean_over_replicas(s, mesh, "bf16"))(stacked)
+    parts = np.asarray(stacked["layers_0"]["mlp"]["up"]["kernel"]).astype(jnp.bfloat16).astype(np.float64)
+    want = parts.mean(axis=0).astype(jnp.bfloat16)  # the exact mean, rounded once
+    g = np.asarray(got["layers_0"]["mlp"]["up"]["kernel"])
+    ulp = np.abs(np.spacing(want).astype(np.float64))  # one bf16 ulp at the result
+    want = want.astype(np.float64)
+    results["bf16_mean"] = {"dtype": str(g.dtype), "max_err_in_ulps": float(np.max(np.abs(g - want) / ulp)),
+                            "sharding": str(got["layers_0"]["mlp"]["up"]["kernel"].sharding.spec)}
+
+
+def check_cache(out: Path, results: dict) -> None:
+    cfg = model_config.preset("tiny")
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    cache = transformer.init_cache(cfg, batch=8, length=32)
+    sharded = sharding.shard_cache(cache, mesh)
+    results["cache"] = {"spec": str(sharded[0]["k"].sharding.spec),
+                        "shard_shape": list(sharded[0]["k"].addressable_shards[0].data.shape)}
+
+
+def check_reshard_through_loop(out: Path, results: dict) -> None:
+    """Train on mesh A, checkpoint, resume on mesh B: the losses continue the same.
+
+    Mesh A (data=8) also reduces its gradients with bf16 communication, mesh B
+    (fsdp=4, tensor=2) in f32.
+    """
+    run_dir = out / "reshard"
+    base = MICRO + [f"run_dir={run_dir}", "steps=4"]  # as test_sharding's single-device run
+    mesh_a = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.grad_comm=bf16"]
+    mesh_b = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.grad_comm=f32"]
+    straight = loop.train(config_lib.load(ROOT / "configs" / "tiny.yaml", base + mesh_a), quiet=True)
+    cfg_b = config_lib.load(ROOT / "configs" / "tiny.yaml", base + mesh_b)
+    shutil.rmtree(Path(cfg_b.checkpoint_dir) / "4")
+    resumed = loop.train(cfg_b, resume_run=True, quiet=True)
+    state, _ = ckpt.restore(cfg_b.checkpoint_dir)
+    results["reshard"] = {"straight": straight["losses"], "resumed": resumed["losses"],
+                          "final_step": resumed["final_step"], "restored_step": int(state["step"])}
+
+
+GROUPS = {
+    # One process each, so two cores work in parallel.
+    "grads": (check_per_tensor_amax, check_block_scales, check_mean_over_replicas, check_cache, check_meshes),
+    "loop": (check_reshard_through_loop,),
+}
+
+
+def main(out_dir: str, group: str) -> None:
+    out = Path(out_dir)
+    results: dict = {"device_count": jax.device_count()}
+    timings = {}
+    for check in GROUPS[group]:
+        t0 = time.perf_counter()
+        check(out, results)
+        timings[check.__name__] = round(time.perf_counter() - t0, 2)
+    results[f"timings_{group}"] = timings
+    (out / f"{group}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

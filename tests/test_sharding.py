@@ -1,0 +1,230 @@
+"""Tests of mpx.sharding: rules on one device, and 8-device meshes in a subprocess.
+
+The 8-device checks run once, in tests/sharding_worker.py with 8 simulated CPU devices
+(this pytest process keeps its single device); the tests compare its results.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mpx import sharding
+from train import config as config_lib
+from train import loop
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "sharding_worker.py"
+# bf16's machine epsilon: gradients pass through bf16 compute copies, and a reordered f32
+# sum on a mesh can flip a bf16 (or E4M3) rounding of a few elements.
+BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
+
+
+def _loop_overrides(run_dir: Path) -> list[str]:
+    spec = importlib.util.spec_from_file_location("sharding_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MICRO + [f"run_dir={run_dir}", "steps=4"]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """Runs the 8-device worker once and loads its results."""
+    out = tmp_path_factory.mktemp("sharding_worker")
+    # Backend optimization level 0: the same HLO (and collectives), less LLVM compile time.
+    # No excess precision: by default XLA may keep a bf16 intermediate in f32 in one
+    # compilation and not in another, which alone moves the q/k gradients by ~1% here
+    # (softmax-backward cancellation); without it the meshes differ only by sum order.
+    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+             "--xla_allow_excess_precision=false")
+    env = {**os.environ, "XLA_FLAGS": flags}
+    procs = {group: subprocess.Popen([sys.executable, str(WORKER), str(out), group], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for group in ("grads", "loop")}
+    # Meanwhile, the single-device reference of the worker's train-loop run, here.
+    single = loop.train(config_lib.load(ROOT / "configs" / "tiny.yaml", _loop_overrides(out / "single")), quiet=True)
+    results = {"single_losses": single["losses"]}
+    for group, proc in procs.items():
+        log, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, log[-4000:]
+        results.update(json.loads((out / f"{group}.json").read_text()))
+    with np.load(out / "grads.npz") as f:
+        grads = {k: f[k] for k in f.files}
+    return {"results": results, "grads": grads}
+
+
+# --------------------------------------------------------------------------- rules (one device)
+
+
+def test_resolve_sizes_fills_the_rest_and_rejects_bad_meshes():
+    assert sharding.resolve_sizes({"data": -1, "tensor": 2}, 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert sharding.resolve_sizes(config_lib.MeshConfig(data=2, fsdp=-1), 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(ValueError, match="needs 6 devices; there are 8"):
+        sharding.resolve_sizes({"data": 3, "tensor": 2}, 8)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.resolve_sizes({"pipeline": 2}, 2)
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.resolve_sizes({"data": -1, "fsdp": -1}, 8)
+    assert sharding.parse_mesh("data=2, fsdp=4,tensor=1") == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(ValueError, match="expected axis=size"):
+        sharding.parse_mesh("data:2")
+
+
+def test_make_mesh_uses_auto_axes_in_order():
+    mesh = sharding.make_mesh({"data": -1})
+    assert mesh.axis_names == sharding.MESH_AXES and dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    if hasattr(jax.sharding, "AxisType"):
+        assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_param_rules_fsdp_on_inputs_tensor_on_outputs():
+    mesh = sharding.abstract_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    spec = lambda path, shape: sharding.spec_for(path, shape, mesh)  # noqa: E731
+    assert spec("layers_0/attn/q_proj/kernel", (128, 4, 32)) == P("fsdp", "tensor", None)
+    assert spec("layers_0/attn/o_proj/kernel", (4, 32, 128)) == P("tensor", None, "fsdp")
+    assert spec("layers_3/mlp/gate/kernel", (128, 384)) == P("fsdp", "tensor")
+    assert spec("layers_3/mlp/down/kernel", (384, 128)) == P("tensor", "fsdp")
+    assert spec("embed/embedding", (256, 128)) == P("tensor", "fsdp")
+    assert spec("layers_0/attn_norm/scale", (128,)) == P(None)
+    # Moments mirror their params through the embedded path; counters and FP8 histories replicate.
+    assert spec("opt_state/inner_state/0/1/0/mu/layers_3/mlp/gate/kernel", (128, 384)) == P("fsdp", "tensor")
+    assert spec("opt_state/inner_state/0/1/0/count", ()) == P()
+    assert spec("fp8_state/layers_0/mlp/up/kernel/lhs/history", (16,)) == P(None)
+    # A pre-quantized kernel's data and block scales follow the kernel.
+    assert spec("layers_3/mlp/gate/kernel/scale", (1, 3)) == P(None, None)  # 1 block row: not divisible
+    assert spec("layers_3/mlp/gate/kernel_scale", (2, 4)) == P("fsdp", "tensor")
+
+
+def test_prequantized_weights_shard_data_and_block_scales_together():
+    import mpx
+
+    mesh = sharding.abstract_mesh({"data": 1, "fsdp": 2, "tensor": 2})
+    # serve/quantize.py: an o_proj kernel in its 2-D (H*K, D) view, 128x128 block scales.
+    q = mpx.quantize(jnp.ones((256, 256)), "e4m3", mpx.Blocks((128, 128)))
+    specs = sharding.tree_specs({"layers_0": {"attn": {"o_proj": {"kernel": q}}}}, mesh)["layers_0"]["attn"]
+    assert specs["o_proj"]["kernel"].data == P("tensor", "fsdp")  # like the 3-D o_proj rule
+    assert specs["o_proj"]["kernel"].scale == P("tensor", "fsdp")  # 2 x 2 blocks: one per shard
+    small = mpx.quantize(jnp.ones((128, 256)), "e4m3", mpx.Blocks((128, 128)))  # 1 x 2 blocks
+    spec = sharding.tree_specs({"mlp": {"up": {"kernel": small}}}, mesh)["mlp"]["up"]["kernel"]
+    assert spec.data == P("fsdp", "tensor") and spec.scale == P(None, "tensor")  # 1 block row: replicated
+
+
+def test_rules_drop_axes_that_do_not_divide_or_are_taken():
+    mesh = sharding.abstract_mesh({"data": 1, "fsdp": 4, "tensor": 4})
+    # 2 kv heads cannot be split 4 ways: replicated along tensor.
+    assert sharding.spec_for("layers_0/attn/k_proj/kernel", (64, 2, 16), mesh) == P("fsdp", None, None)
+    # Experts on fsdp (expert parallelism); the embed dim then skips the taken fsdp axis.
+    assert sharding.spec_for("layers_0/moe/experts/up/kernel", (8, 64, 128), mesh) == P("fsdp", None, "tensor")
+    # 6 experts do not divide by 4: the embed dim takes fsdp instead.
+    assert sharding.spec_for("layers_0/moe/experts/up/kernel", (6, 64, 128), mesh) == P(None, "fsdp", "tensor")
+    assert sharding.logical_to_spec(("batch", "seq", "act_embed"), (8, 16, 64), mesh) == P("fsdp", None, None)
+    with pytest.raises(ValueError, match="do not match shape"):
+        sharding.logical_to_spec(("batch",), (8, 16), mesh)
+
+
+def test_layout_rejects_unknown_grad_comm():
+    with pytest.raises(ValueError, match="grad_comm must be one of f32, bf16"):
+        sharding.Layout(sharding.make_mesh(), "fp8")
+
+
+def test_batch_rows_of_a_single_process_are_the_whole_batch():
+    sh = sharding.batch_sharding(sharding.make_mesh())
+    assert sharding.process_rows(sh, (8, 16)) == slice(0, 8)
+    batch = sharding.global_batch({"x": np.arange(16).reshape(8, 2)}, sharding.make_mesh(), 8)
+    np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(16).reshape(8, 2))
+
+
+def test_collectives_parses_compiled_hlo():
+    text = ("%a = f32[4]{0} all-reduce(%x), replica_groups={}\n"
+            "%b = (bf16[2]{0}, f32[2]{0}) all-gather-start(%y)\n%c = f32[] add(%d, %e)")
+    assert sharding.collectives(text) == {("all-reduce", "f32"): 1, ("all-gather", "bf16"): 1,
+                                          ("all-gather", "f32"): 1}
+
+
+# --------------------------------------------------------------------------- 8 devices
+
+
+def _rel_l2(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["data8", "fsdp4_tensor2", "data2_tensor4"])
+def test_loss_and_gradients_match_one_device(worker, mesh):
+    res, grads = worker["results"], worker["grads"]
+    assert res["device_count"] == 8
+    ref_loss = res["one_device"]["loss"]
+    assert abs(res[mesh]["loss"] - ref_loss) <= BF16_EPS * abs(ref_loss)
+    paths = [k.split(":", 1)[1] for k in grads if k.startswith("one_device:")]
+    assert len(paths) == 11  # embed, 3 norms, q/k/v/o, gate/up/down
+    for path in paths:
+        ref, got = grads[f"one_device:{path}"], grads[f"{mesh}:{path}"]
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert _rel_l2(got, ref) <= BF16_EPS, (mesh, path, _rel_l2(got, ref))
+
+
+@pytest.mark.slow
+def test_gradient_reductions_are_f32(worker):
+    for mesh in ("data8", "fsdp4_tensor2", "data2_tensor4"):
+        counts = worker["results"][mesh]["collectives"]
+        assert any(k.startswith(("all-reduce", "reduce-scatter")) for k in counts), counts
+        float_types = {k.split(":")[1] for k in counts} - {"s32", "u32", "pred"}
+        assert float_types == {"f32"}, (mesh, counts)
+
+
+@pytest.mark.slow
+def test_bf16_communication_accumulates_in_f32(worker):
+    # The f32 mean of the bf16-rounded replica gradients, rounded once to bf16: at most
+    # one bf16 ulp off (the f32 sum order, then the final rounding).
+    mean = worker["results"]["bf16_mean"]
+    assert mean["dtype"] == "float32" and mean["max_err_in_ulps"] <= 1.0
+
+
+@pytest.mark.slow
+def test_per_tensor_amax_is_reduced_across_shards(worker):
+    res = worker["results"]["per_tensor"]
+    assert res["reduces_across_shards"] and res["scale_equal"] and res["data_equal"]
+    assert res["local_amax_distinct"] > 1  # shards really hold different maxima
+    assert res["global_amax"] == [res["true_amax"]] * 8
+
+
+@pytest.mark.slow
+def test_block_scales_need_no_communication_and_live_with_their_blocks(worker):
+    res = worker["results"]["blocks"]
+    assert res["collectives"] == 0 and res["scale_equal"] and res["data_equal"]
+    assert res["weight_spec"] == res["scale_sharding"] == res["scale_spec_by_rule"] == "P('fsdp', 'tensor')"
+
+
+@pytest.mark.slow
+def test_state_is_sharded_consistently_and_planned_exactly(worker):
+    res = worker["results"]["sharded_state"]
+    assert res["q_proj"] == res["q_proj_mu"] == "P('fsdp', 'tensor', None)" and res["mu_dtype"] == "bfloat16"
+    assert res["counters"] == ["P()"]
+    assert res["measured_params"] == res["plan_params"]
+    assert res["measured_optimizer"] == res["plan_optimizer"]
+
+
+@pytest.mark.slow
+def test_shard_cache_splits_batch_and_kv_heads(worker):
+    res = worker["results"]["cache"]
+    assert res["spec"] == "P(('data', 'fsdp'), None, 'tensor', None)"
+    assert res["shard_shape"] == [2, 32, 1, 32]  # (8 / 4, 32, 2 / 2, 32)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_one_mesh_resumes_on_another(worker):
+    # Saved under (data=8, bf16 gradient communication), resumed under (fsdp=4, tensor=2, f32).
+    res, single = worker["results"]["reshard"], worker["results"]["single_losses"]
+    assert res["final_step"] == res["restored_step"] == 4 and len(res["resumed"]) == 2
+    np.testing.assert_allclose(res["resumed"], res["straight"][2:], rtol=BF16_EPS)
+    # ... and both follow the single-device run (bf16 communication included).
+    np.testing.assert_allclose(res["straight"], single, rtol=BF16_EPS)
+    np.testing.assert_allclose(res["resumed"], single[2:], rtol=BF16_EPS)
