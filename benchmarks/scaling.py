@@ -117,13 +117,15 @@ def main(argv=None) -> dict | None:
     for r in rows[1:]:
         r["step_ratio_vs_1"] = r["step_ms"] / rows[0]["step_ms"]
     model = "1-layer d=64, batch 16 x 64" if args.quick else "tiny (2 layers, d=128), batch 16 x 128"
-    header = (f"SIMULATED devices (--xla_force_host_platform_device_count) sharing {os.cpu_count()} CPU cores:\n"
+    load = os.getloadavg()[0]
+    header = (f"SIMULATED devices (--xla_force_host_platform_device_count) sharing {os.cpu_count()} CPU cores "
+              f"(load average {load:.1f} at the end):\n"
               f"train step of the {model} model, policy {args.policy}, fixed global batch, median of "
               f"{args.repeats}.\nOn one host the devices compete for the same cores: 'vs 1' measures sharding "
               "overhead, not accelerator scaling.")
     print(_table(rows, header))
-    result = {"simulated": True, "cpu_cores": os.cpu_count(), "policy": args.policy, "quick": args.quick,
-              "rows": rows}
+    result = {"simulated": True, "cpu_cores": os.cpu_count(), "load_average": load, "policy": args.policy,
+              "quick": args.quick, "rows": rows}
     if args.json:
         print(json.dumps(result))
     return result
