@@ -105,11 +105,14 @@ def _nll(logits: jax.Array, targets: np.ndarray) -> float:
     return float(-jnp.sum(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)))
 
 
-def _generate(engine: engine_lib.Engine, data: Data) -> tuple[list[list[int]], float]:
-    """Greedy generations from the prompts, and warm decode tokens/s."""
+def _generate(engine: engine_lib.Engine, data: Data, repeats: int = 3) -> tuple[list[list[int]], float]:
+    """Greedy generations from the prompts, and warm decode tokens/s (median of `repeats`)."""
     engine.generate(data.prompts, max_new_tokens=engine.chunk + 1)  # compile prefill and decode
-    outputs, stats = engine.generate(data.prompts, max_new_tokens=data.new_tokens)
-    return [o.tokens for o in outputs], stats.decode_tokens_per_s
+    rates = []
+    for _ in range(repeats):
+        outputs, stats = engine.generate(data.prompts, max_new_tokens=data.new_tokens)
+        rates.append(stats.decode_tokens_per_s)
+    return [o.tokens for o in outputs], float(np.median(rates))
 
 
 def _agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
@@ -130,7 +133,9 @@ def measure(variant: Variant, ckpt: q.Checkpoint, data: Data, hists, fp32_bytes:
     flat, ref = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in logits]), \
         jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in data.ref_logits])
     nbytes = q.weight_bytes(variables["params"])
+    static = variant.spec.precision == "fp8" and variant.spec.activations == "static"
     return {"label": variant.label, "precision": variant.spec.precision, "bytes": nbytes,
+            "calibration": variant.spec.calibration if static and variant.kv_cache != "fp8" else None,
             "memory": nbytes / fp32_bytes, "tokens_per_s": tps, "ppl": math.exp(nll),
             "cosine": float(mpx.metrics.cosine_similarity(flat, ref)),
             "kl": float(mpx.metrics.kl_divergence(flat, ref)), "top1": float(mpx.metrics.top1_agreement(flat, ref)),
@@ -177,13 +182,13 @@ def _extra(rows: list[dict], hists) -> dict:
 
 
 def _winner(rows: list[dict]) -> str:
-    static = [r for r in rows if "static" in r["label"] and "KV" not in r["label"]]
+    static = sorted((r for r in rows if r["calibration"]), key=lambda r: r["ppl"])
     if not static:
         return ""
-    best = min(static, key=lambda r: r["ppl"])
-    order = ", ".join(f"{r['label'].split('static ')[1].rstrip(' act)')} {r['ppl_change']:+.3%}"
-                      for r in sorted(static, key=lambda r: r["ppl"]))
-    return f"Calibration methods by perplexity (static per-tensor activations): {order}; best: {best['label']}."
+    by_ppl = ", ".join(f"{r['calibration']} {r['ppl_change']:+.3%}" for r in static)
+    by_kl = ", ".join(f"{r['calibration']} {r['kl']:.2e}" for r in sorted(static, key=lambda r: r["kl"]))
+    return (f"Calibration methods (static per-tensor activations), best first. By perplexity change: {by_ppl}. "
+            f"By KL to fp32: {by_kl}.")
 
 
 def to_markdown(rows: list[dict], extra: dict, ckpt: q.Checkpoint, data: Data) -> str:
@@ -193,7 +198,8 @@ def to_markdown(rows: list[dict], extra: dict, ckpt: q.Checkpoint, data: Data) -
              f"Model {ckpt.config.d_model}d x {ckpt.config.n_layers} layers, "
              f"{sum(int(x.size) for x in jax.tree_util.tree_leaves(ckpt.params)):,} parameters. Held-out text: "
              f"{tokens:,} tokens; greedy agreement over {len(data.prompts)} prompts x {data.new_tokens} new "
-             f"tokens; decode tokens/s on {jax.default_backend()} ({len(data.prompts)} rows, warm). "
+             f"tokens; decode tokens/s on {jax.default_backend()} ({len(data.prompts)} rows, warm, median of 3; "
+             "benchmarks/generate.py measures speed round-robin). "
              "Every number below is measured by `python -m serve.evaluate`.", "",
              "| variant | weight memory | vs fp32 | seed claim | decode tok/s | perplexity | ppl change | seed claim "
              "| logits cosine | KL (nats/token) | top-1 agree | greedy agree |",
@@ -204,7 +210,7 @@ def to_markdown(rows: list[dict], extra: dict, ckpt: q.Checkpoint, data: Data) -
         first = r["precision"] not in claimed and "KV" not in r["label"]
         claimed.add(r["precision"])
         claim = SEED_CLAIMS[r["precision"]] if first else ("", "")
-        lines.append(f"| {r['label']} | {r['bytes'] / 1024:,.0f} KiB | {r['memory']:.1%} | {claim[0]} | "
+        lines.append(f"| {r['label']} | {r['bytes'] / 1024:,.0f} KiB | {r['memory']:.2%} | {claim[0]} | "
                      f"{r['tokens_per_s']:,.0f} | {r['ppl']:.4f} | {r['ppl_change']:+.3%} | {claim[1]} | "
                      f"{r['cosine']:.6f} | {r['kl']:.2e} | {r['top1']:.2%} | {r['greedy']:.2%} |")
     lines += ["", _winner(rows)]
