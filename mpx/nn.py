@@ -18,7 +18,8 @@ Serving: a `DenseGeneral` or `ExpertDense` whose params hold a `ScaledArray` ker
 data + f32 scales, see serve/quantize.py) runs the forward-only
 `mpx.dot.prequantized_matmul` on it: activations quantized per the layer's recipe,
 weight-only without one. A DenseGeneral kernel is stored in its 2-D (K, N) view (in
-features flattened, out features flattened), an ExpertDense kernel as (E, K, F).
+features flattened, out features flattened), an ExpertDense kernel as (E, K, F); it is
+stored unpadded, so `pad_to` does not apply to it.
 
 Alignment (seed, 128-byte rule): FP8 GEMMs want matmul dimensions that are multiples of
 16. A layer under an FP8 recipe warns once, naming itself, when one is not; set
