@@ -51,7 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace):
-    """(engine, tokenizer, sampler) from the command line; ServeError / ValueError on mistakes."""
+    """(engine, tokenizer, sampler, spec, fp32 weight bytes) from the command line.
+
+    Raises:
+      ServeError, ConfigError, ValueError: user mistakes (see the module docstring).
+    """
     spec = q.ServeSpec(args.precision, args.weights, args.activations, args.calibration)
     kv_cache_lib.check_kind(args.kv_cache)
     sampler = sampling.make(args.temperature, args.top_k, args.top_p)
@@ -60,21 +64,26 @@ def build(args: argparse.Namespace):
     tokenizer = q.load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
     model, variables = q.prepare(ckpt, spec)
     engine = engine_lib.Engine(model, variables, kv_cache=args.kv_cache, logit_scale=args.logit_scale)
-    return engine, tokenizer, sampler, spec
+    return engine, tokenizer, sampler, spec, q.weight_bytes(ckpt.params)
 
 
-def _summary(stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec) -> str:
+def _summary(stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec, fp32_bytes: int) -> str:
     params = engine.variables["params"]
     return (f"[{spec.label}, {engine.kv_cache} KV cache] {stats.new_tokens} new tokens; prefill "
             f"{stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s "
-            f"(first calls include compilation); weight memory {q.weight_bytes(params) / 2**20:.2f} MiB")
+            f"(compiled beforehand); weight memory {q.weight_bytes(params) / 2**20:.2f} MiB "
+            f"({q.weight_bytes(params) / fp32_bytes:.1%} of fp32)")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
-        engine, tokenizer, sampler, spec = build(args)
+        engine, tokenizer, sampler, spec, fp32_bytes = build(args)
+        # Compile prefill and decode for these prompts' buckets first, so the speed
+        # reported at the end is that of warm steps.
+        engine.generate([tokenizer.encode(p) for p in args.prompt], max_new_tokens=engine.chunk + 1,
+                        sampler=sampler)
         stream = (lambda text: print(text, end="", flush=True)) if len(args.prompt) == 1 else None
         if stream is not None:
             print(args.prompt[0], end="", flush=True)
@@ -89,7 +98,7 @@ def main(argv=None) -> int:
             print(f"--- [{out.finish}]\n{prompt}{text}")
     else:
         print()
-    print(_summary(stats, engine, spec), file=sys.stderr)
+    print(_summary(stats, engine, spec, fp32_bytes), file=sys.stderr)
     return 0
 
 
