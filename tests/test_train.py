@@ -44,14 +44,14 @@ def test_loss_decreases_on_tiny_config(tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    straight = loop.train(_cfg(tmp_path / "a", "steps=12", "checkpoint.every=6", "eval_every=0"), quiet=True)
-    cfg_b = _cfg(tmp_path / "b", "steps=12", "checkpoint.every=6", "eval_every=0")
+    straight = loop.train(_cfg(tmp_path / "a", "steps=8", "checkpoint.every=4", "eval_every=0"), quiet=True)
+    cfg_b = _cfg(tmp_path / "b", "steps=8", "checkpoint.every=4", "eval_every=0")
     loop.train(cfg_b, quiet=True)
-    # Pretend the run died after step 6: drop the final checkpoint and resume.
-    shutil.rmtree(Path(cfg_b.checkpoint_dir) / "12")
-    assert ckpt.latest_step(cfg_b.checkpoint_dir) == 6
+    # Pretend the run died after step 4: drop the final checkpoint and resume.
+    shutil.rmtree(Path(cfg_b.checkpoint_dir) / "8")
+    assert ckpt.latest_step(cfg_b.checkpoint_dir) == 4
     resumed = loop.train(cfg_b, resume_run=True, quiet=True)
-    assert resumed["losses"] == straight["losses"][6:]  # exact float equality, step by step
+    assert resumed["losses"] == straight["losses"][4:]  # exact float equality, step by step
     a = ckpt.restore(_cfg(tmp_path / "a").checkpoint_dir)[0]
     b = ckpt.restore(cfg_b.checkpoint_dir)[0]
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -71,7 +71,7 @@ def test_checkpoint_holds_scale_state_loss_scale_rng_and_data_position(tmp_path)
 
 
 def _micro_setup(policy_name, microbatches):
-    cfg = model_config.ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32)
+    cfg = model_config.ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=32)
     model = transformer.Transformer(cfg, mpx.policy.preset(policy_name))
     tx = mpx.optim.build("adamw", 1e-3, moment_dtype="bf16")
     state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, jnp.zeros((1, 16), jnp.int32))
@@ -99,8 +99,11 @@ def test_microbatches_merge_amax_with_max_and_average_gradients():
     s1, m1 = step1(state32, batch)
     s2, m2 = step2_32(state32, batch)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    # Adam's first update is ~lr * sign(g): where |g| ~ eps the f32 summation order of the
+    # microbatches shows up, bounded by a small fraction of the learning rate (1e-3).
     for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_nonfinite_step_is_skipped_without_touching_state():
