@@ -1,6 +1,6 @@
 """mpx: FP8/BF16 mixed-precision training and inference of transformer LMs in JAX."""
 
-from mpx import dot, formats, hardware, inspect, metrics, optim, policy, recipes, scaled
+from mpx import calibrate, dot, formats, hardware, inspect, metrics, optim, policy, recipes, scaled
 from mpx.dot import DotState, dot_general, einsum, init_state
 from mpx.formats import Format, cast
 from mpx.policy import Policy, Precision, Rule
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Blocks", "Format", "MX", "PerAxis", "PerTensor", "Policy", "Precision", "Rule", "ScaledArray",
-    "DotState", "cast", "check_finite", "dot", "dot_general", "einsum", "init_state", "inspect", "compute_amax", "compute_scale", "dequantize", "fake_quant",
+    "DotState", "calibrate", "cast", "check_finite", "dot", "dot_general", "einsum", "init_state", "inspect", "compute_amax", "compute_scale", "dequantize", "fake_quant",
     "formats", "hardware", "metrics", "optim", "policy", "nonfinite_counts", "quantize", "quantize_with_scale", "recipes", "scaled",
 ]
