@@ -182,6 +182,27 @@ def check_cache(out: Path, results: dict) -> None:
                         "shard_shape": list(sharded[0]["k"].addressable_shards[0].data.shape)}
 
 
+def check_sharded_generation(out: Path, results: dict) -> None:
+    """Greedy tokens of an FP8 model on (data=2, tensor=4) equal the unsharded ones."""
+    from serve import engine as engine_lib
+
+    cfg = model_config.ModelConfig(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=256, max_seq_len=64)
+    policy = mpx.policy.preset("fp8")
+    model = transformer.Transformer(cfg, policy)
+    variables = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
+    prompts = [[5, 9, 2, 7, 1], [3, 3, 8], [11, 12, 13, 14, 15, 16, 17], [42]]
+    reference, _ = engine_lib.Engine(model, variables).generate(prompts, max_new_tokens=20)
+    layout = sharding.Layout(sharding.make_mesh({"data": 2, "tensor": 4}))
+    sharded_vars = jax.device_put(variables, layout.shardings(variables))
+    sharded_model = transformer.Transformer(cfg, policy, constrain=layout.constrain)
+    generated, _ = engine_lib.Engine(sharded_model, sharded_vars).generate(prompts, max_new_tokens=20)
+    q_proj = sharded_vars["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
+    results["generation"] = {
+        "reference": [g.tokens for g in reference], "sharded": [g.tokens for g in generated],
+        "q_proj_spec": str(q_proj.sharding.spec), "q_proj_devices": len(q_proj.sharding.device_set),
+    }
+
+
 def check_reshard_through_loop(out: Path, results: dict) -> None:
     """Train on mesh A, checkpoint, resume on mesh B: the losses continue the same.
 
@@ -204,7 +225,7 @@ def check_reshard_through_loop(out: Path, results: dict) -> None:
 GROUPS = {
     # One process each, so two cores work in parallel.
     "grads": (check_per_tensor_amax, check_block_scales, check_mean_over_replicas, check_cache, check_meshes),
-    "loop": (check_reshard_through_loop,),
+    "loop": (check_reshard_through_loop, check_sharded_generation),
 }
 
 

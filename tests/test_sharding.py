@@ -228,3 +228,10 @@ def test_checkpoint_from_one_mesh_resumes_on_another(worker):
     # ... and both follow the single-device run (bf16 communication included).
     np.testing.assert_allclose(res["straight"], single, rtol=BF16_EPS)
     np.testing.assert_allclose(res["resumed"], single[2:], rtol=BF16_EPS)
+
+
+def test_sharded_generation_produces_the_same_tokens(worker):
+    gen = worker["results"]["generation"]
+    assert gen["q_proj_devices"] == 8 and "tensor" in gen["q_proj_spec"]
+    assert gen["sharded"] == gen["reference"]
+    assert all(len(tokens) == 20 for tokens in gen["reference"])
