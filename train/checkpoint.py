@@ -35,6 +35,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mpx.sharding import path_str
+
 MANIFEST = "manifest.json"
 _FORMAT = 1  # version of the layout above
 
@@ -45,19 +47,6 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------
 # Pytree paths and typed PRNG keys.
-
-
-def _path_str(path: tuple) -> str:
-    """A path that reads the same for a NamedTuple and the dict orbax restores it as."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def _is_key(x: Any) -> bool:
@@ -71,7 +60,7 @@ def _unwrap_keys(state: Any) -> tuple[Any, dict[str, str]]:
     def unwrap(path, x):
         if not _is_key(x):
             return x
-        impls[_path_str(path)] = str(jax.random.key_impl(x))
+        impls[path_str(path)] = str(jax.random.key_impl(x))
         return jax.random.key_data(x)
 
     return jax.tree_util.tree_map_with_path(unwrap, state), impls
@@ -81,7 +70,7 @@ def _wrap_keys(state: Any, impls: dict[str, str]) -> Any:
     found = set()
 
     def wrap(path, x):
-        name = _path_str(path)
+        name = path_str(path)
         if name not in impls:
             return x
         found.add(name)
@@ -300,7 +289,7 @@ def _check_expect(step_dir: Path, metadata: dict, expect: dict) -> None:
 
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_str(path): leaf for path, leaf in flat}
+    return {path_str(path): leaf for path, leaf in flat}
 
 
 def _some(names: set[str], limit: int = 8) -> str:

@@ -29,18 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-
-def path_str(path) -> str:
-    """A pytree key path as "a/b/0/kernel" (dict keys, attribute names, indices)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
+from mpx.sharding import path_str  # noqa: F401  (re-exported: mpx.optim.path_str)
 
 
 def _cast_leaf(x, dtype):
