@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mpx import sharding as sharding_lib
 from serve import kv_cache as kv_cache_lib
 from serve import sampling
 
@@ -88,11 +89,20 @@ class Engine:
       kv_cache: "bf16", "fp32" or "fp8".
       chunk: decode steps per compiled call.
       logit_scale: multiplies logits before sampling (FP8 temperature correction).
+      layout: an `mpx.sharding.Layout` to serve sharded: params (FP8 weights and their
+        block scales included) are placed by its rules, the model pins its activations,
+        and prefill/decode constrain the KV cache to (batch on data x fsdp, kv heads on
+        tensor). None serves on the default device.
     """
 
-    def __init__(self, model, variables, *, kv_cache: str = "bf16", chunk: int = 16, logit_scale: float = 1.0):
+    def __init__(self, model, variables, *, kv_cache: str = "bf16", chunk: int = 16, logit_scale: float = 1.0,
+                 layout: sharding_lib.Layout | None = None):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1; got {chunk}")
+        if layout is not None:
+            model = model.clone(constrain=layout.constrain)
+            variables = jax.device_put(variables, layout.shardings(variables))
+        self.layout = layout
         self.model, self.variables, self.config = model, variables, model.config
         self.kv_cache, self.chunk, self.logit_scale = kv_cache_lib.check_kind(kv_cache), chunk, logit_scale
         self.traces: collections.Counter = collections.Counter()
@@ -101,6 +111,12 @@ class Engine:
         self._recompute = jax.jit(self._recompute_fn, static_argnames=("sampler", "steps"))
 
     # ---------------------------------------------------------------- compiled steps
+
+    def _pin_cache(self, cache):
+        """Under a layout, keeps the KV cache on its shardings (a no-op otherwise)."""
+        if self.layout is None:
+            return cache
+        return jax.lax.with_sharding_constraint(cache, sharding_lib.cache_shardings(cache, self.layout.mesh))
 
     def _sample(self, sampler, logits, key, index):
         return sampler(sampling.scale_logits(logits, self.logit_scale), jax.random.fold_in(key, index))
@@ -113,9 +129,9 @@ class Engine:
         b, t = tokens.shape
         cache = kv_cache_lib.init(self.config, b, self.kv_cache)
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        logits, aux = self.model.apply(variables, tokens, positions, cache)
+        logits, aux = self.model.apply(variables, tokens, positions, self._pin_cache(cache))
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
-        return self._sample(sampler, last, key, 0), lengths + 0, aux["cache"], last
+        return self._sample(sampler, last, key, 0), lengths + 0, self._pin_cache(aux["cache"]), last
 
     def _decode_fn(self, variables, cache, tokens, positions, key, start, sampler, steps):
         """`steps` tokens per row: feeds tokens (B,) at positions (B,), samples the next."""
@@ -127,7 +143,7 @@ class Engine:
             pos = jnp.minimum(positions, last_slot)[:, None]  # past the end: outputs are discarded
             logits, aux = self.model.apply(variables, tokens[:, None], pos, cache)
             new = self._sample(sampler, logits[:, 0], key, start + i)
-            return (aux["cache"], new, positions + 1), new
+            return (self._pin_cache(aux["cache"]), new, positions + 1), new
 
         (cache, tokens, positions), out = lax.scan(step, (cache, tokens, positions), jnp.arange(steps))
         return out.T, cache, tokens, positions  # (B, steps)

@@ -193,11 +193,13 @@ def check_sharded_generation(out: Path, results: dict) -> None:
     prompts = [[5, 9, 2, 7, 1], [3, 3, 8], [11, 12, 13, 14, 15, 16, 17], [42]]
     reference, _ = engine_lib.Engine(model, variables).generate(prompts, max_new_tokens=20)
     layout = sharding.Layout(sharding.make_mesh({"data": 2, "tensor": 4}))
-    sharded_vars = jax.device_put(variables, layout.shardings(variables))
-    sharded_model = transformer.Transformer(cfg, policy, constrain=layout.constrain)
-    generated, _ = engine_lib.Engine(sharded_model, sharded_vars).generate(prompts, max_new_tokens=20)
-    q_proj = sharded_vars["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
-    results["generation"] = {
+    engine = engine_lib.Engine(model, variables, layout=layout)
+    generated, _ = engine.generate(prompts, max_new_tokens=20)
+    q_proj = engine.variables["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
+    tokens, lengths = engine._batch(prompts)
+    _, _, cache, _ = engine._prefill(engine.variables, tokens, lengths, jax.random.key(0),
+                                     sampler=engine_lib.sampling.Greedy())
+    results["generation"] = {"cache_spec": str(cache[0]["k"].sharding.spec),
         "reference": [g.tokens for g in reference], "sharded": [g.tokens for g in generated],
         "q_proj_spec": str(q_proj.sharding.spec), "q_proj_devices": len(q_proj.sharding.device_set),
     }

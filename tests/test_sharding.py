@@ -233,5 +233,6 @@ def test_checkpoint_from_one_mesh_resumes_on_another(worker):
 def test_sharded_generation_produces_the_same_tokens(worker):
     gen = worker["results"]["generation"]
     assert gen["q_proj_devices"] == 8 and "tensor" in gen["q_proj_spec"]
+    assert "data" in gen["cache_spec"]  # batch rows of the KV cache split across replicas
     assert gen["sharded"] == gen["reference"]
     assert all(len(tokens) == 20 for tokens in gen["reference"])
