@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import mpx.optim as mo
+from benchmarks.quantize import time_calls
 
 F32 = jnp.float32
 LAYERS, D_MODEL, VOCAB = 12, 768, 32000
@@ -58,21 +57,6 @@ def memory_rows() -> dict[str, mo.MemoryReport]:
         "bf16": mo.memory_report(params, bf16_state, compute_dtype_bytes=2.0),
         "fp8": mo.memory_report(params, bf16_state, compute_dtype_bytes=fp8_copy, scale_state=amax_history),
     }
-
-
-def time_calls(fns: dict, *, repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each fn(), timed round-robin after a warm-up call."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                out = fn()
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - start) / inner)
-    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def step_fn(tx, params, grads):
