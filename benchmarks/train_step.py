@@ -19,7 +19,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import mpx
 from benchmarks.quantize import time_calls
@@ -34,15 +33,6 @@ def _moment_dtype(preset: str):
     return jnp.float32 if preset == "fp32" else jnp.bfloat16
 
 
-def _compute_bytes(policy: mpx.Policy) -> float:
-    precision = policy.resolve("layers_0/mlp/up")
-    if precision.recipe is not None:
-        return 1.0
-    if precision.compute_dtype == precision.param_dtype:
-        return 0.0  # the forward pass reads the masters themselves
-    return float(np.dtype(precision.compute_dtype).itemsize)
-
-
 def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
     """(jitted step, state, memory report) for one preset."""
     policy = mpx.policy.preset(preset)
@@ -51,7 +41,7 @@ def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
     state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, jnp.zeros((1, seq), jnp.int32))
     step = jax.jit(step_lib.make_train_step(model, tx))
     report = mpx.optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
-                                     compute_dtype_bytes=_compute_bytes(policy))
+                                     compute_dtype_bytes=mpx.optim.compute_copy_bytes(policy.resolve("layers_0/mlp/up")))
     return step, state, report
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from mpx import nn as mnn
-from mpx.policy import Policy
+from mpx.policy import Policy, preset
 from mpx.dot import upcast
 from mpx.scaled import ScaledArray, quantize
 
@@ -233,7 +233,7 @@ class Transformer(nn.Module):
         if self.config.remat == "non_fp8":
             # FP8 blocks save 4x smaller activations: the seed skips their recomputation.
             probe = "mlp/up" if not self._is_moe(layer) else "moe/experts/up"
-            policy = self.policy or mnn.preset("fp32")
+            policy = self.policy or preset("fp32")
             return policy.resolve(f"layers_{layer}/{probe}").recipe is None
         return False
 

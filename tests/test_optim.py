@@ -568,3 +568,11 @@ def test_resolve_dtype_names():
     assert mo.resolve_dtype(jnp.float16) == jnp.float16
     with pytest.raises(ValueError, match="unknown dtype"):
         mo.resolve_dtype("bfloat17")
+
+
+def test_compute_copy_bytes_per_preset():
+    import mpx
+    up = lambda name: mpx.policy.preset(name).resolve("layers_0/mlp/up")  # noqa: E731
+    assert mpx.optim.compute_copy_bytes(up("fp32")) == 0.0  # the forward reads the f32 masters
+    assert mpx.optim.compute_copy_bytes(up("bf16")) == 2.0
+    assert mpx.optim.compute_copy_bytes(up("fp8")) == 1.0

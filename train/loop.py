@@ -267,7 +267,7 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
     if resume_run:
         state, data_state = resume(run, state)
     report = optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
-                                 compute_dtype_bytes=_compute_bytes(run))
+                                 compute_dtype_bytes=optim.compute_copy_bytes(run.policy.resolve("layers_0/mlp/up")))
     main = jax.process_index() == 0
     quiet = quiet or not main
     run_dir = Path(cfg.run_dir or "runs/default")
@@ -288,13 +288,6 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
         log.close()
     summary["final_step"] = int(state.step)
     return summary
-
-
-def _compute_bytes(run: Run) -> float:
-    recipe = run.policy.resolve("layers_0/mlp/up").recipe
-    if recipe is not None:
-        return 1.0
-    return float(np.dtype(run.policy.resolve("layers_0/mlp/up").compute_dtype).itemsize)
 
 
 def _loop(run: Run, state, data_state, log: MetricsLog | NullLog, summary: dict, quiet: bool):

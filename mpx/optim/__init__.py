@@ -36,13 +36,13 @@ from mpx.optim.loss_scale import (
     static_loss_scale,
 )
 from mpx.optim.master import cast_params, matrices_only, path_str
-from mpx.optim.memory import MemoryReport, memory_report, num_params, tree_bytes
+from mpx.optim.memory import MemoryReport, compute_copy_bytes, memory_report, num_params, tree_bytes
 from mpx.optim.optimizers import ScaleByAdamState, adam, adamw, scale_by_adam
 
 __all__ = [
     "AdaptiveClipState", "DynamicLossScale", "MemoryReport", "NoOpLossScale", "OPTIMIZERS", "SCHEDULES",
     "ScaleByAdamState", "SkipNonFiniteState", "StaticLossScale", "accumulate_gradients", "adam", "adamw",
-    "all_finite", "build", "cast_params", "clip_adaptive", "clip_by_global_norm", "dynamic_loss_scale",
+    "all_finite", "build", "cast_params", "clip_adaptive", "clip_by_global_norm", "compute_copy_bytes", "dynamic_loss_scale",
     "global_norm", "make_schedule", "matrices_only", "memory_report", "num_params", "path_str",
     "resolve_dtype", "scale_by_adam", "skip_nonfinite", "split_microbatches", "static_loss_scale",
     "tree_bytes", "warmup_cosine",

@@ -130,3 +130,21 @@ def memory_report(params, opt_state, *, compute_dtype_bytes: float = 0.0, grad_d
         scale_state=tree_bytes(scale_state),
         compute_copy=int(round(n * compute_dtype_bytes)),
     )
+
+
+def compute_copy_bytes(precision) -> float:
+    """Bytes per parameter of the transient weight copy a layer of `precision` makes.
+
+    FP8 recipe: 1 (scales are a few bytes per 128x128 block, not counted); compute dtype
+    equal to the param dtype: 0 (the forward reads the masters); else the compute dtype's
+    itemsize (2 for bf16 / fp16).
+
+    Args:
+      precision: an `mpx.policy.Precision` (e.g. `policy.resolve("layers_0/mlp/up")`).
+    """
+    if precision.recipe is not None:
+        return 1.0
+    if np.dtype(precision.compute_dtype) == np.dtype(precision.param_dtype):
+        return 0.0
+    return float(np.dtype(precision.compute_dtype).itemsize)
+
