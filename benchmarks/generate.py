@@ -56,11 +56,12 @@ def checkpoint(path: str | None, context: int) -> q.Checkpoint:
     return dataclasses.replace(ckpt, config=config)
 
 
-def engines(ckpt: q.Checkpoint, chunk: int) -> dict[str, engine_lib.Engine]:
+def engines(ckpt: q.Checkpoint) -> dict[str, engine_lib.Engine]:
+    """One engine per variant, with the engine's default decode chunk."""
     out = {}
     for name, (spec, kv) in VARIANTS.items():
         model, variables = q.prepare(ckpt, spec)
-        out[name] = engine_lib.Engine(model, variables, kv_cache=kv, chunk=chunk)
+        out[name] = engine_lib.Engine(model, variables, kv_cache=kv)
     return out
 
 
@@ -71,8 +72,8 @@ def _prompts(rows: int, length: int) -> list[list[int]]:
 def decode_rates(engs: dict, rows: int, prompt: int, new: int, repeats: int) -> dict[str, dict]:
     """Median decode and prefill tokens/s per variant, round-robin over repeats."""
     prompts = _prompts(rows, prompt)
-    for eng in engs.values():  # compile prefill and decode
-        eng.generate(prompts, max_new_tokens=eng.chunk + 1)
+    for eng in engs.values():
+        eng.warm_up(prompts, new)
     samples = {name: {"decode": [], "prefill": []} for name in engs}
     for _ in range(repeats):
         for name, eng in engs.items():
@@ -89,7 +90,7 @@ def cache_vs_recompute(engs: dict, prompt: int, new: int, repeats: int) -> dict[
     for name in ("fp32", "fp8"):
         eng = engs[name]
         for use_cache in (True, False):
-            eng.generate(prompts, max_new_tokens=eng.chunk, use_cache=use_cache)  # compile
+            eng.warm_up(prompts, new, use_cache=use_cache)
         times = {True: [], False: []}
         for _ in range(repeats):
             for use_cache in (True, False):
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.new, args.repeats, args.prompt = (64, 3, 64) if args.quick else (256, 5, 64)
     ckpt = checkpoint(args.checkpoint, args.prompt + args.new)
-    engs = engines(ckpt, chunk=16)
+    engs = engines(ckpt)
     rates = {rows: decode_rates(engs, rows, args.prompt, args.new, args.repeats) for rows in (1, 8)}
     cache = cache_vs_recompute(engs, args.prompt, args.new, args.repeats)
     text, payload = report(args, ckpt, engs, rates, cache)

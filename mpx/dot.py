@@ -78,7 +78,7 @@ from jax import lax
 
 from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
-from mpx.formats import Format
+from mpx.formats import Format, upcast
 from mpx.recipes import AmaxHistory
 from mpx.scaled import (
     Blocks,
@@ -705,21 +705,21 @@ def _prequantized_lhs_scale(recipe, state: DotState | None, lhs: jax.Array) -> j
                                      current_amax=amax, **kw)
 
 
-def _lhs_operand(x: jax.Array, recipe, scale, tile: int, compute_dtype):
-    """x (B, M, K) as (values, scales): FP8 grid values in bf16 (x in compute_dtype without
-    a recipe) and the scales: (B, M, K / tile) per DeepSeek tile, a scalar, or None."""
+def _lhs_operand(x: jax.Array, recipe, scale, tile: int, compute_dtype, grid_dtype=jnp.bfloat16):
+    """x (B, M, K) as (values, scales): FP8 grid values in `grid_dtype` (x in compute_dtype
+    without a recipe) and the scales: (B, M, K / tile) per DeepSeek tile, a scalar, or None."""
     if recipe is None:
         return x.astype(compute_dtype), None
     fmt = formats_lib.get(recipe.fwd_format)
     x = x.astype(jnp.float32)
     if scale is not None:
-        return _round_to_format(x * (1.0 / scale), fmt).astype(jnp.bfloat16), scale
+        return _round_to_format(x * (1.0 / scale), fmt).astype(grid_dtype), scale
     b, m, k = x.shape
     tiles = x.reshape(b, m, k // tile, tile)
-    amax = jnp.maximum(jnp.max(tiles, axis=-1), -jnp.min(tiles, axis=-1))
+    amax = jnp.max(jnp.abs(tiles), axis=-1)  # one reduction; NaN propagates
     scale = compute_scale(amax, fmt, pow2=recipe.pow2_scale)  # (B, M, K / tile)
     grid = _round_to_format(tiles * (1.0 / scale)[..., None], fmt).reshape(x.shape)
-    return grid.astype(jnp.bfloat16), scale
+    return grid.astype(grid_dtype), scale
 
 
 def _rhs_group_scales(rhs: ScaledArray, group: int, n_groups: int) -> jax.Array:
@@ -796,8 +796,12 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
       preferred_element_type: output dtype.
       impl: "auto", "upcast_bf16" (the grouped GEMM above), "fp8" (a per-tensor lhs scale
         and one K group: the Hopper `convert(f8) * scalar -> dot` pattern on the raw FP8
-        data, column scales after; otherwise as "upcast_bf16") or "dequant_f32" (the
-        reference: both operands dequantized to f32, f32 GEMM).
+        data, column scales after; otherwise as "upcast_bf16"), "fold_f32" (both
+        operands dequantized into f32, scales folded in, one f32 GEMM: the decode path,
+        see `_folded_prequantized`) or "dequant_f32" (the reference: the same product
+        through `quantize` / `dequantize`, f32 GEMM at HIGHEST precision). "auto" is
+        "fp8" on GPU; on CPU "fold_f32" for at most `FOLD_MAX_ROWS` rows (decode) and
+        "upcast_bf16" for more (prefill).
 
     Returns:
       (..., N), or (E, M, N) for a batched rhs, in `preferred_element_type`.
@@ -807,7 +811,7 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
       ValueError: shapes that do not contract, a batched rhs blocked across experts, an
         unknown recipe or impl, a stateful recipe without state.
     """
-    _check_choice("impl", impl, IMPLS)
+    _check_choice("impl", impl, PREQUANTIZED_IMPLS)
     recipe = recipes_lib.get(recipe)
     lhs = jnp.asarray(lhs)
     _check_prequantized(lhs, rhs)
@@ -819,8 +823,10 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     k = x3.shape[-1]
     tile = recipe.block if isinstance(recipe, recipes_lib.DeepSeekV3) else k
     groups = _scale_groups(k, tile, rhs3.block[1])
-    impl = resolve_impl(impl)
-    if groups is None or impl == "dequant_f32":
+    impl = _prequantized_impl(impl, x3.shape[1])
+    if impl == "fold_f32":
+        out = _folded_prequantized(x3, rhs3, recipe, scale, min(tile, k), compute_dtype)
+    elif groups is None or impl == "dequant_f32":
         out = _reference_prequantized(x3, rhs3, recipe, scale, compute_dtype)
     elif impl == "fp8" and groups[0] == k and scale is not None:
         out = _fp8_prequantized(x3, rhs3, recipe, scale)
@@ -830,32 +836,60 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     return out.reshape(shape).astype(preferred_element_type)
 
 
-def upcast(data: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
-    """FP8 data (float8_e4m3fn or float8_e5m2) as `dtype` values, exactly, via float16.
+# The fewest rows (tokens, per batch entry) for which the CPU "auto" path keeps bf16
+# GEMM operands. Below it (decode) XLA's CPU backend runs the bf16 dot as an f32 dot of
+# upcast operands anyway; measured on the tiny model's decode step, folding the scales
+# in is ~10% fewer ops per token (benchmarks/generate.py).
+FOLD_MAX_ROWS = 16
+PREQUANTIZED_IMPLS = IMPLS + ("fold_f32",)
 
-    XLA on CPU converts f8 element by element in scalar code; moving the bits into a
-    float16 instead is a few vectorized integer ops. E5M2 is the top byte of a float16.
-    E4M3's exponent and mantissa fields, placed in a float16's, read as the same value
-    divided by 2**8 in the normal and the subnormal range alike (the biases differ by
-    8), so one exact multiply by 256 restores it. E4M3's NaN (S.1111.111) becomes NaN.
 
-    Args:
-      data: an array of any shape; other dtypes go through `astype`.
-      dtype: the result dtype (bf16 or f32: both hold every FP8 value exactly).
+def _prequantized_impl(impl: str, rows: int) -> str:
+    if impl != "auto":
+        return impl
+    if jax.default_backend() == "cpu" and rows <= FOLD_MAX_ROWS:
+        return "fold_f32"
+    return resolve_impl(impl)
 
-    Returns:
-      data's values as `dtype`.
+
+def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.float32) -> jax.Array:
+    """`lax.dot_general` of lhs and rhs rounded to `compute_dtype`, accumulated in `accum_dtype`.
+
+    On CPU a bf16 (or fp16) dot with f32 accumulation and at most `FOLD_MAX_ROWS` rows
+    (lhs elements outside the contracting and batch axes: a decode step) runs as an f32
+    dot of the rounded operands. The products are the same (a product of two bf16
+    values is exact in f32) and both accumulate in f32, but XLA's CPU backend runs such
+    small bf16 dots slower than f32 ones. Larger dots keep `compute_dtype`, where bf16
+    GEMMs are about twice as fast as f32 on CPU.
     """
-    kind = jnp.dtype(data.dtype)
-    if kind == jnp.dtype(jnp.float8_e5m2):
-        bits = lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.uint16) << 8
-        return lax.bitcast_convert_type(bits, jnp.float16).astype(dtype)
-    if kind != jnp.dtype(jnp.float8_e4m3fn):
-        return data.astype(dtype)
-    b = lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.uint16)
-    half = lax.bitcast_convert_type(((b & 0x80) << 8) | ((b & 0x7F) << 7), jnp.float16)
-    value = half.astype(jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype) * 256.0
-    return jnp.where((b & 0x7F) == 0x7F, jnp.nan, value).astype(dtype)
+    lhs, rhs = jnp.asarray(lhs).astype(compute_dtype), jnp.asarray(rhs).astype(compute_dtype)
+    (contracting, _), (batch, _) = dimension_numbers
+    rows = math.prod(n for i, n in enumerate(lhs.shape) if i not in (*contracting, *batch))
+    narrow = jnp.dtype(compute_dtype).itemsize < 4 and jnp.dtype(accum_dtype) == jnp.dtype(jnp.float32)
+    if narrow and rows <= FOLD_MAX_ROWS and jax.default_backend() == "cpu":
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=accum_dtype)
+
+
+def _folded_prequantized(x3, rhs3: ScaledArray, recipe, scale, tile: int, compute_dtype):
+    """Both operands dequantized into f32 with their scales folded in, one f32 GEMM.
+
+    The same quantized values as the grouped GEMM; only where the scales multiply differs
+    (each product value x scale rounds once in f32, 2**-24 relative, exact for
+    power-of-two scales). Inside a decode loop the weight's dequantization is loop
+    invariant, so XLA computes it once per compiled call and every token pays for one
+    f32 matmul, the cost of an fp32 weight.
+    """
+    k = x3.shape[-1]
+    k_pad = -(-k // tile) * tile
+    xv, sx = _lhs_operand(_pad_axis_to(x3, 2, k_pad), recipe, scale, tile, compute_dtype, jnp.float32)
+    xv = xv.astype(jnp.float32)
+    if sx is not None and jnp.ndim(sx) == 3:  # per-tile scales (B, M, K / tile)
+        b, m, _ = xv.shape
+        xv = (xv.reshape(b, m, k_pad // tile, tile) * sx[..., None]).reshape(b, m, k_pad)
+    elif sx is not None:
+        xv = xv * sx
+    return lax.dot_general(xv[:, :, :k], dequantize(rhs3), _dims(True, 1, 0), preferred_element_type=jnp.float32)
 
 
 def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype):
@@ -889,4 +923,4 @@ def _fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale):
     return out * _rhs_group_scales(rhs3, rhs3.shape[1], 1)
 
 
-__all__ += ["prequantized_matmul", "upcast"]
+__all__ += ["FOLD_MAX_ROWS", "PREQUANTIZED_IMPLS", "prequantized_matmul", "rounded_dot", "upcast"]

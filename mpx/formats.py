@@ -272,6 +272,50 @@ def _cast_e8m0(x: jax.Array, fmt: Format) -> jax.Array:
     return jnp.where(x < tiny, smallest, rounded)  # NaN compares False: stays NaN
 
 
+def upcast(data: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+    """FP8 data (float8_e4m3fn or float8_e5m2) as `dtype` values, exactly.
+
+    XLA on CPU converts f8 element by element in scalar code; moving the bits into a
+    wider float instead is a few vectorized integer ops, and costs nothing extra on GPU.
+
+    * E5M2 is the top byte of a float16.
+    * E4M3 to float32: its exponent and mantissa fields, placed in a float32's with the
+      bias difference (127 - 7) added, are the same normal value; subnormals
+      (exponent field 0) are the mantissa times 2**-9; S.1111.111 is NaN.
+    * E4M3 to bf16: its fields placed in a float16's read as the value divided by 2**8
+      in the normal and subnormal range alike (the biases differ by 8), so one exact
+      multiply by 256 restores it.
+
+    Args:
+      data: an array of any shape; other dtypes go through `astype`.
+      dtype: the result dtype (bf16 or f32: both hold every FP8 value exactly).
+
+    Returns:
+      data's values as `dtype`.
+    """
+    kind = jnp.dtype(data.dtype)
+    if kind == jnp.dtype(jnp.float8_e5m2):
+        bits = jax.lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.uint16) << 8
+        return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(dtype)
+    if kind != jnp.dtype(jnp.float8_e4m3fn):
+        return data.astype(dtype)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+        return _e4m3_to_f32(data)
+    b = jax.lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.uint16)
+    half = jax.lax.bitcast_convert_type(((b & 0x80) << 8) | ((b & 0x7F) << 7), jnp.float16)
+    value = half.astype(jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype) * 256.0
+    return jnp.where((b & 0x7F) == 0x7F, jnp.nan, value).astype(dtype)
+
+
+def _e4m3_to_f32(data: jax.Array) -> jax.Array:
+    b = jax.lax.bitcast_convert_type(data, jnp.uint8).astype(jnp.uint32)
+    magnitude, sign = b & 0x7F, (b & 0x80) << 24
+    normal = (magnitude << 20) + ((127 - 7) << 23)
+    subnormal = jax.lax.bitcast_convert_type(magnitude.astype(jnp.float32) * 2.0**-9, jnp.uint32)
+    value = jax.lax.bitcast_convert_type(sign | jnp.where(magnitude < 8, subnormal, normal), jnp.float32)
+    return jnp.where(magnitude == 0x7F, jnp.nan, value)
+
+
 def saturate(x: jax.Array, fmt: str | Format) -> jax.Array:
     """Clips finite values (and inf, where `fmt` has no inf) to +-fmt.max; keeps NaN.
 

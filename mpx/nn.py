@@ -92,8 +92,7 @@ def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_num
     """
     recipe = precision.recipe
     if recipe is None:
-        out = jax.lax.dot_general(lhs.astype(precision.compute_dtype), rhs.astype(precision.compute_dtype),
-                                  dimension_numbers, preferred_element_type=precision.accum_dtype)
+        out = dot_lib.rounded_dot(lhs, rhs, dimension_numbers, precision.compute_dtype, precision.accum_dtype)
         return out.astype(precision.output_dtype)
     kwargs = dict(recipe=recipe, preferred_element_type=precision.accum_dtype, rhs_kind=rhs_kind)
     if not recipes_lib.is_stateful(recipe):

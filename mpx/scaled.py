@@ -437,7 +437,7 @@ def dequantize(q: ScaledArray, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _dequantize(data: jax.Array, scale: jax.Array, block: Shape, dtype) -> jax.Array:
-    return _scale_blocks(data.astype(jnp.float32), scale, block).astype(dtype)
+    return _scale_blocks(formats_lib.upcast(data, jnp.float32), scale, block).astype(dtype)
 
 
 def fake_quant(

@@ -11,10 +11,18 @@ a real token see a pad; a pad slot in the cache is overwritten before any query 
 reach it. So the prefill compiles once per (rows, length) bucket and the decode step
 once per rows bucket, never per token.
 
-Decode runs `chunk` tokens per call in a `lax.scan` (one compiled program, no host
+Decode runs up to `chunk` tokens per call in a `lax.scan` (one compiled program, no host
 round trip per token); the host then checks limits and stop conditions, and streams.
-Rows that finish inside a chunk are trimmed on the host. The new token j of every row
-is sampled with the key `fold_in(key(seed), j)`, so results do not depend on `chunk`.
+Every call of one `generate` runs the same number of steps: `chunk`, or fewer when fewer
+tokens are wanted (rounded up to a power of two, at least 16), so a short generation
+does not pay for a whole chunk and few step counts are ever compiled. Rows that finish inside a call are trimmed on the
+host. The new token j of every row is sampled with the key `fold_in(key(seed), j)`, so
+results do not depend on `chunk`.
+
+Why 64 by default: a call has a fixed cost besides its steps (dispatch, and on CPU XLA
+dequantizes FP8 or bf16 weights to f32 once per call, hoisted out of the token loop).
+Over 64 steps it is small enough that FP8 and bf16 weights decode as fast as fp32 on
+CPU (benchmarks/generate.py); streaming then prints in pieces of up to 64 tokens.
 
 `traces` counts how often each step function was traced (compiled): tests use it to
 prove that decoding never recompiles.
@@ -37,6 +45,7 @@ from serve import kv_cache as kv_cache_lib
 from serve import sampling
 
 MIN_BUCKET = 8
+MIN_STEPS = 16  # the fewest decode steps a call runs, unless `chunk` is smaller
 
 
 def bucket(n: int, limit: int | None = None, minimum: int = MIN_BUCKET) -> int:
@@ -87,7 +96,7 @@ class Engine:
       model: a `models.transformer.Transformer` (its policy: the serving precision).
       variables: {"params": ..., optional "fp8_state": ...} from `serve.quantize.prepare`.
       kv_cache: "bf16", "fp32" or "fp8".
-      chunk: decode steps per compiled call.
+      chunk: the most decode steps per compiled call (see the module docstring).
       logit_scale: multiplies logits before sampling (FP8 temperature correction).
       layout: an `mpx.sharding.Layout` to serve sharded: params (FP8 weights and their
         block scales included) are placed by its rules, the model pins its activations,
@@ -95,7 +104,7 @@ class Engine:
         tensor). None serves on the default device.
     """
 
-    def __init__(self, model, variables, *, kv_cache: str = "bf16", chunk: int = 16, logit_scale: float = 1.0,
+    def __init__(self, model, variables, *, kv_cache: str = "bf16", chunk: int = 64, logit_scale: float = 1.0,
                  layout: sharding_lib.Layout | None = None):
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1; got {chunk}")
@@ -220,6 +229,16 @@ class Engine:
             self._run_recompute(run, tokens, lengths, key, sampler)
         return run.outputs, run.stats
 
+    def warm_up(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> None:
+        """Compiles what `generate(prompts, max_new_tokens=..., **kwargs)` runs (its
+        prefill and decode shapes) by generating the fewest tokens that need them, so that
+        timings of the real call are of warm steps."""
+        self.generate(prompts, max_new_tokens=min(max_new_tokens, self.chunk + 1), **kwargs)
+
+    def _steps(self, run: "_Run") -> int:
+        """Steps per decode call: `chunk`, or the tokens still wanted rounded up."""
+        return min(self.chunk, bucket(run.remaining(), minimum=MIN_STEPS))
+
     def _run_cached(self, run: "_Run", tokens, lengths, key, sampler) -> None:
         t0 = time.perf_counter()
         current, positions, cache, _ = self._prefill(self.variables, tokens, lengths, key, sampler=sampler)
@@ -227,12 +246,13 @@ class Engine:
         run.stats.prefill_s = time.perf_counter() - t0
         produced = 1
         t0 = time.perf_counter()
+        steps = self._steps(run)
         while not run.finished():
             new, cache, current, positions = self._decode(self.variables, cache, current, positions, key, produced,
-                                                          sampler=sampler, steps=self.chunk)
+                                                          sampler=sampler, steps=steps)
             run.add(np.asarray(new))
-            produced += self.chunk
-            run.stats.decode_steps += self.chunk
+            produced += steps
+            run.stats.decode_steps += steps
         run.stats.decode_s = time.perf_counter() - t0
 
     def _run_recompute(self, run: "_Run", tokens, lengths, key, sampler) -> None:
@@ -241,12 +261,13 @@ class Engine:
         buffer, ends = _as_outputs((buffer, lengths))  # placed like the step's own outputs
         produced = 0
         t0 = time.perf_counter()
+        steps = self._steps(run)
         while not run.finished():
             new, buffer, ends = self._recompute(self.variables, buffer, ends, key, produced,
-                                                sampler=sampler, steps=self.chunk)
+                                                sampler=sampler, steps=steps)
             run.add(np.asarray(new))
-            produced += self.chunk
-            run.stats.decode_steps += self.chunk
+            produced += steps
+            run.stats.decode_steps += steps
         run.stats.decode_s = time.perf_counter() - t0
 
 
@@ -270,6 +291,11 @@ class _Run:
 
     def finished(self) -> bool:
         return all(self.done)
+
+    def remaining(self) -> int:
+        """The most new tokens an unfinished row may still get."""
+        return max(limit - len(out.tokens) for limit, out, done in zip(self.limits, self.outputs, self.done)
+                   if not done)
 
     def add(self, new: np.ndarray) -> None:
         """Appends a (rows, n) block of new tokens to the unfinished rows."""

@@ -107,7 +107,7 @@ def _nll(logits: jax.Array, targets: np.ndarray) -> float:
 
 def _generate(engine: engine_lib.Engine, data: Data, repeats: int = 3) -> tuple[list[list[int]], float]:
     """Greedy generations from the prompts, and warm decode tokens/s (median of `repeats`)."""
-    engine.generate(data.prompts, max_new_tokens=engine.chunk + 1)  # compile prefill and decode
+    engine.warm_up(data.prompts, data.new_tokens)
     rates = []
     for _ in range(repeats):
         outputs, stats = engine.generate(data.prompts, max_new_tokens=data.new_tokens)

@@ -82,8 +82,7 @@ def main(argv=None) -> int:
         engine, tokenizer, sampler, spec, fp32_bytes = build(args)
         # Compile prefill and decode for these prompts' buckets first, so the speed
         # reported at the end is that of warm steps.
-        engine.generate([tokenizer.encode(p) for p in args.prompt], max_new_tokens=engine.chunk + 1,
-                        sampler=sampler)
+        engine.warm_up([tokenizer.encode(p) for p in args.prompt], args.max_tokens, sampler=sampler)
         stream = (lambda text: print(text, end="", flush=True)) if len(args.prompt) == 1 else None
         if stream is not None:
             print(args.prompt[0], end="", flush=True)

@@ -10,6 +10,7 @@ quantization would fail.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -431,6 +432,57 @@ def test_prequantized_matmul_agrees_with_dot_general_forward():
     for got, want in run(x, w, e_x, e_w):
         assert got.shape == want.shape
         assert float(metrics.relative_error(got, want)) <= 2.0 * _rms_rel(BF16, BF16)
+
+
+_FOLD_RECIPES = {"deepseek": recipes.DeepSeekV3(), "current": recipes.CurrentScaling(),
+                 "static": recipes.StaticScaling(), "weight-only": None}
+
+
+@pytest.mark.parametrize("recipe", list(_FOLD_RECIPES), ids=str)
+@pytest.mark.parametrize("weights", ["block", "channel"])
+def test_folded_prequantized_matmul_equals_the_f32_reference(recipe, weights):
+    """"fold_f32" computes the reference's product (the same quantized values, dequantized
+    in f32) up to f32 summation order, on a ragged K (200 = 128 + 72), for decode-sized
+    rows and prefill-sized rows and for experts; "auto" on CPU is "fold_f32" for at most
+    FOLD_MAX_ROWS rows and the grouped bf16 GEMM above that."""
+    recipe = _FOLD_RECIPES[recipe]
+    state = None
+    if recipes.is_stateful(recipe):
+        state = mdot.DotState(lhs=recipes.update_history(recipe.init_state(), 2.5), rhs=recipe.init_state())
+    block = (128, 128) if weights == "block" else (200, 1)
+    w = mpx.quantize(_normal(50, (200, 48)), "e4m3", mpx.Blocks(block))
+    experts = mpx.quantize(_normal(51, (3, 200, 40)), "e4m3", mpx.Blocks((1,) + block))
+
+    @functools.partial(jax.jit, static_argnames="impl")
+    def run(x, rhs, impl):
+        return mdot.prequantized_matmul(x, rhs, recipe=recipe, state=state, impl=impl)
+
+    cases = [(_normal(52, (1, 1, 200)), w), (_normal(53, (2, 8, 200)), w), (_normal(54, (4, 40, 200)), w),
+             (_normal(55, (3, 5, 200)), experts)]
+    for x, rhs in cases:
+        folded, ref = run(x, rhs, "fold_f32"), run(x, rhs, "dequant_f32")
+        assert folded.shape == ref.shape and folded.dtype == jnp.float32
+        assert float(metrics.relative_error(folded, ref)) <= 1e-6
+        rows = x.shape[-2] if rhs.ndim == 3 else math.prod(x.shape[:-1])
+        if jax.default_backend() == "cpu":
+            expect = "fold_f32" if rows <= mdot.FOLD_MAX_ROWS else "upcast_bf16"
+            assert np.array_equal(run(x, rhs, "auto"), run(x, rhs, expect))
+
+
+@pytest.mark.parametrize("rows", [1, 2 * 3, 64])
+def test_rounded_dot_keeps_the_products_of_its_compute_dtype(rows):
+    """rounded_dot = a bf16 x bf16 -> f32 dot: the same value at any size; on CPU a few
+    rows run as an f32 dot of the bf16-rounded operands, more rows stay bf16."""
+    lhs, rhs = _normal(56, (2, rows, 96)), _normal(57, (2, 96, 24))
+    want = jax.lax.dot_general(lhs.astype(jnp.bfloat16), rhs.astype(jnp.bfloat16), BATCHED,
+                               preferred_element_type=jnp.float32)
+    got = jax.jit(mdot.rounded_dot, static_argnums=(2, 3))(lhs, rhs, BATCHED, jnp.bfloat16)
+    assert got.dtype == jnp.float32
+    assert float(metrics.relative_error(got, want)) <= 1e-6
+    jaxpr = jax.make_jaxpr(mdot.rounded_dot, static_argnums=(2, 3))(lhs, rhs, BATCHED, jnp.bfloat16)
+    dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
+    small = rows <= mdot.FOLD_MAX_ROWS and jax.default_backend() == "cpu"
+    assert dot.invars[0].aval.dtype == (jnp.float32 if small else jnp.bfloat16)
 
 
 def test_prequantized_matmul_rejects_bad_inputs():

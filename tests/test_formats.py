@@ -357,3 +357,31 @@ def test_simulated_subnormals_of_eight_exponent_bits():
 
 def test_ulp_exponent():
     assert [formats.ulp_exponent(v) for v in (1.0, 1.5, 448.0, 2.0**-9, 0.75)] == [0, 0, 8, -9, -1]
+
+
+# --------------------------------------------------------------------------- upcast
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("to", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("jitted", [True, False], ids=["jit", "eager"])
+def test_upcast_is_exact_on_every_code(dtype, to, jitted):
+    """All 256 codes: the same value (sign of zero included) as ml_dtypes' widening, NaN
+    codes NaN, the e4m3 subnormals (exponent field 0) included."""
+    import jax
+
+    codes = np.arange(256, dtype=np.uint8).view(dtype)
+    upcast = jax.jit(formats.upcast, static_argnums=1) if jitted else formats.upcast
+    got = np.asarray(upcast(jnp.asarray(codes), to)).astype(np.float32)
+    want = codes.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan], want[~nan])
+    assert np.array_equal(np.signbit(got[~nan]), np.signbit(want[~nan]))
+    assert np.asarray(upcast(jnp.asarray(codes), to)).dtype == np.dtype(to)
+
+
+def test_upcast_passes_other_dtypes_through_astype():
+    x = jnp.asarray([1.5, -2.0], jnp.float16)
+    assert formats.upcast(x, jnp.float32).dtype == jnp.float32
+    assert formats.upcast(x, jnp.float32).tolist() == [1.5, -2.0]

@@ -134,6 +134,25 @@ def test_decoding_never_recompiles_per_token(engine):
     assert dict(engine.traces) == {"prefill": 1, "decode": 1}
 
 
+def test_decode_calls_run_chunk_steps_or_the_wanted_tokens_rounded_up(fp32):
+    """Every call of one generate runs the same steps: the chunk, or (fewer tokens
+    wanted) their count rounded up to a power of two, at least 16; warm_up compiles
+    exactly what the real call then runs."""
+    assert engine_lib.Engine(*fp32).chunk == 64
+    engine = engine_lib.Engine(*fp32, chunk=32)  # the test model's context is 64 tokens
+    cases = {60: 32 * 2, 20: 32, 10: 16, 3: 16}  # max_new_tokens -> decode steps
+    for wanted, steps in cases.items():
+        engine.traces.clear()
+        engine.warm_up([[5, 6, 7]], wanted)
+        out, stats = engine.generate([[5, 6, 7]], max_new_tokens=wanted)
+        assert len(out[0].tokens) == wanted and stats.decode_steps == steps
+        assert engine.traces["decode"] <= 1  # compiled by warm_up at most, never by generate
+    engine.traces.clear()
+    for wanted in cases:
+        engine.generate([[5, 6, 7]], max_new_tokens=wanted)
+    assert not engine.traces  # every step count was compiled once
+
+
 def test_cached_generation_equals_recomputing_the_whole_sequence(ckpt, engine):
     prompts = [_tokens(ckpt, 1, 12)[0].tolist()]
     cached, _ = engine.generate(prompts, max_new_tokens=10)
