@@ -51,6 +51,12 @@ Implementations of the quantized matmul (`impl`):
 * "dequant_f32": the exact reference: dequantize to float32, float32 dot (HIGHEST).
 * "auto": "fp8" on GPU backends, "upcast_bf16" elsewhere.
 
+Serving's `prequantized_matmul` adds "fold_f32" (both operands dequantized into f32,
+one f32 dot), which "auto" picks on CPU for decode-sized products (at most
+`FOLD_MAX_ROWS` rows): there XLA runs a bf16 dot as an f32 dot anyway, and it computes
+the loop-invariant weight dequantization once per compiled decode call. `rounded_dot`
+does the same for the unquantized bf16 matmuls of a decode step (attention, LM head).
+
 On CPU the bf16 GEMMs keep the two layouts XLA's fast kernel takes, (M, K) x (K, N) and
 (M, K) x (N, K): wgrad's lhs^T is materialized while it is quantized, and optimization
 barriers stop XLA from folding a neighbouring transpose into the dot after it picked its
