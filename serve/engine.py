@@ -357,7 +357,7 @@ def generate_text(engine: Engine, tokenizer, prompts: Sequence[str], *, max_new_
 
     Args:
       engine: the `Engine`.
-      tokenizer: encode / decode (train.data tokenizers).
+      tokenizer: encode / decode (store.data tokenizers).
       prompts: non-empty strings.
       max_new_tokens, sampler, seed: as in `Engine.generate`.
       stop: strings that end a row; the returned text excludes them.

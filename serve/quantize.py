@@ -47,9 +47,9 @@ from mpx import dot as dot_lib
 from mpx import nn as mnn
 from mpx import recipes as recipes_lib
 from mpx.scaled import ScaledArray
-from train import checkpoint as ckpt
-from train import config as config_lib
-from train import data as data_lib
+from store import checkpoint as ckpt
+from mpx import config as config_lib
+from store import data as data_lib
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 WEIGHT_SCALES = ("block", "channel")
@@ -424,7 +424,7 @@ def token_stream(ckpt_: Checkpoint, batch_size: int, seq_len: int | None = None)
     data = dict(ckpt_.train_config.get("data", {}))
     data.update(batch_size=batch_size, seq_len=seq_len or data.get("seq_len", ckpt_.config.max_seq_len))
     try:
-        cfg = config_lib.from_dict(config_lib.DataConfig, data, "data")
+        cfg = config_lib.from_dict(data_lib.DataConfig, data, "data")
         return data_lib.build(cfg, ckpt_.config.vocab_size)
     except (FileNotFoundError, ImportError, ValueError) as err:
         raise ServeError(f"data of checkpoint {ckpt_.path}: {err}") from None

@@ -31,7 +31,7 @@ from models import config as model_config  # noqa: E402
 from models import transformer  # noqa: E402
 from mpx import plan as plan_lib  # noqa: E402
 from mpx import sharding  # noqa: E402
-from train import checkpoint as ckpt  # noqa: E402
+from store import checkpoint as ckpt  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import loop  # noqa: E402
 from train import step as step_lib  # noqa: E402

@@ -1,4 +1,4 @@
-"""Tests of train/checkpoint.py: bit-exact round trips, retention, integrity, compatibility."""
+"""Tests of store/checkpoint.py: bit-exact round trips, retention, integrity, compatibility."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from train import checkpoint as ckpt
-from train.checkpoint import CheckpointError
+from store import checkpoint as ckpt
+from store.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,7 +254,7 @@ _RESHARD_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from train import checkpoint as ckpt
+    from store import checkpoint as ckpt
     directory = sys.argv[1]
     devices = np.array(jax.devices())
     assert devices.size == 8, devices

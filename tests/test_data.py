@@ -1,4 +1,4 @@
-"""Tests of train/data.py: sources, tokenizers, the built-in corpus and the batch stream."""
+"""Tests of store/data.py: sources, tokenizers, the built-in corpus and the batch stream."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import data as data_lib
-from train.config import DataConfig, load
-from train.data import Batch, ByteTokenizer, DataState, TokenStream
+from store import data as data_lib
+from store.data import DataConfig
+from train.config import load
+from store.data import Batch, ByteTokenizer, DataState, TokenStream
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import checkpoint as ckpt
+from store import checkpoint as ckpt
 from train import config as config_lib
 from train import distributed
 from train import loop

@@ -16,7 +16,7 @@ import pytest
 import mpx
 from models import config as model_config
 from models import transformer
-from train import checkpoint as ckpt
+from store import checkpoint as ckpt
 from train import config as config_lib
 from train import loop
 from train import run as run_cli

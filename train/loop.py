@@ -35,9 +35,9 @@ import mpx
 from models import transformer
 from mpx import optim
 from mpx import sharding
-from train import checkpoint as ckpt
+from store import checkpoint as ckpt
 from train import config as config_lib
-from train import data as data_lib
+from store import data as data_lib
 from train import step as step_lib
 
 

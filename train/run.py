@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train import checkpoint as ckpt
+from store import checkpoint as ckpt
 from train import config as config_lib
 from train import distributed
 from train import loop

@@ -33,6 +33,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from mpx.config import check
+
 # Pure-Python standard library modules (paths under the stdlib directory, without
 # ".py"), chosen for long English docstrings. Parsed with `ast`, never imported, so
 # modules needing optional parts (turtle needs Tk) still contribute text. About 1.1 MB
@@ -63,6 +65,33 @@ BUILTIN_MODULES = (
 
 # ---------------------------------------------------------------------------
 # Tokenizers.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from and how they are batched (see `build`).
+
+    Attributes:
+      source: "builtin" (Python standard library docstrings), a .txt/.jsonl file, a
+        glob of them, or a directory holding them.
+      tokenizer: "bytes" (UTF-8 bytes, 256 ids) or a path to a HF tokenizer.json.
+      seq_len: tokens per training sequence.
+      batch_size: sequences per step (global, across all devices).
+      eval_fraction: fraction of the token stream held out (from its end) for eval.
+      shuffle_seed: seed of the per-epoch shuffle of training windows.
+    """
+
+    source: str = "builtin"
+    tokenizer: str = "bytes"
+    seq_len: int = 128
+    batch_size: int = 16
+    eval_fraction: float = 0.05
+    shuffle_seed: int = 0
+
+    def __post_init__(self):
+        check("seq_len", self.seq_len, self.seq_len >= 1, ">= 1")
+        check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        check("eval_fraction", self.eval_fraction, 0 <= self.eval_fraction < 1, "in [0, 1)")
 
 
 class Tokenizer(Protocol):
@@ -424,7 +453,7 @@ def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:
 
 
 def build(cfg: Any, vocab_size: int) -> tuple[TokenStream, Tokenizer]:
-    """The stream and tokenizer a `train.config.DataConfig` describes.
+    """The stream and tokenizer a `DataConfig` describes.
 
     Args:
       cfg: a `DataConfig` (source, tokenizer, seq_len, batch_size, eval_fraction,
