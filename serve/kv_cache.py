@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from models import transformer
 from models.config import ModelConfig
 from mpx import formats
+from mpx.config import check_choice
 from mpx.scaled import ScaledArray
 
 KINDS = ("bf16", "fp8", "fp32")
@@ -40,8 +41,7 @@ def check_kind(kind: str) -> str:
     Raises:
       ValueError: naming the bad kind and the allowed ones.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown KV cache kind {kind!r}; allowed: {', '.join(KINDS)}")
+    check_choice("KV cache kind", kind, KINDS)
     return kind
 
 

@@ -1,4 +1,4 @@
-"""Token data for training: sources, tokenizers and a resumable, shuffled batch stream.
+"""Token data for training: sources and a resumable, shuffled batch stream.
 
 Sources: "builtin" (docstrings of a fixed list of Python standard library modules, so a
 run works offline on a fresh machine), text files, JSONL files with a "text" field, a
