@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ SCHEDULES = ("cosine", "constant")
 MOMENT_DTYPES = ("bf16", "f32")
 LOSS_SCALES = ("none", "dynamic", "static")
 GRAD_COMMS = ("f32", "bf16")
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +107,17 @@ class OptimizerConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("moment_dtype", self.moment_dtype, MOMENT_DTYPES)
         check_choice("loss_scale", self.loss_scale, LOSS_SCALES)
-        check("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0")
+        check("learning_rate", self.learning_rate, _finite(self.learning_rate) and self.learning_rate > 0,
+              "a finite number > 0")
         check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
-        check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        check("weight_decay", self.weight_decay, _finite(self.weight_decay) and self.weight_decay >= 0,
+              "a finite number >= 0")
         check("b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)")
         check("b2", self.b2, 0 <= self.b2 < 1, "in [0, 1)")
-        check("eps", self.eps, self.eps > 0, "> 0")
-        check("clip_norm", self.clip_norm, self.clip_norm is None or self.clip_norm > 0,
-               "> 0 or null")
+        check("eps", self.eps, _finite(self.eps) and self.eps > 0, "a finite number > 0")
+        check("clip_norm", self.clip_norm,
+              self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm > 0),
+              "a finite number > 0, or null")
         check("microbatches", self.microbatches, self.microbatches >= 1, ">= 1")
 
 
@@ -243,6 +251,18 @@ def _resolve_precision(section: Any) -> Any:
     return section
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+
+
+def _non_finite_as_float(value: Any) -> Any:
+    """YAML reads `nan` and `inf` as strings: as floats, the range checks name them."""
+    if isinstance(value, dict):
+        return {k: _non_finite_as_float(v) for k, v in value.items()}
+    if isinstance(value, str) and value.lower() in _NON_FINITE:
+        return _NON_FINITE[value.lower()]
+    return value
+
+
 def _build(raw: dict) -> TrainConfig:
     raw = dict(raw)
     model = raw.get("model")
@@ -274,7 +294,8 @@ def load(path: str | Path, overrides: collections.abc.Sequence[str] = ()) -> Tra
     path = Path(path)
     raw, origins = config_io.read_tree(path, _replaces_whole)
     for item in overrides:
-        config_io.merge(raw, config_io.parse_override(item), origins, f"--set {item}", _replaces_whole)
+        config_io.merge(raw, _non_finite_as_float(config_io.parse_override(item)), origins,
+                        f"--set {item}", _replaces_whole)
     if raw.get("run_dir") is None:
         raw["run_dir"] = str(Path("runs") / path.stem)
         origins["run_dir"] = f"the default for {path}"
