@@ -19,7 +19,6 @@ prints and writes metrics.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -36,8 +35,9 @@ from models import transformer
 from mpx import optim
 from mpx import sharding
 from store import checkpoint as ckpt
-from train import config as config_lib
 from store import data as data_lib
+from train import config as config_lib
+from train import metrics_log
 from train import step as step_lib
 
 
@@ -220,67 +220,6 @@ def resume(run: Run, template, skip_incomplete: bool = False, say=print) -> tupl
     return state, data_lib.DataState.from_dict(meta["data_state"])
 
 
-class MetricsLog:
-    """Appends one JSON object per record to metrics.jsonl (and TensorBoard if present)."""
-
-    def __init__(self, run_dir: Path, start_step: int = 0):
-        """Opens `run_dir/metrics.jsonl`, first dropping records after `start_step` (those
-        of an interrupted run's steps that its checkpoint does not hold, and that a
-        resumed run logs again), so no step appears twice."""
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        _truncate_after(self.path, start_step)
-        self._file = self.path.open("a")
-        self._tb = _tensorboard(run_dir)
-
-    def write(self, step: int, record: dict) -> None:
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _truncate_after(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if _record_step(line) <= step]
-    if len(kept) != len(lines):
-        path.write_text("".join(kept))
-
-
-def _record_step(line: str) -> int:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return 0  # a torn last line of a killed run sorts first; kept as written
-
-
-class NullLog:
-    """The metrics log of processes other than 0: writes nothing."""
-
-    def write(self, step: int, record: dict) -> None:
-        del step, record
-
-    def close(self) -> None:
-        pass
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from tensorboardX import SummaryWriter  # optional
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
-
-
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps (the step in flight finishes)."""
 
@@ -354,7 +293,7 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
               f"{run.policy.name}, {jax.device_count()} {jax.default_backend()} device(s) in "
               f"{jax.process_count()} process(es), mesh {dict(run.layout.mesh.shape)}")
         print(report)
-    log = MetricsLog(run_dir, int(state.step)) if main else NullLog()
+    log = metrics_log.MetricsLog(run_dir, int(state.step)) if main else metrics_log.NullLog()
     summary = {"losses": [], "eval": {}, "interrupted": None, "steps_run": 0, "skipped_steps": 0,
                "memory_bytes_per_param": report.per_param("total")}
     try:
@@ -365,7 +304,7 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
     return summary
 
 
-def _loop(run: Run, state, data_state, log: MetricsLog | NullLog, summary: dict, quiet: bool):
+def _loop(run: Run, state, data_state, log: metrics_log.MetricsLog | metrics_log.NullLog, summary: dict, quiet: bool):
     cfg = run.cfg
     start = int(state.step)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
