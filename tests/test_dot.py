@@ -20,6 +20,7 @@ import pytest
 
 import mpx
 import mpx.dot as mdot
+from mpx.dot import backends, subscripts
 from mpx import formats, metrics, recipes
 
 E4M3, E5M2, BF16 = formats.get("e4m3"), formats.get("e5m2"), formats.get("bf16")
@@ -246,7 +247,7 @@ def test_fast_rounding_equals_core_cast(name):
     special = jnp.array([np.nan, np.inf, -np.inf, 0.0, 1e30, -1e30, 1e-30], jnp.float32)
     v = jnp.concatenate([grid, mids, -mids, _normal(22, (2000,), fmt.max / 4), special])
     want = formats.cast(v, fmt).astype(jnp.float32)
-    got = jax.jit(lambda v: mdot._round_to_format(v, fmt))(v)
+    got = jax.jit(lambda v: formats.round_to_grid(v, fmt))(v)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -255,8 +256,8 @@ def test_fused_fold_equals_core_quantize_then_dequantize(spec_name):
     x = _normal(23, (150, 200), 3.0)
     for recipe in (recipes.DeepSeekV3(), recipes.CurrentScaling()):
         spec = getattr(mdot.plan(recipe), spec_name)
-        values, scalar = jax.jit(lambda x: mdot._fold(x, spec, None))(x)
-        q = mdot._quantize(x, spec)
+        values, scalar = jax.jit(lambda x: backends.fold(x, spec, None))(x)
+        q = backends.quantize_operand(x, spec)
         if scalar is None:
             want = mpx.dequantize(q).astype(jnp.bfloat16)
         else:
@@ -376,8 +377,8 @@ def test_einsum_matches_jnp_einsum(subscripts, lhs_shape, rhs_shape):
 
 
 def test_einsum_implicit_output_is_sorted_single_letters():
-    assert mdot._parse_einsum("mk,kn") == ("mk", "kn", "mn")
-    assert mdot._parse_einsum("bk, nk") == ("bk", "nk", "bn")
+    assert subscripts._parse_einsum("mk,kn") == ("mk", "kn", "mn")
+    assert subscripts._parse_einsum("bk, nk") == ("bk", "nk", "bn")
 
 
 def test_einsum_returns_state_for_stateful_recipes():
