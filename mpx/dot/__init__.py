@@ -28,6 +28,14 @@ matmul it feeds (DeepSeek-V3 report, section 3.3), and output gradients are tile
 token (1x128), never in 128x128 blocks. A backward operand whose spec equals the forward
 spec of the same tensor reuses the forward quantization.
 
+Residuals. The backward pass keeps the FP8 operands the forward made (E4M3 data and
+f32 scales: about 1 byte per element) instead of the unquantized input
+(`fp8_residuals=True`, the recipes' default; DeepSeek-V3 report, 3.3). dgrad reuses the
+stored weight operand; wgrad needs its lhs in 128x1 tiles along tokens where the forward
+made 1x128 tiles along K, so it dequantizes the stored operand and quantizes it again:
+its lhs carries two E4M3 roundings (measured: about 1.2x the wgrad error of quantizing
+the input once).
+
 Scale state. Gradients are always scaled just in time (current scaling), even under
 `DelayedScaling`: delayed-scaling state is only used for forward operands, so no amax
 travels through the gradient channel and microbatch accumulation of scale state is a
@@ -44,10 +52,16 @@ Implementations of the quantized matmul (`impl`):
 * "fp8": per-tensor scales use the Hopper pattern `dot(convert(f8) * s_a, convert(f8) *
   s_b)`, which XLA rewrites into a cuBLASLt FP8 GEMM on H100/H200. Block scales have no
   native XLA path on Hopper: they fall back to the "upcast_bf16" computation.
-* "upcast_bf16": fold each block scale into its operand while upcasting to bf16 (per-
-  tensor scales instead multiply the f32 result), then one bf16 x bf16 dot with f32
-  accumulation. Exact for power-of-two scales; otherwise the fold adds at most 2^-9
-  relative error per element (E4M3 itself has 2^-4). The fastest path on CPU.
+* "upcast_bf16": bf16 GEMMs of the exact FP8 values (bf16 holds every E4M3/E5M2 value)
+  with f32 accumulation; per-tensor scales multiply the f32 result. Block scales are
+  folded into the operands when that is exact (power-of-two scales, `scale_format=
+  "ue8m0"`), else they multiply f32 partial sums per K group (a scan of per-group GEMMs,
+  or one f32 GEMM of dequantized operands past `backends.MAX_SCANNED_GROUPS` groups), as
+  DeepSeek-V3's GEMM does: the result is the dequantized operands' product up to f32
+  rounding. The default on CPU.
+* "fold_bf16": block scales folded into bf16 operands whatever they are: one GEMM, but
+  each operand value gains up to 2^-9 relative error (about 2.7e-3 of max|y| against
+  the exact product at 1024-wide shapes; E4M3 itself has 2^-4).
 * "dequant_f32": the exact reference: dequantize to float32, float32 dot (HIGHEST).
 * "auto": "fp8" on GPU backends, "upcast_bf16" elsewhere.
 

@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
 from mpx.dot import backends
 from mpx.dot.spec import (
     IMPLS,
     DotPlan,
+    OperandSpec,
     DotState,
     check_choice,
     check_state,
@@ -33,7 +35,7 @@ from mpx.dot.spec import (
 )
 from mpx.recipes import AmaxHistory
 from mpx.scaled import ScaledArray
-from mpx.scales import compute_amax, compute_scale
+from mpx.scales import broadcast_scale, compute_amax, compute_scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,7 @@ class _Config:
     lhs_dtype: Any
     rhs_dtype: Any
     guard: bool  # optimization barriers around bf16 dots (XLA on CPU)
+    fp8_residuals: bool  # keep the quantized operands for the backward pass
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -54,29 +57,78 @@ def _qmatmul(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
 
 
 def _qmatmul_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
-    p = cfg.plan
-    a = backends.prepare(lhs, p.fprop_lhs, cfg.impl, lhs_scale)
-    b = backends.prepare(rhs, p.fprop_rhs, cfg.impl, rhs_scale)
-    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard)
-    # dgrad reuses the prepared rhs when its spec is unchanged; wgrad re-prepares lhs
-    # transposed (with the forward scale when its spec is unchanged): same values.
+    p, impl = cfg.plan, cfg.impl
+    lhs_q = backends.quantize_parts(lhs, p.fprop_lhs, lhs_scale)
+    rhs_q = backends.quantize_parts(rhs, p.fprop_rhs, rhs_scale)
+    a, b = backends.from_grid(*lhs_q, p.fprop_lhs, impl), backends.from_grid(*rhs_q, p.fprop_rhs, impl)
+    blocks = (backends.block_of(p.fprop_lhs, lhs.shape), backends.block_of(p.fprop_rhs, rhs.shape))
+    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard, blocks)
+    if cfg.fp8_residuals:
+        # The FP8 operands (E4M3 data + f32 scales) instead of the inputs: 1 byte per
+        # element. The rhs is kept unquantized when dgrad groups it differently.
+        keep_rhs = _stored(rhs_q, p.fprop_rhs) if p.dgrad_rhs == p.fprop_rhs else (rhs, None)
+        return out, (_stored(lhs_q, p.fprop_lhs), keep_rhs)
+    # The inputs: dgrad reuses the prepared rhs when its spec is unchanged; wgrad
+    # re-prepares lhs transposed (with the forward scale when its spec is unchanged).
     keep_rhs = b if p.dgrad_rhs == p.fprop_rhs else rhs
-    keep_lhs_scale = lhs_scale if p.wgrad_lhs == p.fprop_lhs else None
-    return out, (lhs, keep_lhs_scale, keep_rhs)
+    return out, ((lhs, lhs_scale if p.wgrad_lhs == p.fprop_lhs else None), keep_rhs)
+
+
+def _stored(q, spec: OperandSpec):
+    grid, scale = q
+    return grid.astype(formats_lib.get(spec.fmt).storage_dtype), scale  # exact: grid values
+
+
+def _loaded(stored) -> tuple[jax.Array, jax.Array]:
+    data, scale = stored
+    return formats_lib.upcast(data, jnp.float32), scale
 
 
 def _qmatmul_bwd(cfg: _Config, residuals, g):
     p, impl = cfg.plan, cfg.impl
-    lhs, lhs_scale, keep_rhs = residuals
+    keep_lhs, keep_rhs = residuals
     dy = backends.prepare(g, p.dgrad_dy, impl)
-    rhs = keep_rhs if isinstance(keep_rhs, tuple) else backends.prepare(keep_rhs, p.dgrad_rhs, impl)
-    d_lhs = backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.guard)  # (M, N) x (K, N) -> (M, K)
+    rhs_shape = _rhs_shape(cfg, keep_rhs)
+    if not cfg.fp8_residuals:
+        rhs = keep_rhs if isinstance(keep_rhs, tuple) else backends.prepare(keep_rhs, p.dgrad_rhs, impl)
+    elif keep_rhs[1] is not None:  # the stored FP8 operand
+        rhs = backends.from_grid(*_loaded(keep_rhs), p.dgrad_rhs, impl)
+    else:
+        rhs = backends.prepare(keep_rhs[0], p.dgrad_rhs, impl)
+    blocks = (backends.block_of(p.dgrad_dy, g.shape), backends.block_of(p.dgrad_rhs, rhs_shape))
+    d_lhs = backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.guard, blocks)  # (M, N) x (K, N) -> (M, K)
     dy_w = dy if p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
-    # lhs^T materialized while quantizing, so the wgrad GEMM is (K, M) x (M, N): XLA on
-    # CPU runs bf16 GEMMs with a transposed lhs at f32 speed.
-    lhs_t = backends.prepare(jnp.swapaxes(lhs, -1, -2), transposed(p.wgrad_lhs), impl, lhs_scale)
-    d_rhs = backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard)
+    lhs_t = _wgrad_lhs(cfg, keep_lhs)
+    lhs_t_shape = g.shape[:-2] + (rhs_shape[-2], g.shape[-2])
+    blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
+    d_rhs = backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
+
+
+def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:
+    if not cfg.fp8_residuals:
+        return (keep_rhs[0] if isinstance(keep_rhs, tuple) else keep_rhs).shape
+    return keep_rhs[0].shape
+
+
+def _wgrad_lhs(cfg: _Config, keep_lhs):
+    """lhs^T as wgrad's operand, materialized while quantizing, so the wgrad GEMM is
+    (K, M) x (M, N): XLA on CPU runs bf16 GEMMs with a transposed lhs at f32 speed.
+
+    From stored FP8 operands: with the forward's grouping (per-tensor recipes) the data
+    is transposed as it is; otherwise (DeepSeekV3: 1x128 tiles along K forward, 128x1
+    along tokens here) the stored operand is dequantized and quantized again in the
+    wgrad tiles, so wgrad sees the forward's rounding plus its own.
+    """
+    p, impl, spec = cfg.plan, cfg.impl, transposed(cfg.plan.wgrad_lhs)
+    if not cfg.fp8_residuals:
+        lhs, lhs_scale = keep_lhs
+        return backends.prepare(jnp.swapaxes(lhs, -1, -2), spec, impl, lhs_scale)
+    grid, scale = _loaded(keep_lhs)
+    if p.wgrad_lhs == p.fprop_lhs:
+        return backends.from_grid(jnp.swapaxes(grid, -1, -2), jnp.swapaxes(scale, -1, -2), spec, impl)
+    x_hat = grid * broadcast_scale(scale, grid.shape, backends.block_of(p.fprop_lhs, grid.shape))
+    return backends.prepare(jnp.swapaxes(x_hat, -1, -2), spec, impl)
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
@@ -182,6 +234,7 @@ def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | N
     rhs_c = to_canonical(rhs, lay.rhs_perm, lay.rhs_shape)
     lhs_scale, rhs_scale, new_state = _forward_scales(recipe, state, lhs_c, rhs_c)
     guard = jax.default_backend() == "cpu"
-    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, lhs.dtype, rhs.dtype, guard)
+    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, lhs.dtype, rhs.dtype, guard,
+                  recipe.fp8_residuals)
     out = _qmatmul(cfg, lhs_c, rhs_c, lhs_scale, rhs_scale).reshape(lay.out_shape).astype(out_dtype)
     return out if state is None else (out, new_state)

@@ -222,5 +222,5 @@ def _reference_prequantized(x3, rhs3: ScaledArray, recipe, scale, compute_dtype)
 def _fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale):
     """Per-tensor lhs x one-K-group rhs: raw FP8 data into the Hopper GEMM pattern."""
     q = quantize_with_scale(x3, scale, recipe.fwd_format, x3.shape)
-    out = dot((q.data, jnp.reshape(scale, ())), (rhs3.data, jnp.ones((), jnp.float32)), dims(True, 1, 0), False)
+    out = dot((q.data, jnp.reshape(scale, ()), None), (rhs3.data, jnp.ones((), jnp.float32), None), dims(True, 1, 0), False)
     return out * _rhs_group_scales(rhs3, rhs3.shape[1], 1)

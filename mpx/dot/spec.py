@@ -18,7 +18,7 @@ from mpx import recipes as recipes_lib
 from mpx.recipes import AmaxHistory
 from mpx.scaled import Blocks, PerTensor
 
-IMPLS = ("auto", "upcast_bf16", "fp8", "dequant_f32")
+IMPLS = ("auto", "upcast_bf16", "fold_bf16", "fp8", "dequant_f32")
 RHS_KINDS = ("weight", "activation")
 
 
