@@ -34,7 +34,7 @@ import numpy as np
 import mpx
 from models import transformer
 from mpx import optim
-from mpx import sharding
+from models import sharding
 from store import checkpoint as ckpt
 from train import config as config_lib
 from store import data as data_lib
