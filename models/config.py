@@ -61,6 +61,10 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has the MoE FFN (every `moe_every`-th block, counting from 1)."""
+        return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1
+
 
 PRESETS = {
     # CPU tests: seconds.
