@@ -4,7 +4,7 @@
     spec = ServeSpec("fp8")                               # or "bf16", "fp32"
     model, variables = prepare(ckpt, spec)                # quantized, ready for apply
 
-Precisions (the seed's table: memory 100 / 50 / 25 %):
+Precisions (weight memory about 100 / 50 / 25 % of fp32):
 
 * "fp32": the training masters as they are.
 * "bf16": every parameter in bf16 (the MoE router stays f32).
@@ -323,7 +323,7 @@ def fit_logit_scale(logits: jax.Array, reference: jax.Array, *, low: float = 0.8
                     steps: int = 91) -> float:
     """The factor a on `logits` minimizing KL(softmax(reference) || softmax(a * logits)).
 
-    The seed's temperature scaling at the output layer: if FP8 compresses (or stretches)
+    Temperature scaling at the output layer: if FP8 compresses (or stretches)
     the logits, a > 1 (< 1) restores the distribution's sharpness. A grid search over
     [low, high], geometric.
     """
