@@ -63,6 +63,7 @@ class CurrentScaling:
       bwd_format: format of output gradients.
       margin: headroom in powers of two.
       pow2_scale: round scales up to powers of two.
+      fp8_residuals: keep the FP8 operands for the backward pass, not the inputs.
     """
 
     fwd_format: str = "e4m3"
@@ -90,6 +91,7 @@ class DelayedScaling:
       margin: headroom in powers of two.
       fwd_format, bwd_format: as in CurrentScaling; gradients are scaled just in time.
       pow2_scale: round scales up to powers of two.
+      fp8_residuals: keep the FP8 operands for the backward pass, not the inputs.
     """
 
     history: int = 16
@@ -121,6 +123,7 @@ class StaticScaling:
 
     The state is an `AmaxHistory` of length 1 holding the calibrated amax; it is read,
     never updated. An all-zero (uncalibrated) state falls back to current scaling.
+    `fp8_residuals` as in `CurrentScaling`.
     """
 
     fwd_format: str = "e4m3"

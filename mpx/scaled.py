@@ -49,12 +49,14 @@ from mpx.scales import (  # noqa: F401  (compute_amax ... broadcast_scale: publi
     exp2_int,
     floor_log2,
     grid_values,
+    mx_scale_ocp,
     pow2_ceil,
     scale_blocks,
     scale_shape,
 )
 
 Shape = tuple[int, ...]
+MX_SCALE_RULES = ("ceil", "ocp")
 
 
 # --------------------------------------------------------------------------- granularities
@@ -108,10 +110,22 @@ class Blocks:
 
 @dataclasses.dataclass(frozen=True)
 class MX:
-    """OCP Microscaling: a power-of-two (E8M0) scale per `size` elements along `axis`."""
+    """OCP Microscaling: a power-of-two (E8M0) scale per `size` elements along `axis`.
+
+    `mx_scale` picks the scale rule. "ceil" (the default): the smallest power of two with
+    amax / scale <= fmt.max, so no value clips. "ocp": the OCP MX spec's rule,
+    2**(floor(log2(amax)) - emax), where values above fmt.max clip; use it to exchange
+    data with MX hardware and checkpoints. Both keep dequantized values finite for any
+    finite input.
+    """
 
     size: int = 32
     axis: int = -1
+    mx_scale: str = "ceil"
+
+    def __post_init__(self):
+        if self.mx_scale not in MX_SCALE_RULES:
+            raise ValueError(f"MX mx_scale must be one of {MX_SCALE_RULES}; got {self.mx_scale!r}")
 
     def block_shape(self, shape: Shape) -> Shape:
         axis = _normalize_axes(self.axis, len(shape))[0]
@@ -239,6 +253,8 @@ def quantize(
     x = jnp.asarray(x)
     block = resolve_block(granularity, x.shape)
     pow2 = bool(pow2_scale or isinstance(granularity, MX))
+    if scale is None and isinstance(granularity, MX) and granularity.mx_scale == "ocp":
+        scale = mx_scale_ocp(compute_amax(x, block), fmt)
     if isinstance(margin, (int, float)):  # static options: one compiled kernel, also eagerly
         return _quantize_jit(x, scale, fmt, block, pow2, float(margin))
     return _quantize(x, scale, fmt, block, pow2, margin)

@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mpx import formats as formats_lib
 from mpx.formats import Format
@@ -96,6 +97,10 @@ def _compute_scale(amax: jax.Array, fmt: Format, margin, pow2: bool) -> jax.Arra
         scale = amax * (1.0 / target)
     if pow2:
         scale = _tightest_pow2(amax, scale, target)
+    # A finite amax near float32's max would give a scale whose product with values near
+    # fmt.max overflows to inf on dequantization: cap it (the largest values then clip).
+    cap = _max_finite_scale(fmt, pow2)
+    scale = jnp.where((scale > cap) & jnp.isfinite(scale), jnp.float32(cap), scale)
     # A zero (or float32-subnormal) scale would give an inverse scale of inf: use 1.
     # Written as "small -> 1" so that a NaN scale (False in any comparison) stays NaN.
     tiny = jnp.finfo(jnp.float32).tiny
@@ -103,6 +108,41 @@ def _compute_scale(amax: jax.Array, fmt: Format, margin, pow2: bool) -> jax.Arra
 
 
 _compute_scale_jit = jax.jit(_compute_scale, static_argnums=(1, 2, 3))
+
+
+def _max_finite_scale(fmt: Format, pow2: bool) -> float:
+    """The largest scale (a power of two if `pow2`) with fmt.max * scale finite in float32."""
+    if pow2:  # fmt.max < 2**(e + 1) with at most 23 mantissa bits: the product stays finite
+        return 2.0 ** (127 - formats_lib.ulp_exponent(fmt.max))
+    f32_max = float(np.finfo(np.float32).max)
+    cap = np.float32(f32_max / fmt.max)
+    while float(cap) * fmt.max > f32_max:
+        cap = np.nextafter(cap, np.float32(0))
+    return float(cap)
+
+
+def mx_scale_ocp(amax: jax.Array, fmt: str | Format) -> jax.Array:
+    """The OCP Microscaling scale rule: 2**(floor(log2(amax)) - emax(fmt)).
+
+    emax is the exponent of fmt's largest normal binade (2 for E2M1, 8 for E4M3, 15 for
+    E5M2). Values above fmt.max after scaling are clipped by the cast. mpx's default MX
+    rule instead takes the smallest power of two with amax / scale <= fmt.max (nothing
+    clips; one binade coarser in some blocks). All-zero blocks get scale 1; NaN and inf
+    stay; the exponent is clipped to float32's normal range [-126, 127].
+
+    Args:
+      amax: float32 per-block maxima.
+      fmt: element format.
+
+    Returns:
+      float32 power-of-two scales, amax's shape.
+    """
+    fmt = formats_lib.get(fmt)
+    amax = jnp.asarray(amax, jnp.float32)
+    tiny = jnp.finfo(jnp.float32).tiny
+    scale = exp2_int(floor_log2(jnp.maximum(amax, tiny)) - formats_lib.ulp_exponent(fmt.max))
+    scale = jnp.where(amax < tiny, jnp.ones_like(scale), scale)
+    return jnp.where(jnp.isfinite(amax), scale, amax)
 
 
 def _exact_scale_down(x: jax.Array, k: int) -> jax.Array:

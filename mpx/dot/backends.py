@@ -77,8 +77,8 @@ def from_grid(grid: jax.Array, scale: jax.Array, spec: OperandSpec, impl: str) -
     """
     fmt = formats_lib.get(spec.fmt)
     block = resolve_block(spec.granularity, grid.shape)
-    if impl == "dequant_f32":
-        return grid * broadcast_scale(scale, grid.shape, block), None, None
+    if impl == "dequant_f32":  # through the f8 data and the core's dequantize, as `prepare`
+        return dequantize(ScaledArray(grid.astype(fmt.storage_dtype), scale, fmt, block)), None, None
     dtype = jnp.bfloat16 if fmt.mantissa_bits <= 7 else jnp.float32  # holds the grid exactly
     if tuple(block) == tuple(grid.shape):  # per tensor: the scale multiplies the result
         values = grid.astype(fmt.storage_dtype if impl == "fp8" else dtype)
@@ -90,6 +90,8 @@ def from_grid(grid: jax.Array, scale: jax.Array, spec: OperandSpec, impl: str) -
 
 def prepare(x: jax.Array, spec: OperandSpec, impl: str, scale: jax.Array | None = None) -> Prepared:
     """Quantizes x per `spec` into the operand form `impl` multiplies (see `from_grid`)."""
+    if impl == "dequant_f32":  # the reference goes through the core's quantize, f8 data included
+        return dequantize(quantize_operand(x, spec, scale)), None, None
     return from_grid(*quantize_parts(x, spec, scale), spec, impl)
 
 
