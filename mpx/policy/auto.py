@@ -20,7 +20,7 @@ predicted and measured increase is kept (`SearchResult.rounds`).
 
 The policy's rules group layers: paths "<prefix><i><suffix>" ("layers_12/mlp/up") with
 the same candidate become one regex rule per set of consecutive indices
-("re:layers_(?:[0-9]|1[0-5])/(?:mlp/up|mlp/gate)").
+("re:layers_([0-9]|1[0-5])/(mlp/up|mlp/gate)").
 """
 
 from __future__ import annotations
@@ -235,8 +235,8 @@ def group_patterns(paths: Sequence[str]) -> list[str]:
     """Few rule patterns matching exactly `paths` (first by prefix, then by index set).
 
     "layers_3/mlp/up", "layers_4/mlp/up", "layers_3/mlp/gate", "layers_4/mlp/gate" ->
-    ["re:layers_(?:[3-4])/(?:mlp/up|mlp/gate)"]; a path without an index is anchored
-    as is ("/lm_head").
+    ["re:layers_([3-4])/(mlp/up|mlp/gate)"]; a single layer, or a path without an index,
+    is anchored as is ("/layers_9/attn/q_proj", "/lm_head").
     """
     by_suffix: dict[tuple[str, str], list[int]] = {}
     plain = []
@@ -249,15 +249,21 @@ def group_patterns(paths: Sequence[str]) -> list[str]:
     merged: dict[tuple[str, tuple[int, ...], bool], list[str]] = {}
     for (prefix, suffix), indices in by_suffix.items():  # an empty suffix never shares an alternation
         merged.setdefault((prefix, tuple(sorted(set(indices))), suffix == ""), []).append(suffix)
-    patterns = [f"re:{re.escape(prefix)}(?:{index_regex(indices)}){_alternatives(suffixes)}"
+    patterns = [_pattern(prefix, indices, suffixes)
                 for (prefix, indices, _), suffixes in sorted(merged.items(), key=lambda kv: (kv[0][1][0], kv[0][0]))]
     return patterns + plain
+
+
+def _pattern(prefix: str, indices: tuple[int, ...], suffixes: list[str]) -> str:
+    if len(indices) == 1 and len(suffixes) == 1:  # one layer: its own anchored path
+        return f"/{prefix}{indices[0]}{suffixes[0]}"
+    return f"re:{re.escape(prefix)}({index_regex(indices)}){_alternatives(suffixes)}"
 
 
 def _alternatives(suffixes: list[str]) -> str:
     if len(suffixes) == 1:
         return re.escape(suffixes[0])
-    return "/(?:" + "|".join(re.escape(s.lstrip("/")) for s in suffixes) + ")"
+    return "/(" + "|".join(re.escape(s.lstrip("/")) for s in suffixes) + ")"
 
 
 def index_regex(indices: Sequence[int]) -> str:
