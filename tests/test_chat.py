@@ -1,0 +1,81 @@
+"""Model tokenizers, stop ids and chat templates (compared with transformers' renderings,
+stored in the fixtures)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store import chat
+from store.data import ByteTokenizer
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
+CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": "hi"}, {"role": "user", "content": "what is the capital of france?"}]
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])  # a Llama-3-style and a ChatML template
+def test_chat_templates_render_and_tokenize_as_transformers_does(name):
+    tok = chat.ModelTokenizer.from_dir(FIXTURES / name)
+    ref = np.load(FIXTURES / name / "reference.npz")
+    text = chat.render_chat(tok.chat_template, CONVERSATION, tok.special_tokens)
+    assert text == str(ref["chat"])
+    assert tok.encode(text) == ref["chat_ids"].tolist()
+
+
+def test_stop_ids_come_from_generation_config_then_tokenizer_config(tmp_path):
+    tok = chat.ModelTokenizer.from_dir(FIXTURES / "llama3")
+    vocab = tok._tok.get_vocab()
+    assert tok.stop_ids == [vocab["<|eot_id|>"], vocab["<|end_of_text|>"]]
+    assert tok.stop_strings() == ["<|eot_id|>", "<|end_of_text|>"]
+    assert tok.separator == [vocab["<|eot_id|>"]]
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "qwen2", d)
+    (d / "generation_config.json").unlink()
+    assert chat.ModelTokenizer.from_dir(d).stop_ids == [vocab["<|im_end|>"]]  # tokenizer_config's eos_token
+
+
+def test_prompts_get_the_tokenizers_bos_and_decode_drops_specials():
+    tok = chat.ModelTokenizer.from_dir(FIXTURES / "llama3")
+    ids = tok.encode_prompt("hello there")
+    assert ids[0] == tok._tok.token_to_id("<|begin_of_text|>") and ids[1:] == tok.encode("hello there")
+    assert tok.decode_clean(ids) == "hello there"
+
+
+def test_template_lists_chat_template_files_and_missing_templates(tmp_path):
+    template = json.loads((FIXTURES / "qwen2" / "tokenizer_config.json").read_text())["chat_template"]
+    cfg = {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]}
+    tok = chat.ModelTokenizer(FIXTURES / "qwen2" / "tokenizer.json", cfg)
+    assert tok.chat_template == template
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "qwen2", d)
+    (d / "chat_template.jinja").write_text("{{ messages[0]['content'] | upper }}")
+    tok = chat.ModelTokenizer.from_dir(d)
+    assert chat.render_chat(tok.chat_template, CONVERSATION[1:]) == "HELLO THERE"
+    with pytest.raises(chat.ChatError, match="no chat_template"):
+        chat.render_chat(None, CONVERSATION)
+
+
+def test_template_errors_and_raise_exception_are_chat_errors():
+    with pytest.raises(chat.ChatError, match="only user roles"):
+        chat.render_chat("{{ raise_exception('only user roles') }}", CONVERSATION)
+    with pytest.raises(chat.ChatError):
+        chat.render_chat("{% for %}", CONVERSATION)
+    assert chat.render_chat("{{ messages | tojson }}", CONVERSATION[1:2]) == json.dumps(CONVERSATION[1:2])
+
+
+def test_conversation_interleaves_turns_and_replies():
+    messages = chat.conversation(["a", "b"], ["x"], system="s")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert [m["content"] for m in messages] == ["s", "a", "x", "b"]
+    assert chat.conversation(["a"], []) == [{"role": "user", "content": "a"}]
+
+
+def test_the_byte_tokenizer_json_is_mpx_byte_tokenizer(tmp_path):
+    (tmp_path / "tokenizer.json").write_text(chat.byte_tokenizer_json())
+    tok = chat.ModelTokenizer(tmp_path / "tokenizer.json")
+    text = "héllo wörld\n\t ✓ 0x7f"
+    assert tok.encode(text) == ByteTokenizer().encode(text)
+    assert tok.decode(ByteTokenizer().encode(text)) == text and tok.vocab_size == 256
