@@ -65,6 +65,9 @@ class ModelConfig:
       sliding_window: each query sees at most this many keys, itself included
         (Mistral); None: the whole causal past.
       rope_scaling: RoPE context extension (Llama 3.1's "llama3", "linear").
+      init_from: a Hugging Face model directory to start training from: its
+        config.json sets the shape (every field above but max_seq_len and remat) and
+        its weights the initial params (store.hf.resolve_init_from, init_params).
     """
 
     vocab_size: int = 256
@@ -87,6 +90,7 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     rope_scaling: RopeScaling = RopeScaling()
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.head_dim_override is None and self.d_model % self.n_heads:

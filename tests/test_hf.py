@@ -237,3 +237,19 @@ def test_mpx_is_not_confused_by_a_training_run(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     assert not hf.is_hf_dir(tmp_path / "run")
     assert hf.is_hf_dir(FIXTURES / "qwen2")
+
+
+def test_training_starts_from_a_hugging_face_directory(loaded, tmp_path):
+    user = ModelConfig(init_from=str(FIXTURES / "qwen3"), max_seq_len=32, remat="full")
+    config = hf.resolve_init_from(user)
+    assert config.qk_norm and config.head_dim == 16 and config.max_seq_len == 32 and config.remat == "full"
+    params = hf.init_params(config)
+    for entry in W.entries(config):
+        np.testing.assert_array_equal(W.get(params, entry.path), W.get(loaded["qwen3"].params, entry.path))
+    save_lib.save(tmp_path / "fp8", config, params, precision="fp8")  # block-FP8 weights come back dequantized
+    fp8 = hf.init_params(dataclasses.replace(config, init_from=str(tmp_path / "fp8")))
+    kernel = W.get(fp8, ("layers_0", "mlp", "up", "kernel"))
+    assert kernel.dtype == jnp.float32 and not np.array_equal(kernel, W.get(params, ("layers_0", "mlp", "up", "kernel")))
+    assert hf.resolve_init_from(ModelConfig()) == ModelConfig()
+    with pytest.raises(hf.HFError, match="another model"):
+        hf.init_params(dataclasses.replace(config, d_ff=96))
