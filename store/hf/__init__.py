@@ -8,7 +8,8 @@ to `ModelConfig` and back; `tensors` reads and writes safetensors files.
 
 from store.hf.config import SUPPORTED, HFError, to_model_config
 from store.hf.init import init_params, resolve_init_from
-from store.hf.load import HFModel, is_hf_dir, load
+from store.hf.load import HFModel, is_hf_dir, load, read_config
 
-__all__ = ["SUPPORTED", "HFError", "HFModel", "init_params", "is_hf_dir", "load", "resolve_init_from",
+__all__ = ["SUPPORTED", "HFError", "HFModel", "init_params", "is_hf_dir", "load", "read_config",
+           "resolve_init_from",
            "to_model_config"]

@@ -158,6 +158,18 @@ def _optional_json(path: Path) -> dict:
     return read_json(path, "") if path.is_file() else {}
 
 
+def read_config(path: str | Path, max_seq_len: int | None = None) -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face directory's config.json (no weights read).
+
+    Raises:
+      HFError: no such directory, no config.json, an unsupported architecture.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise HFError(f"{path}: no such model directory")
+    return to_model_config(read_json(path / "config.json", "a Hugging Face model directory needs one"), max_seq_len)
+
+
 def load(path: str | Path, convert: Convert | None = None, *, max_seq_len: int | None = None,
          need_tokenizer: bool = True) -> HFModel:
     """Loads a Hugging Face model directory.
@@ -178,10 +190,8 @@ def load(path: str | Path, convert: Convert | None = None, *, max_seq_len: int |
         or misshapen tensors, an unreadable dtype, no tokenizer.json.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise HFError(f"{path}: no such model directory")
-    hf_config = read_json(path / "config.json", "a Hugging Face model directory needs one")
-    config = to_model_config(hf_config, max_seq_len)
+    config = read_config(path, max_seq_len)
+    hf_config = read_json(path / "config.json", "")
     _check_quantization(hf_config)
     if need_tokenizer and not (path / "tokenizer.json").is_file():
         raise HFError(f"{path}: no tokenizer.json (mpx reads Hugging Face fast tokenizers only)")
