@@ -155,19 +155,18 @@ def _rope_json(config: ModelConfig) -> dict:
     return {"rope_scaling": out}
 
 
-def from_model_config(config: ModelConfig, base: dict | None = None, *, tie_embeddings: bool | None = None) -> dict:
+def from_model_config(config: ModelConfig, base: dict | None = None) -> dict:
     """config.json for `config`, over the keys of `base` (a source config.json) if given.
 
     The transformers-4 style (rope_theta, rope_scaling) that every version reads.
     """
     arch = architecture_of(config)
     out = {k: v for k, v in (base or {}).items() if k not in ("rope_parameters", "rope_scaling")}
-    tie = config.tie_embeddings if tie_embeddings is None else tie_embeddings
     out.update(architectures=[arch], model_type=MODEL_TYPES[arch], vocab_size=config.vocab_size,
                hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
                num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
                hidden_act="silu", rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
-               tie_word_embeddings=tie, **_rope_json(config))
+               tie_word_embeddings=config.tie_embeddings, **_rope_json(config))
     out.setdefault("max_position_embeddings", config.max_seq_len)
     if arch == "MistralForCausalLM":
         out["sliding_window"] = config.sliding_window

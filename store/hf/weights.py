@@ -67,7 +67,7 @@ def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _layer_entries(i: int, shapes: dict) -> list[Entry]:
+def _layer_entries(i: int) -> list[Entry]:
     pre, at = f"model.layers.{i}.", ("layers_" + str(i),)
     out = [Entry(pre + "input_layernorm.weight", at + ("attn_norm", "scale"), ()),
            Entry(pre + "post_attention_layernorm.weight", at + ("mlp_norm", "scale"), ())]
@@ -91,7 +91,7 @@ def entries(config: ModelConfig) -> list[Entry]:
     shapes = param_shapes(config)
     candidates = [Entry("model.embed_tokens.weight", ("embed", "embedding"), ())]
     for i in range(config.n_layers):
-        candidates += _layer_entries(i, shapes)
+        candidates += _layer_entries(i)
     candidates += [Entry("model.norm.weight", ("final_norm", "scale"), ()),
                    Entry("lm_head.weight", ("lm_head", "kernel"), (), 1)]
     return [dataclasses.replace(e, shape=shapes[e.path]) for e in candidates if e.path in shapes]
