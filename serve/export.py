@@ -23,24 +23,19 @@ from pathlib import Path
 from absl import logging as absl_logging
 
 from serve import quantize as q
-from store import chat as chat_lib
+from store import cli
 from store import hf as hf_lib
+from store import tokenizer as tokenizer_lib
 from store.hf import save as save_lib
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option in one line with exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="python -m serve.export", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m serve.export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="mpx run dir (or checkpoint/step dir) or Hugging Face dir")
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty, unless --force)")
-    p.add_argument("--precision", default="fp8", help="fp8 (block-FP8, default) or bf16")
-    p.add_argument("--scale-format", default="float32", help="FP8 scales: float32 (default) or ue8m0 (powers of two)")
+    p.add_argument("--precision", default="fp8", choices=save_lib.PRECISIONS, help="fp8 (block-FP8, default) or bf16")
+    p.add_argument("--scale-format", default="float32", choices=save_lib.SCALE_FORMATS,
+                   help="FP8 scales: float32 (default) or ue8m0 (powers of two)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p.parse_args(argv)
 
@@ -50,7 +45,7 @@ def _mpx_run(path: str) -> tuple:
     ckpt = q.load_checkpoint(path)
     spec = ckpt.tokenizer_spec
     if spec == "bytes":
-        files = {"tokenizer.json": chat_lib.byte_tokenizer_json().encode()}
+        files = {"tokenizer.json": tokenizer_lib.byte_tokenizer_json().encode()}
     else:
         if not Path(spec).is_file():
             raise q.ServeError(f"the run's tokenizer {spec!r} is not there to copy")
@@ -89,8 +84,7 @@ def main(argv=None) -> int:
     try:
         out = export(args.checkpoint, args.out, args.precision, args.scale_format, args.force)
     except (ValueError, FileNotFoundError) as err:  # HFError and ServeError are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(err)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({args.precision}, {size / 2**20:.2f} MiB): {', '.join(sorted(f.name for f in out.iterdir()))}")
     return 0

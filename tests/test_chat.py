@@ -1,4 +1,4 @@
-"""Model tokenizers, stop ids and chat templates (compared with transformers' renderings,
+"""Model tokenizers (store/tokenizer.py), stop ids and chat templates (store/chat.py) (compared with transformers' renderings,
 stored in the fixtures)."""
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from store import chat
-from store.data import ByteTokenizer
+from store.tokenizer import ByteTokenizer, ModelTokenizer, byte_tokenizer_json, make_tokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello there"},
@@ -18,7 +18,7 @@ CONVERSATION = [{"role": "system", "content": "You are terse."}, {"role": "user"
 
 @pytest.mark.parametrize("name", ["llama3", "qwen2"])  # a Llama-3-style and a ChatML template
 def test_chat_templates_render_and_tokenize_as_transformers_does(name):
-    tok = chat.ModelTokenizer.from_dir(FIXTURES / name)
+    tok = ModelTokenizer.from_dir(FIXTURES / name)
     ref = np.load(FIXTURES / name / "reference.npz")
     text = chat.render_chat(tok.chat_template, CONVERSATION, tok.special_tokens)
     assert text == str(ref["chat"])
@@ -26,7 +26,7 @@ def test_chat_templates_render_and_tokenize_as_transformers_does(name):
 
 
 def test_stop_ids_come_from_generation_config_then_tokenizer_config(tmp_path):
-    tok = chat.ModelTokenizer.from_dir(FIXTURES / "llama3")
+    tok = ModelTokenizer.from_dir(FIXTURES / "llama3")
     vocab = tok._tok.get_vocab()
     assert tok.stop_ids == [vocab["<|eot_id|>"], vocab["<|end_of_text|>"]]
     assert tok.stop_strings() == ["<|eot_id|>", "<|end_of_text|>"]
@@ -34,11 +34,11 @@ def test_stop_ids_come_from_generation_config_then_tokenizer_config(tmp_path):
     d = tmp_path / "m"
     shutil.copytree(FIXTURES / "qwen2", d)
     (d / "generation_config.json").unlink()
-    assert chat.ModelTokenizer.from_dir(d).stop_ids == [vocab["<|im_end|>"]]  # tokenizer_config's eos_token
+    assert ModelTokenizer.from_dir(d).stop_ids == [vocab["<|im_end|>"]]  # tokenizer_config's eos_token
 
 
 def test_prompts_get_the_tokenizers_bos_and_decode_drops_specials():
-    tok = chat.ModelTokenizer.from_dir(FIXTURES / "llama3")
+    tok = ModelTokenizer.from_dir(FIXTURES / "llama3")
     ids = tok.encode_prompt("hello there")
     assert ids[0] == tok._tok.token_to_id("<|begin_of_text|>") and ids[1:] == tok.encode("hello there")
     assert tok.decode_clean(ids) == "hello there"
@@ -47,12 +47,12 @@ def test_prompts_get_the_tokenizers_bos_and_decode_drops_specials():
 def test_template_lists_chat_template_files_and_missing_templates(tmp_path):
     template = json.loads((FIXTURES / "qwen2" / "tokenizer_config.json").read_text())["chat_template"]
     cfg = {"chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]}
-    tok = chat.ModelTokenizer(FIXTURES / "qwen2" / "tokenizer.json", cfg)
+    tok = ModelTokenizer(FIXTURES / "qwen2" / "tokenizer.json", cfg)
     assert tok.chat_template == template
     d = tmp_path / "m"
     shutil.copytree(FIXTURES / "qwen2", d)
     (d / "chat_template.jinja").write_text("{{ messages[0]['content'] | upper }}")
-    tok = chat.ModelTokenizer.from_dir(d)
+    tok = ModelTokenizer.from_dir(d)
     assert chat.render_chat(tok.chat_template, CONVERSATION[1:]) == "HELLO THERE"
     with pytest.raises(chat.ChatError, match="no chat_template"):
         chat.render_chat(None, CONVERSATION)
@@ -74,8 +74,13 @@ def test_conversation_interleaves_turns_and_replies():
 
 
 def test_the_byte_tokenizer_json_is_mpx_byte_tokenizer(tmp_path):
-    (tmp_path / "tokenizer.json").write_text(chat.byte_tokenizer_json())
-    tok = chat.ModelTokenizer(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer.json").write_text(byte_tokenizer_json())
+    tok = ModelTokenizer(tmp_path / "tokenizer.json")
     text = "héllo wörld\n\t ✓ 0x7f"
     assert tok.encode(text) == ByteTokenizer().encode(text)
     assert tok.decode(ByteTokenizer().encode(text)) == text and tok.vocab_size == 256
+
+
+def test_make_tokenizer_reads_a_model_directory():
+    tok = make_tokenizer(str(FIXTURES / "mistral"))
+    assert isinstance(tok, ModelTokenizer) and tok.chat_template and tok.stop_ids
