@@ -162,8 +162,8 @@ class ModelTokenizer(HFTokenizer):
         return self._tok.encode(text, add_special_tokens=True).ids
 
     def stop_strings(self) -> list[str]:
-        """The stop ids as text, for stopping where only decoded text is checked."""
-        return [t for t in (self._tok.id_to_token(i) for i in self.stop_ids) if t]
+        """The stop ids as decoded text ("<|eot_id|>"), for stops checked on text."""
+        return [t for t in (self.decode([i]) for i in self.stop_ids) if t]
 
     def decode_clean(self, ids: Any) -> str:
         """Text of token ids without special tokens."""
