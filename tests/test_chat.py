@@ -84,3 +84,58 @@ def test_the_byte_tokenizer_json_is_mpx_byte_tokenizer(tmp_path):
 def test_make_tokenizer_reads_a_model_directory():
     tok = make_tokenizer(str(FIXTURES / "mistral"))
     assert isinstance(tok, ModelTokenizer) and tok.chat_template and tok.stop_ids
+
+
+# --------------------------------------------------------------------------- serve.generate --chat
+
+
+def _generate(capsys, *argv) -> tuple[int, str, str]:
+    from serve import generate
+
+    code = generate.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_chats_turn_by_turn_with_a_system_message(capsys):
+    code, out, err = _generate(capsys, "--checkpoint", FIXTURES / "qwen2", "--precision", "fp32", "--max-tokens", "4",
+                               "--system", "You are terse.", "--chat", "hello there", "--chat", "what is the capital?")
+    assert code == 0, err
+    assert out.count("user: ") == 2 and out.count("assistant: ") == 2
+    assert out.index("user: hello there") < out.index("user: what is the capital?")
+    assert "new tokens" in err
+
+
+def test_generation_stops_at_the_checkpoints_end_of_turn_token(capsys, tmp_path):
+    from serve import engine as engine_lib
+    from serve import load as load_lib
+    from serve import quantize as q
+
+    model, variables, tok, _ = load_lib.load_for_serving(FIXTURES / "llama3", q.ServeSpec("fp32"))
+    prompt = chat.render_chat(tok.chat_template, [{"role": "user", "content": "hello"}], tok.special_tokens)
+    outputs, _ = engine_lib.Engine(model, variables).generate([tok.encode(prompt)], max_new_tokens=2)
+    first = outputs[0].tokens[0]  # what greedy decoding says first
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "llama3", d)
+    code, out, _ = _generate(capsys, "--checkpoint", d, "--precision", "fp32", "--max-tokens", "6", "--chat", "hello")
+    assert code == 0 and out.strip() != "user: hello\nassistant:"  # it says something without a stop
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [first]}))
+    code, out, _ = _generate(capsys, "--checkpoint", d, "--precision", "fp32", "--max-tokens", "6", "--chat", "hello")
+    assert code == 0 and out.strip() == "user: hello\nassistant:"  # stopped at once
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--chat", "hi", "--prompt", "x"], "give --prompt (plain text) or --chat (a conversation), one of the two"),
+    (["--prompt", "x", "--system", "s"], "--system applies only to --chat"),
+])
+def test_generate_chat_option_mistakes_exit_2(capsys, argv, message):
+    code, _, err = _generate(capsys, "--checkpoint", FIXTURES / "qwen2", *argv)
+    assert code == 2 and err.strip() == f"error: {message}"
+
+
+def test_generate_without_a_template_says_so(capsys, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "qwen2", d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    code, _, err = _generate(capsys, "--checkpoint", d, "--precision", "fp32", "--chat", "hi")
+    assert code == 2 and "no chat_template" in err and err.count("\n") == 1

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import mpx
 from models import transformer
 from models.config import ModelConfig
 from serve import quantize as q
@@ -253,3 +254,59 @@ def test_training_starts_from_a_hugging_face_directory(loaded, tmp_path):
     assert hf.resolve_init_from(ModelConfig()) == ModelConfig()
     with pytest.raises(hf.HFError, match="another model"):
         hf.init_params(dataclasses.replace(config, d_ff=96))
+
+
+# --------------------------------------------------------------------------- serving and evaluation
+
+
+def test_load_for_serving_quantizes_as_it_loads_and_keeps_block_fp8_as_stored(tmp_path):
+    from serve import load as load_lib
+
+    model, variables, tok, ckpt = load_lib.load_for_serving(FIXTURES / "tinyllama", q.ServeSpec("fp8"))
+    kernel = variables["params"]["layers_0"]["mlp"]["down"]["kernel"]
+    assert isinstance(kernel, mpx.ScaledArray) and ckpt.step == 0 and tok.chat_template
+    assert variables["params"]["embed"]["embedding"].dtype == jnp.bfloat16
+    assert load_lib.fp32_bytes(ckpt) == 4 * sum(int(np.prod(e.shape)) for e in W.entries(ckpt.config))
+    save_lib.save(tmp_path / "fp8", ckpt.config, ckpt.params, precision="fp8",
+                  extra_files=save_lib.tokenizer_files(FIXTURES / "tinyllama"))
+    _, again, _, _ = load_lib.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp8"))
+    stored = again["params"]["layers_0"]["mlp"]["down"]["kernel"]
+    assert np.asarray(stored.data).tobytes() == np.asarray(kernel.data).tobytes()  # served as stored
+    _, f32, _, _ = load_lib.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp32"))
+    np.testing.assert_array_equal(f32["params"]["layers_0"]["mlp"]["down"]["kernel"], mpx.dequantize(stored))
+
+
+def test_evaluate_on_any_text_ends_with_one_json_object(tmp_path, capsys):
+    from serve import evaluate
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8})
+                              for _ in range(4)))
+    code = evaluate.main(["--checkpoint", str(FIXTURES / "llama3"), "--data", str(text), "--seq-len", "32",
+                          "--windows", "4", "--variants", "bf16,fp8,fp8-weight-only", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out[-1])["variants"]}
+    assert list(rows) == ["fp32", "bf16", "fp8", "fp8-weight-only"]  # the fp32 reference leads
+    assert set(rows["fp8"]) == {"name", "ppl", "ppl_change_pct", "weight_bytes", "logits_cos", "top1_agreement", "kl"}
+    assert rows["fp32"]["ppl_change_pct"] == 0 and rows["fp32"]["kl"] == 0 and rows["fp32"]["top1_agreement"] == 1
+    assert rows["fp8"]["weight_bytes"] < rows["bf16"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
+    assert rows["fp8"]["kl"] > rows["bf16"]["kl"] > 0 and rows["fp8"]["logits_cos"] < 1
+    assert 1 < rows["fp32"]["ppl"] < 2 * 128  # a random 128-token model: near-uniform, finite
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "fp8,int4"], "unknown variant 'int4'"),
+    (["--seq-len", "1000"], "--seq-len 1000 exceeds the model's context 64"),
+    (["--windows", "0"], "--windows"),
+])
+def test_evaluate_text_mistakes_exit_2(tmp_path, capsys, argv, message):
+    from serve import evaluate
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello there " * 50)
+    try:
+        code = evaluate.main(["--checkpoint", str(FIXTURES / "qwen2"), "--data", str(text), *argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err

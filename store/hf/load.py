@@ -90,16 +90,15 @@ def _open_files(path: Path) -> dict[str, SafetensorsFile]:
     return where
 
 
-def _check_quantization(hf_config: dict) -> bool:
-    """Whether config.json declares block-FP8 weights; HFError for other quantization."""
+def _check_quantization(hf_config: dict) -> None:
+    """HFError for a quantization_config other than block-FP8 E4M3 (128x128)."""
     q = hf_config.get("quantization_config")
     if not q:
-        return False
+        return
     if q.get("quant_method") != "fp8" or q.get("fmt", "e4m3") != "e4m3" or \
             list(q.get("weight_block_size") or []) != list(W.BLOCK):
         raise HFError(f"unsupported quantization_config {q}; supported: quant_method fp8, fmt e4m3, "
                       f"weight_block_size {list(W.BLOCK)}")
-    return True
 
 
 def _read_entry(entry: W.Entry, where: dict[str, SafetensorsFile]):
@@ -111,7 +110,7 @@ def _read_entry(entry: W.Entry, where: dict[str, SafetensorsFile]):
     W.check_shape(entry, shape)
     scale_name = entry.hf + SCALE_SUFFIX
     if dtype == "F8_E4M3" and scale_name in where:
-        scale_dtype, scale_shape = where[scale_name].info(scale_name)
+        _, scale_shape = where[scale_name].info(scale_name)
         if tuple(scale_shape) != W.scale_shape(entry):
             raise HFError(f"tensor {scale_name} has shape {list(scale_shape)}; 128x128 blocks of "
                           f"{list(entry.hf_shape)} give {list(W.scale_shape(entry))}")
