@@ -44,11 +44,12 @@ class QueueFull(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TextDelta:
-    """New text of a request, and how many new tokens produced it (may be 0 while a
-    multi-byte character or a possible stop string is held back)."""
+    """New text of a request and the new token ids behind it. The text may be empty
+    while a multi-byte character or a possible stop string is held back, and the ids
+    empty when held-back text is released at the end."""
 
     text: str
-    tokens: int
+    ids: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +292,7 @@ class Batcher:
             run.last = new[-1]
         text, stopped = run.text.push(new)
         if text or new:
-            run.request.on_event(TextDelta(text, len(new)))
+            run.request.on_event(TextDelta(text, tuple(new)))
         if stopped:
             self._finish(run, "stop", flush=False)  # the text ends before the stop string
         elif ended is not None:
@@ -303,7 +304,7 @@ class Batcher:
         if flush and reason != "cancelled":
             rest = run.text.flush()
             if rest:
-                run.request.on_event(TextDelta(rest, 0))
+                run.request.on_event(TextDelta(rest, ()))
         with self._lock:
             self._running.pop(run.slot, None)
         run.request.on_event(Finished(reason, len(run.request.prompt), run.generated))

@@ -32,6 +32,7 @@ import time
 from typing import Callable
 
 import fastapi
+from absl import logging as absl_logging
 import uvicorn
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -266,6 +267,7 @@ def _announce(server: uvicorn.Server, host: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
         service = build(args)
     except (q.ServeError, ValueError) as err:
