@@ -150,7 +150,8 @@ class Batcher:
     Args:
       slots: a `serve.slots.SlotModel` (warmed up or not).
       tokenizer: encode / decode.
-      max_queue: the most requests waiting for a slot; more are refused (`QueueFull`).
+      max_queue: the most requests waiting while every slot is taken; more are refused
+        (`QueueFull`).
       stop_ids: end-of-sequence ids that finish every request.
     """
 
@@ -172,15 +173,16 @@ class Batcher:
         """Queues a request for the next free slot.
 
         Raises:
-          QueueFull: `max_queue` requests are already waiting.
+          QueueFull: every slot is taken and `max_queue` requests are already waiting.
           ValueError: an empty prompt, one that leaves no room in the context, or
             max_tokens < 1.
         """
         self.check(request.prompt, request.max_tokens)
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (the most is {self.max_queue}); "
-                                "retry later")
+            free = self.slots.max_batch - len(self._running)
+            if len(self._waiting) >= self.max_queue + free:
+                raise QueueFull(f"all {self.slots.max_batch} slots are busy and {self.max_queue} requests are "
+                                "waiting; retry later")
             self._waiting.append(request)
         self._wake.set()
         return request

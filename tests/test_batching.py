@@ -167,8 +167,9 @@ def test_a_cancelled_request_frees_its_slot(batcher):
 
 def test_a_full_queue_refuses_and_bad_requests_are_value_errors(slots):
     batcher = batching.Batcher(slots, data_lib.ByteTokenizer(), max_queue=1)  # not started: nothing leaves
-    batcher.submit(batching.Request([1, 2], 4, on_event=lambda e: None))
-    with pytest.raises(batching.QueueFull, match="the most is 1"):
+    for _ in range(slots.max_batch + 1):  # as many as there are free slots, and one more
+        batcher.submit(batching.Request([1, 2], 4, on_event=lambda e: None))
+    with pytest.raises(batching.QueueFull, match="1 requests are waiting"):
         batcher.submit(batching.Request([1, 2], 4, on_event=lambda e: None))
     with pytest.raises(ValueError, match="context is 64"):
         batcher.check([1] * 64, 4)
