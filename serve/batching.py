@@ -166,6 +166,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.steps_run = collections.Counter()  # "prefill" / "decode" calls, for tests and logs
+        self.finished = collections.Counter()  # requests by finish reason
 
     # ---------------------------------------------------------------- caller side
 
@@ -309,6 +310,7 @@ class Batcher:
                 run.request.on_event(TextDelta(rest, ()))
         with self._lock:
             self._running.pop(run.slot, None)
+        self.finished[reason] += 1
         run.request.on_event(Finished(reason, len(run.request.prompt), run.generated))
 
 

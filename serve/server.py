@@ -83,7 +83,8 @@ def create_app(service: Service) -> fastapi.FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_name, "busy": service.batcher.busy(), **service.info}
+        return {"status": "ok", "model": service.model_name, "busy": service.batcher.busy(),
+                "finished": dict(service.batcher.finished), **service.info}
 
     @app.get("/v1/models")
     async def models():
