@@ -204,6 +204,10 @@ class Batcher:
         with self._lock:
             return len(self._waiting) + len(self._running)
 
+    def alive(self) -> bool:
+        """Whether the engine thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         """Starts the engine thread."""
         self._thread = threading.Thread(target=self._loop, name="mpx-engine", daemon=True)

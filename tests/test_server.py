@@ -42,13 +42,15 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def service(checkpoint):
     args = server.parse_args(["--checkpoint", str(checkpoint), "--precision", "fp32", "--kv-cache", "fp32",
-                              "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--prefill-chunk", "16"])
+                              "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--prefill-chunk", "8"])
     return server.build(args)
 
 
 @pytest.fixture(scope="module")
-def url(service):
-    config = uvicorn.Config(server.create_app(service), host="127.0.0.1", port=0, log_level="warning")
+def running(service):
+    """(uvicorn server, its URL): in-process on a free loopback port, stopped at the end."""
+    config = uvicorn.Config(server.create_app(service), host="127.0.0.1", port=0, log_level="warning",
+                            timeout_graceful_shutdown=20)
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -56,10 +58,15 @@ def url(service):
     while not uv.started and time.monotonic() < deadline:
         time.sleep(0.02)
     assert uv.started, "the server did not start"
-    yield f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
+    yield uv, f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
     uv.should_exit = True
-    thread.join(15)
+    thread.join(30)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def url(running):
+    return running[1]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +183,7 @@ def test_bad_chat_messages_get_400(url):
 def test_the_server_survives_a_burst_of_bad_requests(url, client):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda i: httpx.post(f"{url}/v1/completions", content=BAD[i % len(BAD)][0]).status_code,
-                              range(48)))
+                              range(24)))
     assert set(codes) == {400}
     assert client.completions.create(model="m", prompt="ok", max_tokens=4).usage.completion_tokens == 4
 
@@ -223,3 +230,22 @@ def test_cli_mistakes_exit_2(checkpoint, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert server.main(["--checkpoint", str(checkpoint), "--precision", "fp7"]) == 2
     assert "fp7" in capsys.readouterr().err
+
+
+def test_shutdown_lets_a_stream_in_flight_finish(running, service):
+    """Last in this file: it stops the module's server (what Ctrl-C / SIGTERM do)."""
+    uv, url = running
+    body = {"prompt": "a long story", "max_tokens": 80, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        uv.should_exit = True
+        rest = [line for line in lines if line]
+    chunks = [json.loads(line[len("data: "):]) for line in [first] + rest[:-1]]
+    assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    deadline = time.monotonic() + 30
+    while service.batcher.alive() and time.monotonic() < deadline:  # the lifespan stops the engine
+        time.sleep(0.05)
+    assert not service.batcher.alive()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=5)
