@@ -20,18 +20,19 @@ recomputed per token, one compiled step), fp32 and fp8.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
+import sys
 
 import jax
 import jax.numpy as jnp
 
+import benchmarks
 from models import transformer
 from models.config import preset
 from serve import engine as engine_lib
 from serve import quantize as q
+from store import cli
 
 VARIANTS = {
     "fp32": (q.ServeSpec("fp32"), "bf16"),
@@ -127,22 +128,22 @@ def report(args, ckpt, engs, rates, cache) -> tuple[str, dict]:
     return "\n".join(lines), payload
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    parser = benchmarks.parser("generate", __doc__)
     parser.add_argument("--checkpoint", help="serve this checkpoint instead of a random tiny model")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 3 repeats")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     args.new, args.repeats, args.prompt = (64, 3, 64) if args.quick else (256, 5, 64)
-    ckpt = checkpoint(args.checkpoint, args.prompt + args.new)
+    try:
+        ckpt = checkpoint(args.checkpoint, args.prompt + args.new)
+    except q.ServeError as err:
+        return cli.fail(err)
     engs = engines(ckpt)
     rates = {rows: decode_rates(engs, rows, args.prompt, args.new, args.repeats) for rows in (1, 8)}
     cache = cache_vs_recompute(engs, args.prompt, args.new, args.repeats)
-    text, payload = report(args, ckpt, engs, rates, cache)
-    print(text)
-    if args.json:
-        print(json.dumps(payload))
+    benchmarks.report(args, *report(args, ckpt, engs, rates, cache))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,13 +18,11 @@ round-robin in one run so the ratios survive a loaded machine.
 
 from __future__ import annotations
 
-import argparse
-import json
-
 import jax
 import jax.numpy as jnp
 import optax
 
+import benchmarks
 import mpx.optim as mo
 from benchmarks.quantize import time_calls
 
@@ -86,37 +84,41 @@ def step_times(n: int, repeats: int, inner: int) -> dict[str, float]:
     return time_calls({k: step_fn(tx, params, grads) for k, tx in txs.items()}, repeats=repeats, inner=inner)
 
 
+def memory_table(reports: dict) -> str:
+    """Bytes per parameter of each optimizer setting, one row each."""
+    lines = [f"Memory per parameter, GPT-2-small shapes ({reports['f32'].num_params:,} params)",
+             f"{'setting':<8}{'master':>8}{'grads':>8}{'moments':>9}{'scales':>9}{'total':>8}{'+copy':>8}"]
+    lines += [f"{name:<8}{r.per_param('master'):>8.3f}{r.per_param('gradients'):>8.3f}"
+              f"{r.per_param('optimizer'):>9.3f}{r.per_param('scale_state'):>9.5f}"
+              f"{r.per_param('total'):>8.3f}{r.per_param('total_with_compute_copy'):>8.3f}"
+              for name, r in reports.items()]
+    lines.append("(total: persistent state; +copy: also the transient compute copy of every layer)")
+    return "\n".join(lines)
+
+
+def time_table(times: dict, n: int) -> str:
+    """Step time of each transformation and its ratio to optax's f32 AdamW."""
+    base = times["optax.adamw f32"]
+    lines = [f"Optimizer step on {n:,} f32 params (median of 5, round-robin)",
+             f"{'transformation':<30}{'ms':>10}{'vs optax':>10}"]
+    lines += [f"{name:<30}{t * 1e3:>10.3f}{t / base:>10.2f}" for name, t in times.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmarks.parser("optimizer", __doc__)
     parser.add_argument("--quick", action="store_true", help="1M params instead of 16M")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     n = 2**20 if args.quick else 2**24
-
     reports = memory_rows()
-    print(f"Memory per parameter, GPT-2-small shapes ({reports['f32'].num_params:,} params)")
-    print(f"{'setting':<8}{'master':>8}{'grads':>8}{'moments':>9}{'scales':>9}{'total':>8}{'+copy':>8}")
-    for name, r in reports.items():
-        print(f"{name:<8}{r.per_param('master'):>8.3f}{r.per_param('gradients'):>8.3f}"
-              f"{r.per_param('optimizer'):>9.3f}{r.per_param('scale_state'):>9.5f}"
-              f"{r.per_param('total'):>8.3f}{r.per_param('total_with_compute_copy'):>8.3f}")
-    print("(total: persistent state; +copy: also the transient compute copy of every layer)\n")
-
     times = step_times(n, repeats=5, inner=3 if args.quick else 2)
     base = times["optax.adamw f32"]
-    print(f"Optimizer step on {n:,} f32 params (median of 5, round-robin)")
-    print(f"{'transformation':<30}{'ms':>10}{'vs optax':>10}")
-    for name, t in times.items():
-        print(f"{name:<30}{t * 1e3:>10.3f}{t / base:>10.2f}")
-
     result = {"num_params_model": reports["f32"].num_params, "step_params": n,
               "bytes_per_param": {k: r.per_param("total") for k, r in reports.items()},
               "bytes_per_param_with_copy": {k: r.per_param("total_with_compute_copy") for k, r in reports.items()},
               "step_ms": {k: t * 1e3 for k, t in times.items()},
               "step_ratio_vs_optax": {k: t / base for k, t in times.items()}}
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return benchmarks.report(args, memory_table(reports) + "\n\n" + time_table(times, n), result)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
+
+from mpx import config as config_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,3 +84,31 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def from_section(section: Any) -> ModelConfig:
+    """The `ModelConfig` a config file's `model` section describes.
+
+    Args:
+      section: a preset name ("tiny"), a mapping naming a `preset` plus the fields that
+        differ from it (`{preset: small, n_layers: 6}`), or a mapping of fields (missing
+        ones take the `ModelConfig` defaults).
+
+    Returns:
+      The validated `ModelConfig`.
+
+    Raises:
+      ConfigError: an unknown preset or key, a wrong type or an invalid value, naming
+        the dotted key under `model`.
+    """
+    if isinstance(section, str):
+        section = {"preset": section}
+    if isinstance(section, dict) and "preset" in section:
+        fields = [f.name for f in dataclasses.fields(ModelConfig)]
+        config_io.check_keys(section, ["preset", *fields], "model")
+        try:
+            base = dataclasses.asdict(preset(section["preset"]))
+        except (ValueError, TypeError) as e:
+            raise config_io.ConfigError(f"model.preset: {e}", "model.preset") from None
+        section = {**base, **{k: v for k, v in section.items() if k != "preset"}}
+    return config_io.from_dict(ModelConfig, section, "model")

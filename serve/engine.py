@@ -123,10 +123,7 @@ class Engine:
     # ---------------------------------------------------------------- compiled steps
 
     def _pin_cache(self, cache):
-        """Under a layout, keeps the KV cache on its shardings (a no-op otherwise)."""
-        if self.layout is None:
-            return cache
-        return jax.lax.with_sharding_constraint(cache, sharding_lib.cache_shardings(cache, self.layout.mesh))
+        return kv_cache_lib.constrain(cache, self.layout)
 
     def _sample(self, sampler, logits, key, index):
         return sampler(sampling.scale_logits(logits, self.logit_scale), jax.random.fold_in(key, index))
@@ -220,7 +217,7 @@ class Engine:
         """
         self.check_prompts(prompts)
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+            raise ValueError(f"max_new_tokens (--max-tokens) must be >= 1; got {max_new_tokens}")
         tokens, lengths = self._batch(prompts)
         run = _Run(self, prompts, lengths, max_new_tokens, should_stop, on_tokens)
         key = jax.random.key(seed)

@@ -27,13 +27,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging as absl_logging
 
 import mpx
 from mpx import calibrate as calibrate_lib
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
+from store import cli
 
 SEED_CLAIMS = {"fp32": ("100%", "<0.1%"), "bf16": ("50%", "<0.5%"), "fp8": ("25%", "<2%")}
 
@@ -254,14 +254,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m serve.evaluate", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m serve.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
+    p.add_argument("--skip-incomplete", action="store_true",
+                   help="if the newest step is incomplete, load the newest complete one (printed)")
     p.add_argument("--out", help="output directory (default runs/<run name>/eval)")
-    p.add_argument("--eval-batches", type=int, default=4, help="held-out batches of 8 sequences")
-    p.add_argument("--calibration-batches", type=int, default=8, help="training batches for static calibration")
-    p.add_argument("--prompts", type=int, default=8, help="greedy-generation prompts")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--eval-batches", type=cli.positive_int, default=4, help="held-out batches of 8 sequences")
+    p.add_argument("--calibration-batches", type=cli.positive_int, default=8,
+                   help="training batches for static calibration")
+    p.add_argument("--prompts", type=cli.positive_int, default=8, help="greedy-generation prompts")
+    p.add_argument("--prompt-len", type=cli.positive_int, default=32)
+    p.add_argument("--new-tokens", type=cli.positive_int, default=64)
     p.add_argument("--methods", default=",".join(calibrate_lib.METHODS),
                    help="calibration methods to compare (comma-separated; empty for none)")
     return p.parse_args(argv)
@@ -271,22 +274,22 @@ def _methods(text: str) -> tuple[str, ...]:
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
     for m in methods:
         if m not in calibrate_lib.METHODS:
-            raise q.ServeError(f"unknown calibration method {m!r}; allowed: {', '.join(calibrate_lib.METHODS)}")
+            raise q.ServeError(f"--methods: unknown calibration method {m!r}; allowed: "
+                               f"{', '.join(calibrate_lib.METHODS)}")
     return methods
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
         methods = _methods(args.methods)
-        ckpt = q.load_checkpoint(args.checkpoint)
+        ckpt = q.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
         data = held_out(ckpt, args.eval_batches, args.prompts, args.prompt_len, args.new_tokens)
         rows, extra = evaluate(ckpt, default_variants(methods), data, args.calibration_batches,
                                log=lambda s: print(s, file=sys.stderr))
     except (q.ServeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(err)
+    print(f"evaluated step {ckpt.step} of {ckpt.path}", file=sys.stderr)
     out = Path(args.out or Path("runs") / ckpt.name / "eval")
     out.mkdir(parents=True, exist_ok=True)
     report = to_markdown(rows, extra, ckpt, data)

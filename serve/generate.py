@@ -1,10 +1,18 @@
-"""`python -m serve.generate --checkpoint PATH --prompt "..." [--precision fp8|bf16|fp32]
-[--kv-cache fp8|bf16]`: load a checkpoint, quantize it, generate with a KV cache.
+"""Generate text from a trained checkpoint: quantize it, then decode with a KV cache.
+
+    python -m serve.generate --checkpoint runs/tiny/checkpoints --prompt "Return the " \\
+        [--precision fp8|bf16|fp32] [--kv-cache bf16|fp8|fp32] [--max-tokens 128]
 
 Streams the text of a single prompt as it is generated; with several `--prompt`s, runs
-them as one batch and prints each at the end. Ends with tokens/s and weight memory.
-User mistakes (no checkpoint, empty or too long prompt, unknown precision, a checkpoint
-of another model, a missing tokenizer) print one line and exit with status 2.
+them as one batch and prints each after a `--- prompt i (why it ended)` line. Ends with
+the step it loaded, tokens/s and weight memory on stderr. User mistakes (no checkpoint, an
+incomplete one, an empty or too long prompt, a bad option value, an FP8-only option
+without `--precision fp8`, a checkpoint of another model, a missing tokenizer) print one
+line naming the flag and exit with status 2.
+
+`--config` checks the checkpoint against a training config's `model` section (a preset
+plus overrides, resolved by `models.config.from_section`); the checkpoint itself carries
+its model config, so the flag only guards against serving the wrong run.
 """
 
 from __future__ import annotations
@@ -12,92 +20,132 @@ from __future__ import annotations
 import argparse
 import sys
 
-from absl import logging as absl_logging
-
+from models import config as model_config
+from mpx import calibrate as calibrate_lib
+from mpx import config as config_io
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from serve import sampling
-from train import config as config_lib
+from store import checkpoint as ckpt_lib
+from store import cli
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option in one line with exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
+FP8_ONLY = ("weights", "activations", "calibration")  # options that only --precision fp8 reads
+DEFAULTS = {"weights": "block", "activations": "token", "calibration": "max"}
+FINISH = {"length": "--max-tokens reached", "stop": "a --stop string", "context": "the model's context is full"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="python -m serve.generate", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m serve.generate", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS,
                    help=f"run dir, checkpoints dir or step dir (default {q.TRAIN_CHECKPOINTS})")
+    p.add_argument("--skip-incomplete", action="store_true",
+                   help="if the newest step is incomplete, load the newest complete one (printed)")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    p.add_argument("--precision", default="fp8", help="fp8 (default), bf16 or fp32")
-    p.add_argument("--weights", default="block", help="FP8 weight scales: block (128x128) or channel")
-    p.add_argument("--activations", default="token", help="FP8 activations: token, tensor, static or none")
-    p.add_argument("--calibration", default="max", help="static calibration: max, percentile, mse or kl")
-    p.add_argument("--kv-cache", default="bf16", help="KV cache: bf16 (default), fp8 or fp32")
-    p.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
-    p.add_argument("--logit-scale", type=float, default=1.0, help="multiply logits (FP8 temperature correction)")
+    p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
+    p.add_argument("--weights", choices=q.WEIGHT_SCALES, help="FP8 weight scales: block (128x128, default) or channel")
+    p.add_argument("--activations", choices=q.ACTIVATIONS, help="FP8 activation scaling (default token)")
+    p.add_argument("--calibration", choices=calibrate_lib.METHODS,
+                   help="calibration of --activations static (default max)")
+    p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=128, help="new tokens per prompt")
+    p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=cli.positive_int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=cli.probability, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--logit-scale", type=cli.positive_float, default=1.0,
+                   help="multiply logits by this (> 0) before sampling: FP8 temperature correction")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--config", help="training config YAML the checkpoint must match")
+    p.add_argument("--stop", action="append", default=[], type=cli.non_empty, help="stop string (repeatable)")
+    p.add_argument("--config", help="training config YAML whose model section the checkpoint must match")
     p.add_argument("--tokenizer", help="tokenizer (bytes or tokenizer.json) instead of the checkpoint's")
     return p.parse_args(argv)
 
 
-def build(args: argparse.Namespace):
-    """(engine, tokenizer, sampler, spec, fp32 weight bytes) from the command line.
+def check_options(args: argparse.Namespace) -> None:
+    """Fills FP8 defaults; rejects options the chosen precision or sampler would ignore.
 
     Raises:
-      ServeError, ConfigError, ValueError: user mistakes (see the module docstring).
+      ValueError: naming the flags as typed.
+    """
+    given = [name for name in FP8_ONLY if getattr(args, name) is not None]
+    if args.precision != "fp8" and given:
+        raise ValueError(f"--{given[0]} applies only to --precision fp8 (got --precision {args.precision})")
+    if args.calibration is not None and args.activations != "static":
+        raise ValueError("--calibration applies only to --activations static")
+    for name in FP8_ONLY:
+        setattr(args, name, getattr(args, name) or DEFAULTS[name])
+    if args.top_k is not None and args.top_p is not None:
+        raise ValueError("give --top-k or --top-p, not both")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise ValueError("--top-k / --top-p sample, so they need --temperature > 0 (0 is greedy)")
+
+
+def expected_model(path: str | None) -> model_config.ModelConfig | None:
+    """The model section of training config `path` (its `extends` followed), or None."""
+    if path is None:
+        return None
+    raw, _ = config_io.read_tree(path, lambda key, value: key == "model" and isinstance(value, dict)
+                                 and "preset" in value)
+    return model_config.from_section(raw.get("model", {}))
+
+
+def build(args: argparse.Namespace):
+    """(engine, tokenizer, sampler, spec, checkpoint) from checked options.
+
+    Raises:
+      ServeError, ConfigError, ValueError, FileNotFoundError: user mistakes.
     """
     spec = q.ServeSpec(args.precision, args.weights, args.activations, args.calibration)
-    kv_cache_lib.check_kind(args.kv_cache)
     sampler = sampling.make(args.temperature, args.top_k, args.top_p)
-    expect = config_lib.load(args.config).model if args.config else None
-    ckpt = q.load_checkpoint(args.checkpoint, expect_model=expect)
+    ckpt = q.load_checkpoint(args.checkpoint, expect_model=expected_model(args.config),
+                             skip_incomplete=args.skip_incomplete)
     tokenizer = q.load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
     model, variables = q.prepare(ckpt, spec)
     engine = engine_lib.Engine(model, variables, kv_cache=args.kv_cache, logit_scale=args.logit_scale)
-    return engine, tokenizer, sampler, spec, q.weight_bytes(ckpt.params)
+    return engine, tokenizer, sampler, spec, ckpt
 
 
-def _summary(stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec, fp32_bytes: int) -> str:
-    params = engine.variables["params"]
-    return (f"[{spec.label}, {engine.kv_cache} KV cache] {stats.new_tokens} new tokens; prefill "
+def loaded(ckpt: q.Checkpoint) -> str:
+    """`step N of DIR`, naming newer incomplete steps that were skipped."""
+    skipped = ckpt_lib.incomplete_steps(ckpt.path)
+    note = f" (skipped incomplete step {', '.join(map(str, skipped))})" if skipped else ""
+    return f"step {ckpt.step} of {ckpt.path}{note}"
+
+
+def _summary(stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec, ckpt: q.Checkpoint) -> str:
+    weights, fp32_bytes = q.weight_bytes(engine.variables["params"]), q.weight_bytes(ckpt.params)
+    return (f"[{loaded(ckpt)}; {spec.label}, {engine.kv_cache} KV cache] {stats.new_tokens} new tokens; prefill "
             f"{stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s "
-            f"(compiled beforehand); weight memory {q.weight_bytes(params) / 2**20:.2f} MiB "
-            f"({q.weight_bytes(params) / fp32_bytes:.1%} of fp32)")
+            f"(compiled beforehand); weight memory {weights / 2**20:.2f} MiB ({weights / fp32_bytes:.1%} of fp32)")
+
+
+def _generate(args: argparse.Namespace):
+    check_options(args)
+    engine, tokenizer, sampler, spec, ckpt = build(args)
+    # Compile prefill and decode for these prompts' buckets first, so the speed
+    # reported at the end is that of warm steps.
+    engine.warm_up([tokenizer.encode(p) for p in args.prompt], args.max_tokens, sampler=sampler)
+    stream = (lambda text: print(text, end="", flush=True)) if len(args.prompt) == 1 else None
+    if stream is not None:
+        print(args.prompt[0], end="", flush=True)
+    texts, outputs, stats = engine_lib.generate_text(
+        engine, tokenizer, args.prompt, max_new_tokens=args.max_tokens, sampler=sampler, seed=args.seed,
+        stop=args.stop, stream=stream)
+    return engine, spec, ckpt, stream, texts, outputs, stats
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
-        engine, tokenizer, sampler, spec, fp32_bytes = build(args)
-        # Compile prefill and decode for these prompts' buckets first, so the speed
-        # reported at the end is that of warm steps.
-        engine.warm_up([tokenizer.encode(p) for p in args.prompt], args.max_tokens, sampler=sampler)
-        stream = (lambda text: print(text, end="", flush=True)) if len(args.prompt) == 1 else None
-        if stream is not None:
-            print(args.prompt[0], end="", flush=True)
-        texts, outputs, stats = engine_lib.generate_text(
-            engine, tokenizer, args.prompt, max_new_tokens=args.max_tokens, sampler=sampler, seed=args.seed,
-            stop=args.stop, stream=stream)
-    except (q.ServeError, config_lib.ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        engine, spec, ckpt, stream, texts, outputs, stats = _generate(args)
+    except (q.ServeError, config_io.ConfigError, ValueError, FileNotFoundError) as err:
+        return cli.fail(err)
     if stream is None:
-        for prompt, text, out in zip(args.prompt, texts, outputs):
-            print(f"--- [{out.finish}]\n{prompt}{text}")
+        for i, (prompt, text, out) in enumerate(zip(args.prompt, texts, outputs)):
+            print(f"--- prompt {i + 1} (ended by {FINISH[out.finish]})\n{prompt}{text}")
     else:
         print()
-    print(_summary(stats, engine, spec, fp32_bytes), file=sys.stderr)
+    print(_summary(stats, engine, spec, ckpt), file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,9 @@ Each is a plain array (bf16 or f32) or, for an FP8 cache, an `mpx.ScaledArray`:
     scale: float32       (B, S_max, G, 1)    one scale per (token, head)
     block: (1, 1, 1, K)
 
-The transformer writes the keys and values of each new token at its position; an FP8
+This module is the serving side's one home for the cache: its kinds, `init`, its size
+and `constrain` (its shardings under a mesh layout). The attention layer
+(`models.transformer`) writes the keys and values of each new token at its position; an FP8
 cache quantizes each head's K-vector with its own scale as it is written (a 1 x K tile,
 like DeepSeek-V3's 1x128 activation tiles), so no calibration is needed and no later
 token can overflow an earlier token's scale. Attention dequantizes on read. Slots past a
@@ -25,9 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models import transformer
 from models.config import ModelConfig
 from mpx import formats
+from mpx import sharding
+from mpx.config import check_choice
 from mpx.scaled import ScaledArray
 
 KINDS = ("bf16", "fp8", "fp32")
@@ -40,12 +43,13 @@ def check_kind(kind: str) -> str:
     Raises:
       ValueError: naming the bad kind and the allowed ones.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown KV cache kind {kind!r}; allowed: {', '.join(KINDS)}")
+    check_choice("KV cache kind", kind, KINDS)
     return kind
 
 
-def _fp8_slot(shape: tuple[int, ...]) -> ScaledArray:
+def _slot(shape: tuple[int, ...], kind: str) -> jax.Array | ScaledArray:
+    if kind != "fp8":
+        return jnp.zeros(shape, jnp.bfloat16 if kind == "bf16" else jnp.float32)
     fmt = formats.get(FP8_FORMAT)
     return ScaledArray(jnp.zeros(shape, fmt.dtype), jnp.ones(shape[:-1] + (1,), jnp.float32), fmt,
                        (1,) * (len(shape) - 1) + (shape[-1],))
@@ -67,10 +71,16 @@ def init(config: ModelConfig, batch: int, kind: str = "bf16", length: int | None
       ValueError: for an unknown kind.
     """
     check_kind(kind)
-    if kind != "fp8":
-        return transformer.init_cache(config, batch, jnp.bfloat16 if kind == "bf16" else jnp.float32, length)
     shape = (batch, length or config.max_seq_len, config.n_kv_heads, config.head_dim)
-    return [{"k": _fp8_slot(shape), "v": _fp8_slot(shape)} for _ in range(config.n_layers)]
+    return [{"k": _slot(shape, kind), "v": _slot(shape, kind)} for _ in range(config.n_layers)]
+
+
+def constrain(cache, layout: sharding.Layout | None):
+    """Inside jit: pins `cache` to its shardings under `layout` (batch on data x fsdp, kv
+    heads on tensor); returns it unchanged when `layout` is None (one device)."""
+    if layout is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, layout.mesh))
 
 
 def nbytes(cache) -> int:

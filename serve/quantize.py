@@ -64,8 +64,10 @@ class ServeError(ValueError):
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ServeError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+    try:
+        config_lib.check_choice(name, value, allowed)
+    except ValueError as err:
+        raise ServeError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,34 +157,37 @@ def _locate(path: str | Path) -> tuple[Path, int | None]:
     path = Path(path)
     if not path.exists():
         raise ServeError(missing_checkpoint_message(path))
-    if (path / ckpt.MANIFEST).is_file() and path.name.isdigit():
-        return path.parent, int(path.name)
+    if path.name.isdigit() and not (path / "checkpoints").is_dir():
+        return path.parent, int(path.name)  # a step directory, complete or not (restore says)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    if ckpt.latest_step(path) is None:
+    if not ckpt.all_steps(path):
         raise ServeError(missing_checkpoint_message(path))
     return path, None
 
 
-def load_checkpoint(path: str | Path, *, expect_model: ModelConfig | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, *, expect_model: ModelConfig | None = None,
+                    skip_incomplete: bool = False) -> Checkpoint:
     """Restores a training checkpoint's params and config (verified by its manifest).
 
     Args:
       path: a run directory (runs/tiny), its checkpoints/ directory (latest step) or
         one step's directory (runs/tiny/checkpoints/300).
       expect_model: when given, the checkpoint's model config must equal it.
+      skip_incomplete: for a checkpoints directory whose newest step is incomplete
+        (no valid manifest), load the newest complete step instead of refusing.
 
     Returns:
-      A `Checkpoint`.
+      A `Checkpoint`; its `step` says which step was loaded.
 
     Raises:
       ServeError: no checkpoint there (naming the command that makes one), a corrupt
-        checkpoint, a model config other than `expect_model`, or params that do not fit
-        the checkpoint's own model config.
+        or incomplete checkpoint, a model config other than `expect_model`, or params
+        that do not fit the checkpoint's own model config.
     """
     root, step = _locate(path)
     try:
-        step, meta = ckpt.read_metadata(root, step)
+        step, meta = ckpt.read_metadata(root, step, skip_incomplete=skip_incomplete)
         train_config = meta.get("config", {})
         config = config_lib.from_dict(ModelConfig, train_config.get("model", {}), "model")
         if expect_model is not None and config != expect_model:

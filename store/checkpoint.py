@@ -10,8 +10,11 @@ orbax writes bf16, float8 and sharded arrays bit-exactly but does not notice fli
 bytes in its data files, so `save` writes the manifest after orbax has finished and
 `restore` checks every file against it before reading anything: a corrupt, truncated,
 missing or unexpected file is a `CheckpointError`, never a silently wrong state. A step
-without a manifest (a save interrupted before it was written) is incomplete:
-`latest_step` skips it and `restore` refuses it.
+without a readable manifest (a save interrupted before it was written, or a deleted
+manifest) is incomplete: `restore` refuses it by name, and when it is the newest step,
+`latest_step` (so `restore` without a step) refuses too, unless the caller asks with
+`skip_incomplete=True` to fall back to the newest complete step. `set_aside` renames an
+incomplete step out of the way (`<step>.incomplete`) so that a resumed run can save.
 
 Typed PRNG keys (`jax.random.key`) are stored as their `key_data` and re-wrapped on
 restore with their recorded implementation. Saves are synchronous; steps must increase.
@@ -25,6 +28,7 @@ Usage (`abstract_state = jax.eval_shape(init_fn)` with shardings attached):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from mpx.sharding import path_str
 
@@ -123,10 +128,54 @@ def all_steps(directory: str | Path) -> list[int]:
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def latest_step(directory: str | Path) -> int | None:
-    """The newest complete step (one with a manifest) under `directory`, or None."""
-    complete = [s for s in all_steps(directory) if (_step_dir(directory, s) / MANIFEST).is_file()]
+def _has_manifest(directory: str | Path, step: int) -> bool:
+    try:
+        _read_manifest(_step_dir(directory, step))
+    except CheckpointError:
+        return False
+    return True
+
+
+def incomplete_steps(directory: str | Path) -> list[int]:
+    """Steps newer than the newest complete one whose manifest is missing or unreadable."""
+    steps = all_steps(directory)
+    complete = [s for s in steps if _has_manifest(directory, s)]
+    return [s for s in steps if not complete or s > complete[-1]] if steps else []
+
+
+def latest_step(directory: str | Path, *, skip_incomplete: bool = False) -> int | None:
+    """The newest complete step (one with a valid manifest) under `directory`, or None.
+
+    Args:
+      directory: checkpoint root.
+      skip_incomplete: fall back past newer incomplete steps instead of refusing.
+
+    Raises:
+      CheckpointError: the newest step is incomplete and `skip_incomplete` is False;
+        the message names it and the step a fallback would use.
+    """
+    newer = incomplete_steps(directory)
+    complete = [s for s in all_steps(directory) if s not in newer]
+    if newer and not skip_incomplete:
+        older = f"step {complete[-1]}" if complete else "no complete step (there is none)"
+        raise CheckpointError(
+            f"checkpoint {_step_dir(directory, newer[-1])} is incomplete or corrupt: no valid "
+            f"{MANIFEST} (the save was interrupted, or the file was deleted); delete it, or "
+            f"pass --skip-incomplete to use {older}")
     return complete[-1] if complete else None
+
+
+def set_aside(directory: str | Path, step: int) -> Path:
+    """Renames step `step`'s directory to `<step>.incomplete` (no longer a step); returns it.
+
+    Raises:
+      CheckpointError: the step has a valid manifest (complete steps are never moved).
+    """
+    if _has_manifest(directory, step):
+        raise CheckpointError(f"checkpoint {_step_dir(directory, step)} is complete; not moving it")
+    target = Path(directory) / f"{step}.incomplete"
+    os.replace(_step_dir(directory, step), target)
+    return target
 
 
 def _sha256(path: Path) -> str:
@@ -205,6 +254,17 @@ def _manager(directory: str | Path, keep: int | None = None, *,
                                  item_handlers=handlers)
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every read-only restore as an absl warning: silence it, then restore."""
+    before = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(before)
+
+
 def _check_json(metadata: Any) -> None:
     try:
         json.dumps(metadata)
@@ -253,14 +313,14 @@ def save(directory: str | Path, step: int, state: Any, metadata: dict | None = N
     return step_dir
 
 
-def _resolve_step(directory: str | Path, step: int | None) -> int:
+def _resolve_step(directory: str | Path, step: int | None, skip_incomplete: bool = False) -> int:
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
     steps = all_steps(directory)
     if step is None:
-        step = latest_step(directory)
+        step = latest_step(directory, skip_incomplete=skip_incomplete)
         if step is None:
-            detail = f"steps {steps} have no {MANIFEST}" if steps else "it is empty"
+            detail = f"steps {steps} have no valid {MANIFEST}" if steps else "it is empty"
             raise CheckpointError(f"no complete checkpoint in {directory}: {detail}")
     elif step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {steps}")
@@ -315,21 +375,22 @@ def _check_target(step_dir: Path, saved_tree: Any, abstract: Any) -> None:
                 f"the target asks for {np.dtype(want.dtype)}{list(want.shape)}")
 
 
-def read_metadata(directory: str | Path, step: int | None = None) -> tuple[int, dict]:
+def read_metadata(directory: str | Path, step: int | None = None, *,
+                  skip_incomplete: bool = False) -> tuple[int, dict]:
     """The step and metadata dict of checkpoint `step` (default: latest), verified.
 
     Raises:
       CheckpointError: as `restore`.
     """
-    step = _resolve_step(directory, step)
+    step = _resolve_step(directory, step, skip_incomplete)
     verify(directory, step)
-    with _manager(directory, read_only=True) as manager:
+    with _quiet_orbax(), _manager(directory, read_only=True) as manager:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     return step, meta["metadata"]
 
 
 def restore(directory: str | Path, step: int | None = None, target: Any = None, *,
-            expect: dict | None = None) -> tuple[Any, dict]:
+            expect: dict | None = None, skip_incomplete: bool = False) -> tuple[Any, dict]:
     """Restores checkpoint `step` after verifying its files and metadata.
 
     Args:
@@ -341,19 +402,22 @@ def restore(directory: str | Path, step: int | None = None, target: Any = None, 
         saved ones. Without it, arrays come back as saved (dicts for NamedTuples).
       expect: key/value pairs (nested dicts compared key by key) the saved metadata
         must contain, e.g. {"model": to_dict(model_config)}.
+      skip_incomplete: with `step=None`, fall back past newer incomplete steps instead
+        of refusing (see `latest_step`).
 
     Returns:
       (state, metadata).
 
     Raises:
-      CheckpointError: no directory or no complete checkpoint; a missing, truncated or
+      CheckpointError: no directory or no complete checkpoint; a newest step without a
+        valid manifest (unless `skip_incomplete`); a missing, truncated or
         corrupt file; metadata differing from `expect` (naming the keys); a target
         whose structure, shapes or dtypes differ from the checkpoint.
     """
-    step = _resolve_step(directory, step)
+    step = _resolve_step(directory, step, skip_incomplete)
     step_dir = _step_dir(directory, step)
     verify(directory, step)
-    with _manager(directory, read_only=True) as manager:
+    with _quiet_orbax(), _manager(directory, read_only=True) as manager:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if expect:
             _check_expect(step_dir, meta["metadata"], expect)

@@ -1,7 +1,7 @@
-"""Token data for training: sources, tokenizers and a resumable, shuffled batch stream.
+"""Token data for training: sources and a resumable, shuffled batch stream.
 
-Sources: "builtin" (docstrings of a fixed list of Python standard library modules, so a
-run works offline on a fresh machine), text files, JSONL files with a "text" field, a
+Sources: "builtin" (a fixed corpus shipped with the package, so a run works offline and
+gives the same tokens on every machine), text files, JSONL files with a "text" field, a
 glob of them or a directory of them. Documents are tokenized and concatenated, each
 followed by the tokenizer's separator, into one int32 array. Its last `eval_fraction`
 is held out for evaluation (contiguous, so no training window overlaps it).
@@ -21,50 +21,22 @@ Example:
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import glob
 import json
 import os
-import sysconfig
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mpx.config import check
-
-# Pure-Python standard library modules (paths under the stdlib directory, without
-# ".py"), chosen for long English docstrings. Parsed with `ast`, never imported, so
-# modules needing optional parts (turtle needs Tk) still contribute text. About 1.1 MB
-# on CPython 3.10-3.13; the text differs slightly between versions (docstrings evolve).
-BUILTIN_MODULES = (
-    "_pydecimal _pyio _collections_abc abc argparse ast "
-    "asyncio/base_events asyncio/events asyncio/locks asyncio/queues asyncio/streams "
-    "asyncio/tasks asyncio/transports asyncio/unix_events base64 bdb bisect calendar cmd "
-    "code codecs codeop collections/__init__ colorsys compileall concurrent/futures/_base "
-    "configparser contextlib copy csv dataclasses datetime difflib dis doctest "
-    "email/_header_value_parser email/feedparser email/headerregistry email/message "
-    "email/utils enum filecmp fileinput fnmatch fractions ftplib functools getopt gettext "
-    "glob gzip hashlib heapq hmac html/parser http/client http/cookiejar http/cookies "
-    "http/server imaplib importlib/metadata/__init__ inspect ipaddress json/__init__ "
-    "json/decoder json/encoder linecache locale logging/__init__ logging/config "
-    "logging/handlers lzma mailbox mimetypes multiprocessing/connection "
-    "multiprocessing/managers multiprocessing/pool multiprocessing/process netrc ntpath "
-    "numbers opcode optparse os pathlib pdb pickle pickletools pkgutil platform plistlib "
-    "poplib posixpath pprint profile pstats pydoc queue quopri random reprlib runpy sched "
-    "secrets selectors shelve shlex shutil smtplib socket socketserver sqlite3/__init__ "
-    "statistics string struct subprocess symtable sysconfig tarfile tempfile textwrap "
-    "threading timeit tokenize trace traceback tracemalloc turtle types typing unittest/case "
-    "unittest/loader unittest/mock urllib/parse urllib/request uuid warnings wave weakref "
-    "webbrowser xml/dom/minidom xml/etree/ElementTree xml/sax/handler zipfile zipimport "
-    "zoneinfo/_zoneinfo"
-).split()
-
+from store.corpus import BUILTIN_MODULES, builtin_corpus  # noqa: F401 (re-exported)
+from store.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, make_tokenizer  # noqa: F401 (re-exported)
 
 # ---------------------------------------------------------------------------
-# Tokenizers.
+# Configuration.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,131 +66,8 @@ class DataConfig:
         check("eval_fraction", self.eval_fraction, 0 <= self.eval_fraction < 1, "in [0, 1)")
 
 
-class Tokenizer(Protocol):
-    """What the stream and the generator need from a tokenizer."""
-
-    vocab_size: int
-    separator: list[int]  # appended after every document
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: Any) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, any language, no training, no unknown tokens."""
-
-    vocab_size = 256
-    separator = [ord("\n"), ord("\n")]  # documents read as paragraphs
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids (0..255) of `text`'s UTF-8 bytes."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Any) -> str:
-        """Text of byte ids; an incomplete or invalid UTF-8 sequence becomes U+FFFD.
-
-        Raises:
-          ValueError: an id outside [0, 256).
-        """
-        ids = np.asarray(ids, dtype=np.int64).ravel()
-        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
-        if bad.size:
-            raise ValueError(f"byte token ids must be in [0, 256); got {bad[:8].tolist()}")
-        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-
-
-# Special tokens that commonly end a document, in order of preference.
-_EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
-
-
-class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer loaded from a tokenizer.json file."""
-
-    def __init__(self, path: str | Path):
-        """Loads `path`.
-
-        Raises:
-          ImportError: the `tokenizers` package is not installed.
-          FileNotFoundError: `path` does not exist.
-        """
-        try:
-            import tokenizers
-        except ImportError:
-            raise ImportError(f"tokenizer {str(path)!r} needs the Hugging Face tokenizers "
-                              "package: pip install tokenizers (or use tokenizer: bytes)") from None
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"tokenizer file {str(path)!r} not found")
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eos = [self._tok.token_to_id(t) for t in _EOS_TOKENS]
-        eos = [i for i in eos if i is not None]
-        self.separator = eos[:1] or self.encode("\n\n")
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without added special tokens."""
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Any) -> str:
-        """Text of token ids (special tokens kept)."""
-        return self._tok.decode([int(i) for i in np.asarray(ids).ravel()],
-                                skip_special_tokens=False)
-
-
-def make_tokenizer(spec: str) -> Tokenizer:
-    """`ByteTokenizer()` for "bytes", else an `HFTokenizer` of the tokenizer.json `spec`."""
-    if spec == "bytes":
-        return ByteTokenizer()
-    return HFTokenizer(spec)
-
-
 # ---------------------------------------------------------------------------
 # Sources.
-
-
-def _docstrings(source: str) -> list[str]:
-    """Cleaned docstrings of a module, its classes and functions, in source order."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                found.append(doc)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(source))
-    return found
-
-
-@functools.lru_cache(maxsize=1)
-def _builtin_corpus() -> tuple[str, ...]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for name in BUILTIN_MODULES:
-        path = root / f"{name}.py"
-        if path.is_file():  # a trimmed install may lack a module: use the others
-            docs.extend(_docstrings(path.read_text(encoding="utf-8")))
-    return tuple(docs)
-
-
-def builtin_corpus() -> list[str]:
-    """The built-in corpus: docstrings of `BUILTIN_MODULES`, one document each.
-
-    Deterministic for a given Python installation; about 1.1 MB of mostly English
-    text on CPython 3.10-3.13 (the exact text differs slightly between versions).
-    Nothing is written to disk.
-
-    Raises:
-      ValueError: none of the modules' sources were found (a stdlib without .py files).
-    """
-    docs = list(_builtin_corpus())
-    if not docs:
-        raise ValueError(f"the built-in corpus needs the standard library's .py sources; none "
-                         f"found under {sysconfig.get_paths()['stdlib']!r}. Set data.source "
-                         "to your own .txt/.jsonl files")
-    return docs
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -277,11 +126,17 @@ def load_documents(source: str) -> list[str]:
 
     Raises:
       FileNotFoundError: naming the path or glob that matches nothing.
-      ValueError: a bad JSONL line (naming file and line) or a non-UTF-8 file.
+      ValueError: a bad JSONL line (naming file and line), a non-UTF-8 file, or
+        sources without any text.
     """
     if source == "builtin":
         return builtin_corpus()
-    return [doc for path in _expand(source) for doc in _read_file(path)]
+    paths = _expand(source)
+    docs = [doc for path in paths for doc in _read_file(path)]
+    if not any(doc.strip() for doc in docs):
+        where = paths[0] if len(paths) == 1 else f"{source!r} ({len(paths)} files)"
+        raise ValueError(f"data source {where} holds no text (empty, or only whitespace)")
+    return docs
 
 
 def encode_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:

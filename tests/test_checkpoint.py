@@ -214,10 +214,20 @@ def test_a_step_without_manifest_is_incomplete(fresh):
     directory, step_dir, state = fresh
     ckpt.save(directory, 2, state)
     (directory / "2" / ckpt.MANIFEST).unlink()  # as if the save died before the manifest
-    assert ckpt.latest_step(directory) == 1
-    assert ckpt.read_metadata(directory) == (1, {"note": "fresh"})
+    for load in (ckpt.latest_step, ckpt.read_metadata, ckpt.restore):  # never a silent fallback
+        with pytest.raises(CheckpointError, match=f"{directory / '2'} is incomplete .* use step 1"):
+            load(directory)
+    assert ckpt.latest_step(directory, skip_incomplete=True) == 1
+    assert ckpt.read_metadata(directory, skip_incomplete=True) == (1, {"note": "fresh"})
     with pytest.raises(CheckpointError, match=f"{directory / '2'} is incomplete"):
         ckpt.restore(directory, step=2)
+    moved = ckpt.set_aside(directory, 2)
+    assert moved.name == "2.incomplete" and ckpt.all_steps(directory) == [1]
+    assert ckpt.latest_step(directory) == 1
+    ckpt.save(directory, 2, state)  # the resumed run can save its step again
+    assert ckpt.latest_step(directory) == 2
+    with pytest.raises(CheckpointError, match="is complete"):
+        ckpt.set_aside(directory, 2)
     (step_dir / ckpt.MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match="manifest.json is corrupt"):
         ckpt.restore(directory, step=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from store import corpus
 from store import data as data_lib
 from store.data import DataConfig
 from train.config import load
@@ -64,6 +66,9 @@ def test_hf_tokenizer_round_trip(tmp_path):
 # Sources.
 
 
+CORPUS_SHA256 = "faedb2619c47c28623d9ebec18c39bdb661979e580f94930412f319fbfc93bf5"
+
+
 def test_builtin_corpus_is_over_a_megabyte_of_english_text():
     docs = data_lib.builtin_corpus()
     text = "\n\n".join(docs)
@@ -76,10 +81,32 @@ def test_builtin_corpus_is_over_a_megabyte_of_english_text():
     assert data_lib.builtin_corpus() is not docs
 
 
+def test_builtin_corpus_is_the_same_text_on_every_machine():
+    # The shipped file, not the local standard library: README figures depend on it.
+    # Rebuilding it (store/corpus.py) changes this digest; re-measure the figures then.
+    text = "\x00".join(data_lib.builtin_corpus())
+    assert hashlib.sha256(text.encode()).hexdigest() == CORPUS_SHA256
+    rebuilt = corpus.stdlib_corpus()
+    if sys.version_info[:3] == (3, 11, 7):  # the Python it was extracted from
+        assert rebuilt == data_lib.builtin_corpus()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no text"),
+    (b"  \n\n", "holds no text"),
+    (b"\xff\xfe\x00binary", "not UTF-8 text"),
+])
+def test_unusable_text_files_are_named(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        data_lib.load_documents(str(path))
+
+
 def test_docstrings_are_extracted_in_source_order():
     source = ('"""Module."""\nclass A:\n    """Class A."""\n'
               '    def f(self):\n        """F.\n\n        More."""\n')
-    assert data_lib._docstrings(source) == ["Module.", "Class A.", "F.\n\nMore."]
+    assert corpus._docstrings(source) == ["Module.", "Class A.", "F.\n\nMore."]
 
 
 def test_text_jsonl_glob_and_directory_sources(tmp_path):

@@ -207,7 +207,10 @@ def test_bad_prompts_raise_clear_errors(ckpt, engine):
 
 
 def _cli(capsys, *argv):
-    code = generate.main(list(argv))
+    try:
+        code = generate.main(list(argv))
+    except SystemExit as exit_:  # argparse rejected the command line
+        code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -215,8 +218,8 @@ def _cli(capsys, *argv):
 @pytest.mark.parametrize("extra, message", [
     (["--prompt", ""], "prompt 0 is empty"),
     (["--prompt", "x" * 100], "context is 64 tokens"),
-    (["--prompt", "hi", "--precision", "fp4"], "unknown precision 'fp4'; allowed: fp32, bf16, fp8"),
-    (["--prompt", "hi", "--kv-cache", "int8"], "unknown KV cache kind 'int8'"),
+    (["--prompt", "hi", "--precision", "fp4"], "argument --precision: invalid choice: 'fp4'"),
+    (["--prompt", "hi", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
     (["--prompt", "hi", "--config", str(ROOT / "configs" / "tiny.yaml")], "another model"),
     (["--prompt", "hi", "--tokenizer", "/nonexistent/tokenizer.json"], "tokenizer"),
 ])

@@ -1,5 +1,6 @@
 """End-to-end tests of training: learning, bit-exact resume, microbatches, bad input."""
 
+import json
 import os
 import shutil
 import signal
@@ -182,3 +183,60 @@ def test_sigint_saves_a_checkpoint_then_resume_finishes(tmp_path):
     step = ckpt.latest_step(tmp_path / "checkpoints")
     assert step is not None and 3 <= step < 400, out
     assert "--resume" in out
+
+
+def _train_records(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if "loss" in json.loads(line)]
+
+
+def test_a_fresh_run_never_writes_over_another_and_a_resume_logs_each_step_once(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "steps=4", "checkpoint.every=2", "eval_every=0", "log_every=1")
+    loop.train(cfg, quiet=True)
+    with pytest.raises(config_lib.ConfigError, match=r"already holds a run \(checkpoints up to step 4.*--resume"):
+        loop.train(cfg, quiet=True)
+    shutil.rmtree(Path(cfg.checkpoint_dir) / "4")  # died after logging steps 3-4, before saving 4
+    assert _train_records(tmp_path) == [1, 2, 3, 4]
+    loop.train(cfg, resume_run=True)
+    assert "resumed from step 2 of" in capsys.readouterr().out
+    assert _train_records(tmp_path) == [1, 2, 3, 4]  # 3 and 4 once, from the resumed run
+    with pytest.raises(config_lib.ConfigError, match="step 4 .* is past steps=3"):
+        loop.train(_cfg(tmp_path, "steps=3", "eval_every=0"), resume_run=True, quiet=True)
+
+
+def test_resume_past_an_incomplete_step_only_when_asked(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "steps=4", "checkpoint.every=2", "eval_every=0")
+    loop.train(cfg, quiet=True)
+    (Path(cfg.checkpoint_dir) / "4" / ckpt.MANIFEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="4 is incomplete .*--skip-incomplete to use step 2"):
+        loop.train(cfg, resume_run=True, quiet=True)
+    summary = loop.train(cfg, resume_run=True, skip_incomplete=True)
+    out = capsys.readouterr().out
+    assert "set aside incomplete checkpoint step 4" in out and "resumed from step 2" in out
+    assert summary["final_step"] == 4 and ckpt.latest_step(cfg.checkpoint_dir) == 4
+
+
+def test_a_dropped_update_is_reported_as_skipped():
+    model, state, _ = _micro_setup("bf16", 1)
+    tx = mpx.optim.build("adamw", jnp.inf, moment_dtype="bf16")  # finite grads, non-finite update
+    state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, jnp.zeros((1, 16), jnp.int32))
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
+    new, metrics = jax.jit(step_lib.make_train_step(model, tx))(state, {"inputs": tokens[:, :-1],
+                                                                       "targets": tokens[:, 1:]})
+    assert np.isfinite(float(metrics["grad_norm"])) and bool(metrics["skipped"])
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_whose_every_step_was_skipped_fails(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(step_lib, "_update_applied", lambda opt_state: jnp.asarray(False))
+    args = ["--config", TINY_YAML, "--quiet"] + sum([["--set", o] for o in MICRO], [])
+    code = run_cli.main(args + ["--set", f"run_dir={tmp_path}", "--set", "steps=2", "--set", "eval_every=0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "all 2 steps were skipped" in err and "learning_rate" in err
+
+
+def test_signal_handlers_are_restored_after_training(tmp_path):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    loop.train(_cfg(tmp_path, "steps=1", "eval_every=0"), quiet=True)
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -23,16 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from models import config as model_config
 from models.config import ModelConfig
-from models.config import preset as model_preset
-from mpx.config import ConfigError, check as _check, check_choice as _check_choice, from_dict, to_dict  # noqa: F401
 from mpx import config as config_io
+from mpx.config import ConfigError, check, check_choice, from_dict, to_dict
 from store.data import DataConfig  # noqa: F401  (a section of TrainConfig)
 
 
@@ -43,6 +45,9 @@ MOMENT_DTYPES = ("bf16", "f32")
 LOSS_SCALES = ("none", "dynamic", "static")
 GRAD_COMMS = ("f32", "bf16")
 
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,7 @@ class PrecisionConfig:
             raise ValueError("set exactly one of preset and policy_file; got "
                              f"preset={self.preset!r}, policy_file={self.policy_file!r}")
         if self.preset is not None:
-            _check_choice("preset", self.preset, PRECISION_PRESETS)
+            check_choice("preset", self.preset, PRECISION_PRESETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,19 +103,22 @@ class OptimizerConfig:
     loss_scale: str = "none"
 
     def __post_init__(self):
-        _check_choice("name", self.name, OPTIMIZERS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("moment_dtype", self.moment_dtype, MOMENT_DTYPES)
-        _check_choice("loss_scale", self.loss_scale, LOSS_SCALES)
-        _check("learning_rate", self.learning_rate, self.learning_rate > 0, "> 0")
-        _check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
-        _check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
-        _check("b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)")
-        _check("b2", self.b2, 0 <= self.b2 < 1, "in [0, 1)")
-        _check("eps", self.eps, self.eps > 0, "> 0")
-        _check("clip_norm", self.clip_norm, self.clip_norm is None or self.clip_norm > 0,
-               "> 0 or null")
-        _check("microbatches", self.microbatches, self.microbatches >= 1, ">= 1")
+        check_choice("name", self.name, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("moment_dtype", self.moment_dtype, MOMENT_DTYPES)
+        check_choice("loss_scale", self.loss_scale, LOSS_SCALES)
+        check("learning_rate", self.learning_rate, _finite(self.learning_rate) and self.learning_rate > 0,
+              "a finite number > 0")
+        check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+        check("weight_decay", self.weight_decay, _finite(self.weight_decay) and self.weight_decay >= 0,
+              "a finite number >= 0")
+        check("b1", self.b1, 0 <= self.b1 < 1, "in [0, 1)")
+        check("b2", self.b2, 0 <= self.b2 < 1, "in [0, 1)")
+        check("eps", self.eps, _finite(self.eps) and self.eps > 0, "a finite number > 0")
+        check("clip_norm", self.clip_norm,
+              self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm > 0),
+              "a finite number > 0, or null")
+        check("microbatches", self.microbatches, self.microbatches >= 1, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,10 +142,10 @@ class MeshConfig:
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, size in sizes.items():
-            _check(name, size, size == -1 or size >= 1, ">= 1 or -1")
+            check(name, size, size == -1 or size >= 1, ">= 1 or -1")
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"at most one axis may be -1; got {sizes}")
-        _check_choice("grad_comm", self.grad_comm, GRAD_COMMS)
+        check_choice("grad_comm", self.grad_comm, GRAD_COMMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +163,8 @@ class CheckpointConfig:
     keep: int = 3
 
     def __post_init__(self):
-        _check("every", self.every, self.every >= 0, ">= 0")
-        _check("keep", self.keep, self.keep >= 1, ">= 1")
+        check("every", self.every, self.every >= 0, ">= 0")
+        check("keep", self.keep, self.keep >= 1, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,10 +200,10 @@ class TrainConfig:
     run_dir: str | None = None
 
     def __post_init__(self):
-        _check("steps", self.steps, self.steps >= 1, ">= 1")
-        _check("eval_every", self.eval_every, self.eval_every >= 0, ">= 0")
-        _check("eval_batches", self.eval_batches, self.eval_batches >= 1, ">= 1")
-        _check("log_every", self.log_every, self.log_every >= 1, ">= 1")
+        check("steps", self.steps, self.steps >= 1, ">= 1")
+        check("eval_every", self.eval_every, self.eval_every >= 0, ">= 0")
+        check("eval_batches", self.eval_batches, self.eval_batches >= 1, ">= 1")
+        check("log_every", self.log_every, self.log_every >= 1, ">= 1")
         self._check_consistency()
 
     def _check_consistency(self):
@@ -234,22 +242,6 @@ def _replaces_whole(dotted: str, value: Any) -> bool:
     return dotted == "model" and "preset" in value
 
 
-
-def _resolve_model(section: Any) -> Any:
-    if isinstance(section, str):
-        section = {"preset": section}
-    if not isinstance(section, dict) or "preset" not in section:
-        return section  # full fields (or a wrong type, reported by from_dict)
-    fields = [f.name for f in dataclasses.fields(ModelConfig)]
-    config_io.check_keys(section, ["preset", *fields], "model")
-    rest = {k: v for k, v in section.items() if k != "preset"}
-    try:
-        base = dataclasses.asdict(model_preset(section["preset"]))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model.preset: {e}", "model.preset") from None
-    return {**base, **rest}
-
-
 def _resolve_precision(section: Any) -> Any:
     if isinstance(section, str):
         is_file = section.endswith((".yaml", ".yml"))
@@ -259,14 +251,26 @@ def _resolve_precision(section: Any) -> Any:
     return section
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+
+
+def _non_finite_as_float(value: Any) -> Any:
+    """YAML reads `nan` and `inf` as strings: as floats, the range checks name them."""
+    if isinstance(value, dict):
+        return {k: _non_finite_as_float(v) for k, v in value.items()}
+    if isinstance(value, str) and value.lower() in _NON_FINITE:
+        return _NON_FINITE[value.lower()]
+    return value
+
+
 def _build(raw: dict) -> TrainConfig:
     raw = dict(raw)
-    if "model" in raw:
-        raw["model"] = _resolve_model(raw["model"])
+    model = raw.get("model")
+    if isinstance(model, str) or (isinstance(model, dict) and "preset" in model):
+        raw["model"] = to_dict(model_config.from_section(model))
     if "precision" in raw:
         raw["precision"] = _resolve_precision(raw["precision"])
     return from_dict(TrainConfig, raw)
-
 
 
 def load(path: str | Path, overrides: collections.abc.Sequence[str] = ()) -> TrainConfig:
@@ -290,7 +294,8 @@ def load(path: str | Path, overrides: collections.abc.Sequence[str] = ()) -> Tra
     path = Path(path)
     raw, origins = config_io.read_tree(path, _replaces_whole)
     for item in overrides:
-        config_io.merge(raw, config_io.parse_override(item), origins, f"--set {item}", _replaces_whole)
+        config_io.merge(raw, _non_finite_as_float(config_io.parse_override(item)), origins,
+                        f"--set {item}", _replaces_whole)
     if raw.get("run_dir") is None:
         raw["run_dir"] = str(Path("runs") / path.stem)
         origins["run_dir"] = f"the default for {path}"

@@ -19,7 +19,6 @@ prints and writes metrics.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -36,8 +35,9 @@ from models import transformer
 from mpx import optim
 from mpx import sharding
 from store import checkpoint as ckpt
-from train import config as config_lib
 from store import data as data_lib
+from train import config as config_lib
+from train import metrics_log
 from train import step as step_lib
 
 
@@ -108,7 +108,10 @@ def build(cfg: config_lib.TrainConfig) -> Run:
     layout = make_layout(cfg)
     model = transformer.Transformer(cfg.model, policy, constrain=layout.constrain)
     tx = make_optimizer(cfg)
-    stream, tokenizer = data_lib.build(cfg.data, cfg.model.vocab_size)
+    try:
+        stream, tokenizer = data_lib.build(cfg.data, cfg.model.vocab_size)
+    except (ValueError, ImportError) as e:  # an empty, binary or malformed data file
+        raise config_lib.ConfigError(f"data: {e}", "data") from None
     shardings = layout.shardings(jax.eval_shape(_init_fn(cfg, model, tx)))
     batch = {"inputs": layout.batch_sharding(), "targets": layout.batch_sharding()}
     replicated = sharding.replicated(layout.mesh)
@@ -174,51 +177,47 @@ def save(run: Run, state, data_state) -> Path:
                      keep=cfg.checkpoint.keep)
 
 
-def resume(run: Run, template) -> tuple[step_lib.TrainState, data_lib.DataState]:
-    """The latest checkpoint of this run, checked against the config, onto `template`."""
-    state, meta = ckpt.restore(run.cfg.checkpoint_dir, target=template, expect=compatibility(run.cfg))
+def check_run_dir(cfg: config_lib.TrainConfig, resume_run: bool) -> None:
+    """Refuses to start a fresh run where one already wrote, so no run is overwritten.
+
+    Raises:
+      ConfigError: without `resume_run`, the run directory holds checkpoints or metrics
+        of an earlier run (naming it, `--resume` and a new `run_dir`).
+    """
+    if resume_run:
+        return
+    steps = ckpt.all_steps(cfg.checkpoint_dir)
+    metrics = Path(cfg.run_dir or ".") / "metrics.jsonl"
+    if steps or (metrics.is_file() and metrics.stat().st_size):
+        held = f"checkpoints up to step {steps[-1]}" if steps else f"a {metrics.name} without checkpoints"
+        raise config_lib.ConfigError(
+            f"run_dir {cfg.run_dir} already holds a run ({held} in {cfg.checkpoint_dir if steps else metrics}); "
+            f"continue it with --resume, or start a new one with --set run_dir=<new directory>", "run_dir")
+
+
+def resume(run: Run, template, skip_incomplete: bool = False, say=print) -> tuple[step_lib.TrainState, data_lib.DataState]:
+    """The latest checkpoint of this run, checked against the config, onto `template`.
+
+    With `skip_incomplete`, newer incomplete steps are set aside (`<step>.incomplete`)
+    and the newest complete one is used; `say` reports what was loaded and moved.
+
+    Raises:
+      CheckpointError: no usable checkpoint, an incomplete newest step (without
+        `skip_incomplete`), or one incompatible with the config.
+      ConfigError: the checkpoint is past `cfg.steps`.
+    """
+    directory = run.cfg.checkpoint_dir
+    skipped = ckpt.incomplete_steps(directory) if skip_incomplete else []
+    state, meta = ckpt.restore(directory, target=template, expect=compatibility(run.cfg),
+                               skip_incomplete=skip_incomplete)
+    for step in skipped:
+        say(f"set aside incomplete checkpoint step {step} as {ckpt.set_aside(directory, step)}")
+    step = int(state.step)
+    if step > run.cfg.steps:
+        raise config_lib.ConfigError(f"checkpoint step {step} in {directory} is past steps={run.cfg.steps}; "
+                                     f"raise steps to continue, or use a new run_dir", "steps")
+    say(f"resumed from step {step} of {directory}")
     return state, data_lib.DataState.from_dict(meta["data_state"])
-
-
-class MetricsLog:
-    """Appends one JSON object per record to metrics.jsonl (and TensorBoard if present)."""
-
-    def __init__(self, run_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / "metrics.jsonl"
-        self._file = self.path.open("a")
-        self._tb = _tensorboard(run_dir)
-
-    def write(self, step: int, record: dict) -> None:
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-class NullLog:
-    """The metrics log of processes other than 0: writes nothing."""
-
-    def write(self, step: int, record: dict) -> None:
-        del step, record
-
-    def close(self) -> None:
-        pass
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from tensorboardX import SummaryWriter  # optional
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 class StopRequest:
@@ -254,22 +253,37 @@ def _scalars(metrics: dict) -> dict:
     return {k: (bool(v) if np.asarray(v).dtype == bool else float(v)) for k, v in metrics.items()}
 
 
-def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool = False) -> dict:
+def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool = False,
+          skip_incomplete: bool = False) -> dict:
     """Runs (or resumes) training; returns a summary with the loss history.
+
+    Args:
+      cfg: the run's config.
+      resume_run: continue from the run's latest checkpoint; without it the run
+        directory must not hold an earlier run (see `check_run_dir`).
+      quiet: no progress output.
+      skip_incomplete: when resuming, fall back past newer incomplete checkpoints
+        (set aside and printed) instead of refusing.
 
     Returns:
       {"losses": [train loss per step taken in this call], "eval": last eval metrics,
-       "final_step": int, "interrupted": signal number or None, "memory": bytes/param}.
+       "final_step": int, "interrupted": signal number or None, "memory": bytes/param,
+       "steps_run": steps taken in this call, "skipped_steps": of those, steps whose
+       update was dropped}.
+
+    Raises:
+      ConfigError, CheckpointError, FileNotFoundError: user mistakes (one line each).
     """
+    check_run_dir(cfg, resume_run)
     run = build(cfg)
     state = initial_state(run)
     data_state = data_lib.DataState()
-    if resume_run:
-        state, data_state = resume(run, state)
-    report = optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
-                                 compute_dtype_bytes=optim.compute_copy_bytes(run.policy.resolve("layers_0/mlp/up")))
     main = jax.process_index() == 0
     quiet = quiet or not main
+    if resume_run:
+        state, data_state = resume(run, state, skip_incomplete, say=print if not quiet else lambda _: None)
+    report = optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
+                                 compute_dtype_bytes=optim.compute_copy_bytes(run.policy.resolve("layers_0/mlp/up")))
     run_dir = Path(cfg.run_dir or "runs/default")
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
@@ -279,8 +293,8 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
               f"{run.policy.name}, {jax.device_count()} {jax.default_backend()} device(s) in "
               f"{jax.process_count()} process(es), mesh {dict(run.layout.mesh.shape)}")
         print(report)
-    log = MetricsLog(run_dir) if main else NullLog()
-    summary = {"losses": [], "eval": {}, "interrupted": None,
+    log = metrics_log.MetricsLog(run_dir, int(state.step)) if main else metrics_log.NullLog()
+    summary = {"losses": [], "eval": {}, "interrupted": None, "steps_run": 0, "skipped_steps": 0,
                "memory_bytes_per_param": report.per_param("total")}
     try:
         state, data_state = _loop(run, state, data_state, log, summary, quiet)
@@ -290,7 +304,7 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
     return summary
 
 
-def _loop(run: Run, state, data_state, log: MetricsLog | NullLog, summary: dict, quiet: bool):
+def _loop(run: Run, state, data_state, log: metrics_log.MetricsLog | metrics_log.NullLog, summary: dict, quiet: bool):
     cfg = run.cfg
     start = int(state.step)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
@@ -303,6 +317,8 @@ def _loop(run: Run, state, data_state, log: MetricsLog | NullLog, summary: dict,
             done = step + 1
             record = _scalars(metrics)
             summary["losses"].append(record["loss"])
+            summary["steps_run"] += 1
+            summary["skipped_steps"] += int(record["skipped"])
             if done % cfg.log_every == 0 or done == cfg.steps:
                 rate = (done - start) * tokens_per_step / max(time.perf_counter() - t0, 1e-9)
                 log.write(done, {**record, "tokens_per_s": rate})

@@ -13,7 +13,8 @@ observation of this step at history[0], never the last microbatch's).
 
 A step whose gradients are not finite changes neither the params, the moments (the
 `skip_nonfinite` guard in the optimizer chain) nor the FP8 scale state, and shrinks a
-dynamic loss scale.
+dynamic loss scale. The metric `skipped` is true whenever the update was dropped,
+whatever the reason: non-finite gradients, or a non-finite update from finite ones.
 
 Sharding (`layout`, a `mpx.sharding.Layout`): the step is jitted with the layout's
 shardings and GSPMD partitions it; gradients are then reduced in float32 (the weight
@@ -174,6 +175,13 @@ def make_grad_fn(model: nn.Module, microbatches: int = 1, layout=None) -> Callab
     return grad_step
 
 
+def _update_applied(opt_state) -> jax.Array:
+    """Whether the optimizer applied this step's update: False when its `skip_nonfinite`
+    guard dropped it (non-finite gradients, or finite gradients whose update is not,
+    e.g. from an overflowing learning rate); True for a chain without the guard."""
+    return jnp.asarray(getattr(opt_state, "last_finite", True))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbatches: int = 1,
                     layout=None) -> Callable:
     """The pure train step `(state, batch) -> (state, metrics)`; jit it with donation.
@@ -189,14 +197,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbat
         finite = optim.all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        applied = finite & _update_applied(opt_state)
         # A skipped step must not record its (possibly inf) amax observations.
-        fp8_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), aux["fp8_state"], state.fp8_state)
+        fp8_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), aux["fp8_state"], state.fp8_state)
         new_state = TrainState(
             step=state.step + 1, params=params, opt_state=opt_state, fp8_state=fp8_state,
             loss_scale=state.loss_scale.adjust(finite),
             rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
         )
-        metrics = {**aux["metrics"], "grad_norm": optim.global_norm(grads), "skipped": ~finite,
+        metrics = {**aux["metrics"], "grad_norm": optim.global_norm(grads), "skipped": ~applied,
                    "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32)}
         return new_state, metrics
 
