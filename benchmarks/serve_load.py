@@ -2,7 +2,8 @@
 total tokens/s, for 1, 4, 16 ... concurrent streaming clients.
 
     python -m benchmarks.serve_load --url http://127.0.0.1:8000 --clients 1,4,16 --requests 32
-    python -m benchmarks.serve_load --checkpoint runs/tiny --precisions fp8,bf16,fp32
+    python -m benchmarks.serve_load --checkpoint runs/tiny --precisions fp8,bf16,fp32 \\
+        --save benchmarks/results/serve_load.txt
 
 With `--url` (repeatable) it loads servers that already run. With `--checkpoint` it
 starts `python -m serve.server` once per precision on a free loopback port and stops
@@ -39,9 +40,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+import benchmarks
+from store import cli
+
 PROMPT = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 START_TIMEOUT_S = 600
+PRECISIONS = ("fp8", "bf16", "fp32")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -121,13 +126,6 @@ def measure(urls: list[str], levels: list[int], requests: int, max_tokens: int, 
 # --------------------------------------------------------------------------- servers
 
 
-def _check_loopback(url: str) -> str:
-    host = urllib.parse.urlparse(url).hostname
-    if host not in LOOPBACK:
-        raise SystemExit(f"error: --url must be a loopback address ({', '.join(LOOPBACK)}); got {url!r}")
-    return url.rstrip("/")
-
-
 def start_server(checkpoint: str, precision: str, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     """Starts `python -m serve.server` on a free loopback port; returns it and its URL."""
     cmd = [sys.executable, "-m", "serve.server", "--checkpoint", checkpoint, "--precision", precision,
@@ -141,7 +139,7 @@ def start_server(checkpoint: str, precision: str, max_batch: int, extra: list[st
         if time.monotonic() > deadline:
             break
     proc.kill()
-    raise SystemExit(f"error: the {precision} server did not start (exit status {proc.wait()})")
+    raise SystemExit(cli.fail(f"the {precision} server did not start (exit status {proc.wait()})"))
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -173,29 +171,34 @@ def report(results: list[dict], args) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = benchmarks.parser("serve_load", __doc__)
     p.add_argument("--url", action="append", default=[], help="a running server (repeatable)")
     p.add_argument("--checkpoint", help="start one server per --precisions on this checkpoint")
     p.add_argument("--precisions", default="fp8,bf16,fp32")
-    p.add_argument("--clients", default="1,4,16", help="concurrency levels")
-    p.add_argument("--requests", type=int, default=32, help="requests per level (at least the clients)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="round-robin repeats of every level and server")
+    p.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
+    p.add_argument("--requests", type=cli.positive_int, default=32, help="requests per level (at least the clients)")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=64)
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="round-robin repeats of every level and server")
     p.add_argument("--server-arg", action="append", default=[], help="extra serve.server option (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     if bool(args.url) == bool(args.checkpoint):
         p.error("give --url (one or more) or --checkpoint")
-    args.levels = [int(c) for c in args.clients.split(",")]
-    if any(c < 1 for c in args.levels) or min(args.requests, args.max_tokens, args.repeats) < 1:
-        p.error(f"clients, requests, max tokens and repeats must be >= 1; got {args.clients}, {args.requests}, "
-                f"{args.max_tokens}, {args.repeats}")
+    try:
+        args.levels = [cli.positive_int(c) for c in args.clients.split(",")]
+    except argparse.ArgumentTypeError as err:
+        p.error(f"argument --clients: {err}")
+    bad = [x for x in args.precisions.split(",") if x not in PRECISIONS]
+    if bad:
+        p.error(f"argument --precisions: unknown precision {bad[0]!r}; allowed: {', '.join(PRECISIONS)}")
+    for url in args.url:
+        if urllib.parse.urlparse(url).hostname not in LOOPBACK:
+            p.error(f"argument --url: must be a loopback address ({', '.join(LOOPBACK)}); got {url!r}")
     return args
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     args = parse_args(argv)
-    urls, procs = [_check_loopback(u) for u in args.url], []
+    urls, procs = [u.rstrip("/") for u in args.url], []
     try:
         for precision in (args.precisions.split(",") if args.checkpoint else []):
             proc, url = start_server(args.checkpoint, precision, max(args.levels), args.server_arg)
@@ -205,9 +208,7 @@ def main(argv=None) -> None:
     finally:
         for proc in procs:
             stop_server(proc)
-    print(report(results, args))
-    if args.json:
-        print(json.dumps({"results": results}))
+    return benchmarks.report(args, report(results, args), {"results": results})
 
 
 if __name__ == "__main__":

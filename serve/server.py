@@ -32,16 +32,20 @@ import time
 from typing import Callable
 
 import fastapi
-from absl import logging as absl_logging
 import uvicorn
+from absl import logging as absl_logging
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+import mpx
+from mpx import config as config_io
 from serve import batching
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from serve import server_api as api
 from serve import slots as slots_lib
+from store import cli
+from store import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
@@ -195,28 +199,25 @@ async def _sse(service: Service, params: api.Params, chat: bool, rid: str, reque
 # --------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option in one line with exit status 2 (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="python -m serve.server", description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(prog="python -m serve.server", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
-    p.add_argument("--precision", default="fp8", help="fp8 (default), bf16 or fp32 weights")
-    p.add_argument("--activations", default="token", help="FP8 activations: token (default), static or none")
-    p.add_argument("--policy", help="precision policy YAML (overrides --precision's preset policy)")
-    p.add_argument("--kv-cache", default="bf16", help="KV cache: bf16 (default), fp8 or fp32")
+    p.add_argument("--skip-incomplete", action="store_true",
+                   help="if the newest step is incomplete, load the newest complete one")
+    p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
+    p.add_argument("--activations", default="token", choices=q.ACTIVATIONS, help="FP8 activations (default token)")
+    p.add_argument("--policy", help="precision policy YAML the model runs under (weights: --precision)")
+    p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (slots)")
-    p.add_argument("--max-seq-len", type=int, help="positions per slot (default: the model's context)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
-    p.add_argument("--prefill-chunk", type=int, default=64, help="most prompt tokens per prefill call")
-    p.add_argument("--decode-steps", type=int, default=1, help="decode steps per compiled call")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds streams may finish after Ctrl-C/SIGTERM")
+    p.add_argument("--port", type=cli.non_negative_int, default=8000, help="0 picks a free port")
+    p.add_argument("--max-batch", type=cli.positive_int, default=16, help="requests decoded together (slots)")
+    p.add_argument("--max-seq-len", type=cli.positive_int, help="positions per slot (default: the model's context)")
+    p.add_argument("--max-queue", type=cli.non_negative_int, default=64,
+                   help="requests waiting while every slot is busy, before 429")
+    p.add_argument("--prefill-chunk", type=cli.positive_int, default=64, help="most prompt tokens per prefill call")
+    p.add_argument("--decode-steps", type=cli.positive_int, default=1, help="decode steps per compiled call")
+    p.add_argument("--grace", type=cli.non_negative_float, default=10.0,
+                   help="seconds streams in flight may finish after Ctrl-C / SIGTERM")
     p.add_argument("--tokenizer", help="tokenizer (bytes or tokenizer.json) instead of the checkpoint's")
     return p.parse_args(argv)
 
@@ -225,15 +226,15 @@ def build(args: argparse.Namespace) -> Service:
     """The service a command line describes: checkpoint loaded, quantized, compiled.
 
     Raises:
-      ServeError, ValueError: user mistakes (a missing checkpoint, a bad option).
+      ServeError, ConfigError, ValueError, FileNotFoundError: user mistakes (a missing
+        checkpoint, a bad policy file, sizes that do not fit the model).
     """
     spec = q.ServeSpec(args.precision, activations=args.activations)
-    kv_cache_lib.check_kind(args.kv_cache)
-    ckpt = q.load_checkpoint(args.checkpoint)
+    ckpt = q.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
     tokenizer = q.load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
     model, variables = q.prepare(ckpt, spec)
     if args.policy:
-        model = model.clone(policy=_load_policy(args.policy))
+        model = model.clone(policy=mpx.policy.load(args.policy))
     slots = slots_lib.SlotModel(model, variables, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                                 kv_cache=args.kv_cache, prefill_chunk=args.prefill_chunk, steps=args.decode_steps)
     slots.warm_up()
@@ -243,18 +244,21 @@ def build(args: argparse.Namespace) -> Service:
     return Service(batcher, tokenizer, ckpt.name, info=info)
 
 
-def _load_policy(path: str):
-    import mpx
-
-    try:
-        return mpx.policy.load(path)
-    except FileNotFoundError:
-        raise q.ServeError(f"no policy file at {path!r}") from None
-
-
 def _eos_ids(tokenizer) -> tuple[int, ...]:
-    """End-of-sequence ids of a subword tokenizer; byte-level text has none."""
-    return tuple(getattr(tokenizer, "eos_ids", ()) or ())
+    """End-of-sequence ids that finish every request ("stop").
+
+    A tokenizer's own `eos_ids` if it has them; else a subword tokenizer's one-token
+    document separator when that is a special token (`store.tokenizer.HFTokenizer` uses
+    the end-of-text token when it finds one, else the text "\\n\\n", which is not an
+    end). Byte-level text has none.
+    """
+    if getattr(tokenizer, "eos_ids", None):
+        return tuple(tokenizer.eos_ids)
+    separator = list(getattr(tokenizer, "separator", []))
+    if isinstance(tokenizer, tokenizer_lib.HFTokenizer) and len(separator) == 1 \
+            and tokenizer.decode(separator) != "\n\n":
+        return tuple(separator)
+    return ()
 
 
 def _announce(server: uvicorn.Server, host: str) -> None:
@@ -271,9 +275,8 @@ def main(argv=None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
         service = build(args)
-    except (q.ServeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (q.ServeError, config_io.ConfigError, ValueError, FileNotFoundError) as err:
+        return cli.fail(err)
     config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.grace)
     server = uvicorn.Server(config)

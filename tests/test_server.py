@@ -25,7 +25,7 @@ from serve import batching
 from serve import server
 from store import checkpoint as ckpt_lib
 
-CONFIG = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
+CONFIG = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
 MAX_BATCH = 8
 MAX_QUEUE = 2
 
@@ -193,7 +193,7 @@ def _hold(batcher, count):
     held = []
     while len(held) < count:
         try:
-            held.append(batcher.submit(batching.Request([65] * 8, 120, lambda event: None)))
+            held.append(batcher.submit(batching.Request([65] * 8, 480, lambda event: None)))
         except batching.QueueFull:
             time.sleep(0.005)
     return held
@@ -212,12 +212,13 @@ def test_a_full_queue_gets_429(url, service):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service):
     cancelled = service.batcher.finished["cancelled"]
-    body = {"prompt": "a long story", "max_tokens": 100, "temperature": 0, "stream": True}
+    body = {"prompt": "a long story", "max_tokens": 480, "temperature": 0, "stream": True}  # seconds of work
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         next(line for line in response.iter_lines() if line.startswith("data: {"))
         assert service.batcher.busy() == 1
-    assert batching.wait_idle(service.batcher, 10)  # closed: the slot is free
-    assert service.batcher.finished["cancelled"] == cancelled + 1  # dropped, not run to max_tokens
+    assert batching.wait_idle(service.batcher, 30), "the slot stays busy after the client went away"
+    finished = dict(service.batcher.finished)
+    assert finished["cancelled"] == cancelled + 1, f"dropped, not run to max_tokens: {finished}"
 
 
 def test_nothing_compiles_after_warm_up(service, client):
@@ -225,11 +226,16 @@ def test_nothing_compiles_after_warm_up(service, client):
     assert dict(service.batcher.slots.traces) == {"prefill": len(service.batcher.slots.chunk_sizes()), "decode": 1}
 
 
-def test_cli_mistakes_exit_2(checkpoint, tmp_path, capsys):
+def test_cli_mistakes_exit_2_with_one_line(checkpoint, tmp_path, capsys):
     assert server.main(["--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    assert server.main(["--checkpoint", str(checkpoint), "--precision", "fp7"]) == 2
-    assert "fp7" in capsys.readouterr().err
+    assert server.main(["--checkpoint", str(checkpoint), "--max-seq-len", "600"]) == 2
+    assert "max_seq_len must be in [2, 512]" in capsys.readouterr().err
+    for argv, fragment in ((["--precision", "fp7"], "argument --precision"), (["--max-batch", "0"], "--max-batch")):
+        with pytest.raises(SystemExit) as exit_info:
+            server.main(["--checkpoint", str(checkpoint), *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1
 
 
 def test_shutdown_lets_a_stream_in_flight_finish(running, service):
