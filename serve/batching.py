@@ -10,9 +10,10 @@
 The loop, one iteration at a time:
 
 1. admit waiting requests into free slots (first come, first served);
-2. run one prefill chunk of the oldest request still prefilling (at most
-   `prefill_chunk` tokens), so a long prompt never stalls the running streams for
-   more than one chunk; its last chunk samples the request's first token;
+2. run one prefill call: a chunk (at most `prefill_chunk` tokens) of each of the oldest
+   requests still prefilling (at most `prefill_rows` of them), so a long prompt never
+   stalls the running streams for more than one chunk; a prompt's last chunk samples
+   the request's first token;
 3. run one decode call for all slots (`steps` tokens each), hand each running request
    its new tokens, and free the slots of requests that are finished or cancelled.
 
@@ -230,7 +231,7 @@ class Batcher:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            self._prefill_one()
+            self._prefill_some()
             self._decode_all()
         for run in list(self._running.values()):
             self._finish(run, "cancelled")
@@ -252,18 +253,20 @@ class Batcher:
             if run.request.cancelled:
                 self._finish(run, "cancelled")
 
-    def _prefill_one(self) -> None:
-        pending = [r for r in self._running.values() if not r.decoding]
-        if not pending:
+    def _prefill_some(self) -> None:
+        """One prompt chunk of each of the oldest requests still prefilling."""
+        pending = sorted((r for r in self._running.values() if not r.decoding), key=lambda r: r.order)
+        batch = pending[:self.slots.prefill_rows]
+        if not batch:
             return
-        run = min(pending, key=lambda r: r.order)
-        prompt, start = run.request.prompt, run.prefilled
-        chunk = prompt[start:start + self.slots.prefill_chunk]
-        first = self.slots.prefill(run.slot, chunk, start, len(chunk) - 1, self._params([run]))
+        chunks = [r.request.prompt[r.prefilled:r.prefilled + self.slots.prefill_chunk] for r in batch]
+        firsts = self.slots.prefill([r.slot for r in batch], chunks, [r.prefilled for r in batch], self._params(batch))
         self.steps_run["prefill"] += 1
-        run.prefilled += len(chunk)
-        if run.decoding:
-            self._accept(run, [first])
+        self.steps_run["prefill_chunks"] += len(batch)
+        for run, chunk, first in zip(batch, chunks, firsts):
+            run.prefilled += len(chunk)
+            if run.decoding:
+                self._accept(run, [first])
 
     def _decode_all(self) -> None:
         live = [r for r in self._running.values() if r.decoding]

@@ -214,7 +214,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=cli.positive_int, help="positions per slot (default: the model's context)")
     p.add_argument("--max-queue", type=cli.non_negative_int, default=64,
                    help="requests waiting while every slot is busy, before 429")
-    p.add_argument("--prefill-chunk", type=cli.positive_int, default=64, help="most prompt tokens per prefill call")
+    p.add_argument("--prefill-chunk", type=cli.positive_int, default=64, help="most prompt tokens per prefill row")
+    p.add_argument("--prefill-rows", type=cli.positive_int, default=4,
+                   help="most requests one prefill call takes (at most --max-batch)")
     p.add_argument("--decode-steps", type=cli.positive_int, default=1, help="decode steps per compiled call")
     p.add_argument("--grace", type=cli.non_negative_float, default=10.0,
                    help="seconds streams in flight may finish after Ctrl-C / SIGTERM")
@@ -236,7 +238,8 @@ def build(args: argparse.Namespace) -> Service:
     if args.policy:
         model = model.clone(policy=mpx.policy.load(args.policy))
     slots = slots_lib.SlotModel(model, variables, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                                kv_cache=args.kv_cache, prefill_chunk=args.prefill_chunk, steps=args.decode_steps)
+                                kv_cache=args.kv_cache, prefill_chunk=args.prefill_chunk,
+                                prefill_rows=min(args.prefill_rows, args.max_batch), steps=args.decode_steps)
     slots.warm_up()
     batcher = batching.Batcher(slots, tokenizer, max_queue=args.max_queue, stop_ids=_eos_ids(tokenizer))
     info = {"precision": spec.label, "kv_cache": args.kv_cache, "max_batch": args.max_batch,

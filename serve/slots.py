@@ -1,7 +1,7 @@
 """A slot-based KV cache and its compiled steps, for continuous batching.
 
     slots = SlotModel(model, variables, max_batch=16, kv_cache="bf16")
-    first = slots.prefill(slot=3, tokens=prompt[0:64], start=0, last=63, params=row)
+    firsts = slots.prefill([3, 5], [prompt_a[0:64], prompt_b], [0, 0], params)   # a token per row
     new = slots.decode(tokens, positions, params)       # (max_batch, steps) ids
 
 The cache holds `max_batch` rows ("slots") of `max_seq_len` positions each. A request
@@ -10,9 +10,11 @@ position, so requests of any lengths decode together in one step. The reference 
 already takes positions (B, T) and writes keys/values at them row by row
 (`models.transformer`), so no model change is needed:
 
-* prefill writes one request's prompt chunk into its slot: the slot's rows are sliced
-  out of the cache, run through the model at positions start .. start + C - 1 and
-  written back; C is bucketed (powers of two from 8 up to `prefill_chunk`).
+* prefill writes prompt chunks of up to `prefill_rows` requests into their slots: the
+  slots' rows are gathered from the cache, run through the model at positions
+  start .. start + C - 1 (each row its own start) and scattered back; C is bucketed
+  (powers of two from 8 up to `prefill_chunk`) and the rows are 1 or `prefill_rows`
+  (spare rows repeat the first one: same slot, same values, so the scatter is exact).
 * decode feeds one token per slot at the slot's own position and samples the next,
   `steps` times in a `lax.scan`. Slots without a decoding request sit at the last
   position (`max_seq_len - 1`): no prompt token ever lives there, and whatever is
@@ -20,7 +22,8 @@ already takes positions (B, T) and writes keys/values at them row by row
   step writes its key/value before attending), so idle rows never disturb live ones.
 
 Shapes never depend on how many requests run: decode always runs `max_batch` rows and
-prefill one row of a bucketed length, so after `warm_up` nothing is compiled again
+prefill 1 or `prefill_rows` rows of a bucketed length, so after `warm_up` nothing is
+compiled again
 (`traces` counts compilations; tests check it).
 
 Sampling is per row inside the compiled step: temperature (0 = greedy), top-k (0 = off)
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,12 +104,12 @@ def sample_rows(logits: Array, params: RowParams) -> Array:
     return jnp.where(hot, sampled, greedy)
 
 
-def _slice_rows(cache, slot: Array):
-    return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, slot, 1, axis=0), cache)
+def _take_rows(cache, slots: Array):
+    return jax.tree.map(lambda x: jnp.take(x, slots, axis=0), cache)
 
 
-def _put_rows(cache, rows, slot: Array):
-    return jax.tree.map(lambda full, part: lax.dynamic_update_slice_in_dim(full, part, slot, axis=0), cache, rows)
+def _put_rows(cache, rows, slots: Array):
+    return jax.tree.map(lambda full, part: full.at[slots].set(part), cache, rows)
 
 
 class SlotModel:
@@ -117,22 +121,28 @@ class SlotModel:
       max_batch: slots (rows decoded together).
       max_seq_len: positions per slot (at most the model's context); None: the model's.
       kv_cache: "bf16", "fp32" or "fp8".
-      prefill_chunk: the most prompt tokens one prefill call takes (a power of two >= 8).
+      prefill_chunk: the most prompt tokens one prefill call takes per row (a power of
+        two >= 8).
+      prefill_rows: the most requests one prefill call takes.
       steps: decode steps per compiled call.
       logit_scale: multiplies logits before sampling (FP8 temperature correction).
 
     Raises:
-      ValueError: a bad kv_cache kind, max_batch < 1, steps < 1, prefill_chunk not a power
-        of two >= 8, or max_seq_len outside [2, the model's context].
+      ValueError: a bad kv_cache kind, max_batch < 1, steps < 1, prefill_rows outside
+        [1, max_batch], prefill_chunk not a power of two >= 8, or max_seq_len outside
+        [2, the model's context].
     """
 
     def __init__(self, model, variables, *, max_batch: int = 16, max_seq_len: int | None = None,
-                 kv_cache: str = "bf16", prefill_chunk: int = 64, steps: int = 1, logit_scale: float = 1.0):
+                 kv_cache: str = "bf16", prefill_chunk: int = 64, prefill_rows: int = 4, steps: int = 1,
+                 logit_scale: float = 1.0):
         context = model.config.max_seq_len
         self.max_seq_len = context if max_seq_len is None else max_seq_len
         _check_sizes(max_batch, self.max_seq_len, context, prefill_chunk, steps)
+        if not 1 <= prefill_rows <= max_batch:
+            raise ValueError(f"prefill_rows must be in [1, max_batch={max_batch}]; got {prefill_rows}")
         self.model, self.variables = model, variables
-        self.max_batch, self.prefill_chunk, self.steps = max_batch, prefill_chunk, steps
+        self.max_batch, self.prefill_chunk, self.prefill_rows, self.steps = max_batch, prefill_chunk, prefill_rows, steps
         self.logit_scale = logit_scale
         self.cache = kv_cache_lib.init(model.config, max_batch, kv_cache_lib.check_kind(kv_cache), self.max_seq_len)
         self.traces: collections.Counter = collections.Counter()
@@ -148,18 +158,22 @@ class SlotModel:
         """Every prefill length bucket: 8, 16, ... prefill_chunk."""
         return [MIN_CHUNK << i for i in range((self.prefill_chunk // MIN_CHUNK).bit_length())]
 
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, length) shape prefill compiles."""
+        return [(rows, size) for rows in sorted({1, self.prefill_rows}) for size in self.chunk_sizes()]
+
     # ---------------------------------------------------------------- compiled steps
 
     def _sample(self, logits: Array, params: RowParams) -> Array:
         return sample_rows(sampling.scale_logits(logits, self.logit_scale), params)
 
-    def _prefill_fn(self, variables, cache, slot, tokens, start, last, params):
-        """tokens (1, C) of one prompt at positions start.. into `slot`; samples after `last`."""
+    def _prefill_fn(self, variables, cache, slots, tokens, starts, lasts, params):
+        """tokens (P, C) at positions starts.. into `slots` (P,); samples after `lasts` (P,)."""
         self.traces["prefill"] += 1
-        positions = jnp.minimum(start + jnp.arange(tokens.shape[1]), self.idle_position)[None]  # (1, C)
-        logits, aux = self.model.apply(variables, tokens, positions, _slice_rows(cache, slot))
-        row_logits = lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)  # (1, V)
-        return self._sample(row_logits, params)[0], _put_rows(cache, aux["cache"], slot)
+        positions = jnp.minimum(starts[:, None] + jnp.arange(tokens.shape[1]), self.idle_position)  # (P, C)
+        logits, aux = self.model.apply(variables, tokens, positions, _take_rows(cache, slots))
+        last = jnp.take_along_axis(logits, lasts[:, None, None], axis=1)[:, 0]  # (P, V)
+        return self._sample(last, params), _put_rows(cache, aux["cache"], slots)
 
     def _decode_fn(self, variables, cache, tokens, positions, params):
         """`steps` tokens per slot: feeds tokens (B,) at positions (B,), samples the next."""
@@ -178,26 +192,33 @@ class SlotModel:
 
     # ---------------------------------------------------------------- host calls
 
-    def prefill(self, slot: int, tokens, start: int, last: int, params: RowParams) -> int:
-        """Runs one prompt chunk of a request into its slot.
+    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
+                params: RowParams) -> list[int]:
+        """Runs one prompt chunk of each of up to `prefill_rows` requests into its slot.
 
         Args:
-          slot: the request's slot.
-          tokens: 1 .. prefill_chunk prompt ids for positions start, start + 1, ...
-          start: the position of tokens[0].
-          last: index into `tokens` of the token whose next token is sampled (the last
-            prompt token on the final chunk; ignored otherwise).
-          params: `RowParams` of one row.
+          slots: the requests' slots (distinct).
+          chunks: per request 1 .. prefill_chunk prompt ids, for positions start, start + 1, ...
+          starts: per request the position of its chunk's first token.
+          params: `RowParams` with one row per request.
 
         Returns:
-          The sampled id (the request's first new token when this was its last chunk).
+          Per request the id sampled after its chunk's last token (its first new token
+          when the chunk ends its prompt).
         """
-        size = min(max(MIN_CHUNK, 1 << (len(tokens) - 1).bit_length()), self.prefill_chunk)
-        padded = np.zeros((1, size), np.int32)
-        padded[0, :len(tokens)] = tokens
-        token, self.cache = self._prefill(self.variables, self.cache, np.int32(slot), padded, np.int32(start),
-                                          np.int32(last), params)
-        return int(token)
+        count = len(slots)
+        assert 1 <= count <= self.prefill_rows and len(chunks) == len(starts) == count
+        rows = 1 if count == 1 else self.prefill_rows
+        size = min(max(MIN_CHUNK, 1 << (max(map(len, chunks)) - 1).bit_length()), self.prefill_chunk)
+        order = list(range(count)) + [0] * (rows - count)  # spare rows repeat the first
+        tokens = np.zeros((rows, size), np.int32)
+        for row, i in enumerate(order):
+            tokens[row, :len(chunks[i])] = chunks[i]
+        pick = lambda values, dtype: np.asarray([values[i] for i in order], dtype)  # noqa: E731
+        params = jax.tree.map(lambda x: x[np.asarray(order)], params)
+        new, self.cache = self._prefill(self.variables, self.cache, pick(slots, np.int32), tokens,
+                                        pick(starts, np.int32), pick([len(c) - 1 for c in chunks], np.int32), params)
+        return [int(t) for t in np.asarray(new)[:count]]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, params: RowParams) -> np.ndarray:
         """`steps` new tokens for every slot.
@@ -215,10 +236,10 @@ class SlotModel:
         return np.asarray(new)
 
     def warm_up(self) -> None:
-        """Compiles decode and every prefill bucket, so serving never compiles."""
-        params = RowParams.fill(1)
-        for size in self.chunk_sizes():
-            self.prefill(0, np.zeros(size, np.int32), 0, size - 1, params)
+        """Compiles decode and every prefill shape, so serving never compiles."""
+        for rows, size in self.prefill_shapes():
+            count = min(rows, 2)  # 1 row, or 2 requests padded to prefill_rows
+            self.prefill(list(range(count)), [np.zeros(size, np.int32)] * count, [0] * count, RowParams.fill(count))
         idle = np.full(self.max_batch, self.idle_position, np.int32)
         self.decode(np.zeros(self.max_batch, np.int32), idle, RowParams.fill(self.max_batch))
 

@@ -36,7 +36,8 @@ def model_and_variables():
 @pytest.fixture(scope="module")
 def slots(model_and_variables):
     model, variables = model_and_variables
-    slots = slots_lib.SlotModel(model, variables, max_batch=4, kv_cache="fp32", prefill_chunk=CHUNK, steps=2)
+    slots = slots_lib.SlotModel(model, variables, max_batch=4, kv_cache="fp32", prefill_chunk=CHUNK,
+                                prefill_rows=2, steps=2)
     slots.warm_up()
     return slots
 
@@ -130,8 +131,9 @@ def test_batched_requests_get_the_tokens_each_gets_alone(slots, batcher, referen
     for prompt, out, want in zip(PROMPTS, outs, reference):
         assert out.ids == want
         assert out.end == batching.Finished("length", len(prompt), min(12, CONFIG.max_seq_len - len(prompt)))
-    assert batcher.steps_run["prefill"] == sum(-(-len(p) // CHUNK) for p in PROMPTS)  # chunked prefill
-    assert dict(slots.traces) == traces == {"prefill": len(slots.chunk_sizes()), "decode": 1}
+    assert batcher.steps_run["prefill_chunks"] == sum(-(-len(p) // CHUNK) for p in PROMPTS)  # chunked prefill
+    assert batcher.steps_run["prefill"] < batcher.steps_run["prefill_chunks"]  # several requests per call
+    assert dict(slots.traces) == traces == {"prefill": len(slots.prefill_shapes()), "decode": 1}
 
 
 def test_sampled_requests_repeat_under_a_seed_whatever_runs_beside_them(batcher):
@@ -181,7 +183,8 @@ def test_a_full_queue_refuses_and_bad_requests_are_value_errors(slots):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_batch=0), "max_batch"), (dict(prefill_chunk=12), "power of two"),
-    (dict(max_seq_len=65), r"\[2, 64\]"), (dict(steps=0), "steps"), (dict(kv_cache="int4"), "int4")])
+    (dict(max_seq_len=65), r"\[2, 64\]"), (dict(steps=0), "steps"), (dict(kv_cache="int4"), "int4"),
+    (dict(max_batch=2, prefill_rows=3), "prefill_rows")])
 def test_slot_model_rejects_bad_sizes(model_and_variables, kwargs, match):
     with pytest.raises(ValueError, match=match):
         slots_lib.SlotModel(*model_and_variables, **kwargs)

@@ -223,7 +223,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service):
 
 def test_nothing_compiles_after_warm_up(service, client):
     client.completions.create(model="m", prompt="y" * 40, max_tokens=3)  # a chunked prefill
-    assert dict(service.batcher.slots.traces) == {"prefill": len(service.batcher.slots.chunk_sizes()), "decode": 1}
+    slots = service.batcher.slots
+    assert dict(slots.traces) == {"prefill": len(slots.prefill_shapes()), "decode": 1}
 
 
 def test_cli_mistakes_exit_2_with_one_line(checkpoint, tmp_path, capsys):
