@@ -1,0 +1,292 @@
+"""`python -m serve.server --checkpoint DIR`: an OpenAI-compatible HTTP server.
+
+    python -m serve.server --checkpoint runs/tiny --precision fp8 --port 8000
+    curl -s 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32}'
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat template,
+or the plain fallback of `serve.server_api`), GET /v1/models, GET /health. With
+"stream": true the reply is server-sent events in OpenAI's chunk format ending with
+`data: [DONE]`; without it, one JSON object with usage. Parameters: max_tokens,
+temperature, top_p, top_k (an extension; 0 = off), seed, stop (string or list), n = 1.
+max_tokens past the context is capped there (finish_reason "length").
+
+FastAPI routes on uvicorn; one engine thread (`serve.batching.Batcher`) owns the model
+and batches requests continuously (`serve.slots`); each request's events reach its
+handler through the asyncio loop. Bad requests get HTTP 400 with OpenAI's error body,
+a full queue 429. A client that goes away mid-stream frees its slot at the next step.
+Ctrl-C or SIGTERM stops accepting, lets streams in flight finish for up to
+`--grace` seconds, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import secrets
+import sys
+import threading
+import time
+from typing import Callable
+
+import fastapi
+import uvicorn
+from absl import logging as absl_logging
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+import mpx
+from mpx import config as config_io
+from serve import batching
+from serve import kv_cache as kv_cache_lib
+from serve import quantize as q
+from serve import server_api as api
+from serve import slots as slots_lib
+from store import cli
+from store import tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class Service:
+    """What the HTTP side needs: the engine loop, the tokenizer and the chat template.
+
+    Attributes:
+      batcher: the engine loop (started and stopped with the app).
+      tokenizer: encode / decode.
+      model_name: the id /v1/models lists.
+      render_chat: messages -> prompt text.
+      chat_stops: stop strings the chat template adds.
+      info: extra fields for /health (precision, KV cache, slots).
+    """
+
+    batcher: batching.Batcher
+    tokenizer: object
+    model_name: str
+    render_chat: Callable[[list[dict]], str] = api.plain_chat_prompt
+    chat_stops: tuple[str, ...] = api.PLAIN_CHAT_STOPS
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- app
+
+
+def create_app(service: Service) -> fastapi.FastAPI:
+    """The ASGI app; its lifespan starts and stops `service.batcher`."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        service.batcher.start()
+        yield
+        service.batcher.stop()
+
+    app = fastapi.FastAPI(title="mpx", lifespan=lifespan)
+    app.add_exception_handler(api.ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.model_name, "busy": service.batcher.busy(),
+                "finished": dict(service.batcher.finished), **service.info}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": service.model_name, "object": "model", "created": 0, "owned_by": "mpx"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(request: fastapi.Request):
+        params = api.parse_completion(await _json(request))
+        return await _respond(service, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: fastapi.Request):
+        params = api.parse_chat(await _json(request), service.render_chat, service.chat_stops)
+        return await _respond(service, params, chat=True)
+
+    return app
+
+
+async def _api_error(_request, err: api.ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def _http_error(_request, err: HTTPException) -> JSONResponse:
+    kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+    return JSONResponse(api.ApiError(str(err.detail), status=err.status_code, kind=kind).body(),
+                        status_code=err.status_code)
+
+
+async def _json(request: fastapi.Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise api.ApiError(f"the request body is not valid JSON: {err}", None, code="invalid_json") from None
+
+
+def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.Request, asyncio.Queue]:
+    """Queues the request; its events arrive on the returned asyncio queue."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+    def on_event(event):
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    ids = service.tokenizer.encode(params.prompt)
+    seed = secrets.randbits(32) if params.seed is None else params.seed
+    request = batching.Request(ids, params.max_tokens, on_event, temperature=params.temperature,
+                               top_k=params.top_k, top_p=params.top_p, seed=seed, stop=params.stop)
+    try:
+        service.batcher.submit(request)
+    except batching.QueueFull as err:
+        raise api.ApiError(str(err), None, status=429, kind="rate_limit_error", code="rate_limit_exceeded") from None
+    except ValueError as err:
+        raise api.ApiError(str(err), "messages" if chat else "prompt", code="context_length_exceeded") from None
+    return request, events
+
+
+async def _respond(service: Service, params: api.Params, chat: bool):
+    request, events = _submit(service, params, chat)
+    rid = api.new_id("chatcmpl" if chat else "cmpl")
+    if params.stream:
+        return StreamingResponse(_sse(service, params, chat, rid, request, events), media_type="text/event-stream")
+    try:
+        pieces, end = [], None
+        while end is None:
+            event = await events.get()
+            if isinstance(event, batching.Finished):
+                end = event
+            else:
+                pieces.append(event.text)
+    finally:
+        request.cancel()  # a no-op once finished; frees the slot if this handler was cancelled
+    body = api.chat_body if chat else api.completion_body
+    return body(rid, service.model_name, "".join(pieces), end.reason,
+                api.usage(end.prompt_tokens, end.completion_tokens))
+
+
+def _sse_line(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _sse(service: Service, params: api.Params, chat: bool, rid: str, request: batching.Request,
+               events: asyncio.Queue):
+    """The event stream; on disconnect Starlette cancels it and the slot is freed."""
+    name = service.model_name
+    chunk = (lambda text, reason=None, use=None: api.chat_chunk(
+        rid, name, {"content": text} if reason is None and use is None else {}, reason, use)) if chat else (
+        lambda text, reason=None, use=None: api.completion_chunk(rid, name, text, reason, use))
+    try:
+        if chat:
+            yield _sse_line(api.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
+        while True:
+            event = await events.get()
+            if isinstance(event, batching.TextDelta):
+                if event.text:
+                    yield _sse_line(chunk(event.text))
+                continue
+            yield _sse_line(chunk("", event.reason))
+            if params.include_usage:
+                yield _sse_line(chunk("", use=api.usage(event.prompt_tokens, event.completion_tokens)))
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        request.cancel()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = cli.ArgumentParser(prog="python -m serve.server", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
+    p.add_argument("--skip-incomplete", action="store_true",
+                   help="if the newest step is incomplete, load the newest complete one")
+    p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
+    p.add_argument("--activations", default="token", choices=q.ACTIVATIONS, help="FP8 activations (default token)")
+    p.add_argument("--policy", help="precision policy YAML the model runs under (weights: --precision)")
+    p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=cli.non_negative_int, default=8000, help="0 picks a free port")
+    p.add_argument("--max-batch", type=cli.positive_int, default=16, help="requests decoded together (slots)")
+    p.add_argument("--max-seq-len", type=cli.positive_int, help="positions per slot (default: the model's context)")
+    p.add_argument("--max-queue", type=cli.non_negative_int, default=64,
+                   help="requests waiting while every slot is busy, before 429")
+    p.add_argument("--prefill-chunk", type=cli.positive_int, default=64, help="most prompt tokens per prefill row")
+    p.add_argument("--prefill-rows", type=cli.positive_int, default=4,
+                   help="most requests one prefill call takes (at most --max-batch)")
+    p.add_argument("--decode-steps", type=cli.positive_int, default=1, help="decode steps per compiled call")
+    p.add_argument("--grace", type=cli.non_negative_float, default=10.0,
+                   help="seconds streams in flight may finish after Ctrl-C / SIGTERM")
+    p.add_argument("--tokenizer", help="tokenizer (bytes or tokenizer.json) instead of the checkpoint's")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace) -> Service:
+    """The service a command line describes: checkpoint loaded, quantized, compiled.
+
+    Raises:
+      ServeError, ConfigError, ValueError, FileNotFoundError: user mistakes (a missing
+        checkpoint, a bad policy file, sizes that do not fit the model).
+    """
+    spec = q.ServeSpec(args.precision, activations=args.activations)
+    ckpt = q.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
+    tokenizer = q.load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
+    model, variables = q.prepare(ckpt, spec)
+    if args.policy:
+        model = model.clone(policy=mpx.policy.load(args.policy))
+    slots = slots_lib.SlotModel(model, variables, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                                kv_cache=args.kv_cache, prefill_chunk=args.prefill_chunk,
+                                prefill_rows=min(args.prefill_rows, args.max_batch), steps=args.decode_steps)
+    slots.warm_up()
+    batcher = batching.Batcher(slots, tokenizer, max_queue=args.max_queue, stop_ids=_eos_ids(tokenizer))
+    info = {"precision": spec.label, "kv_cache": args.kv_cache, "max_batch": args.max_batch,
+            "max_seq_len": slots.max_seq_len}
+    return Service(batcher, tokenizer, ckpt.name, info=info)
+
+
+def _eos_ids(tokenizer) -> tuple[int, ...]:
+    """End-of-sequence ids that finish every request ("stop").
+
+    A tokenizer's own `eos_ids` if it has them; else a subword tokenizer's one-token
+    document separator when that is a special token (`store.tokenizer.HFTokenizer` uses
+    the end-of-text token when it finds one, else the text "\\n\\n", which is not an
+    end). Byte-level text has none.
+    """
+    if getattr(tokenizer, "eos_ids", None):
+        return tuple(tokenizer.eos_ids)
+    separator = list(getattr(tokenizer, "separator", []))
+    if isinstance(tokenizer, tokenizer_lib.HFTokenizer) and len(separator) == 1 \
+            and tokenizer.decode(separator) != "\n\n":
+        return tuple(separator)
+    return ()
+
+
+def _announce(server: uvicorn.Server, host: str) -> None:
+    """Prints the URL once uvicorn listens (the real port when --port 0)."""
+    while not server.started and not server.should_exit:
+        time.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(f"serving on http://{host}:{port}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
+    try:
+        service = build(args)
+    except (q.ServeError, config_io.ConfigError, ValueError, FileNotFoundError) as err:
+        return cli.fail(err)
+    config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.grace)
+    server = uvicorn.Server(config)
+    threading.Thread(target=_announce, args=(server, args.host), daemon=True).start()
+    server.run()  # handles SIGINT / SIGTERM: stops accepting, waits for streams up to --grace
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""A slot-based KV cache and its compiled steps, for continuous batching.
+
+    slots = SlotModel(model, variables, max_batch=16, kv_cache="bf16")
+    firsts = slots.prefill([3, 5], [prompt_a[0:64], prompt_b], [0, 0], params)   # a token per row
+    new = slots.decode(tokens, positions, params)       # (max_batch, steps) ids
+
+The cache holds `max_batch` rows ("slots") of `max_seq_len` positions each. A request
+owns one slot from its first prefill chunk to its last token; every slot has its own
+position, so requests of any lengths decode together in one step. The reference model
+already takes positions (B, T) and writes keys/values at them row by row
+(`models.transformer`), so no model change is needed:
+
+* prefill writes prompt chunks of up to `prefill_rows` requests into their slots: the
+  slots' rows are gathered from the cache, run through the model at positions
+  start .. start + C - 1 (each row its own start) and scattered back; C is bucketed
+  (powers of two from 8 up to `prefill_chunk`) and the rows are 1 or `prefill_rows`
+  (spare rows repeat the first one: same slot, same values, so the scatter is exact).
+* decode feeds one token per slot at the slot's own position and samples the next,
+  `steps` times in a `lax.scan`. Slots without a decoding request sit at the last
+  position (`max_seq_len - 1`): no prompt token ever lives there, and whatever is
+  written at a position is overwritten by its owner before any query can read it (a
+  step writes its key/value before attending), so idle rows never disturb live ones.
+
+Shapes never depend on how many requests run: decode always runs `max_batch` rows and
+prefill 1 or `prefill_rows` rows of a bucketed length, so after `warm_up` nothing is
+compiled again
+(`traces` counts compilations; tests check it).
+
+Sampling is per row inside the compiled step: temperature (0 = greedy), top-k (0 = off)
+and top-p arrays of shape (B,), and a key per row from the request's seed folded with
+the index of the token, so a request samples the same tokens whatever else runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from serve import kv_cache as kv_cache_lib
+from serve import sampling
+
+Array = jax.Array
+MIN_CHUNK = 8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+    """Per-row sampling parameters, each an array of shape (B,).
+
+    Attributes:
+      temperature: float32; 0 samples greedily.
+      top_k: int32; 0 keeps every token.
+      top_p: float32 in (0, 1]; 1 keeps every token.
+      seed: uint32 seed of the row's random stream.
+      counter: int32 index of the row's next new token (folded into its key).
+    """
+
+    temperature: Array
+    top_k: Array
+    top_p: Array
+    seed: Array
+    counter: Array
+
+    @classmethod
+    def fill(cls, rows: int) -> "RowParams":
+        """Greedy parameters for `rows` rows, as numpy arrays to be set row by row."""
+        return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
+                   np.zeros(rows, np.uint32), np.zeros(rows, np.int32))
+
+
+def sample_rows(logits: Array, params: RowParams) -> Array:
+    """One token per row under that row's own parameters.
+
+    Args:
+      logits: (B, V) float.
+      params: `RowParams` of (B,) arrays.
+
+    Returns:
+      (B,) int32 ids: the argmax where temperature is 0, else a sample from
+      softmax(logits / temperature) restricted to the top-k ranks, then to the smallest
+      set of them whose mass reaches top-p (the most likely token always stays).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hot = params.temperature > 0
+    scaled = logits / jnp.where(hot, params.temperature, 1.0)[:, None]
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)  # (B, V), descending
+    vocab = logits.shape[-1]
+    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
+    keep = jnp.arange(vocab)[None, :] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    keep &= (jnp.cumsum(probs, axis=-1) - probs) < params.top_p[:, None]
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(params.seed, params.counter)
+    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(hot, sampled, greedy)
+
+
+def _take_rows(cache, slots: Array):
+    return jax.tree.map(lambda x: jnp.take(x, slots, axis=0), cache)
+
+
+def _put_rows(cache, rows, slots: Array):
+    return jax.tree.map(lambda full, part: full.at[slots].set(part), cache, rows)
+
+
+class SlotModel:
+    """The serving model with a `max_batch`-slot KV cache (see the module docstring).
+
+    Args:
+      model: a `models.transformer.Transformer` (its policy: the serving precision).
+      variables: {"params": ..., optional "fp8_state": ...} from `serve.quantize.prepare`.
+      max_batch: slots (rows decoded together).
+      max_seq_len: positions per slot (at most the model's context); None: the model's.
+      kv_cache: "bf16", "fp32" or "fp8".
+      prefill_chunk: the most prompt tokens one prefill call takes per row (a power of
+        two >= 8).
+      prefill_rows: the most requests one prefill call takes.
+      steps: decode steps per compiled call.
+      logit_scale: multiplies logits before sampling (FP8 temperature correction).
+
+    Raises:
+      ValueError: a bad kv_cache kind, max_batch < 1, steps < 1, prefill_rows outside
+        [1, max_batch], prefill_chunk not a power of two >= 8, or max_seq_len outside
+        [2, the model's context].
+    """
+
+    def __init__(self, model, variables, *, max_batch: int = 16, max_seq_len: int | None = None,
+                 kv_cache: str = "bf16", prefill_chunk: int = 64, prefill_rows: int = 4, steps: int = 1,
+                 logit_scale: float = 1.0):
+        context = model.config.max_seq_len
+        self.max_seq_len = context if max_seq_len is None else max_seq_len
+        _check_sizes(max_batch, self.max_seq_len, context, prefill_chunk, steps)
+        if not 1 <= prefill_rows <= max_batch:
+            raise ValueError(f"prefill_rows must be in [1, max_batch={max_batch}]; got {prefill_rows}")
+        self.model, self.variables = model, variables
+        self.max_batch, self.prefill_chunk, self.prefill_rows, self.steps = max_batch, prefill_chunk, prefill_rows, steps
+        self.logit_scale = logit_scale
+        self.cache = kv_cache_lib.init(model.config, max_batch, kv_cache_lib.check_kind(kv_cache), self.max_seq_len)
+        self.traces: collections.Counter = collections.Counter()
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+
+    @property
+    def idle_position(self) -> int:
+        """Where slots without a decoding request sit (see the module docstring)."""
+        return self.max_seq_len - 1
+
+    def chunk_sizes(self) -> list[int]:
+        """Every prefill length bucket: 8, 16, ... prefill_chunk."""
+        return [MIN_CHUNK << i for i in range((self.prefill_chunk // MIN_CHUNK).bit_length())]
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, length) shape prefill compiles."""
+        return [(rows, size) for rows in sorted({1, self.prefill_rows}) for size in self.chunk_sizes()]
+
+    # ---------------------------------------------------------------- compiled steps
+
+    def _sample(self, logits: Array, params: RowParams) -> Array:
+        return sample_rows(sampling.scale_logits(logits, self.logit_scale), params)
+
+    def _prefill_fn(self, variables, cache, slots, tokens, starts, lasts, params):
+        """tokens (P, C) at positions starts.. into `slots` (P,); samples after `lasts` (P,)."""
+        self.traces["prefill"] += 1
+        positions = jnp.minimum(starts[:, None] + jnp.arange(tokens.shape[1]), self.idle_position)  # (P, C)
+        logits, aux = self.model.apply(variables, tokens, positions, _take_rows(cache, slots))
+        last = jnp.take_along_axis(logits, lasts[:, None, None], axis=1)[:, 0]  # (P, V)
+        return self._sample(last, params), _put_rows(cache, aux["cache"], slots)
+
+    def _decode_fn(self, variables, cache, tokens, positions, params):
+        """`steps` tokens per slot: feeds tokens (B,) at positions (B,), samples the next."""
+        self.traces["decode"] += 1
+
+        def step(carry, i):
+            cache, tokens = carry
+            pos = jnp.minimum(positions + i, self.idle_position)[:, None]
+            logits, aux = self.model.apply(variables, tokens[:, None], pos, cache)
+            row = dataclasses.replace(params, counter=params.counter + i)
+            new = self._sample(logits[:, 0], row)
+            return (aux["cache"], new), new
+
+        (cache, _), out = lax.scan(step, (cache, tokens), jnp.arange(self.steps))
+        return out.T, cache  # (B, steps)
+
+    # ---------------------------------------------------------------- host calls
+
+    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
+                params: RowParams) -> list[int]:
+        """Runs one prompt chunk of each of up to `prefill_rows` requests into its slot.
+
+        Args:
+          slots: the requests' slots (distinct).
+          chunks: per request 1 .. prefill_chunk prompt ids, for positions start, start + 1, ...
+          starts: per request the position of its chunk's first token.
+          params: `RowParams` with one row per request.
+
+        Returns:
+          Per request the id sampled after its chunk's last token (its first new token
+          when the chunk ends its prompt).
+        """
+        count = len(slots)
+        assert 1 <= count <= self.prefill_rows and len(chunks) == len(starts) == count
+        rows = 1 if count == 1 else self.prefill_rows
+        size = min(max(MIN_CHUNK, 1 << (max(map(len, chunks)) - 1).bit_length()), self.prefill_chunk)
+        order = list(range(count)) + [0] * (rows - count)  # spare rows repeat the first
+        tokens = np.zeros((rows, size), np.int32)
+        for row, i in enumerate(order):
+            tokens[row, :len(chunks[i])] = chunks[i]
+        pick = lambda values, dtype: np.asarray([values[i] for i in order], dtype)  # noqa: E731
+        params = jax.tree.map(lambda x: x[np.asarray(order)], params)
+        new, self.cache = self._prefill(self.variables, self.cache, pick(slots, np.int32), tokens,
+                                        pick(starts, np.int32), pick([len(c) - 1 for c in chunks], np.int32), params)
+        return [int(t) for t in np.asarray(new)[:count]]
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, params: RowParams) -> np.ndarray:
+        """`steps` new tokens for every slot.
+
+        Args:
+          tokens: (max_batch,) int32, each slot's latest token.
+          positions: (max_batch,) int32, where that token goes (`idle_position` for
+            slots without a decoding request).
+          params: `RowParams` of max_batch rows; counter: the index of each row's next token.
+
+        Returns:
+          (max_batch, steps) int32 new ids.
+        """
+        new, self.cache = self._decode(self.variables, self.cache, tokens, positions, params)
+        return np.asarray(new)
+
+    def warm_up(self) -> None:
+        """Compiles decode and every prefill shape, so serving never compiles."""
+        for rows, size in self.prefill_shapes():
+            count = min(rows, 2)  # 1 row, or 2 requests padded to prefill_rows
+            self.prefill(list(range(count)), [np.zeros(size, np.int32)] * count, [0] * count, RowParams.fill(count))
+        idle = np.full(self.max_batch, self.idle_position, np.int32)
+        self.decode(np.zeros(self.max_batch, np.int32), idle, RowParams.fill(self.max_batch))
+
+
+def _check_sizes(max_batch: int, max_seq_len: int, context: int, prefill_chunk: int, steps: int) -> None:
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1; got {max_batch}")
+    if steps < 1:
+        raise ValueError(f"decode steps per call must be >= 1; got {steps}")
+    if not 2 <= max_seq_len <= context:
+        raise ValueError(f"max_seq_len must be in [2, {context}] (the model's context); got {max_seq_len}")
+    if prefill_chunk < MIN_CHUNK or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"prefill_chunk must be a power of two >= {MIN_CHUNK}; got {prefill_chunk}")

@@ -1,0 +1,190 @@
+"""Tests for continuous batching: per-row sampling, the slot KV cache and the engine loop.
+
+The model is a randomly initialised micro transformer with its weights scaled up (x3), so
+that greedy continuations depend on every earlier token: a token written at a wrong
+position or into a wrong slot changes the output.
+"""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mpx
+from models import transformer
+from models.config import ModelConfig
+from serve import batching
+from serve import engine as engine_lib
+from serve import slots as slots_lib
+from store import data as data_lib
+
+CONFIG = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
+PROMPTS = [b"hello world", b"The quick brown fox jumps over the lazy dog, twice over.", b"abc", b"x",
+           b"ROMEO: what light", b"0123456789"]
+CHUNK = 16  # the second prompt (56 tokens) is prefilled in 4 chunks
+
+
+@pytest.fixture(scope="module")
+def model_and_variables():
+    model = transformer.Transformer(CONFIG, mpx.policy.preset("fp32"))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    return model, jax.tree.map(lambda x: 3 * x, variables)
+
+
+@pytest.fixture(scope="module")
+def slots(model_and_variables):
+    model, variables = model_and_variables
+    slots = slots_lib.SlotModel(model, variables, max_batch=4, kv_cache="fp32", prefill_chunk=CHUNK,
+                                prefill_rows=2, steps=2)
+    slots.warm_up()
+    return slots
+
+
+@pytest.fixture(scope="module")
+def reference(model_and_variables):
+    """Greedy tokens of each prompt from serve.engine (a padded batch, no slots)."""
+    engine = engine_lib.Engine(*model_and_variables, kv_cache="fp32")
+    return [out.tokens for out in engine.generate([list(p) for p in PROMPTS], max_new_tokens=12)[0]]
+
+
+class _Collect:
+    """Gathers one request's events (they arrive on the engine thread)."""
+
+    def __init__(self):
+        self.deltas, self.end, self.done = [], None, threading.Event()
+
+    def __call__(self, event):
+        if isinstance(event, batching.Finished):
+            self.end = event
+            self.done.set()
+        else:
+            self.deltas.append(event)
+
+    @property
+    def ids(self):
+        return [i for d in self.deltas for i in d.ids]
+
+    @property
+    def text(self):
+        return "".join(d.text for d in self.deltas)
+
+
+def _run(batcher, prompts, **kwargs):
+    outs = [_Collect() for _ in prompts]
+    for prompt, out in zip(prompts, outs):
+        batcher.submit(batching.Request(list(prompt), on_event=out, **{"max_tokens": 12, **kwargs}))
+    assert all(out.done.wait(60) for out in outs)
+    return outs
+
+
+@pytest.fixture
+def batcher(slots):
+    batcher = batching.Batcher(slots, data_lib.ByteTokenizer(), max_queue=8)
+    batcher.start()
+    yield batcher
+    batcher.stop()
+
+
+# --------------------------------------------------------------------------- sampling
+
+sample_rows = jax.jit(slots_lib.sample_rows)
+
+
+def _params(rows, **fields):
+    params = slots_lib.RowParams.fill(rows)
+    for name, values in fields.items():
+        getattr(params, name)[:] = values
+    return params
+
+
+def test_rows_sample_under_their_own_parameters_in_one_call():
+    logits = jnp.tile(jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]])), (4, 1))
+    params = _params(4, temperature=[0.0, 1.0, 1.0, 1.0], top_k=[0, 1, 0, 0], top_p=[1.0, 1.0, 0.01, 1.0])
+    draws = np.stack([np.asarray(sample_rows(logits, _params(4, **{
+        **{k: getattr(params, k) for k in ("temperature", "top_k", "top_p")}, "seed": s}))) for s in range(200)])
+    assert (draws[:, :3] == 1).all()  # greedy, top-k 1 and a tiny top-p all take the argmax
+    assert set(np.unique(draws[:, 3])) == {0, 1, 2, 3, 4}  # full sampling reaches every token
+
+
+def test_top_k_and_top_p_restrict_the_support_and_seeds_repeat():
+    logits = jnp.tile(jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]])), (2, 1))
+    support = {0: set(), 1: set()}
+    for seed in range(300):
+        out = np.asarray(sample_rows(logits, _params(2, temperature=1.0, top_k=[2, 0], top_p=[1.0, 0.75],
+                                                               seed=seed)))
+        support[0].add(int(out[0]))
+        support[1].add(int(out[1]))
+    assert support == {0: {1, 3}, 1: {1, 3, 4}}  # top-2; mass before token 4 is 0.7 < 0.75
+    again = _params(2, temperature=1.0, seed=[7, 7], counter=[3, 3])
+    a, b = sample_rows(logits, again), sample_rows(logits, again)
+    assert int(a[0]) == int(a[1]) and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+# --------------------------------------------------------------------------- engine loop
+
+
+def test_batched_requests_get_the_tokens_each_gets_alone(slots, batcher, reference):
+    traces = dict(slots.traces)
+    outs = _run(batcher, PROMPTS, temperature=0.0)  # 6 requests, 4 slots: two join mid-way
+    for prompt, out, want in zip(PROMPTS, outs, reference):
+        assert out.ids == want
+        assert out.end == batching.Finished("length", len(prompt), min(12, CONFIG.max_seq_len - len(prompt)))
+    assert batcher.steps_run["prefill_chunks"] == sum(-(-len(p) // CHUNK) for p in PROMPTS)  # chunked prefill
+    assert batcher.steps_run["prefill"] < batcher.steps_run["prefill_chunks"]  # several requests per call
+    assert dict(slots.traces) == traces == {"prefill": len(slots.prefill_shapes()), "decode": 1}
+
+
+def test_sampled_requests_repeat_under_a_seed_whatever_runs_beside_them(batcher):
+    alone = _run(batcher, PROMPTS[:1], temperature=1.0, top_k=20, seed=5)[0].ids
+    crowd = _run(batcher, PROMPTS[:3], temperature=1.0, top_k=20, seed=5)[0].ids
+    other = _run(batcher, PROMPTS[:1], temperature=1.0, top_k=20, seed=6)[0].ids
+    assert alone == crowd and alone != other
+
+
+def test_a_stop_string_ends_the_text_before_it(batcher):
+    full = _run(batcher, PROMPTS[:1], temperature=0.0)[0].text
+    start = next(i for i in range(3, len(full) - 1) if "\ufffd" not in full[i:i + 2])
+    stop = full[start:start + 2]  # two characters of the greedy reply
+    out = _run(batcher, PROMPTS[:1], temperature=0.0, stop=["never there", stop])[0]
+    assert out.end.reason == "stop" and out.text == full[:full.find(stop)]
+
+
+def test_the_context_bounds_max_tokens(batcher, slots):
+    prompt = bytes(range(65, 65 + slots.max_seq_len - 3))
+    out = _run(batcher, [prompt], max_tokens=50)[0]
+    assert out.end == batching.Finished("length", len(prompt), 3)
+
+
+def test_a_cancelled_request_frees_its_slot(batcher):
+    out = _Collect()
+    request = batcher.submit(batching.Request(list(b"long one"), max_tokens=50, on_event=out))
+    while not out.deltas:
+        threading.Event().wait(0.01)
+    request.cancel()
+    assert out.done.wait(10) and out.end.reason == "cancelled" and len(out.ids) < 50
+    assert batching.wait_idle(batcher, 5)
+
+
+def test_a_full_queue_refuses_and_bad_requests_are_value_errors(slots):
+    batcher = batching.Batcher(slots, data_lib.ByteTokenizer(), max_queue=1)  # not started: nothing leaves
+    for _ in range(slots.max_batch + 1):  # as many as there are free slots, and one more
+        batcher.submit(batching.Request([1, 2], 4, on_event=lambda e: None))
+    with pytest.raises(batching.QueueFull, match="1 requests are waiting"):
+        batcher.submit(batching.Request([1, 2], 4, on_event=lambda e: None))
+    with pytest.raises(ValueError, match="context is 64"):
+        batcher.check([1] * 64, 4)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1; got 0"):
+        batcher.check([1], 0)
+    with pytest.raises(ValueError, match="empty"):
+        batcher.check([], 4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_batch=0), "max_batch"), (dict(prefill_chunk=12), "power of two"),
+    (dict(max_seq_len=65), r"\[2, 64\]"), (dict(steps=0), "steps"), (dict(kv_cache="int4"), "int4"),
+    (dict(max_batch=2, prefill_rows=3), "prefill_rows")])
+def test_slot_model_rejects_bad_sizes(model_and_variables, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        slots_lib.SlotModel(*model_and_variables, **kwargs)

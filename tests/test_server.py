@@ -1,0 +1,258 @@
+"""Tests for serve.server: the OpenAI HTTP API on a free loopback port, through the official
+`openai` client and raw httpx.
+
+One server (in-process uvicorn on a thread, stopped in teardown) serves a randomly
+initialised micro checkpoint whose weights are scaled up (x3) so that greedy replies
+depend on the whole prompt.
+"""
+
+import concurrent.futures
+import json
+import threading
+import time
+
+import httpx
+import jax
+import jax.numpy as jnp
+import openai
+import pytest
+import uvicorn
+
+from models import transformer
+from models.config import ModelConfig
+from mpx import config as config_lib
+from serve import batching
+from serve import server
+from store import checkpoint as ckpt_lib
+
+CONFIG = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
+MAX_BATCH = 8
+MAX_QUEUE = 2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    params = transformer.Transformer(CONFIG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    path = tmp_path_factory.mktemp("micro") / "checkpoints"
+    ckpt_lib.save(path, 1, {"params": jax.tree.map(lambda x: 3 * x, params)},
+                  {"config": {"model": config_lib.to_dict(CONFIG)}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(checkpoint):
+    args = server.parse_args(["--checkpoint", str(checkpoint), "--precision", "fp32", "--kv-cache", "fp32",
+                              "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--prefill-chunk", "8"])
+    return server.build(args)
+
+
+@pytest.fixture(scope="module")
+def running(service):
+    """(uvicorn server, its URL): in-process on a free loopback port, stopped at the end."""
+    config = uvicorn.Config(server.create_app(service), host="127.0.0.1", port=0, log_level="warning",
+                            timeout_graceful_shutdown=20)
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert uv.started, "the server did not start"
+    yield uv, f"http://127.0.0.1:{uv.servers[0].sockets[0].getsockname()[1]}"
+    uv.should_exit = True
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def url(running):
+    return running[1]
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _chat(client, content, **kwargs):
+    return client.chat.completions.create(model="micro", messages=[{"role": "user", "content": content}],
+                                          **{"max_tokens": 16, "temperature": 0, **kwargs})
+
+
+def _stream_text(client, content, **kwargs):
+    chunks = list(_chat(client, content, stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def test_models_and_health(client, url, service):
+    assert [m.id for m in client.models.list().data] == [service.model_name]
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == MAX_BATCH and health["precision"] == "fp32"
+
+
+def test_chat_completion_with_usage(client):
+    reply = _chat(client, "Hello there")
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    prompt = server.api.plain_chat_prompt([{"role": "user", "content": "Hello there"}])
+    assert reply.usage.prompt_tokens == len(prompt.encode())
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert 1 <= reply.usage.completion_tokens <= 16
+
+
+def test_streamed_chat_matches_the_whole_reply(client):
+    text, chunks = _stream_text(client, "Hello there", stream_options={"include_usage": True})
+    assert text == _chat(client, "Hello there").choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens >= 1 and not chunks[-1].choices
+
+
+def test_completions_stream_and_whole_agree_and_end_with_done(client, url):
+    whole = client.completions.create(model="micro", prompt="ROMEO:", max_tokens=24, temperature=0)
+    assert whole.usage.prompt_tokens == 6 and whole.choices[0].finish_reason == "length"
+    body = {"prompt": "ROMEO:", "max_tokens": 24, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole.choices[0].text
+
+
+def test_eight_simultaneous_streams_get_their_greedy_replies_alone(client):
+    prompts = [f"Request {i}: {'abcdefgh'[:i + 1]}" for i in range(8)]
+    alone = [_stream_text(client, p, max_tokens=24)[0] for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: _stream_text(client, p, max_tokens=24)[0], prompts))
+    assert together == alone
+    assert len(set(alone)) > 1  # the replies depend on the prompt
+
+
+def test_seeded_sampling_repeats(client):
+    a, b = (_chat(client, "Hi", temperature=0.9, top_p=0.9, seed=3).choices[0].message.content for _ in range(2))
+    assert a == b
+
+
+def test_stop_string_is_honoured(client):
+    full = client.completions.create(model="m", prompt="ROMEO:", max_tokens=24, temperature=0).choices[0].text
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 1) if "\ufffd" not in full[i:i + 2])
+    cut = client.completions.create(model="m", prompt="ROMEO:", max_tokens=24, temperature=0, stop=stop)
+    assert cut.choices[0].text == full[:full.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+BAD = [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"prompt": 5}).encode(), "prompt"),
+    (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "x", "max_tokens": -3}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "x", "temperature": -0.5}).encode(), "temperature"),
+    (json.dumps({"prompt": "x", "top_p": 0}).encode(), "top_p"),
+    (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), "top_p"),
+    (json.dumps({"prompt": "x", "stream": "yes"}).encode(), "stream"),
+    (json.dumps({"prompt": "x", "stop": 3}).encode(), "stop"),
+    (json.dumps({"prompt": "x", "n": 2}).encode(), "n"),
+    (json.dumps({"prompt": "x" * CONFIG.max_seq_len}).encode(), "prompt"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD)
+def test_bad_requests_get_400_with_an_openai_error_body(url, body, param):
+    response = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+
+
+def test_bad_chat_messages_get_400(url):
+    for messages in ([], "hi", [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 4}]):
+        response = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages})
+        assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
+
+
+def test_the_server_survives_a_burst_of_bad_requests(url, client):
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: httpx.post(f"{url}/v1/completions", content=BAD[i % len(BAD)][0]).status_code,
+                              range(24)))
+    assert set(codes) == {400}
+    assert client.completions.create(model="m", prompt="ok", max_tokens=4).usage.completion_tokens == 4
+
+
+def _hold(batcher, count):
+    """Submits `count` long requests, waiting for room whenever the queue is full."""
+    held = []
+    while len(held) < count:
+        try:
+            held.append(batcher.submit(batching.Request([65] * 8, 480, lambda event: None)))
+        except batching.QueueFull:
+            time.sleep(0.005)
+    return held
+
+
+def test_a_full_queue_gets_429(url, service):
+    held = _hold(service.batcher, MAX_BATCH + MAX_QUEUE)  # every slot busy, the queue full
+    try:
+        response = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert response.status_code == 429 and response.json()["error"]["code"] == "rate_limit_exceeded"
+    finally:
+        for request in held:
+            request.cancel()
+    assert batching.wait_idle(service.batcher, 30)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service):
+    cancelled = service.batcher.finished["cancelled"]
+    body = {"prompt": "a long story", "max_tokens": 480, "temperature": 0, "stream": True}  # seconds of work
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: {"))
+        assert service.batcher.busy() == 1
+    assert batching.wait_idle(service.batcher, 30), "the slot stays busy after the client went away"
+    finished = dict(service.batcher.finished)
+    assert finished["cancelled"] == cancelled + 1, f"dropped, not run to max_tokens: {finished}"
+
+
+def test_nothing_compiles_after_warm_up(service, client):
+    client.completions.create(model="m", prompt="y" * 40, max_tokens=3)  # a chunked prefill
+    slots = service.batcher.slots
+    assert dict(slots.traces) == {"prefill": len(slots.prefill_shapes()), "decode": 1}
+
+
+def test_cli_mistakes_exit_2_with_one_line(checkpoint, tmp_path, capsys):
+    assert server.main(["--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert server.main(["--checkpoint", str(checkpoint), "--max-seq-len", "600"]) == 2
+    assert "max_seq_len must be in [2, 512]" in capsys.readouterr().err
+    for argv, fragment in ((["--precision", "fp7"], "argument --precision"), (["--max-batch", "0"], "--max-batch")):
+        with pytest.raises(SystemExit) as exit_info:
+            server.main(["--checkpoint", str(checkpoint), *argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_shutdown_lets_a_stream_in_flight_finish(running, service):
+    """Last in this file: it stops the module's server (what Ctrl-C / SIGTERM do)."""
+    uv, url = running
+    body = {"prompt": "a long story", "max_tokens": 80, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        uv.should_exit = True
+        rest = [line for line in lines if line]
+    chunks = [json.loads(line[len("data: "):]) for line in [first] + rest[:-1]]
+    assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    deadline = time.monotonic() + 30
+    while service.batcher.alive() and time.monotonic() < deadline:  # the lifespan stops the engine
+        time.sleep(0.05)
+    assert not service.batcher.alive()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=5)
