@@ -232,6 +232,8 @@ def exact(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], lay
     for name, paths in by_cand.items():
         cand = candidates_lib.get([name])[0]
         f = jax.jit(capture.lowered_loss(apply_fn, loss_fn, layers, cand.lower))
+        # The unlowered loss through the same compiled function: no last-bit differences
+        # from another fusion, which would swamp the smallest effects.
         base = [float(f(variables, b, -1)) for b in batches]
         for path in paths:
             lowered = [float(f(variables, b, index[path])) for b in batches]
