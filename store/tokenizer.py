@@ -161,6 +161,11 @@ class ModelTokenizer(HFTokenizer):
         """Token ids of a prompt with the tokenizer's own special tokens (Llama's BOS)."""
         return self._tok.encode(text, add_special_tokens=True).ids
 
+    @property
+    def eos_ids(self) -> list[int]:
+        """`stop_ids`, under the name serve.server asks a tokenizer for."""
+        return self.stop_ids
+
     def stop_strings(self) -> list[str]:
         """The stop ids as decoded text ("<|eot_id|>"), for stops checked on text."""
         return [t for t in (self.decode([i]) for i in self.stop_ids) if t]
