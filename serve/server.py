@@ -171,13 +171,18 @@ def _sse_line(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+def _chunk(chat: bool, rid: str, model: str, text: str, reason: str | None = None, use: dict | None = None) -> str:
+    """One SSE line: new text, or the finish reason, or the usage."""
+    if chat:
+        delta = {"content": text} if reason is None and use is None else {}
+        return _sse_line(api.chat_chunk(rid, model, delta, reason, use))
+    return _sse_line(api.completion_chunk(rid, model, text, reason, use))
+
+
 async def _sse(service: Service, params: api.Params, chat: bool, rid: str, request: batching.Request,
                events: asyncio.Queue):
     """The event stream; on disconnect Starlette cancels it and the slot is freed."""
     name = service.model_name
-    chunk = (lambda text, reason=None, use=None: api.chat_chunk(
-        rid, name, {"content": text} if reason is None and use is None else {}, reason, use)) if chat else (
-        lambda text, reason=None, use=None: api.completion_chunk(rid, name, text, reason, use))
     try:
         if chat:
             yield _sse_line(api.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
@@ -185,11 +190,11 @@ async def _sse(service: Service, params: api.Params, chat: bool, rid: str, reque
             event = await events.get()
             if isinstance(event, batching.TextDelta):
                 if event.text:
-                    yield _sse_line(chunk(event.text))
+                    yield _chunk(chat, rid, name, event.text)
                 continue
-            yield _sse_line(chunk("", event.reason))
+            yield _chunk(chat, rid, name, "", event.reason)
             if params.include_usage:
-                yield _sse_line(chunk("", use=api.usage(event.prompt_tokens, event.completion_tokens)))
+                yield _chunk(chat, rid, name, "", use=api.usage(event.prompt_tokens, event.completion_tokens))
             yield "data: [DONE]\n\n"
             return
     finally:
