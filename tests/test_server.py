@@ -162,6 +162,9 @@ BAD = [
     (json.dumps({"prompt": "x", "stream": "yes"}).encode(), "stream"),
     (json.dumps({"prompt": "x", "stop": 3}).encode(), "stop"),
     (json.dumps({"prompt": "x", "n": 2}).encode(), "n"),
+    (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop"),
+    (json.dumps({"prompt": "x", "max_tokens": True}).encode(), "max_tokens"),
+    (json.dumps({"prompt": "x", "top_k": -1}).encode(), "top_k"),
     (json.dumps({"prompt": "x" * CONFIG.max_seq_len}).encode(), "prompt"),
 ]
 
@@ -172,6 +175,14 @@ def test_bad_requests_get_400_with_an_openai_error_body(url, body, param):
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+
+
+def test_chat_fallback_template_and_its_stops():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    params = server.api.parse_chat({"messages": messages, "stop": "\n\n", "max_tokens": 3},
+                                   server.api.plain_chat_prompt, server.api.PLAIN_CHAT_STOPS)
+    assert params.prompt == "System: Be brief.\nUser: Hi\nAssistant:"
+    assert params.stop == ("\n\n", "\nUser:", "\nSystem:") and params.max_tokens == 3
 
 
 def test_bad_chat_messages_get_400(url):
