@@ -105,7 +105,8 @@ def cache_vs_recompute(engs: dict, prompt: int, new: int, repeats: int) -> dict[
 
 def report(args, ckpt, engs, rates, cache) -> tuple[str, dict]:
     memory = {name: q.weight_bytes(e.variables["params"]) for name, e in engs.items()}
-    lines = [f"Generation on {jax.default_backend()}: tiny model ({ckpt.name}), prompt {args.prompt} tokens, "
+    source = f"step {ckpt.step} of {ckpt.path}" if args.checkpoint else "random init"
+    lines = [f"Generation on {jax.default_backend()}: tiny model ({source}), prompt {args.prompt} tokens, "
              f"{args.new} new tokens, median of {args.repeats} round-robin repeats",
              f"{'variant':<18}{'weights KiB':>12}{'decode 1 row':>14}{'ratio':>7}{'decode 8 rows':>15}{'ratio':>7}"
              f"{'prefill 8 rows':>16}{'ratio':>7}"]

@@ -40,7 +40,7 @@ def _child(devices: int, layout_name: str, quick: bool, policy: str, repeats: in
     import mpx
     from models import config as model_config
     from models import transformer
-    from mpx import sharding
+    from models import sharding
     from train import step as step_lib
 
     cfg = (model_config.ModelConfig(d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)

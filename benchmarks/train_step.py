@@ -5,7 +5,8 @@ Builds the same model and batch under each preset, jits the real train step
 steps round-robin in one run so machine load affects every preset alike. Reports each
 preset's median step time relative to fp32, tokens/s, and `mpx.optim.memory_report`'s
 bytes per parameter (persistent: masters, grads, moments, scale state; and with the
-transient compute copy).
+transient compute copy), and `temp_bytes`: the compiled step's temporary memory (XLA's
+memory analysis: saved activations and intermediates).
 
     python -m benchmarks.train_step                 # tiny model, batch 16 x 128
     python -m benchmarks.train_step --model small
@@ -45,18 +46,25 @@ def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
     return step, state, report
 
 
+def temp_bytes(step, state, data) -> int:
+    """The compiled step's temporary buffer bytes (XLA's memory analysis): activations
+    saved for the backward pass and other intermediates, not the state itself."""
+    return int(step.lower(state, data).compile().memory_analysis().temp_size_in_bytes)
+
+
 def run(model: str, batch: int, seq: int, repeats: int) -> dict:
     cfg = model_config.preset(model)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    fns, reports = {}, {}
+    fns, reports, temp = {}, {}, {}
     for preset in PRESETS:
         step, state, reports[preset] = build(preset, cfg, batch, seq)
+        temp[preset] = temp_bytes(step, state, data)
         fns[preset] = lambda step=step, state=state: step(state, data)[1]["loss"]
     times = time_calls(fns, repeats=repeats, inner=1)
     rows = [{
         "preset": p, "step_s": times[p], "vs_fp32": times[p] / times["fp32"],
-        "tokens_per_s": batch * seq / times[p],
+        "tokens_per_s": batch * seq / times[p], "temp_bytes": temp[p], "temp_vs_bf16": temp[p] / temp["bf16"],
         "bytes_per_param": reports[p].per_param("total"),
         "bytes_per_param_with_compute_copy": reports[p].per_param("total_with_compute_copy"),
     } for p in PRESETS]
@@ -67,10 +75,12 @@ def run(model: str, batch: int, seq: int, repeats: int) -> dict:
 def table(result: dict) -> str:
     lines = [f"train step, model {result['model']} ({result['params']:,} params), batch {result['batch']}x"
              f"{result['seq']}, {result['backend']} ({result['device']})",
-             f"{'preset':<12}{'step ms':>10}{'vs fp32':>9}{'tok/s':>10}{'B/param':>9}{'+copy':>8}"]
+             f"{'preset':<12}{'step ms':>10}{'vs fp32':>9}{'tok/s':>10}{'B/param':>9}{'+copy':>8}"
+             f"{'temp MB':>9}{'vs bf16':>8}"]
     for r in result["rows"]:
         lines.append(f"{r['preset']:<12}{r['step_s'] * 1e3:>10.1f}{r['vs_fp32']:>9.2f}{r['tokens_per_s']:>10,.0f}"
-                     f"{r['bytes_per_param']:>9.2f}{r['bytes_per_param_with_compute_copy']:>8.2f}")
+                     f"{r['bytes_per_param']:>9.2f}{r['bytes_per_param_with_compute_copy']:>8.2f}"
+                     f"{r['temp_bytes'] / 1e6:>9.1f}{r['temp_vs_bf16']:>8.2f}")
     return "\n".join(lines)
 
 

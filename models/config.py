@@ -7,6 +7,37 @@ from typing import Any
 
 from mpx import config as config_io
 
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Context extension of RoPE's frequencies (Hugging Face's `rope_scaling`).
+
+    Attributes:
+      kind: "none"; "linear" (every frequency divided by `factor`, position
+        interpolation); or "llama3" (Llama 3.1: wavelengths above
+        original_max_len / low_freq_factor divided by `factor`, those below
+        original_max_len / high_freq_factor kept, a smooth blend between).
+      factor: the context extension factor.
+      low_freq_factor, high_freq_factor, original_max_len: the llama3 band edges.
+    """
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling kind must be one of {', '.join(ROPE_SCALINGS)}; got {self.kind!r}")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling factor must be > 0; got {self.factor}")
+        if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor; got "
+                             f"{self.low_freq_factor}, {self.high_freq_factor}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -28,6 +59,18 @@ class ModelConfig:
       remat: "none", "full" (recompute every block) or "non_fp8" (skip recomputation
         of FP8 blocks, whose saved activations are 4x smaller; seed section 3.2).
       norm_eps: RMSNorm epsilon.
+      head_dim_override: per-head width when it is not d_model // n_heads (Qwen3,
+        some Mistral models); None: d_model // n_heads.
+      embed_scale: multiply the embedding lookup by sqrt(d_model) (Gemma style, mpx's
+        own models); Hugging Face Llama-family models do not.
+      qkv_bias: biases on the Q, K and V projections (Qwen2).
+      qk_norm: RMSNorm over each query and key head before RoPE (Qwen3).
+      sliding_window: each query sees at most this many keys, itself included
+        (Mistral); None: the whole causal past.
+      rope_scaling: RoPE context extension (Llama 3.1's "llama3", "linear").
+      init_from: a Hugging Face model directory to start training from: its
+        config.json sets the shape (every field above but max_seq_len and remat) and
+        its weights the initial params (store.hf.resolve_init_from, init_params).
     """
 
     vocab_size: int = 256
@@ -44,14 +87,26 @@ class ModelConfig:
     tie_embeddings: bool = True
     remat: str = "none"
     norm_eps: float = 1e-6
+    head_dim_override: int | None = None
+    embed_scale: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    rope_scaling: RopeScaling = RopeScaling()
+    init_from: str | None = None
 
     def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.head_dim_override is None and self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                             "(or set head_dim_override)")
+        if self.head_dim_override is not None and self.head_dim_override < 2:
+            raise ValueError(f"head_dim_override must be >= 2; got {self.head_dim_override}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"head_dim={self.d_model // self.n_heads} must be even for RoPE")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None; got {self.sliding_window}")
         if self.remat not in ("none", "full", "non_fp8"):
             raise ValueError(f"remat must be one of 'none', 'full', 'non_fp8'; got {self.remat!r}")
         if self.n_experts and not 1 <= self.top_k <= self.n_experts:
@@ -59,7 +114,11 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_dim_override or self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` has the MoE FFN (every `moe_every`-th block, counting from 1)."""
+        return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1
 
 
 PRESETS = {

@@ -27,13 +27,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig
+from models.config import ModelConfig, RopeScaling
 from mpx import nn as mnn
 from mpx.policy import Policy, preset
 from mpx.dot import upcast
@@ -48,10 +49,37 @@ ACTIVATION_AXES = ("batch", "seq", "act_embed")  # logical axes of the residual 
 LOGITS_AXES = ("batch", "seq", "vocab")
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding of x (B, T, H, K) at integer positions (B, T), in f32."""
-    half = x.shape[-1] // 2
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> Array:
+    """RoPE's angular frequencies (K/2,) f32: theta^(-2i/K), then context-extended.
+
+    "linear" divides every frequency by the factor; "llama3" (Llama 3.1) divides the
+    low frequencies (wavelength above original_max_len / low_freq_factor), keeps the
+    high ones (below original_max_len / high_freq_factor) and blends in between.
+    """
+    half = head_dim // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (K/2,)
+    if scaling.kind == "linear":
+        return freqs / scaling.factor
+    if scaling.kind == "llama3":
+        wavelen = 2 * math.pi / freqs
+        low_wavelen = scaling.original_max_len / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_len / scaling.high_freq_factor
+        scaled = jnp.where(wavelen > low_wavelen, freqs / scaling.factor, freqs)
+        smooth = (scaling.original_max_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, blended, scaled)
+    return freqs
+
+
+def rope(x: Array, positions: Array, theta: float, scaling: RopeScaling = RopeScaling()) -> Array:
+    """Rotary position embedding of x (B, T, H, K) at integer positions (B, T), in f32.
+
+    Pairs channel i with channel i + K/2 (the "rotate half" layout of Hugging Face's
+    Llama-family checkpoints, whose q/k weights therefore load without permutation).
+    """
+    freqs = rope_frequencies(x.shape[-1], theta, scaling)  # (K/2,)
     angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, K/2)
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -99,6 +127,15 @@ def _read_slot(slot) -> Array:
     return slot
 
 
+def attention_mask(query_pos: Array, key_pos: Array, window: int | None) -> Array:
+    """(B, 1, T, S) bool: key j visible to query i when j <= i (and i - j < window)."""
+    delta = query_pos[:, :, None] - key_pos[:, None, :]  # (B, T, S)
+    visible = delta >= 0
+    if window is not None:
+        visible &= delta < window
+    return visible[:, None]
+
+
 class SelfAttention(nn.Module):
     """Grouped-query self-attention with RoPE; optional KV cache for generation."""
 
@@ -108,18 +145,23 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: Cache | None) -> tuple[Array, Cache | None]:
         c = self.config
-        dense = lambda feats, name: mnn.DenseGeneral(feats, policy=self.policy, name=name)  # noqa: E731
+        dense = lambda feats, name: mnn.DenseGeneral(feats, use_bias=c.qkv_bias, policy=self.policy,  # noqa: E731
+                                                     name=name)
         q = dense((c.n_heads, c.head_dim), "q_proj")(x)  # (B, T, H, K)
         k = dense((c.n_kv_heads, c.head_dim), "k_proj")(x)  # (B, T, G, K)
         v = dense((c.n_kv_heads, c.head_dim), "v_proj")(x)  # (B, T, G, K)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if c.qk_norm:  # Qwen3: per-head RMSNorm of queries and keys, before RoPE
+            q = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="q_norm")(q)
+            k = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="k_norm")(k)
+        q, k = rope(q, positions, c.rope_theta, c.rope_scaling), rope(k, positions, c.rope_theta, c.rope_scaling)
         if cache is None:
-            mask = mnn.causal_mask(x.shape[1], x.shape[1])[None, None]  # (1, 1, T, T)
+            key_pos = query_pos = jnp.arange(x.shape[1])[None, :]  # (1, T)
         else:
             cache = _write_cache(cache, k, v, positions)
             k, v = _read_slot(cache["k"]), _read_slot(cache["v"])  # (B, S_max, G, K)
-            # Keys at or before each query's position; later slots are empty or stale.
-            mask = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+            # Later slots are empty or stale: the causal mask hides them too.
+            key_pos, query_pos = jnp.arange(k.shape[1])[None, :], positions  # (1, S), (B, T)
+        mask = attention_mask(query_pos, key_pos, c.sliding_window)  # (B or 1, 1, T, S)
         out = mnn.grouped_attention(self, self.policy, q, k, v, mask)  # (B, T, H, K)
         out = mnn.DenseGeneral(c.d_model, axis=(-2, -1), policy=self.policy, name="o_proj",
                                kernel_init=residual_init(c.n_layers))(out)
@@ -248,10 +290,13 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         # Gemma-style: rows of RMS D**-0.5 keep tied-head logits O(1); the lookup is scaled
-        # by sqrt(D) so the residual stream starts at unit RMS, on a par with the blocks.
+        # by sqrt(D) so the residual stream starts at unit RMS, on a par with the blocks
+        # (unless embed_scale is off, as in Hugging Face's Llama family).
         embed = mnn.Embed(c.vocab_size, c.d_model, policy=self.policy, name="embed",
                           embedding_init=nn.initializers.normal(stddev=c.d_model**-0.5))
-        x = embed(tokens).astype(jnp.float32) * jnp.float32(c.d_model**0.5)  # (B, T, D) f32 residual
+        x = embed(tokens).astype(jnp.float32)  # (B, T, D) f32 residual
+        if c.embed_scale:
+            x = x * jnp.float32(c.d_model**0.5)
         x = self._pin(x, ACTIVATION_AXES)
         new_cache, moe_losses = [], []
         for i in range(c.n_layers):
@@ -279,6 +324,8 @@ def param_count_estimate(config: ModelConfig) -> int:
     """Parameter count from the config alone (matches count_params of an initialized model)."""
     c = config
     attn = c.d_model * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    attn += c.head_dim * (c.n_heads + 2 * c.n_kv_heads) if c.qkv_bias else 0
+    attn += 2 * c.head_dim if c.qk_norm else 0
     dense_ffn = 3 * c.d_model * c.d_ff
     moe_ffn = c.n_experts * dense_ffn + c.d_model * c.n_experts
     total = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.d_model  # + final norm

@@ -330,6 +330,33 @@ def saturate(x: jax.Array, fmt: str | Format) -> jax.Array:
     return clipped
 
 
+def round_to_grid(v: jax.Array, fmt: str | Format) -> jax.Array:
+    """`cast(v, fmt)` as float32 values, for float32 v: the rounding step of quantization.
+
+    Equals `cast(v, fmt).astype(float32)` bit for bit (saturation, round-to-nearest-even,
+    subnormals, NaN and inf). For FP8 formats it rounds with vectorizable integer ops
+    instead of XLA CPU's scalar f32 -> f8 converts; other formats go through `cast`.
+
+    Args:
+      v: float32 array.
+      fmt: a format name or `Format`.
+
+    Returns:
+      float32 array of v's shape holding values of `fmt`.
+    """
+    fmt = get(fmt)
+    if fmt.simulated or fmt.bits != 8 or not fmt.has_nan or not fmt.signed:  # FP8 element formats only
+        return cast(v, fmt).astype(jnp.float32)
+    v = saturate(v, fmt)
+    drop = 23 - fmt.mantissa_bits
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint32)
+    half = jnp.uint32((1 << (drop - 1)) - 1) + ((bits >> drop) & jnp.uint32(1))
+    normal = jax.lax.bitcast_convert_type((bits + half) & jnp.uint32((0xFFFFFFFF >> drop) << drop), jnp.float32)
+    # Below min_normal the grid is uniform: multiples of min_subnormal (a power of two).
+    subnormal = jnp.round(v * (1.0 / fmt.min_subnormal)) * fmt.min_subnormal
+    return jnp.where(jnp.abs(v) < fmt.min_normal, subnormal, normal)
+
+
 def _round_simulated(x: jax.Array, fmt: Format) -> jax.Array:
     """Rounds float32 `x` to `fmt`'s grid (RNE, subnormals, saturation), held in float32.
 

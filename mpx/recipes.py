@@ -37,6 +37,7 @@ from mpx import formats as formats_lib
 from mpx.scaled import compute_scale
 
 AMAX_ALGOS = ("max", "most_recent")
+SCALE_FORMATS = ("f32", "ue8m0")
 
 
 def _check_format(name: str, value: str) -> None:
@@ -62,12 +63,14 @@ class CurrentScaling:
       bwd_format: format of output gradients.
       margin: headroom in powers of two.
       pow2_scale: round scales up to powers of two.
+      fp8_residuals: keep the FP8 operands for the backward pass, not the inputs.
     """
 
     fwd_format: str = "e4m3"
     bwd_format: str = "e5m2"
     margin: float = 0.0
     pow2_scale: bool = False
+    fp8_residuals: bool = True
 
     def __post_init__(self):
         _check_format("fwd_format", self.fwd_format)
@@ -88,6 +91,7 @@ class DelayedScaling:
       margin: headroom in powers of two.
       fwd_format, bwd_format: as in CurrentScaling; gradients are scaled just in time.
       pow2_scale: round scales up to powers of two.
+      fp8_residuals: keep the FP8 operands for the backward pass, not the inputs.
     """
 
     history: int = 16
@@ -96,6 +100,7 @@ class DelayedScaling:
     fwd_format: str = "e4m3"
     bwd_format: str = "e5m2"
     pow2_scale: bool = False
+    fp8_residuals: bool = True
 
     def __post_init__(self):
         _check_length("DelayedScaling.history", self.history)
@@ -118,12 +123,14 @@ class StaticScaling:
 
     The state is an `AmaxHistory` of length 1 holding the calibrated amax; it is read,
     never updated. An all-zero (uncalibrated) state falls back to current scaling.
+    `fp8_residuals` as in `CurrentScaling`.
     """
 
     fwd_format: str = "e4m3"
     bwd_format: str = "e5m2"
     margin: float = 0.0
     pow2_scale: bool = False
+    fp8_residuals: bool = True
 
     def __post_init__(self):
         _check_format("fwd_format", self.fwd_format)
@@ -154,15 +161,28 @@ class DeepSeekV3:
       block: tile / block edge (128 in the report).
       fmt: element format for all operands (E4M3).
       grad_format: format of output gradients (E4M3 in the report).
-      pow2_scale: ue8m0 (power-of-two) scales, as in DeepSeek-V3.1 / DeepGEMM.
+      pow2_scale: power-of-two scales (the same as scale_format="ue8m0").
+      scale_format: "f32" (float scales, applied exactly to f32 partial sums per
+        128-wide K group) or "ue8m0" (power-of-two scales, as DeepSeek-V3.1 and DeepGEMM
+        use: folded into the operands exactly, one GEMM).
+      fp8_residuals: keep the FP8 operands (E4M3 data and scales) for the backward
+        pass instead of the unquantized input (DeepSeek-V3 report, 3.3); wgrad then
+        requantizes its 128x1 tiles from them. False keeps the input (more memory).
     """
 
     block: int = 128
     fmt: str = "e4m3"
     grad_format: str = "e4m3"
     pow2_scale: bool = False
+    scale_format: str = "f32"
+    fp8_residuals: bool = True
 
     def __post_init__(self):
+        if self.scale_format not in SCALE_FORMATS:
+            raise ValueError(f"DeepSeekV3.scale_format must be one of {SCALE_FORMATS}; got {self.scale_format!r}")
+        if self.pow2_scale or self.scale_format == "ue8m0":  # one spelling each, so equal recipes compare equal
+            object.__setattr__(self, "pow2_scale", True)
+            object.__setattr__(self, "scale_format", "ue8m0")
         _check_length("DeepSeekV3.block", self.block)
         _check_format("fmt", self.fmt)
         _check_format("grad_format", self.grad_format)

@@ -13,7 +13,9 @@ two:
     scale = compute_scale(amax, fmt, margin=..., pow2=...)
     q     = quantize_with_scale(x, scale, fmt, block)   # cast(x * (1/scale))
 
-`quantize(x, fmt, granularity)` runs all three. Quantization multiplies by the inverse
+The steps live in `mpx.scales` (re-exported here), the one implementation of each that
+`quantize` and `mpx.dot`'s fast paths share. `quantize(x, fmt, granularity)` runs all
+three. Quantization multiplies by the inverse
 scale (XLA rewrites `x / s` into `x * (1/s)` anyway; doing it explicitly keeps jitted
 code and references bit-identical).
 
@@ -39,8 +41,22 @@ import jax.numpy as jnp
 
 from mpx import formats as formats_lib
 from mpx.formats import Format
+from mpx.scales import (  # noqa: F401  (compute_amax ... broadcast_scale: public here too)
+    broadcast_scale,
+    check_block,
+    compute_amax,
+    compute_scale,
+    exp2_int,
+    floor_log2,
+    grid_values,
+    mx_scale_ocp,
+    pow2_ceil,
+    scale_blocks,
+    scale_shape,
+)
 
 Shape = tuple[int, ...]
+MX_SCALE_RULES = ("ceil", "ocp")
 
 
 # --------------------------------------------------------------------------- granularities
@@ -94,10 +110,22 @@ class Blocks:
 
 @dataclasses.dataclass(frozen=True)
 class MX:
-    """OCP Microscaling: a power-of-two (E8M0) scale per `size` elements along `axis`."""
+    """OCP Microscaling: a power-of-two (E8M0) scale per `size` elements along `axis`.
+
+    `mx_scale` picks the scale rule. "ceil" (the default): the smallest power of two with
+    amax / scale <= fmt.max, so no value clips. "ocp": the OCP MX spec's rule,
+    2**(floor(log2(amax)) - emax), where values above fmt.max clip; use it to exchange
+    data with MX hardware and checkpoints. Both keep dequantized values finite for any
+    finite input.
+    """
 
     size: int = 32
     axis: int = -1
+    mx_scale: str = "ceil"
+
+    def __post_init__(self):
+        if self.mx_scale not in MX_SCALE_RULES:
+            raise ValueError(f"MX mx_scale must be one of {MX_SCALE_RULES}; got {self.mx_scale!r}")
 
     def block_shape(self, shape: Shape) -> Shape:
         axis = _normalize_axes(self.axis, len(shape))[0]
@@ -124,11 +152,6 @@ def resolve_block(granularity: Granularity | Sequence[int], shape: Shape) -> Sha
     raise TypeError(
         f"granularity must be PerTensor(), PerAxis(axes), Blocks(shape) or MX(size); got {granularity!r}"
     )
-
-
-def scale_shape(shape: Shape, block: Shape) -> Shape:
-    """ceil(dim / block) per axis: the shape of the scale array."""
-    return tuple(-(-d // b) for d, b in zip(shape, block))
 
 
 # --------------------------------------------------------------------------- ScaledArray
@@ -174,178 +197,6 @@ class ScaledArray:
 # --------------------------------------------------------------------------- the three steps
 
 
-def _to_blocks(x: jax.Array, block: Shape) -> jax.Array:
-    """Zero-pads x to whole blocks and reshapes to (n0, b0, n1, b1, ...)."""
-    pads = [(0, -d % b) for d, b in zip(x.shape, block)]
-    if any(p for _, p in pads):
-        x = jnp.pad(x, pads)
-    split = []
-    for d, b in zip(x.shape, block):
-        split += [d // b, b]
-    return x.reshape(split)
-
-
-def _block_axes(ndim: int) -> tuple[int, ...]:
-    return tuple(range(1, 2 * ndim, 2))
-
-
-def compute_amax(x: jax.Array, block: Shape) -> jax.Array:
-    """max |x| over each block, as float32 of shape ceil(x.shape / block).
-
-    NaN in a block gives a NaN amax (and so a NaN scale): non-finite input is reported,
-    never hidden. Use `nonfinite_counts` or `check_finite` to find it.
-    """
-    _check_block(x.shape, block)
-    blocks = _to_blocks(x, block)  # zero padding cannot raise a block's max |x|
-    axes = _block_axes(x.ndim)
-    # max(max x, -min x) is max |x| exactly; XLA on CPU vectorizes plain max/min
-    # reductions but not a reduction over abs(x) (6x faster on 4096x4096 in 1x128 tiles).
-    amax = jnp.maximum(jnp.max(blocks, axis=axes), -jnp.min(blocks, axis=axes))
-    return jnp.abs(amax).astype(jnp.float32)  # abs: an all-zero block may give -0
-
-
-def compute_scale(
-    amax: jax.Array, fmt: str | Format, *, margin: float = 0.0, pow2: bool = False
-) -> jax.Array:
-    """Dequantization scale mapping `amax` onto fmt.max / 2**margin.
-
-    Args:
-      amax: float32 per-block maxima (any shape).
-      fmt: target element format.
-      margin: headroom in powers of two (margin=1 leaves a factor 2 below fmt.max).
-      pow2: round the scale up to a power of two (E8M0 / ue8m0 scales; dequantization
-        is then exact in any binary format).
-
-    Returns:
-      float32 scales, same shape as amax. All-zero blocks get scale 1 (finite);
-      NaN/inf amax stays NaN/inf so the problem surfaces.
-    """
-    fmt = formats_lib.get(fmt)
-    amax = jnp.asarray(amax).astype(jnp.float32)
-    if isinstance(margin, (int, float)):  # static options: one compiled kernel, also eagerly
-        return _compute_scale_jit(amax, fmt, float(margin), bool(pow2))
-    return _compute_scale(amax, fmt, margin, pow2)
-
-
-def _compute_scale(amax: jax.Array, fmt: Format, margin, pow2: bool) -> jax.Array:
-    target = fmt.max * 2.0 ** (-margin)
-    # Multiply by the reciprocal, as jitted XLA does for a division anyway, so eager and
-    # jitted scales agree bit for bit. For bf16/fp32-sized targets 1/target is a float32
-    # subnormal (flushed to zero on CPU, and XLA folds constant factors together), so
-    # amax is first scaled down by 2**64 through its exponent bits, which nothing folds.
-    shift = max(0, formats_lib.ulp_exponent(fmt.max) - 64)
-    if shift:
-        scale = _exact_scale_down(amax, shift) * ((2.0**shift) / target)
-    else:
-        scale = amax * (1.0 / target)
-    if pow2:
-        scale = _tightest_pow2(amax, scale, target)
-    # A zero (or float32-subnormal) scale would give an inverse scale of inf: use 1.
-    # Written as "small -> 1" so that a NaN scale (False in any comparison) stays NaN.
-    tiny = jnp.finfo(jnp.float32).tiny
-    return jnp.where(scale < tiny, jnp.ones_like(scale), scale)
-
-
-_compute_scale_jit = jax.jit(_compute_scale, static_argnums=(1, 2, 3))
-
-
-def _exact_scale_down(x: jax.Array, k: int) -> jax.Array:
-    """x * 2**-k for non-negative float32 x, by subtracting k from the exponent bits.
-
-    Results below the normal range become 0; inf and NaN pass through.
-    """
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    exponent = (bits >> jnp.uint32(23)) & jnp.uint32(0xFF)
-    scaled = jax.lax.bitcast_convert_type(bits - jnp.uint32(k << 23), jnp.float32)
-    out = jnp.where(exponent > jnp.uint32(k), scaled, jnp.zeros_like(x))
-    return jnp.where(exponent == jnp.uint32(0xFF), x, out)
-
-
-def _tightest_pow2(amax: jax.Array, scale: jax.Array, target: float) -> jax.Array:
-    """The smallest power of two p with amax / p <= target.
-
-    `scale = amax / target` is rounded (XLA divides by multiplying with a rounded
-    reciprocal), so pow2_ceil(scale) can be off by a factor of two either way; the checks
-    below are exact because dividing by a power of two is.
-    """
-    p = pow2_ceil(scale)
-    p = jnp.where(amax * (1.0 / p) > target, p * 2.0, p)
-    half = p * 0.5
-    fits = (half >= jnp.finfo(jnp.float32).tiny) & (amax * (1.0 / half) <= target)
-    return jnp.where(fits, half, p)
-
-
-@jax.jit
-def pow2_ceil(x: jax.Array) -> jax.Array:
-    """The smallest power of two >= x, exactly, for positive normal float32 x.
-
-    Works on the bit pattern (jnp.exp2 / jnp.log2 are approximate on some backends, so
-    exp2(ceil(log2(x))) can be off by an ulp or a whole factor of two). Zero, inf and NaN
-    pass through unchanged; float32 subnormals give zero or the smallest normal.
-
-    Args:
-      x: float32 array of non-negative values.
-
-    Returns:
-      float32 array of powers of two, x's shape.
-    """
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
-    exponent = bits & jnp.uint32(0x7F800000)
-    has_fraction = (bits & jnp.uint32(0x007FFFFF)) != 0
-    special = exponent == jnp.uint32(0x7F800000)  # inf or NaN
-    up = jnp.where(has_fraction & ~special, exponent + jnp.uint32(0x00800000), bits)
-    return jax.lax.bitcast_convert_type(up, jnp.float32)
-
-
-@jax.jit
-def exp2_int(n: jax.Array) -> jax.Array:
-    """2.0**n as float32, exactly, for integer n (clipped to the normal range [-126, 127])."""
-    biased = (jnp.clip(jnp.asarray(n, jnp.int32), -126, 127) + 127).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(biased << jnp.uint32(23), jnp.float32)
-
-
-@jax.jit
-def floor_log2(x: jax.Array) -> jax.Array:
-    """floor(log2(x)) as int32, exactly, for positive normal float32 x (from the bits)."""
-    bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
-    return ((bits >> jnp.uint32(23)) & jnp.uint32(0xFF)).astype(jnp.int32) - 127
-
-
-def broadcast_scale(scale: jax.Array, shape: Shape, block: Shape) -> jax.Array:
-    """Repeats each per-block scale over its block and trims ragged ends to `shape`.
-
-    Args:
-      scale: array of shape ceil(shape / block).
-      shape: the full array's shape.
-      block: per-axis block shape.
-
-    Returns:
-      An array of `shape` (scale's dtype) holding each element's block scale.
-    """
-    shape, block = tuple(shape), tuple(block)
-    if scale.shape != scale_shape(shape, block):
-        raise ValueError(f"scale has shape {scale.shape}; expected {scale_shape(shape, block)} "
-                         f"for shape {shape} in blocks {block}")
-    return _broadcast_scale(scale, shape, block)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _broadcast_scale(scale: jax.Array, shape: Shape, block: Shape) -> jax.Array:
-    # (n0, 1, n1, 1, ...) broadcast to (n0, b0, n1, b1, ...): no gather (jnp.repeat), so
-    # XLA fuses it into the multiply that consumes it. Ragged ends are sliced off.
-    expanded = scale.reshape(tuple(s for n in scale.shape for s in (n, 1)))
-    split = tuple(s for n, b in zip(scale.shape, block) for s in (n, b))
-    padded = jnp.broadcast_to(expanded, split).reshape(tuple(n * b for n, b in zip(scale.shape, block)))
-    if padded.shape == shape:
-        return padded
-    return padded[tuple(slice(0, d) for d in shape)]
-
-
-def _scale_blocks(x: jax.Array, factor: jax.Array, block: Shape) -> jax.Array:
-    """x times each block's factor (factor has shape ceil(x.shape / block))."""
-    return x * broadcast_scale(factor, x.shape, block)
-
-
 def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: str | Format, block: Shape) -> ScaledArray:
     """Quantizes x with given per-block dequantization scales: data = cast(x * (1/scale)).
 
@@ -357,23 +208,15 @@ def quantize_with_scale(x: jax.Array, scale: jax.Array, fmt: str | Format, block
     """
     fmt = formats_lib.get(fmt)
     block = tuple(block)
-    _check_block(x.shape, block)
+    check_block(x.shape, block)
     want = scale_shape(x.shape, block)
     scale = jnp.asarray(scale, jnp.float32)
     if scale.shape != want:
         if scale.size != 1:
             raise ValueError(f"scale has shape {scale.shape}; expected {want} for x{tuple(x.shape)} in blocks {block}")
         scale = jnp.broadcast_to(scale.reshape(()), want)
-    data = formats_lib.cast(_scale_blocks(x.astype(jnp.float32), 1.0 / scale, block), fmt)
+    data = grid_values(x, scale, fmt, block).astype(fmt.storage_dtype)  # exact: values on the grid
     return ScaledArray(data=data, scale=scale, fmt=fmt, block=block)
-
-
-def _check_block(shape: Shape, block: Shape) -> None:
-    if len(block) != len(shape):
-        raise ValueError(f"block {tuple(block)} has {len(block)} axes but the array has shape {tuple(shape)}")
-    for b in block:
-        if b <= 0:
-            raise ValueError(f"block sizes must be positive; got block {tuple(block)} for shape {tuple(shape)}")
 
 
 # --------------------------------------------------------------------------- one-call API
@@ -410,6 +253,8 @@ def quantize(
     x = jnp.asarray(x)
     block = resolve_block(granularity, x.shape)
     pow2 = bool(pow2_scale or isinstance(granularity, MX))
+    if scale is None and isinstance(granularity, MX) and granularity.mx_scale == "ocp":
+        scale = mx_scale_ocp(compute_amax(x, block), fmt)
     if isinstance(margin, (int, float)):  # static options: one compiled kernel, also eagerly
         return _quantize_jit(x, scale, fmt, block, pow2, float(margin))
     return _quantize(x, scale, fmt, block, pow2, margin)
@@ -437,7 +282,7 @@ def dequantize(q: ScaledArray, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _dequantize(data: jax.Array, scale: jax.Array, block: Shape, dtype) -> jax.Array:
-    return _scale_blocks(formats_lib.upcast(data, jnp.float32), scale, block).astype(dtype)
+    return scale_blocks(formats_lib.upcast(data, jnp.float32), scale, block).astype(dtype)
 
 
 def fake_quant(
@@ -513,7 +358,7 @@ def quantization_error_bound(q: ScaledArray) -> jax.Array:
     y = jnp.abs(q.data.astype(jnp.float32))
     binade = floor_log2(jnp.maximum(y, jnp.float32(fmt.min_normal)))
     half_ulp = exp2_int(binade - fmt.mantissa_bits - 1)
-    return _scale_blocks(half_ulp, q.scale, q.block)
+    return scale_blocks(half_ulp, q.scale, q.block)
 
 
 def blocks_count(shape: Shape, block: Shape) -> int:

@@ -217,7 +217,7 @@ class Engine:
         """
         self.check_prompts(prompts)
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens (--max-tokens) must be >= 1; got {max_new_tokens}")
+            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
         tokens, lengths = self._batch(prompts)
         run = _Run(self, prompts, lengths, max_new_tokens, should_stop, on_tokens)
         key = jax.random.key(seed)

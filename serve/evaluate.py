@@ -35,7 +35,8 @@ from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from store import cli
 
-SEED_CLAIMS = {"fp32": ("100%", "<0.1%"), "bf16": ("50%", "<0.5%"), "fp8": ("25%", "<2%")}
+# The targets of the design brief: weight memory relative to fp32, most perplexity loss accepted.
+TARGETS = {"fp32": ("100%", "<0.1%"), "bf16": ("50%", "<0.5%"), "fp8": ("25%", "<2%")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,7 @@ def _winner(rows: list[dict]) -> str:
 
 
 def to_markdown(rows: list[dict], extra: dict, ckpt: q.Checkpoint, data: Data) -> str:
-    """The report as Markdown: the table, the seed's claims beside it, calibration notes."""
+    """The report as Markdown: the table, the design targets beside it, calibration notes."""
     tokens = sum(t.size for t in data.targets)
     lines = [f"# Precision report: {ckpt.name} (step {ckpt.step})", "",
              f"Model {ckpt.config.d_model}d x {ckpt.config.n_layers} layers, "
@@ -200,23 +201,24 @@ def to_markdown(rows: list[dict], extra: dict, ckpt: q.Checkpoint, data: Data) -
              f"{tokens:,} tokens; greedy agreement over {len(data.prompts)} prompts x {data.new_tokens} new "
              f"tokens; decode tokens/s on {jax.default_backend()} ({len(data.prompts)} rows, warm, median of 3; "
              "benchmarks/generate.py measures speed round-robin). "
-             "Every number below is measured by `python -m serve.evaluate`.", "",
-             "| variant | weight memory | vs fp32 | seed claim | decode tok/s | perplexity | ppl change | seed claim "
+             "Every number below is measured by `python -m serve.evaluate`; targets: weight memory "
+             "and the most perplexity loss accepted, from the project's design brief.", "",
+             "| variant | weight memory | vs fp32 | target | decode tok/s | perplexity | ppl change | target "
              "| logits cosine | KL (nats/token) | top-1 agree | greedy agree |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     claimed = set()
     for r in rows:
-        # The seed's claims sit beside the first (default) row of each precision.
+        # The design targets sit beside the first (default) row of each precision.
         first = r["precision"] not in claimed and "KV" not in r["label"]
         claimed.add(r["precision"])
-        claim = SEED_CLAIMS[r["precision"]] if first else ("", "")
+        claim = TARGETS[r["precision"]] if first else ("", "")
         lines.append(f"| {r['label']} | {r['bytes'] / 1024:,.0f} KiB | {r['memory']:.2%} | {claim[0]} | "
                      f"{r['tokens_per_s']:,.0f} | {r['ppl']:.4f} | {r['ppl_change']:+.3%} | {claim[1]} | "
                      f"{r['cosine']:.6f} | {r['kl']:.2e} | {r['top1']:.2%} | {r['greedy']:.2%} |")
     lines += ["", _winner(rows)]
     if "logit_scale" in extra:
         e = extra["logit_scale"]
-        lines += ["", f"FP8 logit temperature (seed 5.1): the scale minimizing KL to fp32 for {e['label']} is "
+        lines += ["", f"FP8 logit temperature (`--logit-scale`): the scale minimizing KL to fp32 for {e['label']} is "
                       f"{e['scale']:.3f} (KL {e['kl_before']:.2e} -> {e['kl_after']:.2e})."]
     if "amax" in extra:
         lines += ["", "Calibrated activation amax per layer:", "",

@@ -7,7 +7,7 @@
 
 They are hashable, so a jitted decode step takes one as a static argument (one compile
 per strategy). `logit_scale` (see `scale_logits`) multiplies logits before any strategy:
-the seed's temperature scaling at the output layer, to offset the logit compression
+temperature scaling at the output layer, to offset the logit compression
 of an FP8 model (serve/quantize.py fits it).
 
 Example:

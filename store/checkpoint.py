@@ -40,76 +40,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from mpx.sharding import path_str
+from store.prng_keys import CheckpointError, abstract_leaf, keys_to_wrap, leaves_by_path, unwrap_keys, wrap_keys
 
 MANIFEST = "manifest.json"
 _FORMAT = 1  # version of the layout above
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupt or incompatible."""
-
-
-# ---------------------------------------------------------------------------
-# Pytree paths and typed PRNG keys.
-
-
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _unwrap_keys(state: Any) -> tuple[Any, dict[str, str]]:
-    impls = {}
-
-    def unwrap(path, x):
-        if not _is_key(x):
-            return x
-        impls[path_str(path)] = str(jax.random.key_impl(x))
-        return jax.random.key_data(x)
-
-    return jax.tree_util.tree_map_with_path(unwrap, state), impls
-
-
-def _wrap_keys(state: Any, impls: dict[str, str]) -> Any:
-    found = set()
-
-    def wrap(path, x):
-        name = path_str(path)
-        if name not in impls:
-            return x
-        found.add(name)
-        return jax.random.wrap_key_data(x, impl=impls[name])
-
-    state = jax.tree_util.tree_map_with_path(wrap, state)
-    if found != set(impls):
-        raise CheckpointError(f"PRNG keys saved at {sorted(set(impls) - found)} are missing "
-                              "from the restored tree; pass a target with the saved structure")
-    return state
-
-
-def _keys_to_wrap(step_dir: Path, impls: dict[str, str], target: Any) -> dict[str, str]:
-    """The saved keys to re-wrap: all of them, or those the target wants as typed keys."""
-    if target is None:
-        return impls
-    wanted = {name for name, leaf in _leaves_by_path(target).items() if _is_key(leaf)}
-    if wanted - set(impls):
-        raise CheckpointError(f"checkpoint {step_dir}: the target asks for PRNG keys at "
-                              f"{sorted(wanted - set(impls))}, saved as raw arrays")
-    return {name: impls[name] for name in wanted}
-
-
-def _key_data_struct(leaf: Any) -> jax.ShapeDtypeStruct:
-    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(leaf, "sharding", None))
-
-
-def _abstract_leaf(leaf: Any) -> Any:
-    if _is_key(leaf):
-        return _key_data_struct(leaf)
-    if isinstance(leaf, jax.Array):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-    return leaf  # ShapeDtypeStruct, numpy array or Python scalar: orbax takes them as is
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +233,7 @@ def save(directory: str | Path, step: int, state: Any, metadata: dict | None = N
         raise CheckpointError(f"cannot save step {step} in {directory}: it already holds steps "
                               f"up to {existing[-1]} and steps must increase; move or delete "
                               f"the steps >= {step} first")
-    state, key_impls = _unwrap_keys(state)
+    state, key_impls = unwrap_keys(state)
     meta = {"format": _FORMAT, "metadata": metadata, "prng_keys": key_impls}
     with _manager(directory, keep) as manager:
         saved = manager.save(step, args=ocp.args.Composite(
@@ -347,11 +281,6 @@ def _check_expect(step_dir: Path, metadata: dict, expect: dict) -> None:
         raise CheckpointError(f"checkpoint {step_dir} is incompatible: {'; '.join(diffs)}")
 
 
-def _leaves_by_path(tree: Any) -> dict[str, Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_str(path): leaf for path, leaf in flat}
-
-
 def _some(names: set[str], limit: int = 8) -> str:
     names = sorted(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
@@ -360,7 +289,7 @@ def _some(names: set[str], limit: int = 8) -> str:
 
 def _check_target(step_dir: Path, saved_tree: Any, abstract: Any) -> None:
     """orbax casts to the target's dtype silently: insist on the saved shapes and dtypes."""
-    saved, wanted = _leaves_by_path(saved_tree), _leaves_by_path(abstract)
+    saved, wanted = leaves_by_path(saved_tree), leaves_by_path(abstract)
     if set(saved) != set(wanted):
         raise CheckpointError(
             f"checkpoint {step_dir} does not match the target tree: only in the checkpoint: "
@@ -423,9 +352,9 @@ def restore(directory: str | Path, step: int | None = None, target: Any = None, 
             _check_expect(step_dir, meta["metadata"], expect)
         abstract = None
         if target is not None:
-            abstract = jax.tree.map(_abstract_leaf, target)
+            abstract = jax.tree.map(abstract_leaf, target)
             saved_tree = manager.item_metadata(step)["state"]
             _check_target(step_dir, getattr(saved_tree, "tree", saved_tree), abstract)
         state = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract))).state
-    return _wrap_keys(state, _keys_to_wrap(step_dir, meta["prng_keys"], target)), meta["metadata"]
+    return wrap_keys(state, keys_to_wrap(step_dir, meta["prng_keys"], target)), meta["metadata"]

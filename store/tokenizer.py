@@ -3,10 +3,16 @@
 `make_tokenizer("bytes")` needs nothing installed; any other spec is a path to a
 tokenizer.json read with the `tokenizers` package. Both kinds expose `vocab_size`,
 `separator` (the ids appended after every document), `encode` and `decode`.
+
+`ModelTokenizer.from_dir` reads a Hugging Face model directory's tokenizer.json with
+its special tokens (tokenizer_config.json), stop ids (generation_config.json's
+eos_token_id) and chat template; `byte_tokenizer_json` writes `ByteTokenizer` as a
+tokenizer.json (for exports of byte-level models).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,7 +91,118 @@ class HFTokenizer:
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
-    """`ByteTokenizer()` for "bytes", else an `HFTokenizer` of the tokenizer.json `spec`."""
+    """`ByteTokenizer()` for "bytes", a `ModelTokenizer` for a model directory, else an
+    `HFTokenizer` of the tokenizer.json `spec`."""
     if spec == "bytes":
         return ByteTokenizer()
+    if Path(spec).is_dir():
+        return ModelTokenizer.from_dir(spec)
     return HFTokenizer(spec)
+
+
+# A model directory's tokenizer: special tokens, stop ids, chat template.
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token's text from tokenizer_config.json (a string or {"content": ...})."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+class ModelTokenizer(HFTokenizer):
+    """A model directory's fast tokenizer with its special tokens, stop ids and template.
+
+    Attributes:
+      special_tokens: {"bos_token": "<s>", ...} from tokenizer_config.json.
+      stop_ids: token ids that end generation: generation_config.json's eos_token_id
+        (an id or a list, e.g. Llama 3's <|eot_id|> and <|end_of_text|>), else
+        tokenizer_config.json's eos_token, else config.json's eos_token_id.
+      chat_template: the Jinja chat template source, or None.
+      separator: appended between documents (the first stop id).
+    """
+
+    def __init__(self, path: str | Path, tokenizer_config: dict | None = None, generation_config: dict | None = None,
+                 model_config: dict | None = None, chat_template: str | None = None):
+        """Loads tokenizer.json at `path` (see `from_dir` for a model directory)."""
+        super().__init__(path)
+        tokenizer_config = tokenizer_config or {}
+        self.special_tokens = {k: t for k in SPECIAL_KEYS if (t := _token_text(tokenizer_config.get(k)))}
+        eos = self._tok.token_to_id(self.special_tokens.get("eos_token", "")) if "eos_token" in self.special_tokens \
+            else None
+        self.stop_ids = (_ids((generation_config or {}).get("eos_token_id")) or _ids(eos)
+                         or _ids((model_config or {}).get("eos_token_id")))
+        self.chat_template = chat_template or _template(tokenizer_config.get("chat_template"))
+        if self.stop_ids:
+            self.separator = self.stop_ids[:1]
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "ModelTokenizer":
+        """The tokenizer of a Hugging Face model directory.
+
+        Raises:
+          FileNotFoundError: no tokenizer.json there.
+        """
+        directory = Path(directory)
+        jinja = directory / "chat_template.jinja"
+        return cls(directory / "tokenizer.json", _read_json(directory / "tokenizer_config.json"),
+                   _read_json(directory / "generation_config.json"), _read_json(directory / "config.json"),
+                   jinja.read_text() if jinja.is_file() else None)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt with the tokenizer's own special tokens (Llama's BOS)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def stop_strings(self) -> list[str]:
+        """The stop ids as decoded text ("<|eot_id|>"), for stops checked on text."""
+        return [t for t in (self.decode([i]) for i in self.stop_ids) if t]
+
+    def decode_clean(self, ids: Any) -> str:
+        """Text of token ids without special tokens."""
+        return self._tok.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=True)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _template(value: Any) -> str | None:
+    """The default template of tokenizer_config.json's chat_template (a string or a list
+    of {"name", "template"})."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        return named.get("default") or next(iter(named.values()), None)
+    return value if isinstance(value, str) else None
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer_json() -> str:
+    """tokenizer.json of mpx's byte tokenizer (token id = UTF-8 byte), for export."""
+    import tokenizers
+
+    vocab = {c: b for b, c in _bytes_to_unicode().items()}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return tok.to_str()

@@ -27,10 +27,11 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mpx  # noqa: E402
+import mpx.sharding  # noqa: E402
 from models import config as model_config  # noqa: E402
+from models import plan as plan_lib  # noqa: E402
+from models import sharding  # noqa: E402
 from models import transformer  # noqa: E402
-from mpx import plan as plan_lib  # noqa: E402
-from mpx import sharding  # noqa: E402
 from store import checkpoint as ckpt  # noqa: E402
 from train import config as config_lib  # noqa: E402
 from train import loop  # noqa: E402
@@ -129,7 +130,7 @@ def check_per_tensor_amax(out: Path, results: dict) -> None:
     # Inside shard_map each shard only sees its part: the local amax differs, global_amax does not.
     local = jax.shard_map(lambda v: jnp.max(jnp.abs(v)).reshape(1, 1), mesh=mesh, in_specs=P("fsdp", "tensor"),
                           out_specs=P("fsdp", "tensor"))(xs)
-    glob = jax.shard_map(lambda v: sharding.global_amax(v, ("fsdp", "tensor")).reshape(1, 1), mesh=mesh,
+    glob = jax.shard_map(lambda v: mpx.sharding.global_amax(v, ("fsdp", "tensor")).reshape(1, 1), mesh=mesh,
                          in_specs=P("fsdp", "tensor"), out_specs=P("fsdp", "tensor"))(xs)
     results["per_tensor"] = {
         "scale_equal": bool(np.array_equal(np.asarray(ref.scale), np.asarray(got.scale))),

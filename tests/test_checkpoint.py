@@ -52,13 +52,13 @@ def make_state():
 
 
 def bits(x) -> np.ndarray:
-    x = jax.random.key_data(x) if ckpt._is_key(x) else x
+    x = jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
     x = np.asarray(x)
     return x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
 
 
 def assert_bit_exact(a, b):
-    leaves_a, leaves_b = ckpt._leaves_by_path(a), ckpt._leaves_by_path(b)
+    leaves_a, leaves_b = ckpt.leaves_by_path(a), ckpt.leaves_by_path(b)
     assert leaves_a.keys() == leaves_b.keys()
     for name in leaves_a:
         x, y = leaves_a[name], leaves_b[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 from pathlib import Path
 from typing import Literal
@@ -193,7 +194,7 @@ def test_type_mismatches_name_key_value_and_type(override, expected):
     ("precision=fp9", "preset must be one of 'fp32', 'bf16'"),
     ("model.preset=huge", "unknown model preset 'huge'"),
     ("model.remat=some", "remat must be one of"),
-    ("optimizer.learning_rate=0", "learning_rate must be > 0"),
+    ("optimizer.learning_rate=0", "learning_rate must be a finite number > 0"),
     ("data.eval_fraction=1", "eval_fraction must be in"),
     ("mesh.fsdp=-1", "at most one axis may be -1"),
     ("checkpoint.keep=0", "keep must be >= 1"),
@@ -268,3 +269,30 @@ def test_from_dict_handles_tuples_optionals_literals_and_nesting():
 def test_from_dict_errors(d, expected):
     with pytest.raises(ConfigError, match=expected):
         from_dict(_Outer, d)
+
+
+def test_model_section_resolves_the_same_for_training_and_serving():
+    # serve.generate --config reads a training config's model section without train/.
+    from models import config as model_config
+    from serve import generate
+
+    cfg = load(CONFIGS / "small.yaml")
+    assert generate.expected_model(str(CONFIGS / "small.yaml")) == cfg.model
+    assert model_config.from_section({"preset": "tiny", "n_layers": 3}) == model_config.ModelConfig(n_layers=3)
+    assert model_config.from_section("small") == model_config.preset("small")
+    with pytest.raises(ConfigError, match="model.n_layer' .did you mean 'n_layers'"):
+        model_config.from_section({"preset": "tiny", "n_layer": 3})
+    with pytest.raises(ConfigError, match="model.preset: unknown model preset 'huge'"):
+        model_config.from_section({"preset": "huge"})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.learning_rate=.inf", "learning_rate must be a finite number > 0; got inf"),
+    ("optimizer.learning_rate=nan", "learning_rate must be a finite number > 0; got nan"),
+    ("optimizer.weight_decay=-inf", "weight_decay must be a finite number >= 0"),
+    ("optimizer.eps=.nan", "eps must be a finite number > 0"),
+    ("optimizer.clip_norm=inf", "clip_norm must be a finite number > 0, or null"),
+])
+def test_non_finite_numbers_are_rejected(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(CONFIGS / "tiny.yaml", [override])

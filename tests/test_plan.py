@@ -1,4 +1,4 @@
-"""Tests of mpx.plan: exact state bytes for tiny/small, paper plans for DeepSeek-V3 scale."""
+"""Tests of models.plan: exact state bytes for tiny/small, paper plans for DeepSeek-V3 scale."""
 
 import dataclasses
 import json
@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 import mpx
-from models import transformer
+from models import plan as plan_lib
+from models import sharding, transformer
 from mpx import optim
-from mpx import plan as plan_lib
-from mpx import sharding
 from train import config as config_lib
 from train import loop
 from train import step as step_lib
@@ -100,7 +99,7 @@ def test_deepseek_v3_config_and_its_sharded_plan():
 
 
 def test_cli_plans_deepseek_v3_and_prints_json_last():
-    out = subprocess.run([sys.executable, "-m", "mpx.plan", "--model", "deepseek_v3_671b", "--mesh",
+    out = subprocess.run([sys.executable, "-m", "models.plan", "--model", "deepseek_v3_671b", "--mesh",
                           "data=8,fsdp=32,tensor=8", "--policy", "fp8", "--batch", "256", "--seq", "4096", "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -127,8 +126,14 @@ def test_cli_errors_name_the_bad_value(argv, message, capsys):
 def test_model_yaml_rejects_unknown_fields(tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text("preset: tiny\nd_modl: 64\n")
-    with pytest.raises(ValueError, match="unknown model fields \\['d_modl'\\]"):
+    with pytest.raises(ValueError, match="m.yaml: unknown key 'd_modl' \\(did you mean 'd_model'\\?\\)"):
         plan_lib.load_model_config(str(path))
+    path.write_text("preset: tiny\nn_layers: three\n")
+    with pytest.raises(ValueError, match="n_layers: expected int, got 'three'"):
+        plan_lib.load_model_config(str(path))
+    (tmp_path / "child.yaml").write_text("extends: m.yaml\nd_ff: 512\n")
+    path.write_text("preset: tiny\nn_layers: 3\n")
+    assert plan_lib.load_model_config(str(tmp_path / "child.yaml")).d_ff == 512
     path.write_text("preset: tiny\nn_layers: 3\n")
     assert plan_lib.load_model_config(str(path)).n_layers == 3
     assert math.isclose(plan_lib.load_model_config("tiny").d_model, 128)

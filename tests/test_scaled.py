@@ -470,3 +470,35 @@ def test_property_representable_values_round_trip_exactly(name, granularity, dat
     per_tensor = jit_quantize(jnp.asarray(y), name, mpx.PerTensor(), pow2_scale=True)
     assert float(per_tensor.scale.reshape(())) == scale.flat[0]
     np.testing.assert_array_equal(np.asarray(jit_dequantize(per_tensor)), y)
+
+
+# --------------------------------------------------------------------------- MX scale rules
+
+
+@pytest.mark.parametrize("rule", ["ceil", "ocp"])
+@pytest.mark.parametrize("fmt", ["e2m1", "e4m3", "e5m2"])
+def test_mx_dequantizes_finite_input_to_finite_values(rule, fmt):
+    big = float(np.finfo(np.float32).max)
+    x = jnp.array([[big, -0.9 * big, 3e38] + [1.0] * 29, [1e-30] * 32], jnp.float32)
+    out = mpx.dequantize(mpx.quantize(x, fmt, mpx.MX(32, mx_scale=rule)))
+    assert bool(jnp.all(jnp.isfinite(out))), out
+
+
+def test_mx_ocp_rule_is_floor_log2_amax_minus_emax_and_clips():
+    """OCP MX v1.0: shared exponent floor(log2(amax)) - emax_elem; elements clip to max."""
+    amax = np.exp(np.random.default_rng(0).uniform(-20, 20, 64)).astype(np.float32)
+    x = jnp.asarray(np.stack([amax, amax / 3], axis=1))
+    for fmt, emax in (("e2m1", 2), ("e4m3", 8), ("e5m2", 15)):
+        q = mpx.quantize(x, fmt, mpx.MX(2, mx_scale="ocp"))
+        want = np.exp2(np.floor(np.log2(amax.astype(np.float64))) - emax)
+        np.testing.assert_array_equal(np.asarray(q.scale)[:, 0], want.astype(np.float32))
+        # amax / scale lies in [2**emax, 2**(emax + 1)): above fmt.max it clips to max.
+        top = np.abs(np.asarray(q.data.astype(jnp.float32))[:, 0])
+        assert np.all(top <= formats.get(fmt).max) and np.all(top >= 2.0**emax)
+    ceil = mpx.quantize(x, "e2m1", mpx.MX(2))  # the default never clips: amax / scale <= max
+    assert np.all(amax / np.asarray(ceil.scale)[:, 0] <= 6.0)
+
+
+def test_mx_rejects_an_unknown_scale_rule():
+    with pytest.raises(ValueError, match="mx_scale"):
+        mpx.MX(32, mx_scale="floor")

@@ -1,4 +1,4 @@
-"""Tests of mpx.sharding: rules on one device, and 8-device meshes in a subprocess.
+"""Tests of mpx.sharding and models.sharding: rules on one device, and 8-device meshes in a subprocess.
 
 The 8-device checks run once, in tests/sharding_worker.py with 8 simulated CPU devices
 (this pytest process keeps its single device); the tests compare its results.
@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from models import sharding as model_sharding
 from mpx import sharding
 from train import config as config_lib
 from train import loop
@@ -87,7 +88,7 @@ def test_make_mesh_uses_auto_axes_in_order():
 
 def test_param_rules_fsdp_on_inputs_tensor_on_outputs():
     mesh = sharding.abstract_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    spec = lambda path, shape: sharding.spec_for(path, shape, mesh)  # noqa: E731
+    spec = lambda path, shape: model_sharding.spec_for(path, shape, mesh)  # noqa: E731
     assert spec("layers_0/attn/q_proj/kernel", (128, 4, 32)) == P("fsdp", "tensor", None)
     assert spec("layers_0/attn/o_proj/kernel", (4, 32, 128)) == P("tensor", None, "fsdp")
     assert spec("layers_3/mlp/gate/kernel", (128, 384)) == P("fsdp", "tensor")
@@ -109,30 +110,44 @@ def test_prequantized_weights_shard_data_and_block_scales_together():
     mesh = sharding.abstract_mesh({"data": 1, "fsdp": 2, "tensor": 2})
     # serve/quantize.py: an o_proj kernel in its 2-D (H*K, D) view, 128x128 block scales.
     q = mpx.quantize(jnp.ones((256, 256)), "e4m3", mpx.Blocks((128, 128)))
-    specs = sharding.tree_specs({"layers_0": {"attn": {"o_proj": {"kernel": q}}}}, mesh)["layers_0"]["attn"]
+    specs = model_sharding.tree_specs({"layers_0": {"attn": {"o_proj": {"kernel": q}}}}, mesh)["layers_0"]["attn"]
     assert specs["o_proj"]["kernel"].data == P("tensor", "fsdp")  # like the 3-D o_proj rule
     assert specs["o_proj"]["kernel"].scale == P("tensor", "fsdp")  # 2 x 2 blocks: one per shard
     small = mpx.quantize(jnp.ones((128, 256)), "e4m3", mpx.Blocks((128, 128)))  # 1 x 2 blocks
-    spec = sharding.tree_specs({"mlp": {"up": {"kernel": small}}}, mesh)["mlp"]["up"]["kernel"]
+    spec = model_sharding.tree_specs({"mlp": {"up": {"kernel": small}}}, mesh)["mlp"]["up"]["kernel"]
     assert spec.data == P("fsdp", "tensor") and spec.scale == P(None, "tensor")  # 1 block row: replicated
 
 
 def test_rules_drop_axes_that_do_not_divide_or_are_taken():
     mesh = sharding.abstract_mesh({"data": 1, "fsdp": 4, "tensor": 4})
     # 2 kv heads cannot be split 4 ways: replicated along tensor.
-    assert sharding.spec_for("layers_0/attn/k_proj/kernel", (64, 2, 16), mesh) == P("fsdp", None, None)
+    assert model_sharding.spec_for("layers_0/attn/k_proj/kernel", (64, 2, 16), mesh) == P("fsdp", None, None)
     # Experts on fsdp (expert parallelism); the embed dim then skips the taken fsdp axis.
-    assert sharding.spec_for("layers_0/moe/experts/up/kernel", (8, 64, 128), mesh) == P("fsdp", None, "tensor")
+    assert model_sharding.spec_for("layers_0/moe/experts/up/kernel", (8, 64, 128), mesh) == P("fsdp", None, "tensor")
     # 6 experts do not divide by 4: the embed dim takes fsdp instead.
-    assert sharding.spec_for("layers_0/moe/experts/up/kernel", (6, 64, 128), mesh) == P(None, "fsdp", "tensor")
+    assert model_sharding.spec_for("layers_0/moe/experts/up/kernel", (6, 64, 128), mesh) == P(None, "fsdp", "tensor")
     assert sharding.logical_to_spec(("batch", "seq", "act_embed"), (8, 16, 64), mesh) == P("fsdp", None, None)
     with pytest.raises(ValueError, match="do not match shape"):
         sharding.logical_to_spec(("batch",), (8, 16), mesh)
 
 
 def test_layout_rejects_unknown_grad_comm():
-    with pytest.raises(ValueError, match="grad_comm must be one of f32, bf16"):
-        sharding.Layout(sharding.make_mesh(), "fp8")
+    with pytest.raises(ValueError, match="grad_comm must be one of 'f32', 'bf16'; got 'fp8'"):
+        model_sharding.Layout(sharding.make_mesh(), "fp8")
+
+
+def test_mpx_layout_needs_a_model_table_and_mpx_imports_no_model():
+    with pytest.raises(TypeError, match="param_axes"):
+        sharding.Layout(sharding.make_mesh())
+    table = (("*/kernel", ("embed", "mlp")),)
+    mesh = sharding.abstract_mesh({"fsdp": 2, "tensor": 2})
+    assert sharding.spec_for("a/kernel", (8, 8), mesh, table) == P("fsdp", "tensor")
+    assert sharding.spec_for("a/kernel", (8, 8), mesh, ()) == P(None, None)
+    imports = [f"{path}: {line.strip()}" for path in sorted((ROOT / "mpx").rglob("*.py"))
+               for line in path.read_text().splitlines()
+               if line.lstrip().startswith(("import ", "from ")) and line.split()[1].split(".")[0]
+               in ("models", "store", "train", "serve")]
+    assert imports == []
 
 
 def test_batch_rows_of_a_single_process_are_the_whole_batch():

@@ -111,3 +111,40 @@ def test_config_validation():
         config_lib.ModelConfig(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         config_lib.preset("huge")
+
+
+def _errors_vs_fp32(policy):
+    """(logits, gradient) relative errors of `policy` against fp32, same master weights."""
+    ref_model, variables = _init(TINY, "fp32")
+    model = transformer.Transformer(TINY, mpx.policy.preset(policy))
+    lp_vars = {**model.init(jax.random.key(0), _tokens(TINY)), "params": variables["params"]}
+    tokens = _tokens(TINY, seq=SEQ + 1, seed=3)
+    flat = lambda t: jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(t)])  # noqa: E731
+
+    @jax.jit
+    def run(params):
+        logits = (model.apply({**lp_vars, "params": params}, tokens)[0],
+                  ref_model.apply({"params": params}, tokens)[0])
+        grads = (jax.grad(lambda p: _loss(model, {**lp_vars, "params": p}, tokens))(params),
+                 jax.grad(lambda p: _loss(ref_model, {"params": p}, tokens))(params))
+        return [mpx.metrics.relative_error(a, b) for a, b in (logits, tuple(flat(g) for g in grads))]
+
+    return [float(e) for e in run(variables["params"])]
+
+
+@pytest.mark.parametrize("policy,grad_format", [("fp8", "e4m3"), ("fp8_current", "e5m2")])
+def test_fp8_presets_err_several_times_more_than_bf16(policy, grad_format):
+    """Two-sided: an FP8 preset must be measurably less precise than bf16, as its formats say.
+
+    A rounding to E4M3 has half-ulp 2**-4 against bf16's 2**-8: 16x (E5M2 gradients 32x).
+    The FP8 presets quantize only the Dense matmuls (attention, embeddings and the LM
+    head stay bf16), so their error lies between a quarter of that ratio (a preset that
+    silently ran bf16 would sit at 1x) and twice it (every rounding in FP8).
+    """
+    bf16 = _errors_vs_fp32("bf16")
+    fp8 = _errors_vs_fp32(policy)
+    ratio = mpx.formats.get("e4m3").half_ulp / mpx.formats.get("bf16").half_ulp
+    grad_ratio = mpx.formats.get(grad_format).half_ulp / mpx.formats.get("bf16").half_ulp
+    for what, e8, e16, r in (("logits", fp8[0], bf16[0], ratio), ("grads", fp8[1], bf16[1], grad_ratio)):
+        print(f"{policy} {what}: fp8 {e8:.2e}, bf16 {e16:.2e}, ratio {e8 / e16:.1f}")
+        assert 0.25 * ratio * e16 <= e8 <= 2.0 * r * e16, (what, e8, e16)

@@ -38,7 +38,7 @@ from mpx.config import ConfigError, check, check_choice, from_dict, to_dict
 from store.data import DataConfig  # noqa: F401  (a section of TrainConfig)
 
 
-PRECISION_PRESETS = ("fp32", "bf16", "fp16", "fp8", "fp8_current", "fp8_delayed")
+from mpx.policy import PRESET_NAMES as PRECISION_PRESETS
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant")
 MOMENT_DTYPES = ("bf16", "f32")

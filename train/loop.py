@@ -33,7 +33,7 @@ import numpy as np
 import mpx
 from models import transformer
 from mpx import optim
-from mpx import sharding
+from models import sharding
 from store import checkpoint as ckpt
 from store import data as data_lib
 from train import config as config_lib

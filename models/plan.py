@@ -1,11 +1,12 @@
 """Per-device memory plan of a training run on a mesh, on paper (nothing is allocated).
 
-    python -m mpx.plan --model deepseek_v3_671b --mesh data=8,fsdp=32,tensor=8 --policy fp8 \\
+    python -m models.plan --model deepseek_v3_671b --mesh data=8,fsdp=32,tensor=8 --policy fp8 \\
         --batch 256 --seq 4096
 
 prints, per device, the bytes of
 
-* params: the f32 master weights, each sharded by `mpx.sharding`'s rules;
+* params: the f32 master weights, each sharded by the reference model's rules
+  (`models.sharding.PARAM_AXES`);
 * optimizer state: the training optimizer's state (bf16 Adam moments shard like their
   params; counters replicated);
 * gradients: one f32 gradient per parameter, sharded like its parameter;
@@ -43,44 +44,34 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from mpx import sharding
+from models import config as model_config
+from models import sharding, transformer
+from mpx import config as config_io
+from mpx import optim
+from mpx import policy as policy_lib
+from mpx import sharding as sharding_lib
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
 ROWS = (("params", "params (f32 masters)"), ("optimizer", "optimizer state"), ("gradients", "gradients (f32)"),
         ("scale_state", "FP8 scale state"), ("activations", "activations (estimate)"), ("kv_cache", "KV cache"))
 
 
-def _shard_elements(shape: Sequence[int], spec: PartitionSpec, mesh) -> int:
-    parts = 1
-    for entry in spec:
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        parts *= math.prod(mesh.shape[a] for a in axes)
-    return math.prod(shape) // parts
-
-
-def per_device_bytes(tree: Any, mesh, rules=sharding.RULES, param_axes=sharding.PARAM_AXES, dtype=None) -> int:
-    """Bytes one device holds of `tree` sharded by the rules (every device holds the same).
+def per_device_bytes(tree: Any, mesh, dtype=None) -> int:
+    """Bytes one device holds of a state tree of the reference model, sharded by its rules.
 
     Args:
       tree: arrays or ShapeDtypeStructs.
       mesh: a Mesh or AbstractMesh.
       dtype: count every leaf in this dtype instead of its own (e.g. f32 gradients).
     """
-    specs = sharding.tree_specs(tree, mesh, rules, param_axes)
-    leaves = jax.tree.leaves(tree)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    total = 0
-    for leaf, spec in zip(leaves, spec_leaves):
-        itemsize = np.dtype(dtype or leaf.dtype).itemsize
-        total += _shard_elements(leaf.shape, spec, mesh) * itemsize
-    return total
+    return sharding_lib.per_device_bytes(tree, mesh, sharding.PARAM_AXES, dtype=dtype)
 
 
 def _bytes(dtype) -> int:
@@ -121,7 +112,7 @@ def activation_bytes(config, policy, batch: int, seq: int, mesh) -> int:
     """Estimated activation bytes per device for one forward/backward (module doc).
 
     Args:
-      config: a `models.config.ModelConfig` (duck-typed: its fields and `head_dim`).
+      config: a `models.config.ModelConfig`.
       policy: the precision policy.
       batch, seq: global batch (sequences) and sequence length.
       mesh: Mesh or AbstractMesh.
@@ -130,7 +121,7 @@ def activation_bytes(config, policy, batch: int, seq: int, mesh) -> int:
     tensor = mesh.shape["tensor"]
     saved, live = [], 0.0
     for layer in range(config.n_layers):
-        moe = config.n_experts > 0 and layer % config.moe_every == config.moe_every - 1
+        moe = config.is_moe_layer(layer)
         full = block_bytes_per_token(config, policy, layer, seq, tensor, moe)
         if _is_remat(config, policy, layer, moe):
             saved.append(config.d_model * 4)
@@ -155,7 +146,7 @@ def kv_cache_bytes(config, batch: int, seq: int, mesh, dtype=jnp.bfloat16) -> in
     leaf = jax.ShapeDtypeStruct((batch, seq, config.n_kv_heads, config.head_dim), dtype)
     cache = [{"k": leaf, "v": leaf} for _ in range(config.n_layers)]
     specs = jax.tree.leaves(sharding.cache_specs(cache, mesh), is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return sum(_shard_elements(leaf.shape, spec, mesh) * _bytes(dtype) for spec in specs)
+    return sum(sharding_lib.shard_elements(leaf.shape, spec, mesh) * _bytes(dtype) for spec in specs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +202,7 @@ def plan(config, policy, mesh, *, batch: int | None = None, seq: int | None = No
     Args:
       config: a `models.config.ModelConfig`.
       policy: a `mpx.Policy`.
-      mesh: a Mesh or AbstractMesh (`mpx.sharding.abstract_mesh`: no devices needed).
+      mesh: a Mesh or AbstractMesh (`sharding.abstract_mesh`: no devices needed).
       batch: global batch in sequences (default: one per batch shard).
       seq: sequence length (default config.max_seq_len).
       tx: the optax optimizer (default: the training chain of train.loop: AdamW with a
@@ -221,10 +212,6 @@ def plan(config, policy, mesh, *, batch: int | None = None, seq: int | None = No
     Returns:
       A MemoryPlan.
     """
-    from models import transformer  # the reference model (mpx itself does not import models)
-
-    from mpx import optim
-
     batch = batch or sharding.batch_shards(mesh)
     seq = seq or config.max_seq_len
     # The chain train.loop builds from configs/tiny.yaml (the schedule adds a counter).
@@ -248,38 +235,35 @@ def plan(config, policy, mesh, *, batch: int | None = None, seq: int | None = No
 # --------------------------------------------------------------------------- CLI
 
 
-def load_model_config(spec: str):
+def load_model_config(spec: str) -> model_config.ModelConfig:
     """A ModelConfig from a preset name, a name under configs/models/, or a YAML path.
 
-    A YAML file holds ModelConfig fields, optionally `preset: <name>` as the base.
+    A YAML file holds ModelConfig fields, optionally `preset: <name>` as the base and
+    `extends: other.yaml`; it is read by `mpx.config` (unknown keys are errors).
 
     Raises:
       ValueError: an unknown name or an unknown field (naming the allowed ones).
       FileNotFoundError: a .yaml path that does not exist.
     """
-    import yaml
-
-    from models import config as model_config
-
     if spec in model_config.PRESETS:
         return model_config.preset(spec)
-    path = Path(spec) if spec.endswith((".yaml", ".yml")) else MODELS_DIR / f"{spec}.yaml"
+    is_path = spec.endswith((".yaml", ".yml"))
+    path = Path(spec) if is_path else MODELS_DIR / f"{spec}.yaml"
     if not path.is_file():
-        if spec.endswith((".yaml", ".yml")):
+        if is_path:
             raise FileNotFoundError(f"model config {spec!r} not found")
         known = list(model_config.PRESETS) + sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
         raise ValueError(f"unknown model {spec!r}; known: {', '.join(known)} (or a .yaml path)")
-    raw = yaml.safe_load(path.read_text()) or {}
-    fields = [f.name for f in dataclasses.fields(model_config.ModelConfig)]
-    unknown = sorted(set(raw) - set(fields) - {"preset"})
-    if unknown:
-        raise ValueError(f"{path}: unknown model fields {unknown}; allowed: preset, {', '.join(fields)}")
-    base = dataclasses.asdict(model_config.preset(raw.pop("preset"))) if "preset" in raw else {}
-    return model_config.ModelConfig(**{**base, **raw})
+    raw, _ = config_io.read_tree(path)
+    base = config_io.to_dict(model_config.preset(raw.pop("preset"))) if "preset" in raw else {}
+    try:
+        return config_io.from_dict(model_config.ModelConfig, {**base, **raw})
+    except config_io.ConfigError as e:
+        raise config_io.ConfigError(f"{path}: {e}", e.key) from None
 
 
 def _parse(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mpx.plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m models.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="preset (tiny, small, 1b, ...), configs/models name or YAML")
     parser.add_argument("--mesh", default="data=1", help="axis sizes, e.g. data=8,fsdp=32,tensor=8")
     parser.add_argument("--devices", type=int, help="device count (resolves a -1 axis)")
@@ -294,8 +278,6 @@ def _parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from mpx import policy as policy_lib
-
     try:
         config = load_model_config(args.model)
         if args.remat:

@@ -1,0 +1,288 @@
+"""Backend paths of the quantized GEMM: how quantized operands are multiplied.
+
+The quantization itself (amax, scale, rounding to the grid, broadcast) is
+`mpx.scales`'; this module only decides how its results enter a GEMM:
+
+* `prepare`: an operand as the GEMM consumes it, `(values, scalar or None)`. Per-tensor
+  scales stay outside (the result is multiplied by them); block scales are folded into
+  the values while upcasting to bf16 ("upcast_bf16"), or the operand is dequantized to
+  f32 ("dequant_f32", the reference), or kept as raw FP8 data ("fp8", per tensor).
+* `dot`: the GEMM, f32 accumulation, with XLA-on-CPU layout guards.
+* `grouped_dot`: sum over K groups of (bf16 GEMM of exact FP8 values) x scales, as a
+  block-scaled FP8 GEMM promotes its partial sums every 128 elements.
+* `rounded_dot`: the unquantized bf16 GEMM, run as an f32 GEMM of the same rounded
+  operands for decode-sized products on CPU (see `FOLD_MAX_ROWS`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mpx import formats as formats_lib
+from mpx.dot.spec import OperandSpec, dims
+from mpx.scaled import PerTensor, ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
+from mpx.scales import broadcast_scale, compute_amax, compute_scale, grid_values, scale_shape
+
+# A prepared operand is what a dot consumes: (values, scalar or None, block scales or
+# None). The result of the dot is multiplied by the scalars; block scales are either
+# folded into the values already, or multiply the dot's K-group partial sums.
+Prepared = tuple[jax.Array, jax.Array | None, jax.Array | None]
+
+# The most rows (tokens, per batch entry) for which CPU runs a product in f32 instead of
+# bf16: "fold_f32" for pre-quantized weights, and `rounded_dot`. For so few rows XLA's
+# CPU backend runs a bf16 dot as an f32 dot of upcast operands anyway; on the tiny
+# model's decode step the fold leaves ~10% fewer fused ops per token (109 vs 121).
+# Training products have batch x sequence rows and never reach it.
+FOLD_MAX_ROWS = 16
+
+# The most K groups `grouped_product` runs as a scan of per-group GEMMs; past it (wgrad
+# over many tokens) both operands are dequantized into f32 for one f32 GEMM, which is
+# exact up to f32 rounding too.
+MAX_SCANNED_GROUPS = 8
+
+
+def quantize_operand(x: jax.Array, spec: OperandSpec, scale: jax.Array | None = None) -> ScaledArray:
+    """x quantized per `spec` through the core `quantize` (with `scale` when given)."""
+    if scale is not None:
+        return quantize_with_scale(x, scale, spec.fmt, resolve_block(spec.granularity, x.shape))
+    return quantize(x, spec.fmt, spec.granularity, pow2_scale=spec.pow2, margin=spec.margin)
+
+
+def quantize_parts(x: jax.Array, spec: OperandSpec, scale: jax.Array | None = None):
+    """(grid values in float32, scales of shape ceil(x.shape / block)) for x under `spec`.
+
+    The core steps (`mpx.scales`), without the round trip through the f8 dtype:
+    `grid.astype(fmt.dtype)` is `quantize_operand(x, spec, scale).data`, bit for bit.
+    """
+    block = resolve_block(spec.granularity, x.shape)
+    if scale is None:
+        scale = compute_scale(compute_amax(x, block), spec.fmt, margin=spec.margin, pow2=spec.pow2)
+    scale = jnp.asarray(scale, jnp.float32).reshape(scale_shape(x.shape, block))
+    return grid_values(x, scale, spec.fmt, block), scale
+
+
+def from_grid(grid: jax.Array, scale: jax.Array, spec: OperandSpec, impl: str) -> Prepared:
+    """A quantized operand (grid values, per-block scales) in the form `impl` multiplies.
+
+    * "dequant_f32": dequantized f32 values (the reference).
+    * per-tensor scales: grid values (raw FP8 data for "fp8") and the scalar.
+    * "fold_bf16": block scales folded into bf16 values; each value gains up to 2**-9
+      relative error unless the scales are powers of two.
+    * otherwise ("upcast_bf16"): block scales folded when that is exact (power-of-two
+      scales), else kept for `dot` to apply to K-group partial sums.
+    """
+    fmt = formats_lib.get(spec.fmt)
+    block = resolve_block(spec.granularity, grid.shape)
+    if impl == "dequant_f32":  # through the f8 data and the core's dequantize, as `prepare`
+        return dequantize(ScaledArray(grid.astype(fmt.storage_dtype), scale, fmt, block)), None, None
+    dtype = jnp.bfloat16 if fmt.mantissa_bits <= 7 else jnp.float32  # holds the grid exactly
+    if tuple(block) == tuple(grid.shape):  # per tensor: the scale multiplies the result
+        values = grid.astype(fmt.storage_dtype if impl == "fp8" else dtype)
+        return values, scale.reshape(()), None
+    if impl != "fold_bf16" and not spec.pow2:
+        return grid.astype(dtype), None, scale
+    return (grid * broadcast_scale(scale, grid.shape, block)).astype(dtype), None, None
+
+
+def prepare(x: jax.Array, spec: OperandSpec, impl: str, scale: jax.Array | None = None) -> Prepared:
+    """Quantizes x per `spec` into the operand form `impl` multiplies (see `from_grid`)."""
+    if impl == "dequant_f32":  # the reference goes through the core's quantize, f8 data included
+        return dequantize(quantize_operand(x, spec, scale)), None, None
+    return from_grid(*quantize_parts(x, spec, scale), spec, impl)
+
+
+def block_of(spec: OperandSpec, shape) -> tuple[int, ...]:
+    """The block shape `spec` gives an operand of `shape`."""
+    return tuple(resolve_block(spec.granularity, shape))
+
+
+def is_f8(x: jax.Array) -> bool:
+    """Whether x holds a one-byte float dtype."""
+    return jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 1
+
+
+def dot(a: Prepared, b: Prepared, dimension_numbers, guard: bool, blocks=(None, None)) -> jax.Array:
+    """float32 (a_values . b_values) * a_scalar * b_scalar, block scales per K group.
+
+    Operands are canonical: a (B?, M, K) contracts its last axis, b is (B?, K, N) or
+    (B?, N, K) as `dimension_numbers` say. When an operand carries block scales
+    (`blocks` gives its block shape), the product is `grouped_product`'s.
+
+    With `guard` (XLA on CPU), bf16 operands and the result pass through optimization
+    barriers: XLA CPU otherwise folds neighbouring transposes into the dot after it has
+    chosen its kernel, and its fallback kernel rejects bf16 x bf16 -> f32 (jax 0.10).
+    """
+    (xa, sa, ba), (xb, sb, bb) = a, b
+    if ba is not None or bb is not None:
+        out = grouped_product((xa, ba), (xb, bb), dimension_numbers, guard, blocks)
+    else:
+        out = _plain_dot(xa, xb, dimension_numbers, guard)
+    scalars = [s for s in (sa, sb) if s is not None]
+    return out * math.prod(scalars) if scalars else out
+
+
+def _plain_dot(xa: jax.Array, xb: jax.Array, dimension_numbers, guard: bool) -> jax.Array:
+    precision = lax.Precision.DEFAULT
+    if is_f8(xa) and is_f8(xb):
+        # convert(f8) * scalar -> dot: XLA's GEMM rewriter makes it a cuBLASLt FP8 GEMM
+        # (the caller multiplies the result by the scalars, which XLA moves onto it).
+        xa, xb, guard = xa.astype(jnp.float32), xb.astype(jnp.float32), False
+    else:
+        xa, xb = (v.astype(jnp.bfloat16) if is_f8(v) else v for v in (xa, xb))
+        dtype = jnp.promote_types(xa.dtype, xb.dtype)
+        xa, xb = xa.astype(dtype), xb.astype(dtype)
+        guard = guard and dtype == jnp.bfloat16
+        if dtype == jnp.float32:
+            precision = lax.Precision.HIGHEST
+    if guard:
+        xa, xb = lax.optimization_barrier((xa, xb))
+    out = lax.dot_general(xa, xb, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    return lax.optimization_barrier(out) if guard else out
+
+
+def grouped_product(a, b, dimension_numbers, guard: bool, blocks) -> jax.Array:
+    """sum_g (a_g . b_g) * scale_a_g * scale_b_g over K groups, in f32.
+
+    Each K group is one GEMM of exact grid values (bf16 x bf16 products are exact in
+    f32, accumulated in f32) whose partial sums are scaled and added to an f32
+    accumulator, as DeepSeek-V3's block-scaled GEMM promotes its partial sums every 128
+    elements: exact up to f32 rounding. The groups run in a `lax.scan` of 2-D GEMMs: on
+    CPU one batched GEMM over the groups is 4x slower, and it would hold every group's
+    partial sums at once.
+
+    Args:
+      a: (values (B?, M, K), scales or None), scales of shape ceil(shape / block).
+      b: (values (B?, K, N) or (B?, N, K), scales or None).
+      dimension_numbers: canonical; a contracts its last axis.
+      guard: CPU optimization barriers (see `dot`).
+      blocks: (a's block shape, b's block shape); an entry is None without scales.
+
+    Returns:
+      (B?, M, N) float32.
+
+    Raises:
+      ValueError: when the operands' K groups differ in width.
+    """
+    (xa, sa), (xb, sb) = a, b
+    batched = xa.ndim == 3
+    k_last = dimension_numbers[0][1][0] == xb.ndim - 1
+    if not batched:
+        xa, xb = xa[None], xb[None]
+        sa, sb = (None if s is None else s[None] for s in (sa, sb))
+        blocks = tuple(None if bl is None else (1, *bl) for bl in blocks)
+    ba, bb = blocks
+    group = ba[-1] if ba is not None else bb[-1 if k_last else -2]
+    if ba is not None and bb is not None and bb[-1 if k_last else -2] != group:
+        raise ValueError(f"K groups of the two operands differ: blocks {ba} and {bb}")
+    bsz, m, k = xa.shape
+    ng = -(-k // group)
+    if ng > MAX_SCANNED_GROUPS:  # many small GEMMs: dequantize into f32 operands instead
+        fa = xa.astype(jnp.float32) if sa is None else xa.astype(jnp.float32) * broadcast_scale(sa, xa.shape, ba)
+        fb = xb.astype(jnp.float32) if sb is None else xb.astype(jnp.float32) * broadcast_scale(sb, xb.shape, bb)
+        out = _plain_dot(fa, fb, (((2,), (2 if k_last else 1,)), ((0,), (0,))), guard)
+        return out if batched else out[0]
+    xa, xb = _pad_to(xa, 2, ng * group), _pad_to(xb, 2 if k_last else 1, ng * group)
+    n = xb.shape[1] if k_last else xb.shape[2]
+    xs = (_groups_first(xa, ng, 2), _groups_first(xb, ng, 2 if k_last else 1),
+          _row_scales(sa, ba, (bsz, m, ng)), _col_scales(sb, bb, (bsz, n, ng), k_last))
+    gdims = (((2,), (2 if k_last else 1,)), ((0,), (0,)))
+
+    def step(acc, group_xs):
+        x, w, rows, cols = group_xs
+        partial = _plain_dot(x, w, gdims, guard)  # (B, M, N)
+        if rows is not None:
+            partial = partial * rows[:, :, None]
+        if cols is not None:
+            partial = partial * cols[:, None, :]
+        return acc + partial, None
+
+    out, _ = lax.scan(step, jnp.zeros((bsz, m, n), jnp.float32), xs)
+    return out if batched else out[0]
+
+
+def _groups_first(x: jax.Array, ng: int, axis: int) -> jax.Array:
+    """(B, ..., nG * g, ...) with K at `axis` -> (nG, B, ..., g, ...)."""
+    shape = x.shape[:axis] + (ng, x.shape[axis] // ng) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _row_scales(scale, block, shape) -> jax.Array | None:
+    """Per-row, per-group scales (nG, B, M) from a's (B, M / bm, nG), or None."""
+    if scale is None:
+        return None
+    return jnp.moveaxis(broadcast_scale(scale, shape, (1, block[1], 1)), 2, 0)
+
+
+def _col_scales(scale, block, shape, k_last: bool) -> jax.Array | None:
+    """Per-column, per-group scales (nG, B, N) from b's (B, nG, N / bn) (or (B, N / bn, nG)
+    when b is (B, N, K)), or None."""
+    if scale is None:
+        return None
+    if k_last:
+        return jnp.moveaxis(broadcast_scale(scale, shape, (1, block[1], 1)), 2, 0)
+    bsz, n, ng = shape
+    return jnp.moveaxis(broadcast_scale(scale, (bsz, ng, n), (1, 1, block[2])), 1, 0)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths) if size > x.shape[axis] else x
+
+
+def grouped_dot(xv, sx, wv, sw, group: int, guard: bool) -> jax.Array:
+    """sum_g (xv_g . wv_g) * sx_g * sw_g in f32.
+
+    xv (B, M, nG * group), wv (B, nG * group, N); sx (B, M, nG), a scalar or None;
+    sw (B, nG, N). Returns (B, M, N).
+    """
+    b, m, k = xv.shape
+    n, ng = wv.shape[-1], k // group
+    if ng == 1:  # sx is (B, M, 1), a scalar or None: scale the rows and columns of one GEMM
+        out = dot((xv, None, None), (wv, None, None), dims(True, 1, 0), guard) * sw  # (B, M, N)
+        return out if sx is None else out * sx
+    xg = jnp.swapaxes(xv.reshape(b, m, ng, group), 1, 2).reshape(b * ng, m, group)
+    partial = dot((xg, None, None), (wv.reshape(b * ng, group, n), None, None), dims(True, 1, 0), guard)
+    partial = partial.reshape(b, ng, m, n) * sw[:, :, None, :]
+    if sx is not None and jnp.ndim(sx) == 3:
+        partial = partial * jnp.swapaxes(sx, 1, 2)[..., None]
+    out = jnp.sum(partial, axis=1)
+    return out * sx if sx is not None and jnp.ndim(sx) == 0 else out
+
+
+def cpu_decode_sized(rows: int) -> bool:
+    """Whether a product of `rows` rows runs faster as an f32 dot here (CPU, decode)."""
+    return rows <= FOLD_MAX_ROWS and jax.default_backend() == "cpu"
+
+
+def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.float32) -> jax.Array:
+    """`lax.dot_general` of lhs and rhs rounded to `compute_dtype`, accumulated in `accum_dtype`.
+
+    On CPU a bf16 (or fp16) dot with f32 accumulation and at most `FOLD_MAX_ROWS` rows
+    (lhs elements outside the contracting and batch axes: a decode step) runs as an f32
+    dot of the rounded operands. The products are the same (a product of two bf16
+    values is exact in f32) and both accumulate in f32, but XLA's CPU backend runs such
+    small bf16 dots slower than f32 ones. Larger dots (every training product: batch x
+    sequence rows) are a plain `compute_dtype` dot, where bf16 GEMMs are about twice as
+    fast as f32 on CPU.
+
+    Args:
+      lhs, rhs: floating arrays.
+      dimension_numbers: as in `jax.lax.dot_general`.
+      compute_dtype: the dtype both operands are rounded to.
+      accum_dtype: the accumulation (and output) dtype.
+
+    Returns:
+      The product in `accum_dtype`, lax.dot_general's layout.
+    """
+    lhs, rhs = jnp.asarray(lhs).astype(compute_dtype), jnp.asarray(rhs).astype(compute_dtype)
+    (contracting, _), (batch, _) = dimension_numbers
+    rows = math.prod(n for i, n in enumerate(lhs.shape) if i not in (*contracting, *batch))
+    narrow = jnp.dtype(compute_dtype).itemsize < 4 and jnp.dtype(accum_dtype) == jnp.dtype(jnp.float32)
+    if narrow and cpu_decode_sized(rows):
+        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
+    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=accum_dtype)

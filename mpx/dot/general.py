@@ -1,0 +1,240 @@
+"""The differentiable quantized `dot_general`: a custom VJP over canonical operands.
+
+Forward `lhs (B, M, K) . rhs (B, K, N)`; backward dgrad `dY . rhs^T` and wgrad
+`lhs^T . dY`, each operand quantized as `mpx.dot.plan` says. Per-tensor forward scales
+(current, delayed, static scaling) are computed outside the VJP, so scale state never
+gets a gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mpx import formats as formats_lib
+from mpx import recipes as recipes_lib
+from mpx.dot import backends
+from mpx.dot.spec import (
+    IMPLS,
+    DotPlan,
+    OperandSpec,
+    DotState,
+    check_choice,
+    check_state,
+    dims,
+    layout,
+    plan,
+    resolve_impl,
+    to_canonical,
+    transposed,
+)
+from mpx.recipes import AmaxHistory
+from mpx.scaled import ScaledArray
+from mpx.scales import broadcast_scale, compute_amax, compute_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static configuration of one quantized matmul (a nondiff argument)."""
+
+    plan: DotPlan
+    impl: str
+    batched: bool
+    lhs_dtype: Any
+    rhs_dtype: Any
+    guard: bool  # optimization barriers around bf16 dots (XLA on CPU)
+    fp8_residuals: bool  # keep the quantized operands for the backward pass
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _qmatmul(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
+    return _qmatmul_fwd(cfg, lhs, rhs, lhs_scale, rhs_scale)[0]
+
+
+def _qmatmul_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
+    p, impl = cfg.plan, cfg.impl
+    lhs_q = backends.quantize_parts(lhs, p.fprop_lhs, lhs_scale)
+    rhs_q = backends.quantize_parts(rhs, p.fprop_rhs, rhs_scale)
+    a, b = backends.from_grid(*lhs_q, p.fprop_lhs, impl), backends.from_grid(*rhs_q, p.fprop_rhs, impl)
+    blocks = (backends.block_of(p.fprop_lhs, lhs.shape), backends.block_of(p.fprop_rhs, rhs.shape))
+    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard, blocks)
+    if cfg.fp8_residuals:
+        # The FP8 operands (E4M3 data + f32 scales) instead of the inputs: 1 byte per
+        # element. The rhs is kept unquantized when dgrad groups it differently.
+        keep_rhs = _stored(rhs_q, p.fprop_rhs) if p.dgrad_rhs == p.fprop_rhs else (rhs, None)
+        return out, (_stored(lhs_q, p.fprop_lhs), keep_rhs)
+    # The inputs: dgrad reuses the prepared rhs when its spec is unchanged; wgrad
+    # re-prepares lhs transposed (with the forward scale when its spec is unchanged).
+    keep_rhs = b if p.dgrad_rhs == p.fprop_rhs else rhs
+    return out, ((lhs, lhs_scale if p.wgrad_lhs == p.fprop_lhs else None), keep_rhs)
+
+
+def _stored(q, spec: OperandSpec):
+    grid, scale = q
+    return grid.astype(formats_lib.get(spec.fmt).storage_dtype), scale  # exact: grid values
+
+
+def _loaded(stored) -> tuple[jax.Array, jax.Array]:
+    data, scale = stored
+    return formats_lib.upcast(data, jnp.float32), scale
+
+
+def _qmatmul_bwd(cfg: _Config, residuals, g):
+    p, impl = cfg.plan, cfg.impl
+    keep_lhs, keep_rhs = residuals
+    dy = backends.prepare(g, p.dgrad_dy, impl)
+    rhs_shape = _rhs_shape(cfg, keep_rhs)
+    if not cfg.fp8_residuals:
+        rhs = keep_rhs if isinstance(keep_rhs, tuple) else backends.prepare(keep_rhs, p.dgrad_rhs, impl)
+    elif keep_rhs[1] is not None:  # the stored FP8 operand
+        rhs = backends.from_grid(*_loaded(keep_rhs), p.dgrad_rhs, impl)
+    else:
+        rhs = backends.prepare(keep_rhs[0], p.dgrad_rhs, impl)
+    blocks = (backends.block_of(p.dgrad_dy, g.shape), backends.block_of(p.dgrad_rhs, rhs_shape))
+    d_lhs = backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.guard, blocks)  # (M, N) x (K, N) -> (M, K)
+    dy_w = dy if p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
+    lhs_t = _wgrad_lhs(cfg, keep_lhs)
+    lhs_t_shape = g.shape[:-2] + (rhs_shape[-2], g.shape[-2])
+    blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
+    d_rhs = backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
+    return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
+
+
+def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:
+    if not cfg.fp8_residuals:
+        return (keep_rhs[0] if isinstance(keep_rhs, tuple) else keep_rhs).shape
+    return keep_rhs[0].shape
+
+
+def _wgrad_lhs(cfg: _Config, keep_lhs):
+    """lhs^T as wgrad's operand, materialized while quantizing, so the wgrad GEMM is
+    (K, M) x (M, N): XLA on CPU runs bf16 GEMMs with a transposed lhs at f32 speed.
+
+    From stored FP8 operands: with the forward's grouping (per-tensor recipes) the data
+    is transposed as it is; otherwise (DeepSeekV3: 1x128 tiles along K forward, 128x1
+    along tokens here) the stored operand is dequantized and quantized again in the
+    wgrad tiles, so wgrad sees the forward's rounding plus its own.
+    """
+    p, impl, spec = cfg.plan, cfg.impl, transposed(cfg.plan.wgrad_lhs)
+    if not cfg.fp8_residuals:
+        lhs, lhs_scale = keep_lhs
+        return backends.prepare(jnp.swapaxes(lhs, -1, -2), spec, impl, lhs_scale)
+    grid, scale = _loaded(keep_lhs)
+    if p.wgrad_lhs == p.fprop_lhs:
+        return backends.from_grid(jnp.swapaxes(grid, -1, -2), jnp.swapaxes(scale, -1, -2), spec, impl)
+    x_hat = grid * broadcast_scale(scale, grid.shape, backends.block_of(p.fprop_lhs, grid.shape))
+    return backends.prepare(jnp.swapaxes(x_hat, -1, -2), spec, impl)
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+# --------------------------------------------------------------------------- forward scales
+
+
+def tensor_amax(x: jax.Array) -> jax.Array:
+    """max |x| over the whole array (no gradient), a float32 scalar."""
+    return compute_amax(lax.stop_gradient(x), x.shape).reshape(())
+
+
+def _forward_scale(recipe, history: AmaxHistory | None, amax: jax.Array) -> jax.Array:
+    """Per-tensor forward scale: just in time, or from `history`."""
+    kw = dict(margin=recipe.margin, pow2=recipe.pow2_scale)
+    if history is None:
+        return compute_scale(amax, recipe.fwd_format, **kw)
+    return recipes_lib.delayed_scale(history, recipe.fwd_format, algo=recipe.amax_algo, current_amax=amax, **kw)
+
+
+def _forward_scales(recipe, state: DotState | None, lhs, rhs):
+    """(lhs_scale, rhs_scale, new_state): per-tensor scales computed outside the vjp."""
+    if isinstance(recipe, recipes_lib.DeepSeekV3):
+        return None, None, state
+    amax = (tensor_amax(lhs), tensor_amax(rhs))
+    state = None if state is None else lax.stop_gradient(state)
+    hists = (None, None) if state is None else (state.lhs, state.rhs)
+    scales = tuple(_forward_scale(recipe, h, a) for h, a in zip(hists, amax))
+    if isinstance(recipe, recipes_lib.DelayedScaling):
+        state = DotState(*(recipes_lib.update_history(h, a) for h, a in zip(hists, amax)))
+    return (*scales, state)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _setup(lhs, rhs, dimension_numbers, recipe, state, rhs_kind):
+    recipe = recipes_lib.get(recipe)
+    check_choice("rhs_kind", rhs_kind, ("weight", "activation"))
+    check_state(recipe, state)
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    return recipe, lhs, rhs, layout(lhs.shape, rhs.shape, dimension_numbers)
+
+
+def quantized_operands(lhs, rhs, dimension_numbers, *, recipe, state: DotState | None = None,
+                       rhs_kind: str = "weight") -> tuple[ScaledArray, ScaledArray]:
+    """The forward operands exactly as `dot_general` quantizes them.
+
+    Args:
+      lhs, rhs, dimension_numbers, recipe, state, rhs_kind: as in `dot_general`.
+
+    Returns:
+      (q_lhs, q_rhs) in canonical layout: q_lhs (B, M, K), q_rhs (B, K, N), without the
+      B axis when there are no batch dims. `dequantize(q_lhs) . dequantize(q_rhs)` in
+      float32 is what the quantized forward computes.
+
+    Raises:
+      ValueError: as `dot_general`.
+    """
+    recipe, lhs, rhs, lay = _setup(lhs, rhs, dimension_numbers, recipe, state, rhs_kind)
+    if recipe is None:
+        raise ValueError("quantized_operands needs a recipe; recipe=None quantizes nothing")
+    lhs_c = to_canonical(lhs, lay.lhs_perm, lay.lhs_shape)
+    rhs_c = to_canonical(rhs, lay.rhs_perm, lay.rhs_shape)
+    lhs_scale, rhs_scale, _ = _forward_scales(recipe, state, lhs_c, rhs_c)
+    p = plan(recipe, rhs_kind)
+    return (backends.quantize_operand(lhs_c, p.fprop_lhs, lhs_scale),
+            backends.quantize_operand(rhs_c, p.fprop_rhs, rhs_scale))
+
+
+def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | None = None,
+                preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto"):
+    """A differentiable quantized `lax.dot_general` with float32 accumulation.
+
+    Args:
+      lhs, rhs: floating arrays (f32, bf16, f16).
+      dimension_numbers: ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)) as in
+        `jax.lax.dot_general`.
+      recipe: None (plain dot), a recipe object (`mpx.recipes.CurrentScaling`,
+        `DelayedScaling`, `StaticScaling`, `DeepSeekV3`) or its name.
+      state: a `DotState` for stateful recipes (from `init_state`), else None.
+      preferred_element_type: output dtype; default `jnp.result_type(lhs, rhs)`.
+      rhs_kind: "weight" (128x128 blocks under DeepSeekV3) or "activation" (rhs tiled
+        128-wide along its contraction dims, e.g. both operands are activations).
+      impl: "auto", "fp8", "upcast_bf16" or "dequant_f32" (see `mpx.dot`).
+
+    Returns:
+      The product in lax.dot_general's layout (batch, lhs free, rhs free) and
+      `preferred_element_type`; `(out, new_state)` when `state` is given.
+
+    Raises:
+      ValueError: for mismatched dimension numbers, an unknown recipe, impl or rhs_kind,
+        a stateful recipe without state, or state with a stateless recipe.
+      TypeError: for a state that is not a `DotState`.
+    """
+    check_choice("impl", impl, IMPLS)
+    recipe, lhs, rhs, lay = _setup(lhs, rhs, dimension_numbers, recipe, state, rhs_kind)
+    if recipe is None:
+        return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=preferred_element_type)
+    out_dtype = jnp.result_type(lhs, rhs) if preferred_element_type is None else preferred_element_type
+    lhs_c = to_canonical(lhs, lay.lhs_perm, lay.lhs_shape)
+    rhs_c = to_canonical(rhs, lay.rhs_perm, lay.rhs_shape)
+    lhs_scale, rhs_scale, new_state = _forward_scales(recipe, state, lhs_c, rhs_c)
+    guard = jax.default_backend() == "cpu"
+    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, lhs.dtype, rhs.dtype, guard,
+                  recipe.fp8_residuals)
+    out = _qmatmul(cfg, lhs_c, rhs_c, lhs_scale, rhs_scale).reshape(lay.out_shape).astype(out_dtype)
+    return out if state is None else (out, new_state)

@@ -1,0 +1,94 @@
+"""`python -m serve.export --checkpoint SRC --precision fp8 --out DIR`: a Hugging Face directory.
+
+SRC is an mpx training run or a Hugging Face model directory (detected from its
+contents). `--precision fp8` writes DeepSeek-V3's block-FP8 layout (float8_e4m3fn
+weights with float32 `weight_scale_inv` per 128x128 block, the rest bf16,
+`quantization_config` in config.json); `--scale-format ue8m0` makes every scale a power
+of two (DeepSeek-V3.1 / DeepGEMM style); `--precision bf16` writes a plain bf16
+checkpoint. Tokenizer and generation files are copied (an mpx run trained on bytes gets
+a byte-level tokenizer.json). The result loads back into mpx (FP8 weights straight into
+ScaledArrays) and into transformers.
+
+User mistakes (a missing or unusable source, an --out that exists and is not empty
+without --force, an unknown option value) print one line and exit with status 2;
+nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from absl import logging as absl_logging
+
+from serve import quantize as q
+from store import cli
+from store import hf as hf_lib
+from store import tokenizer as tokenizer_lib
+from store.hf import save as save_lib
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = cli.ArgumentParser(prog="python -m serve.export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="mpx run dir (or checkpoint/step dir) or Hugging Face dir")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty, unless --force)")
+    p.add_argument("--precision", default="fp8", choices=save_lib.PRECISIONS, help="fp8 (block-FP8, default) or bf16")
+    p.add_argument("--scale-format", default="float32", choices=save_lib.SCALE_FORMATS,
+                   help="FP8 scales: float32 (default) or ue8m0 (powers of two)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    return p.parse_args(argv)
+
+
+def _mpx_run(path: str) -> tuple:
+    """(config, params, base config.json, extra files) of an mpx training run."""
+    ckpt = q.load_checkpoint(path)
+    spec = ckpt.tokenizer_spec
+    if spec == "bytes":
+        files = {"tokenizer.json": tokenizer_lib.byte_tokenizer_json().encode()}
+    else:
+        if not Path(spec).is_file():
+            raise q.ServeError(f"the run's tokenizer {spec!r} is not there to copy")
+        files = {"tokenizer.json": Path(spec).read_bytes()}
+    return ckpt.config, ckpt.params, None, files
+
+
+def _hf_dir(path: str) -> tuple:
+    """(config, params, base config.json, tokenizer files) of a Hugging Face directory."""
+    model = hf_lib.load(path)
+    return model.config, model.params, model.hf_config, save_lib.tokenizer_files(path)
+
+
+def export(checkpoint: str, out: str, precision: str = "fp8", scale_format: str = "float32",
+           force: bool = False) -> Path:
+    """Exports a checkpoint (mpx run or Hugging Face directory) as a Hugging Face directory.
+
+    Returns:
+      The written directory.
+
+    Raises:
+      HFError, ServeError: user mistakes (see the module docstring).
+    """
+    if precision not in save_lib.PRECISIONS:
+        raise hf_lib.HFError(f"unknown --precision {precision!r}; allowed: {', '.join(save_lib.PRECISIONS)}")
+    if scale_format not in save_lib.SCALE_FORMATS:
+        raise hf_lib.HFError(f"unknown --scale-format {scale_format!r}; allowed: {', '.join(save_lib.SCALE_FORMATS)}")
+    config, params, base, files = (_hf_dir if hf_lib.is_hf_dir(checkpoint) else _mpx_run)(checkpoint)
+    return save_lib.save(out, config, params, precision=precision, scale_format=scale_format, base_config=base,
+                         extra_files=files, force=force)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
+    try:
+        out = export(args.checkpoint, args.out, args.precision, args.scale_format, args.force)
+    except (ValueError, FileNotFoundError) as err:  # HFError and ServeError are ValueErrors
+        return cli.fail(err)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({args.precision}, {size / 2**20:.2f} MiB): {', '.join(sorted(f.name for f in out.iterdir()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

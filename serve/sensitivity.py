@@ -1,0 +1,277 @@
+"""Sensitivity analysis of a checkpoint and an automatic layer-wise policy under a budget.
+
+    python -m serve.sensitivity --checkpoint runs/tiny --data notes.txt --budget 1 --out runs/tiny/sens
+
+1. Cuts the text of --data (tokenized with the checkpoint's tokenizer) into windows of
+   --seq tokens: the first --calibration windows calibrate, the last --heldout windows
+   (disjoint) measure.
+2. `mpx.sensitivity.analyze`: per linear layer and candidate format, the predicted loss
+   increase of lowering that layer alone (Fisher estimate, one forward and backward
+   pass per batch), exact one-layer measurements on a subset (--exact per format) with
+   their rank correlation, weight and activation statistics, and SmoothQuant smoothing.
+3. `mpx.policy.search`: the cheapest policy (--objective bytes: weight bytes;
+   fp8-flops: the FP8 share of matmul work) within --budget percent perplexity,
+   measured for real (the model under the policy, through mpx.nn) on the held-out
+   windows and tightened until the measurement fits.
+
+Writes sensitivity.md, sensitivity.png (layers x formats heatmap) and policy.yaml (use it
+with `train.run` as `precision: {policy_file: FILE}`). With --json the last line is one
+JSON object: policy, budget_pct, predicted_ppl_change_pct, measured_ppl_change_pct,
+fp8_weight_fraction, weight_bytes, seconds. Changes are against the fp32 model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+import mpx
+from models import transformer
+from mpx import config as config_lib
+from mpx import sensitivity as sens_lib
+from mpx.policy import auto as auto_lib
+from serve import quantize as q
+from store import data as data_lib
+
+
+class Progress:
+    """A one-line progress bar per phase on stderr."""
+
+    def __init__(self, enabled: bool = True, width: int = 30):
+        self.enabled, self.width, self.start = enabled, width, {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        self.start.setdefault(phase, time.perf_counter())
+        filled = self.width * done // max(total, 1)
+        seconds = time.perf_counter() - self.start[phase]
+        end = "\n" if done >= total else ""
+        print(f"\r{phase:<9}[{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {seconds:5.0f} s",
+              end=end, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def windows(ckpt: q.Checkpoint, data: str, seq: int, calibration: int, heldout: int, rows: int):
+    """(calibration batches, held-out batches) of (rows, seq) token windows from `data`.
+
+    Raises:
+      ServeError: a missing data file, or too little text for the windows asked for.
+    """
+    tokenizer = q.load_tokenizer(ckpt.train_config.get("data", {}).get("tokenizer", "bytes"))
+    try:
+        tokens = data_lib.encode_documents(data_lib.load_documents(data), tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise q.ServeError(f"--data {data}: {err}") from None
+    need = (calibration + heldout) * seq
+    if len(tokens) < need:
+        raise q.ServeError(f"--data {data} has {len(tokens)} tokens; {calibration} calibration and {heldout} "
+                           f"held-out windows of {seq} need {need}")
+    cut = np.asarray(tokens[: (len(tokens) // seq) * seq], np.int32).reshape(-1, seq)
+    return _batches(cut[:calibration], rows), _batches(cut[len(cut) - heldout:], rows)
+
+
+def _batches(w: np.ndarray, rows: int) -> list[jax.Array]:
+    return [jnp.asarray(w[i:i + rows]) for i in range(0, len(w), rows)]
+
+
+def policy_loss(config, variables, batches) -> callable:
+    """`policy -> mean next-token NLL over batches` of the model under that policy."""
+
+    def loss(policy: mpx.Policy) -> float:
+        model = transformer.Transformer(config, policy)
+        f = jax.jit(lambda v, b: sens_lib.next_token_nll(model.apply(v, b)[0], b))
+        return float(np.mean([float(f(variables, b)) for b in batches]))
+
+    return loss
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _pct(nats: float) -> str:
+    return f"{100 * math.expm1(nats):+.3f}"
+
+
+def _stat_cells(s: dict) -> list[str]:
+    return [f"{s['amax']:.3g}", f"{s['kurtosis']:.1f}", f"{s['outlier_fraction']:.1e}",
+            f"{s['saturated_fraction']:.1e}", f"{s['flushed_fraction']:.1e}"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def to_markdown(s: sens_lib.Sensitivity, result, args, ckpt: q.Checkpoint) -> str:
+    """The sensitivity.md report."""
+    lines = [f"# Sensitivity of {ckpt.name} (step {ckpt.step})", "",
+             f"{len(s.layers)} linear layers x {len(s.candidates)} formats, base loss {s.base_loss:.4f} nats "
+             f"(fp32) over {args.calibration} calibration windows of {args.seq} tokens. Cells: predicted "
+             "perplexity change in % of lowering that layer alone (exact one-layer measurement in brackets).", ""]
+    lines += _search_section(s, result, args)
+    header = ["layer", "params", "chosen"] + s.names
+    rows = []
+    for i, layer in enumerate(s.layers):
+        cells = [_pct(s.estimate[i, c]) + (f" [{_pct(s.exact[(layer.path, n)])}]"
+                 if (layer.path, n) in s.exact else "") for c, n in enumerate(s.names)]
+        rows.append([layer.path, f"{layer.weight_elements:,}", result.assignment[layer.path]] + cells)
+    lines += ["## Per layer and format", ""] + _table(header, rows) + [""]
+    lines += _stats_section(s) + _smoothing_section(s, args)
+    return "\n".join(lines) + "\n"
+
+
+def _search_section(s, result, args) -> list[str]:
+    rho = s.spearman()
+    per = ", ".join(f"{n} {r:.2f}" for n in s.names if (r := s.spearman(n)) is not None)
+    lines = ["## Policy", "",
+             f"Objective {args.objective}, budget {args.budget}% perplexity. Estimate vs exact one-layer "
+             f"measurement: Spearman {rho:.3f} over {len(s.exact)} pairs" + (f" (per format: {per})." if per else "."),
+             "", f"Weight bytes of the linear layers: {result.weight_bytes:,.0f} of {result.base_weight_bytes:,.0f} "
+             f"in fp32; FP8 share of weight elements {result.fp8_weight_fraction:.1%}.", ""]
+    rounds = [[str(i + 1), _pct(p), "-" if m is None else _pct(m)] for i, (p, m) in enumerate(result.rounds)]
+    lines += _table(["round", "predicted %", "measured % (held-out)"], rounds) + [""]
+    lines += ["Rules:", "", "```yaml", yaml.safe_dump(mpx.policy.to_dict(result.policy), sort_keys=False).strip(),
+              "```", ""]
+    return lines
+
+
+def _stats_section(s) -> list[str]:
+    names = ["amax", "kurtosis", "outliers >6σ", "saturated (unscaled e4m3)", "flushed (per-tensor e4m3)"]
+    header = ["layer"] + [f"W {n}" for n in names] + [f"X {n}" for n in names]
+    rows = [[p] + _stat_cells(s.weight_stats[p]) + _stat_cells(s.activation_stats[p]) for p in s.paths]
+    return ["## Weights (W) and input activations (X)", ""] + _table(header, rows) + [""]
+
+
+def _smoothing_section(s, args) -> list[str]:
+    if s.smoothed is None:
+        return []
+    cols = [c for c, cand in enumerate(s.candidates) if cand.activation is not None and cand.bits <= 8]
+    header = ["layer"] + [f"{s.names[c]} plain -> smoothed" for c in cols] + ["helped"]
+    rows = []
+    for i, p in enumerate(s.paths):
+        helped = [s.smoothed[i, c] < s.estimate[i, c] for c in cols]
+        cells = [f"{_pct(s.estimate[i, c])} -> {_pct(s.smoothed[i, c])}" for c in cols]
+        rows.append([p] + cells + [f"{sum(helped)}/{len(cols)} formats"])
+    return [f"## SmoothQuant smoothing (alpha {args.smooth_alpha}) of FP8 activations", "",
+            "Predicted change with the per-channel smoothing folded into the weights; 'helped' counts the formats "
+            "whose prediction it lowered.", ""] + _table(header, rows) + [""]
+
+
+def plot(s: sens_lib.Sensitivity, result, path: Path) -> None:
+    """sensitivity.png: log10 of the predicted % perplexity change, layers x formats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pct = 100 * np.expm1(np.maximum(s.estimate, s.second_order))
+    values = np.log10(np.maximum(pct, 1e-6))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(s.names), max(4.0, 0.16 * len(s.layers) + 1.5)))
+    image = ax.imshow(values, aspect="auto", cmap="magma_r", vmin=max(values.min(), -6))
+    ax.set_xticks(range(len(s.names)), s.names, rotation=45, ha="right")
+    ax.set_yticks(range(len(s.layers)), s.paths, fontsize=max(3, min(8, 600 // max(len(s.layers), 1))))
+    for i, p in enumerate(s.paths):
+        if result.assignment[p] in s.names:
+            ax.plot(s.column(result.assignment[p]), i, "o", color="cyan", markersize=4)
+    ax.set_title("predicted perplexity change per layer (log10 %); o = chosen")
+    fig.colorbar(image, ax=ax, label="log10(% perplexity change)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serve.sensitivity", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
+    p.add_argument("--data", required=True, help="text (.txt/.jsonl file, glob or directory) to calibrate on")
+    p.add_argument("--budget", type=float, required=True, help="perplexity change budget in percent")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--objective", default="bytes", help="bytes (weight bytes) or fp8-flops (FP8 matmul share)")
+    p.add_argument("--candidates", help=f"comma-separated formats (default all: {','.join(sens_lib.CANDIDATES)})")
+    p.add_argument("--calibration", type=int, default=8, help="calibration windows")
+    p.add_argument("--heldout", type=int, default=8, help="held-out windows for the real measurement")
+    p.add_argument("--seq", type=int, default=256, help="tokens per window (at most the model's max_seq_len)")
+    p.add_argument("--rows", type=int, default=4, help="windows per batch")
+    p.add_argument("--exact", type=int, default=3, help="layers measured exactly per format")
+    p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant alpha (0: no smoothing)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return p.parse_args(argv)
+
+
+def _check(args) -> None:
+    auto_lib.budget_nats(args.budget)
+    config_lib.check_choice("objective", args.objective, mpx.policy.OBJECTIVES)
+    sens_lib.get_candidates(args.candidates)
+    for name in ("calibration", "heldout", "seq", "rows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if not 0 <= args.smooth_alpha <= 1:
+        raise ValueError(f"--smooth-alpha must be in [0, 1]; got {args.smooth_alpha}")
+
+
+def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoint, float]:
+    """Loads, analyses and searches (see the module doc); returns the results and seconds."""
+    t0 = time.perf_counter()
+    _check(args)
+    ckpt = q.load_checkpoint(args.checkpoint)
+    if args.seq > ckpt.config.max_seq_len:
+        raise ValueError(f"--seq {args.seq} exceeds the model's max_seq_len {ckpt.config.max_seq_len}")
+    calib, heldout = windows(ckpt, args.data, args.seq, args.calibration, args.heldout, args.rows)
+    model = transformer.Transformer(ckpt.config, mpx.policy.preset("fp32"))
+    variables = {"params": ckpt.params}
+    progress = Progress(not args.json or sys.stderr.isatty())
+    s = sens_lib.analyze(lambda v, b: model.apply(v, b)[0], variables, calib, candidates=args.candidates,
+                         exact_per_candidate=args.exact, smooth_alpha=args.smooth_alpha or None, progress=progress)
+    loss = policy_loss(ckpt.config, variables, heldout)
+    base = loss(mpx.policy.preset("fp32"))
+    rounds = [0]
+
+    def measure(policy):
+        rounds[0] += 1
+        progress("measure", rounds[0], rounds[0])
+        return loss(policy) - base
+
+    result = mpx.policy.search(s, args.budget, args.objective, measure=measure, name="sensitivity")
+    return s, result, ckpt, time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        s, result, ckpt, seconds = run(args)
+    except (q.ServeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "policy.yaml").write_text(yaml.safe_dump(mpx.policy.to_dict(result.policy), sort_keys=False))
+    (out / "sensitivity.md").write_text(to_markdown(s, result, args, ckpt))
+    plot(s, result, out / "sensitivity.png")
+    print(f"wrote {out / 'sensitivity.md'}, {out / 'sensitivity.png'} and {out / 'policy.yaml'}")
+    print(f"predicted {result.predicted_ppl_change_pct:+.3f}%, measured {result.measured_ppl_change_pct:+.3f}% "
+          f"(budget {args.budget}%), FP8 weight share {result.fp8_weight_fraction:.1%}, {seconds:.0f} s")
+    if args.json:
+        print(json.dumps({"policy": str(out / "policy.yaml"), "budget_pct": args.budget,
+                          "predicted_ppl_change_pct": result.predicted_ppl_change_pct,
+                          "measured_ppl_change_pct": result.measured_ppl_change_pct,
+                          "fp8_weight_fraction": result.fp8_weight_fraction, "weight_bytes": result.weight_bytes,
+                          "seconds": seconds}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

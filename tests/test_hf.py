@@ -1,0 +1,312 @@
+"""Hugging Face import: parity with transformers' logits, configs, safetensors, bad input.
+
+The fixtures under tests/fixtures/hf/ are tiny random checkpoints written by
+transformers (tests/fixtures/make_hf_fixtures.py) with the float32 logits transformers
+computed for fixed tokens; torch and transformers are not needed here.
+"""
+
+import dataclasses
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import mpx
+from models import transformer
+from models.config import ModelConfig
+from serve import quantize as q
+from store import hf
+from store.hf import save as save_lib
+from store.hf import tensors
+from store.hf import weights as W
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
+NAMES = ("llama3", "tinyllama", "mistral", "qwen2", "qwen3")
+BF16_EPS = float(np.finfo(ml_dtypes.bfloat16).eps)  # 2^-7
+E4M3_EPS = float(np.finfo(ml_dtypes.float8_e4m3fn).eps)  # 2^-3
+
+
+def _reference(name):
+    return np.load(FIXTURES / name / "reference.npz")
+
+
+def _rel_err(logits, ref) -> float:
+    return float(np.abs(np.asarray(logits) - ref).max() / np.abs(ref).max())
+
+
+def _logits(model_hf, spec, tokens):
+    model = transformer.Transformer(model_hf.config, spec.policy())
+    params = q.quantize_params(model_hf.params, model_hf.config, spec)
+    return model.apply({"params": params}, jnp.asarray(tokens))[0]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {name: hf.load(FIXTURES / name) for name in NAMES}
+
+
+# --------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_logits_match_transformers(loaded, name):
+    ref = _reference(name)
+    err = _rel_err(_logits(loaded[name], q.ServeSpec("fp32"), ref["tokens"]), ref["logits"])
+    assert err <= 1e-4  # measured about 1e-6: f32 rounding only
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3"])
+def test_bf16_and_fp8_logits_stay_within_their_format_bounds(loaded, name):
+    ref = _reference(name)
+    bf16 = _rel_err(_logits(loaded[name], q.ServeSpec("bf16"), ref["tokens"]), ref["logits"])
+    fp8 = _rel_err(_logits(loaded[name], q.ServeSpec("fp8"), ref["tokens"]), ref["logits"])
+    # Each matmul input rounds to the format once, relative error <= eps/2 per operand,
+    # compounded over two blocks: a few eps; and each precision measurably loses.
+    assert BF16_EPS / 8 <= bf16 <= 4 * BF16_EPS
+    assert E4M3_EPS / 8 <= fp8 <= 2.5 * E4M3_EPS
+    assert fp8 > 4 * bf16  # FP8 is a different, coarser path than bf16
+
+
+def test_the_sliding_window_is_applied(loaded):
+    ref = _reference("mistral")  # window 5 < 12 tokens
+    m = loaded["mistral"]
+    no_window = dataclasses.replace(m, config=dataclasses.replace(m.config, sliding_window=None))
+    assert _rel_err(_logits(no_window, q.ServeSpec("fp32"), ref["tokens"]), ref["logits"]) > 1e-2
+
+
+def test_configs_map_each_architecture(loaded):
+    c = {name: m.config for name, m in loaded.items()}
+    assert c["llama3"].rope_scaling.kind == "llama3" and c["llama3"].rope_scaling.original_max_len == 16
+    assert not c["llama3"].tie_embeddings and c["tinyllama"].tie_embeddings
+    assert c["tinyllama"].rope_scaling.kind == "linear" and c["tinyllama"].d_ff == 160
+    assert c["mistral"].sliding_window == 5
+    assert c["qwen2"].qkv_bias and not c["qwen2"].qk_norm
+    assert c["qwen3"].qk_norm and c["qwen3"].head_dim == 16 and c["qwen3"].d_model == 32
+    assert not any(cfg.embed_scale for cfg in c.values())
+
+
+def test_transformers_4_style_rope_keys_give_the_same_config(loaded):
+    cfg = json.loads((FIXTURES / "llama3" / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = {"type" if k == "rope_type" else k: v for k, v in params.items()}
+    assert hf.to_model_config(cfg) == loaded["llama3"].config
+
+
+def test_sharded_and_single_file_checkpoints_load_the_same_tensors(loaded, tmp_path):
+    index = json.loads((FIXTURES / "llama3" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    merged = {}
+    for f in sorted(set(index["weight_map"].values())):
+        st = tensors.SafetensorsFile(FIXTURES / "llama3" / f)
+        merged.update({n: np.array(st.tensor(n)) for n in st.names()})
+    directory = _copy("llama3", tmp_path, skip=("model-",))
+    (directory / "model.safetensors.index.json").unlink()
+    tensors.write(directory / "model.safetensors", merged.items())
+    again = hf.load(directory)
+    a, b = loaded["llama3"].params, again.params
+    for entry in W.entries(again.config):
+        np.testing.assert_array_equal(W.get(a, entry.path), W.get(b, entry.path))
+
+
+def test_safetensors_written_here_read_with_the_reference_library(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones((3,), np.float16)}
+    tensors.write(tmp_path / "x.safetensors", arrays.items(), {"format": "pt"})
+    with safetensors.safe_open(str(tmp_path / "x.safetensors"), framework="np") as f:
+        assert sorted(f.keys()) == ["a", "b"] and f.metadata() == {"format": "pt"}
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(f.get_tensor(name), array)
+    bf = np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16)
+    tensors.write(tmp_path / "y.safetensors", [("c", bf)])
+    back = tensors.SafetensorsFile(tmp_path / "y.safetensors").tensor("c")
+    assert back.dtype == bf.dtype and back.tobytes() == bf.tobytes()
+
+
+def test_loading_holds_one_model_plus_one_tensor(tmp_path):
+    """Peak traced host memory while loading bf16 weights into float32 numpy params."""
+    config = ModelConfig(vocab_size=1024, d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512,
+                         embed_scale=False, tie_embeddings=False)
+    rng = np.random.default_rng(0)
+    params = {}
+    for entry in W.entries(config):
+        W.put(params, entry.path, rng.standard_normal(entry.shape, np.float32))
+    save_lib.save(tmp_path / "m", config, params, precision="bf16",
+                  extra_files=save_lib.tokenizer_files(FIXTURES / "qwen2"))
+    f32_bytes = sum(4 * int(np.prod(e.shape)) for e in W.entries(config))
+    largest = max(4 * int(np.prod(e.shape)) for e in W.entries(config))
+    tracemalloc.start()
+    hf.load(tmp_path / "m", convert=lambda entry, value: value)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert f32_bytes <= peak <= 1.5 * f32_bytes + largest, (peak, f32_bytes)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _copy(name, tmp_path, skip=()) -> Path:
+    out = tmp_path / name
+    shutil.copytree(FIXTURES / name, out, ignore=lambda d, files: [f for f in files if f.startswith(skip)])
+    return out
+
+
+def _rewrite(directory: Path, change) -> None:
+    """Rewrites model.safetensors through `change(dict of arrays)`."""
+    path = directory / "model.safetensors"
+    st = tensors.SafetensorsFile(path)
+    arrays = {n: np.array(st.tensor(n)) for n in st.names()}
+    del st
+    change(arrays)
+    tensors.write(path, arrays.items())
+
+
+def _edit_config(directory: Path, **updates) -> None:
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.update(updates)
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def _error(directory) -> str:
+    with pytest.raises(hf.HFError) as err:
+        hf.load(directory)
+    return str(err.value)
+
+
+def test_bad_directories_raise_one_clear_error(tmp_path):
+    d = _copy("qwen2", tmp_path)
+    (d / "config.json").unlink()
+    assert "no config.json" in _error(d)
+    d = _copy("qwen3", tmp_path)
+    _edit_config(d, architectures=["GPT2LMHeadModel"])
+    message = _error(d)
+    assert "GPT2LMHeadModel" in message and all(a in message for a in hf.SUPPORTED)
+    d = _copy("mistral", tmp_path)
+    (d / "tokenizer.json").unlink()
+    assert "no tokenizer.json" in _error(d)
+    assert "no such model directory" in _error(tmp_path / "absent")
+
+
+def test_bad_tensors_are_named(tmp_path):
+    d = _copy("qwen2", tmp_path)
+    _rewrite(d, lambda a: a.pop("model.layers.1.self_attn.k_proj.bias"))
+    assert "model.layers.1.self_attn.k_proj.bias is missing" in _error(d)
+    d = _copy("tinyllama", tmp_path / "shape")
+    _rewrite(d, lambda a: a.update({"model.layers.0.mlp.up_proj.weight": np.zeros((32, 160), ml_dtypes.bfloat16)}))
+    message = _error(d)
+    assert "model.layers.0.mlp.up_proj.weight" in message and "[32, 160]" in message and "[160, 32]" in message
+    d = _copy("tinyllama", tmp_path / "dtype")
+    _rewrite(d, lambda a: a.update({"model.norm.weight": np.zeros((32,), np.int64)}))
+    assert "model.norm.weight has dtype I64" in _error(d)
+    d = _copy("tinyllama", tmp_path / "extra")
+    _rewrite(d, lambda a: a.update({"model.layers.0.self_attn.o_proj.bias": np.zeros((32,), np.float32)}))
+    assert "o_proj.bias" in _error(d)
+
+
+def test_unknown_dtype_in_a_header_is_named(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    tensors.write(path, [("x", np.zeros(4, np.float32))])
+    raw = path.read_bytes().replace(b'"F32"', b'"F4X"')
+    path.write_bytes(raw)
+    with pytest.raises(tensors.TensorFileError, match="x has dtype F4X"):
+        tensors.SafetensorsFile(path).tensor("x")
+
+
+def test_block_fp8_scales_of_the_wrong_shape_are_named(tmp_path):
+    d = _copy("qwen3", tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+    def to_fp8(arrays):
+        name = "model.layers.0.mlp.up_proj.weight"
+        arrays[name] = np.asarray(arrays[name], np.float32).astype(ml_dtypes.float8_e4m3fn)
+        arrays[name + "_scale_inv"] = np.ones((2, 2), np.float32)
+
+    _rewrite(d, to_fp8)
+    assert "up_proj.weight_scale_inv has shape [2, 2]" in _error(d)
+    _edit_config(d, quantization_config={"quant_method": "gptq"})
+    assert "unsupported quantization_config" in _error(d)
+
+
+def test_mpx_is_not_confused_by_a_training_run(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert not hf.is_hf_dir(tmp_path / "run")
+    assert hf.is_hf_dir(FIXTURES / "qwen2")
+
+
+def test_training_starts_from_a_hugging_face_directory(loaded, tmp_path):
+    user = ModelConfig(init_from=str(FIXTURES / "qwen3"), max_seq_len=32, remat="full")
+    config = hf.resolve_init_from(user)
+    assert config.qk_norm and config.head_dim == 16 and config.max_seq_len == 32 and config.remat == "full"
+    params = hf.init_params(config)
+    for entry in W.entries(config):
+        np.testing.assert_array_equal(W.get(params, entry.path), W.get(loaded["qwen3"].params, entry.path))
+    save_lib.save(tmp_path / "fp8", config, params, precision="fp8")  # block-FP8 weights come back dequantized
+    fp8 = hf.init_params(dataclasses.replace(config, init_from=str(tmp_path / "fp8")))
+    kernel = W.get(fp8, ("layers_0", "mlp", "up", "kernel"))
+    assert kernel.dtype == jnp.float32 and not np.array_equal(kernel, W.get(params, ("layers_0", "mlp", "up", "kernel")))
+    assert hf.resolve_init_from(ModelConfig()) == ModelConfig()
+    with pytest.raises(hf.HFError, match="another model"):
+        hf.init_params(dataclasses.replace(config, d_ff=96))
+
+
+# --------------------------------------------------------------------------- serving and evaluation
+
+
+def test_load_for_serving_quantizes_as_it_loads_and_keeps_block_fp8_as_stored(tmp_path):
+    from serve import load as load_lib
+
+    model, variables, tok, ckpt = load_lib.load_for_serving(FIXTURES / "tinyllama", q.ServeSpec("fp8"))
+    kernel = variables["params"]["layers_0"]["mlp"]["down"]["kernel"]
+    assert isinstance(kernel, mpx.ScaledArray) and ckpt.step == 0 and tok.chat_template
+    assert variables["params"]["embed"]["embedding"].dtype == jnp.bfloat16
+    assert load_lib.fp32_bytes(ckpt) == 4 * sum(int(np.prod(e.shape)) for e in W.entries(ckpt.config))
+    save_lib.save(tmp_path / "fp8", ckpt.config, ckpt.params, precision="fp8",
+                  extra_files=save_lib.tokenizer_files(FIXTURES / "tinyllama"))
+    _, again, _, _ = load_lib.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp8"))
+    stored = again["params"]["layers_0"]["mlp"]["down"]["kernel"]
+    assert np.asarray(stored.data).tobytes() == np.asarray(kernel.data).tobytes()  # served as stored
+    _, f32, _, _ = load_lib.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp32"))
+    np.testing.assert_array_equal(f32["params"]["layers_0"]["mlp"]["down"]["kernel"], mpx.dequantize(stored))
+
+
+def test_evaluate_on_any_text_ends_with_one_json_object(tmp_path, capsys):
+    from serve import evaluate
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8})
+                              for _ in range(4)))
+    code = evaluate.main(["--checkpoint", str(FIXTURES / "llama3"), "--data", str(text), "--seq-len", "32",
+                          "--windows", "4", "--variants", "bf16,fp8,fp8-weight-only", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out[-1])["variants"]}
+    assert list(rows) == ["fp32", "bf16", "fp8", "fp8-weight-only"]  # the fp32 reference leads
+    assert set(rows["fp8"]) == {"name", "ppl", "ppl_change_pct", "weight_bytes", "logits_cos", "top1_agreement", "kl"}
+    assert rows["fp32"]["ppl_change_pct"] == 0 and rows["fp32"]["kl"] == 0 and rows["fp32"]["top1_agreement"] == 1
+    assert rows["fp8"]["weight_bytes"] < rows["bf16"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
+    assert rows["fp8"]["kl"] > rows["bf16"]["kl"] > 0 and rows["fp8"]["logits_cos"] < 1
+    assert 1 < rows["fp32"]["ppl"] < 2 * 128  # a random 128-token model: near-uniform, finite
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "fp8,int4"], "unknown variant 'int4'"),
+    (["--seq-len", "1000"], "--seq-len 1000 exceeds the model's context 64"),
+    (["--windows", "0"], "--windows"),
+])
+def test_evaluate_text_mistakes_exit_2(tmp_path, capsys, argv, message):
+    from serve import evaluate
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello there " * 50)
+    try:
+        code = evaluate.main(["--checkpoint", str(FIXTURES / "qwen2"), "--data", str(text), *argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err
