@@ -3,8 +3,8 @@
     python -m serve.server --checkpoint runs/tiny --precision fp8 --port 8000
     curl -s 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat template,
-or the plain fallback of `serve.server_api`), GET /v1/models, GET /health. With
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's Hugging Face
+chat template via `store.chat`, or the plain fallback of `serve.server_api`), GET /v1/models, GET /health. With
 "stream": true the reply is server-sent events in OpenAI's chunk format ending with
 `data: [DONE]`; without it, one JSON object with usage. Parameters: max_tokens,
 temperature, top_p, top_k (an extension; 0 = off), seed, stop (string or list), n = 1.
@@ -29,6 +29,7 @@ import secrets
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import fastapi
@@ -44,6 +45,7 @@ from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from serve import server_api as api
 from serve import slots as slots_lib
+from store import chat as chat_lib
 from store import cli
 from store import tokenizer as tokenizer_lib
 
@@ -134,7 +136,8 @@ def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-    ids = service.tokenizer.encode(params.prompt)
+    tok = service.tokenizer  # a chat template writes its own BOS; a raw prompt gets the tokenizer's
+    ids = tok.encode(params.prompt) if chat else getattr(tok, "encode_prompt", tok.encode)(params.prompt)
     seed = secrets.randbits(32) if params.seed is None else params.seed
     request = batching.Request(ids, params.max_tokens, on_event, temperature=params.temperature,
                                top_k=params.top_k, top_p=params.top_p, seed=seed, stop=params.stop)
@@ -225,7 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=cli.positive_int, default=1, help="decode steps per compiled call")
     p.add_argument("--grace", type=cli.non_negative_float, default=10.0,
                    help="seconds streams in flight may finish after Ctrl-C / SIGTERM")
-    p.add_argument("--tokenizer", help="tokenizer (bytes or tokenizer.json) instead of the checkpoint's")
+    p.add_argument("--tokenizer", help="tokenizer instead of the checkpoint's: bytes, a tokenizer.json, or a "
+                   "Hugging Face model directory (its chat template and stop ids too)")
     return p.parse_args(argv)
 
 
@@ -238,7 +242,7 @@ def build(args: argparse.Namespace) -> Service:
     """
     spec = q.ServeSpec(args.precision, activations=args.activations)
     ckpt = q.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
-    tokenizer = q.load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
+    tokenizer = _load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
     model, variables = q.prepare(ckpt, spec)
     if args.policy:
         model = model.clone(policy=mpx.policy.load(args.policy))
@@ -249,19 +253,52 @@ def build(args: argparse.Namespace) -> Service:
     batcher = batching.Batcher(slots, tokenizer, max_queue=args.max_queue, stop_ids=_eos_ids(tokenizer))
     info = {"precision": spec.label, "kv_cache": args.kv_cache, "max_batch": args.max_batch,
             "max_seq_len": slots.max_seq_len}
-    return Service(batcher, tokenizer, ckpt.name, info=info)
+    render, stops = chat_renderer(tokenizer)
+    return Service(batcher, tokenizer, ckpt.name, render, stops, info)
+
+
+def _load_tokenizer(spec: str):
+    """A model directory's tokenizer (with its chat template and stop ids), or the
+    tokenizer `spec` names ("bytes", a tokenizer.json)."""
+    if Path(spec).is_dir():
+        try:
+            return tokenizer_lib.ModelTokenizer.from_dir(spec)
+        except (FileNotFoundError, ImportError) as err:
+            raise q.ServeError(f"tokenizer: {err}; pass --tokenizer PATH to use another") from None
+    return q.load_tokenizer(spec)
+
+
+def chat_renderer(tokenizer) -> tuple[Callable[[list[dict]], str], tuple[str, ...]]:
+    """(messages -> prompt text, stop strings the template adds) for a tokenizer.
+
+    The tokenizer's Hugging Face chat template (`store.chat.render_chat`, its turn ends
+    are stop ids already) when it has one, else the plain fallback of `serve.server_api`.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return api.plain_chat_prompt, api.PLAIN_CHAT_STOPS
+    specials = dict(getattr(tokenizer, "special_tokens", {}))
+
+    def render(messages: list[dict]) -> str:
+        try:
+            return chat_lib.render_chat(template, messages, specials)
+        except chat_lib.ChatError as err:
+            raise api.ApiError(str(err), "messages") from None
+
+    return render, ()
 
 
 def _eos_ids(tokenizer) -> tuple[int, ...]:
     """End-of-sequence ids that finish every request ("stop").
 
-    A tokenizer's own `eos_ids` if it has them; else a subword tokenizer's one-token
+    A model tokenizer's `stop_ids` (generation_config.json's eos_token_id, ...) if it
+    has them; else a subword tokenizer's one-token
     document separator when that is a special token (`store.tokenizer.HFTokenizer` uses
     the end-of-text token when it finds one, else the text "\\n\\n", which is not an
     end). Byte-level text has none.
     """
-    if getattr(tokenizer, "eos_ids", None):
-        return tuple(tokenizer.eos_ids)
+    if getattr(tokenizer, "stop_ids", None):
+        return tuple(tokenizer.stop_ids)
     separator = list(getattr(tokenizer, "separator", []))
     if isinstance(tokenizer, tokenizer_lib.HFTokenizer) and len(separator) == 1 \
             and tokenizer.decode(separator) != "\n\n":

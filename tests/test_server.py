@@ -10,6 +10,8 @@ import concurrent.futures
 import json
 import threading
 import time
+import types
+from pathlib import Path
 
 import httpx
 import jax
@@ -25,6 +27,7 @@ from serve import batching
 from serve import server
 from store import checkpoint as ckpt_lib
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
 MAX_BATCH = 8
 MAX_QUEUE = 2
@@ -183,6 +186,18 @@ def test_chat_fallback_template_and_its_stops():
                                    server.api.plain_chat_prompt, server.api.PLAIN_CHAT_STOPS)
     assert params.prompt == "System: Be brief.\nUser: Hi\nAssistant:"
     assert params.stop == ("\n\n", "\nUser:", "\nSystem:") and params.max_tokens == 3
+
+
+def test_a_model_directory_brings_its_chat_template_and_stop_ids():
+    tokenizer = server._load_tokenizer(str(ROOT / "tests" / "fixtures" / "hf" / "llama3"))
+    render, stops = server.chat_renderer(tokenizer)
+    text = render([{"role": "user", "content": "Hi"}])
+    assert text.startswith(tokenizer.special_tokens["bos_token"]) and "Hi" in text and not stops
+    assert server._eos_ids(tokenizer) == tuple(tokenizer.stop_ids) and tokenizer.stop_ids
+    strict = types.SimpleNamespace(chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(server.api.ApiError, match="roles must alternate") as err:
+        server.chat_renderer(strict)[0]([{"role": "user", "content": "x"}])
+    assert err.value.status == 400 and err.value.param == "messages"
 
 
 def test_bad_chat_messages_get_400(url):
