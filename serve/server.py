@@ -154,7 +154,7 @@ async def _respond(service: Service, params: api.Params, chat: bool):
     request, events = _submit(service, params, chat)
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     if params.stream:
-        return StreamingResponse(_sse(service, params, chat, rid, request, events), media_type="text/event-stream")
+        return _EventStream(_sse(service, params, chat, rid, events), request)
     try:
         pieces, end = [], None
         while end is None:
@@ -170,6 +170,25 @@ async def _respond(service: Service, params: api.Params, chat: bool):
                 api.usage(end.prompt_tokens, end.completion_tokens))
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events that cancel their request however the response ends.
+
+    When the client goes away, the ASGI server's next send fails and Starlette stops
+    iterating the stream without closing it; the generator's own `finally` then runs
+    only when it is garbage-collected, so the slot is freed here instead.
+    """
+
+    def __init__(self, content, request: batching.Request):
+        super().__init__(content, media_type="text/event-stream")
+        self.request = request
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.request.cancel()
+
+
 def _sse_line(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -182,26 +201,22 @@ def _chunk(chat: bool, rid: str, model: str, text: str, reason: str | None = Non
     return _sse_line(api.completion_chunk(rid, model, text, reason, use))
 
 
-async def _sse(service: Service, params: api.Params, chat: bool, rid: str, request: batching.Request,
-               events: asyncio.Queue):
-    """The event stream; on disconnect Starlette cancels it and the slot is freed."""
+async def _sse(service: Service, params: api.Params, chat: bool, rid: str, events: asyncio.Queue):
+    """The event stream of one request (`_EventStream` cancels it if the client goes away)."""
     name = service.model_name
-    try:
-        if chat:
-            yield _sse_line(api.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
-        while True:
-            event = await events.get()
-            if isinstance(event, batching.TextDelta):
-                if event.text:
-                    yield _chunk(chat, rid, name, event.text)
-                continue
-            yield _chunk(chat, rid, name, "", event.reason)
-            if params.include_usage:
-                yield _chunk(chat, rid, name, "", use=api.usage(event.prompt_tokens, event.completion_tokens))
-            yield "data: [DONE]\n\n"
-            return
-    finally:
-        request.cancel()
+    if chat:
+        yield _sse_line(api.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
+    while True:
+        event = await events.get()
+        if isinstance(event, batching.TextDelta):
+            if event.text:
+                yield _chunk(chat, rid, name, event.text)
+            continue
+        yield _chunk(chat, rid, name, "", event.reason)
+        if params.include_usage:
+            yield _chunk(chat, rid, name, "", use=api.usage(event.prompt_tokens, event.completion_tokens))
+        yield "data: [DONE]\n\n"
+        return
 
 
 # --------------------------------------------------------------------------- command line

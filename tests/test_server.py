@@ -244,7 +244,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service):
         assert service.batcher.busy() == 1
     assert batching.wait_idle(service.batcher, 30), "the slot stays busy after the client went away"
     finished = dict(service.batcher.finished)
-    assert finished["cancelled"] == cancelled + 1, f"dropped, not run to max_tokens: {finished}"
+    assert finished.get("cancelled", 0) == cancelled + 1, f"dropped, not run to max_tokens: {finished}"
 
 
 def test_nothing_compiles_after_warm_up(service, client):
