@@ -4,8 +4,8 @@
     curl -s 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's Hugging Face
-chat template via `store.chat`, or the plain fallback of `serve.server_api`), GET /v1/models, GET /health. With
-"stream": true the reply is server-sent events in OpenAI's chunk format ending with
+chat template via `store.chat`, or the plain fallback of `serve.server_api`), GET
+/v1/models, GET /health. With "stream": true the reply is server-sent events in OpenAI's chunk format ending with
 `data: [DONE]`; without it, one JSON object with usage. Parameters: max_tokens,
 temperature, top_p, top_k (an extension; 0 = off), seed, stop (string or list), n = 1.
 max_tokens past the context is capped there (finish_reason "length").
@@ -145,8 +145,9 @@ def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.
         service.batcher.submit(request)
     except batching.QueueFull as err:
         raise api.ApiError(str(err), None, status=429, kind="rate_limit_error", code="rate_limit_exceeded") from None
-    except ValueError as err:
-        raise api.ApiError(str(err), "messages" if chat else "prompt", code="context_length_exceeded") from None
+    except ValueError as err:  # an empty prompt or one that fills the context
+        code = "context_length_exceeded" if ids else "invalid_value"
+        raise api.ApiError(str(err), "messages" if chat else "prompt", code=code) from None
     return request, events
 
 
@@ -223,6 +224,7 @@ async def _sse(service: Service, params: api.Params, chat: bool, rid: str, event
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring); a bad value exits 2 with one line."""
     p = cli.ArgumentParser(prog="python -m serve.server", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
     p.add_argument("--skip-incomplete", action="store_true",
@@ -266,7 +268,7 @@ def build(args: argparse.Namespace) -> Service:
                                 prefill_rows=min(args.prefill_rows, args.max_batch), steps=args.decode_steps)
     slots.warm_up()
     batcher = batching.Batcher(slots, tokenizer, max_queue=args.max_queue, stop_ids=_eos_ids(tokenizer))
-    info = {"precision": spec.label, "kv_cache": args.kv_cache, "max_batch": args.max_batch,
+    info = {"precision": spec.label, "policy": args.policy, "kv_cache": args.kv_cache, "max_batch": args.max_batch,
             "max_seq_len": slots.max_seq_len}
     render, stops = chat_renderer(tokenizer)
     return Service(batcher, tokenizer, ckpt.name, render, stops, info)
@@ -331,6 +333,7 @@ def _announce(server: uvicorn.Server, host: str) -> None:
 
 
 def main(argv=None) -> int:
+    """Builds the service, serves until Ctrl-C / SIGTERM; returns the exit status."""
     args = parse_args(argv)
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
