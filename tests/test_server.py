@@ -167,6 +167,7 @@ BAD = [
     (json.dumps({"prompt": "x", "n": 2}).encode(), "n"),
     (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop"),
     (json.dumps({"prompt": "x", "max_tokens": True}).encode(), "max_tokens"),
+    (json.dumps({"prompt": ""}).encode(), "prompt"),
     (json.dumps({"prompt": "x", "top_k": -1}).encode(), "top_k"),
     (json.dumps({"prompt": "x" * CONFIG.max_seq_len}).encode(), "prompt"),
 ]
