@@ -8,6 +8,9 @@ depend on the whole prompt.
 
 import concurrent.futures
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -283,3 +286,25 @@ def test_shutdown_lets_a_stream_in_flight_finish(running, service):
     assert not service.batcher.alive()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=5)
+
+
+@pytest.mark.slow
+def test_the_command_prints_its_url_and_sigterm_lets_a_stream_finish(checkpoint):
+    cmd = [sys.executable, "-m", "serve.server", "--checkpoint", str(checkpoint), "--precision", "fp32", "--port", "0",
+           "--max-batch", "2", "--prefill-chunk", "8", "--prefill-rows", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:"), line + proc.stderr.read()
+        body = {"prompt": "a long story", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{line.split()[-1]}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            proc.send_signal(signal.SIGTERM)
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+        # uvicorn re-raises the signal once it has shut down: a terminated process's status
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
