@@ -11,7 +11,6 @@ few cases that depend on the interpreter's start-up run as real subprocesses.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,9 +20,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-PLAN = "models.plan" if importlib.util.find_spec("models.plan") else "mpx.plan"
-PENDING_PLAN = "awaiting validation in the memory planner (models/plan.py)"
-PENDING_HARDWARE = "awaiting validation in mpx/hardware.py"
+PLAN = "models.plan"
+
+
+def pending(where: str):
+    """Marks a case that fails until `where` validates its input (see the module doc)."""
+    return pytest.mark.xfail(reason=f"awaiting validation in {where}", strict=False)
 
 
 def _train(*sets: str) -> list[str]:
@@ -79,14 +81,21 @@ CASES = [
     ("benchmarks.generate", ["--checkpoint", "nowhere"], "no checkpoint at 'nowhere'"),
     ("benchmarks.generate", ["--repeats", "3"], "unrecognized arguments: --repeats"),
     ("benchmarks.optimizer", ["--size", "3"], "unrecognized arguments: --size"),
-    pytest.param("mpx.hardware", ["--policy", "nosuch"], "nosuch",
-                 marks=pytest.mark.xfail(reason=PENDING_HARDWARE, strict=False)),
+    ("serve.server", ["--checkpoint", "nowhere"], "no checkpoint at 'nowhere'"),
+    ("serve.export", ["--checkpoint", "nowhere", "--out", "exported"], "nowhere"),
+    ("serve.sensitivity", ["--checkpoint", "nowhere", "--data", "{empty}", "--budget", "1", "--out", "s"], "nowhere"),
+    pytest.param("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "-1",
+                                       "--out", "s"], "--budget", marks=pending("serve/sensitivity.py")),
+    ("benchmarks.serve_load", ["--requests", "0"], "argument --requests"),
+    # benchmarks.matmul / quantize / train_step / scaling: not yet on benchmarks.parser, so a bad
+    # value starts the benchmark (minutes) instead of failing; add their cases with that change.
+    pytest.param("mpx.hardware", ["--policy", "nosuch"], "nosuch", marks=pending("mpx/hardware.py")),
     pytest.param(PLAN, ["--model", "tiny", "--batch", "-4"], "--batch",
-                 marks=pytest.mark.xfail(reason=PENDING_PLAN, strict=False)),
+                 marks=pending("models/plan.py")),
     pytest.param(PLAN, ["--model", "tiny", "--mesh", "data=3,fsdp=2", "--devices", "6", "--batch", "7"], "--batch",
-                 marks=pytest.mark.xfail(reason=PENDING_PLAN, strict=False)),
+                 marks=pending("models/plan.py")),
     pytest.param(PLAN, ["--model", "tiny", "--seq", "0"], "--seq",
-                 marks=pytest.mark.xfail(reason=PENDING_PLAN, strict=False)),
+                 marks=pending("models/plan.py")),
     (PLAN, ["--model", "nosuch"], "nosuch"),
 ]
 
@@ -150,14 +159,15 @@ def test_a_real_program_run_reports_bad_data_in_one_line(files):
     assert "not UTF-8 text" in result.stderr
 
 
-@pytest.mark.xfail(reason=PENDING_HARDWARE, strict=False)
+@pending("mpx/hardware.py")
 def test_hardware_report_runs_without_warnings():
     result = _program("mpx.hardware")
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("module", ["train.run", "serve.generate", "serve.evaluate",
-                                    "benchmarks.generate", "benchmarks.optimizer"])
+@pytest.mark.parametrize("module", ["train.run", "serve.generate", "serve.evaluate", "serve.server",
+                                    "serve.export", "serve.sensitivity", "benchmarks.generate",
+                                    "benchmarks.optimizer", "benchmarks.serve_load"])
 def test_help_names_the_real_invocation(module, capsys):
     assert _call(module, ["--help"]) == 0
     out = capsys.readouterr().out

@@ -8,6 +8,8 @@ later example finds exactly what the earlier ones left, as a reader's would.
 takes minutes; tests/test_serve.py runs it on two variants). Examples
 that need several processes or hosts are checked without running (their run
 directories must not collide with the others'); tests/test_distributed.py runs them.
+The HTTP server's examples need a server running beside them: tests of serve.server
+cover them.
 """
 
 from __future__ import annotations
@@ -130,9 +132,10 @@ def test_readme_shell_examples_run_in_order(miniature, capfd):
         assert code == 0, f"README example failed: {command}\n{err[-2000:]}"
         ran.append(module)
     assert ran.count("train.run") >= 3 and "serve.generate" in ran and "serve.evaluate" in ran, ran
-    # Then the Python snippets past the tour (serving from the quickstart's checkpoint).
-    later = README.read_text().split("## A short tour", 1)[1].split("\n## ", 1)[1]
-    blocks = re.findall(r"```python\n(.*?)```", later, flags=re.S)
+    # Then the serving section's Python snippet, on the quickstart's checkpoint (the HTTP
+    # section's client needs a running server: tests/test_server.py covers it).
+    serving = README.read_text().split("\n## Serving:", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", serving, flags=re.S)
     assert blocks, "README has no serving snippet"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})  # noqa: S102
