@@ -5,12 +5,14 @@ Builds the same model and batch under each preset, jits the real train step
 steps round-robin in one run so machine load affects every preset alike. Reports each
 preset's median step time relative to fp32, tokens/s, and `mpx.optim.memory_report`'s
 bytes per parameter (persistent: masters, grads, moments, scale state; and with the
-transient compute copy), and `temp_bytes`: the compiled step's temporary memory (XLA's
+transient compute copy), `ops` (per op category: matmuls, elementwise, layout copies,
+collectives; counts, GFLOP and MB moved from the optimized HLO), and `temp_bytes`: the compiled step's temporary memory (XLA's
 memory analysis: saved activations and intermediates).
 
     python -m benchmarks.train_step                 # tiny model, batch 16 x 128
     python -m benchmarks.train_step --model small
     python -m benchmarks.train_step --quick --json  # fewer repeats; JSON last line
+    python -m benchmarks.train_step --ops           # + the per-category op table
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import mpx
+from benchmarks import hlo_ops
 from benchmarks.quantize import time_calls
 from models import config as model_config
 from models import transformer
@@ -57,19 +60,26 @@ def temp_bytes(step, state, data) -> int:
     return int(step.lower(state, data).compile().memory_analysis().temp_size_in_bytes)
 
 
+def compiled_analysis(step, state, data) -> tuple[int, dict]:
+    """(temp_bytes, the per-category op table of `benchmarks.hlo_ops`) of the compiled step."""
+    compiled = step.lower(state, data).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes), hlo_ops.op_table(compiled.as_text())
+
+
 def run(model: str, batch: int, seq: int, repeats: int, presets=PRESETS) -> dict:
     cfg = model_config.preset(model)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    fns, reports, temp = {}, {}, {}
+    fns, reports, temp, ops = {}, {}, {}, {}
     for preset in presets:
         step, state, reports[preset] = build(preset, cfg, batch, seq)
-        temp[preset] = temp_bytes(step, state, data)
+        temp[preset], ops[preset] = compiled_analysis(step, state, data)
         fns[preset] = lambda step=step, state=state: step(state, data)[1]["loss"]
     times = time_calls(fns, repeats=repeats, inner=1)
     rows = [{
         "preset": p, "step_s": times[p], "vs_fp32": times[p] / times["fp32"],
         "tokens_per_s": batch * seq / times[p], "temp_bytes": temp[p], "temp_vs_bf16": temp[p] / temp["bf16"],
+        "ops": ops[p],
         "bytes_per_param": reports[p].per_param("total"),
         "bytes_per_param_with_compute_copy": reports[p].per_param("total_with_compute_copy"),
     } for p in presets]
@@ -107,11 +117,15 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help=f"comma-separated; fp32 and bf16 always run; also {', '.join(VARIANTS)}")
+    parser.add_argument("--ops", action="store_true",
+                        help="also print ops, GFLOP and MB moved per op category (from the compiled HLO)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     presets = _presets(parser, args.presets)
     result = run(args.model, args.batch, args.seq, 3 if args.quick else args.repeats, presets)
     print(table(result))
+    if args.ops:
+        print(hlo_ops.format_table({r["preset"]: r["ops"] for r in result["rows"]}))
     if args.json:
         print(json.dumps(result))
 

@@ -24,7 +24,7 @@ from jax import lax
 
 from mpx import formats as formats_lib
 from mpx.dot.spec import OperandSpec, dims
-from mpx.scaled import PerTensor, ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
+from mpx.scaled import ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
 from mpx.scales import broadcast_scale, compute_amax, compute_scale, grid_values, scale_shape
 
 # A prepared operand is what a dot consumes: (values, scalar or None, block scales or
