@@ -243,19 +243,17 @@ def exact(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], lay
     return out
 
 
-def exact_subset(paths: Sequence[str], est: np.ndarray, names: Sequence[str], per_candidate: int) -> list[tuple[str, str]]:
-    """Layers spread over each candidate's estimated ranking: `per_candidate` per column."""
-    pairs = []
-    for c, name in enumerate(names):
-        order = np.argsort(est[:, c])
-        picks = np.unique(np.linspace(0, len(order) - 1, min(per_candidate, len(order))).round().astype(int))
-        pairs += [(paths[order[i]], name) for i in picks]
-    return pairs
+def exact_subset(paths: Sequence[str], est: np.ndarray, names: Sequence[str], count: int) -> list[tuple[str, str]]:
+    """`count` (path, candidate) pairs evenly spread over the ranking of all estimates in `est`."""
+    order = np.argsort(est, axis=None)
+    picks = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
+    rows, cols = np.unravel_index(order[picks], est.shape)
+    return [(paths[r], names[c]) for r, c in zip(rows, cols)]
 
 
 def analyze(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], *,
             candidates: str | Sequence[str] | None = None, loss_fn: Callable = capture.next_token_nll,
-            exact_per_candidate: int = 4, exact_candidates: Sequence[str] | None = None,
+            exact_pairs: int = 12, exact_candidates: Sequence[str] | None = None,
             smooth_alpha: float | None = None, layers: Sequence[str] | None = None,
             progress: Progress = _quiet) -> Sensitivity:
     """Sensitivity of every linear layer to every candidate precision.
@@ -266,8 +264,8 @@ def analyze(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], *
       batches: calibration batches (for the default loss, (B, T) int token arrays).
       candidates: candidate names (see `candidates.CANDIDATES`); default all.
       loss_fn: `(output, batch) -> scalar mean loss`; default next-token NLL.
-      exact_per_candidate: layers measured exactly per candidate (spread over the
-        estimated ranking); 0 skips the check.
+      exact_pairs: (layer, candidate) pairs measured exactly, spread evenly over the
+        ranking of the estimates; 0 skips the check.
       exact_candidates: the candidates measured exactly (default all).
       smooth_alpha: SmoothQuant alpha (e.g. 0.5) to also estimate smoothed activations.
       layers: module paths to analyse (default every linear layer).
@@ -294,7 +292,7 @@ def analyze(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], *
     names = [c.name for c in cands] if exact_candidates is None else list(exact_candidates)
     columns = [c for c, cand in enumerate(cands) if cand.name in names]
     pairs = exact_subset([layer.path for layer in chosen], est[:, columns], [cands[c].name for c in columns],
-                         exact_per_candidate) if exact_per_candidate else []
+                         exact_pairs) if exact_pairs else []
     measured = exact(apply_fn, variables, batches, chosen, pairs, loss_fn=loss_fn, progress=progress)
     seconds = {"estimate": t1 - t0, "exact": time.perf_counter() - t1}
     return Sensitivity(chosen, cands, est, terms[..., 1], smoothed, measured, base_loss, weight_stats, act_stats, seconds)
