@@ -20,7 +20,8 @@ Exact measurement: the loss over the batches with that one layer's output replac
 Q(x) Q(W) (one compilation per candidate, the layer selected by a traced index). On a
 subset of (layer, candidate) pairs it checks the estimate: Spearman rank correlation.
 
-Smoothing (SmoothQuant, per input channel k): s_k = amax(x_k)^alpha / amax(W_k)^(1 - alpha),
+Smoothing (SmoothQuant, per input channel k, amax over the batch):
+s_k = amax(x_k)^alpha / amax(W_k)^(1 - alpha),
 x' = x / s, W' = s W (the product is unchanged); the estimate is repeated on x', W' for
 candidates with FP8 activations, so the report can say per layer whether it helped.
 """
@@ -177,6 +178,12 @@ def _weights(variables: Any, layers: tuple[capture.Layer, ...]) -> dict[str, jax
     return out
 
 
+def _zero_outputs(apply_fn, variables, batch, layers) -> dict[str, jax.Array]:
+    """Zero perturbations shaped like each layer's output for this batch (batches may differ)."""
+    shapes = {layer.path: layer.out_shape for layer in capture.find_layers(apply_fn, variables, batch)}
+    return {layer.path: jnp.zeros(shapes[layer.path], jnp.float32) for layer in layers}
+
+
 def estimate(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], cands, *, layers=None,
              loss_fn: Callable = capture.next_token_nll, smooth_alpha: float | None = None,
              progress: Progress = _quiet) -> tuple[np.ndarray, np.ndarray | None, float, dict]:
@@ -195,9 +202,8 @@ def estimate(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], 
     smooth_total = np.zeros((len(layers), len(cands)))
     moments = {layer.path: stats_lib.zeros() for layer in layers}
     losses = []
-    zeros = {layer.path: jnp.zeros(layer.out_shape, jnp.float32) for layer in layers}
     for b, batch in enumerate(batches):
-        (loss, inputs), grads = grad_step(zeros, variables, batch)
+        (loss, inputs), grads = grad_step(_zero_outputs(apply_fn, variables, batch, layers), variables, batch)
         losses.append(float(loss))
         for i, layer in enumerate(layers):
             g3 = capture.to_canonical_out(grads[layer.path], layer)
