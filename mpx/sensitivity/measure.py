@@ -301,7 +301,8 @@ def analyze(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], *
                          exact_pairs) if exact_pairs else []
     measured = exact(apply_fn, variables, batches, chosen, pairs, loss_fn=loss_fn, progress=progress)
     seconds = {"estimate": t1 - t0, "exact": time.perf_counter() - t1}
-    return Sensitivity(chosen, cands, est, terms[..., 1], smoothed, measured, base_loss, weight_stats, act_stats, seconds)
+    return Sensitivity(chosen, cands, est, terms[..., 1], smoothed, measured, base_loss, weight_stats, act_stats,
+                       seconds)
 
 
 def _select_layers(found: tuple[capture.Layer, ...], paths: Sequence[str] | None) -> tuple[capture.Layer, ...]:
