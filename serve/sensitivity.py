@@ -7,8 +7,8 @@
    (disjoint) measure.
 2. `mpx.sensitivity.analyze`: per linear layer and candidate format, the predicted loss
    increase of lowering that layer alone (Fisher estimate, one forward and backward
-   pass per batch), exact one-layer measurements on a subset (--exact per format) with
-   their rank correlation, weight and activation statistics, and SmoothQuant smoothing.
+   pass per batch), exact one-layer measurements on a subset (--exact pairs spread
+   over the estimated ranking) with their rank correlation, weight and activation statistics, and SmoothQuant smoothing.
 3. `mpx.policy.search`: the cheapest policy (--objective bytes: weight bytes;
    fp8-flops: the FP8 share of matmul work) within --budget percent perplexity,
    measured for real (the model under the policy, through mpx.nn) on the held-out
@@ -206,7 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout", type=int, default=8, help="held-out windows for the real measurement")
     p.add_argument("--seq", type=int, default=256, help="tokens per window (at most the model's max_seq_len)")
     p.add_argument("--rows", type=int, default=4, help="windows per batch")
-    p.add_argument("--exact", type=int, default=3, help="layers measured exactly per format")
+    p.add_argument("--exact", type=int, default=12,
+                   help="(layer, format) pairs measured exactly to check the estimate (0: none)")
     p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant alpha (0: no smoothing)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p.parse_args(argv)
@@ -219,6 +220,8 @@ def _check(args) -> None:
     for name in ("calibration", "heldout", "seq", "rows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.exact < 0:
+        raise ValueError(f"--exact must be >= 0; got {args.exact}")
     if not 0 <= args.smooth_alpha <= 1:
         raise ValueError(f"--smooth-alpha must be in [0, 1]; got {args.smooth_alpha}")
 
@@ -235,7 +238,7 @@ def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoi
     variables = {"params": ckpt.params}
     progress = Progress(not args.json or sys.stderr.isatty())
     s = sens_lib.analyze(lambda v, b: model.apply(v, b)[0], variables, calib, candidates=args.candidates,
-                         exact_per_candidate=args.exact, smooth_alpha=args.smooth_alpha or None, progress=progress)
+                         exact_pairs=args.exact, smooth_alpha=args.smooth_alpha or None, progress=progress)
     loss = policy_loss(ckpt.config, variables, heldout)
     base = loss(mpx.policy.preset("fp32"))
     rounds = [0]

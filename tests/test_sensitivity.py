@@ -61,7 +61,7 @@ def trained():
 def sens(trained):
     model, variables, calib, _ = trained
     return S.analyze(lambda v, b: model.apply(v, b)[0], variables, calib, candidates=CANDS,
-                     exact_per_candidate=14, exact_candidates=["e3m2"], smooth_alpha=0.5)
+                     exact_pairs=14, exact_candidates=["e3m2"], smooth_alpha=0.5)
 
 
 def _measure(trained):

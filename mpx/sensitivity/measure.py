@@ -20,7 +20,8 @@ Exact measurement: the loss over the batches with that one layer's output replac
 Q(x) Q(W) (one compilation per candidate, the layer selected by a traced index). On a
 subset of (layer, candidate) pairs it checks the estimate: Spearman rank correlation.
 
-Smoothing (SmoothQuant, per input channel k): s_k = amax(x_k)^alpha / amax(W_k)^(1 - alpha),
+Smoothing (SmoothQuant, per input channel k, amax over the batch):
+s_k = amax(x_k)^alpha / amax(W_k)^(1 - alpha),
 x' = x / s, W' = s W (the product is unchanged); the estimate is repeated on x', W' for
 candidates with FP8 activations, so the report can say per layer whether it helped.
 """
@@ -177,6 +178,12 @@ def _weights(variables: Any, layers: tuple[capture.Layer, ...]) -> dict[str, jax
     return out
 
 
+def _zero_outputs(apply_fn, variables, batch, layers) -> dict[str, jax.Array]:
+    """Zero perturbations shaped like each layer's output for this batch (batches may differ)."""
+    shapes = {layer.path: layer.out_shape for layer in capture.find_layers(apply_fn, variables, batch)}
+    return {layer.path: jnp.zeros(shapes[layer.path], jnp.float32) for layer in layers}
+
+
 def estimate(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], cands, *, layers=None,
              loss_fn: Callable = capture.next_token_nll, smooth_alpha: float | None = None,
              progress: Progress = _quiet) -> tuple[np.ndarray, np.ndarray | None, float, dict]:
@@ -195,9 +202,8 @@ def estimate(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], 
     smooth_total = np.zeros((len(layers), len(cands)))
     moments = {layer.path: stats_lib.zeros() for layer in layers}
     losses = []
-    zeros = {layer.path: jnp.zeros(layer.out_shape, jnp.float32) for layer in layers}
     for b, batch in enumerate(batches):
-        (loss, inputs), grads = grad_step(zeros, variables, batch)
+        (loss, inputs), grads = grad_step(_zero_outputs(apply_fn, variables, batch, layers), variables, batch)
         losses.append(float(loss))
         for i, layer in enumerate(layers):
             g3 = capture.to_canonical_out(grads[layer.path], layer)
@@ -243,19 +249,17 @@ def exact(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], lay
     return out
 
 
-def exact_subset(paths: Sequence[str], est: np.ndarray, names: Sequence[str], per_candidate: int) -> list[tuple[str, str]]:
-    """Layers spread over each candidate's estimated ranking: `per_candidate` per column."""
-    pairs = []
-    for c, name in enumerate(names):
-        order = np.argsort(est[:, c])
-        picks = np.unique(np.linspace(0, len(order) - 1, min(per_candidate, len(order))).round().astype(int))
-        pairs += [(paths[order[i]], name) for i in picks]
-    return pairs
+def exact_subset(paths: Sequence[str], est: np.ndarray, names: Sequence[str], count: int) -> list[tuple[str, str]]:
+    """`count` (path, candidate) pairs evenly spread over the ranking of all estimates in `est`."""
+    order = np.argsort(est, axis=None)
+    picks = np.unique(np.linspace(0, len(order) - 1, min(count, len(order))).round().astype(int))
+    rows, cols = np.unravel_index(order[picks], est.shape)
+    return [(paths[r], names[c]) for r, c in zip(rows, cols)]
 
 
 def analyze(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], *,
             candidates: str | Sequence[str] | None = None, loss_fn: Callable = capture.next_token_nll,
-            exact_per_candidate: int = 4, exact_candidates: Sequence[str] | None = None,
+            exact_pairs: int = 12, exact_candidates: Sequence[str] | None = None,
             smooth_alpha: float | None = None, layers: Sequence[str] | None = None,
             progress: Progress = _quiet) -> Sensitivity:
     """Sensitivity of every linear layer to every candidate precision.
@@ -266,8 +270,8 @@ def analyze(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], *
       batches: calibration batches (for the default loss, (B, T) int token arrays).
       candidates: candidate names (see `candidates.CANDIDATES`); default all.
       loss_fn: `(output, batch) -> scalar mean loss`; default next-token NLL.
-      exact_per_candidate: layers measured exactly per candidate (spread over the
-        estimated ranking); 0 skips the check.
+      exact_pairs: (layer, candidate) pairs measured exactly, spread evenly over the
+        ranking of the estimates; 0 skips the check.
       exact_candidates: the candidates measured exactly (default all).
       smooth_alpha: SmoothQuant alpha (e.g. 0.5) to also estimate smoothed activations.
       layers: module paths to analyse (default every linear layer).
@@ -294,10 +298,11 @@ def analyze(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], *
     names = [c.name for c in cands] if exact_candidates is None else list(exact_candidates)
     columns = [c for c, cand in enumerate(cands) if cand.name in names]
     pairs = exact_subset([layer.path for layer in chosen], est[:, columns], [cands[c].name for c in columns],
-                         exact_per_candidate) if exact_per_candidate else []
+                         exact_pairs) if exact_pairs else []
     measured = exact(apply_fn, variables, batches, chosen, pairs, loss_fn=loss_fn, progress=progress)
     seconds = {"estimate": t1 - t0, "exact": time.perf_counter() - t1}
-    return Sensitivity(chosen, cands, est, terms[..., 1], smoothed, measured, base_loss, weight_stats, act_stats, seconds)
+    return Sensitivity(chosen, cands, est, terms[..., 1], smoothed, measured, base_loss, weight_stats, act_stats,
+                       seconds)
 
 
 def _select_layers(found: tuple[capture.Layer, ...], paths: Sequence[str] | None) -> tuple[capture.Layer, ...]:
