@@ -40,8 +40,8 @@ import mpx
 from mpx import calibrate as calibrate_lib
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
-from serve import sources
 from serve import quantize as q
+from serve import sources
 from store import cli
 
 # The targets of the design brief: weight memory relative to fp32, most perplexity loss accepted.

@@ -2,6 +2,7 @@
 
     python -m serve.generate --checkpoint runs/tiny/checkpoints --prompt "Return the " \\
         [--precision fp8|bf16|fp32] [--kv-cache bf16|fp8|fp32] [--max-tokens 128]
+    python -m serve.generate --checkpoint path/to/hf-model --system "Be brief." --chat "Hi" --chat "Why?"
 
 Streams the text of a single prompt as it is generated; with several `--prompt`s, runs
 them as one batch and prints each after a `--- prompt i (why it ended)` line. Ends with
@@ -33,9 +34,9 @@ from mpx import calibrate as calibrate_lib
 from mpx import config as config_io
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
-from serve import sources
 from serve import quantize as q
 from serve import sampling
+from serve import sources
 from store import chat as chat_lib
 from store import checkpoint as ckpt_lib
 from store import cli
@@ -158,6 +159,7 @@ def _generate(args: argparse.Namespace):
     engine, tokenizer, sampler, spec, ckpt = build(args)
     if args.chat:
         return _chat(args, engine, tokenizer, sampler, spec, ckpt)
+    stop = _stops(args, tokenizer)
     if hasattr(tokenizer, "encode_prompt"):
         tokenizer = _PromptTokenizer(tokenizer)
     # Compile prefill and decode for these prompts' buckets first, so the speed
@@ -168,8 +170,7 @@ def _generate(args: argparse.Namespace):
         print(args.prompt[0], end="", flush=True)
     texts, outputs, stats = engine_lib.generate_text(
         engine, tokenizer, args.prompt, max_new_tokens=args.max_tokens, sampler=sampler, seed=args.seed,
-        stop=_stops(args, tokenizer.tokenizer if isinstance(tokenizer, _PromptTokenizer) else tokenizer),
-        stream=stream)
+        stop=stop, stream=stream)
     return engine, spec, ckpt, stream, texts, outputs, stats
 
 
