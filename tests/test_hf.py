@@ -310,3 +310,16 @@ def test_evaluate_text_mistakes_exit_2(tmp_path, capsys, argv, message):
     except SystemExit as exit_:
         code = exit_.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("program", ["generate", "evaluate", "export"])
+def test_every_cli_refuses_a_bad_hugging_face_directory_in_one_line(tmp_path, capsys, program):
+    import importlib
+
+    d = _copy("qwen3", tmp_path)
+    _edit_config(d, architectures=["BertModel"])
+    argv = {"generate": ["--prompt", "hi"], "evaluate": [], "export": ["--out", str(tmp_path / "out")]}[program]
+    code = importlib.import_module(f"serve.{program}").main(["--checkpoint", str(d), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: unsupported architecture BertModel") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
