@@ -158,7 +158,8 @@ def report(results: list[dict], args) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     prompt = results[0]["rows"][0]["prompt_tokens"] if results else 0
     lines = [f"Serving load: {prompt}-token prompt, {args.max_tokens} new tokens per request (greedy), "
-             f"{args.requests} requests per level x {args.repeats} round-robin repeats; {os.cpu_count()} CPUs, load average {load:.1f} at the end",
+             f"{args.requests} requests per level x {args.repeats} round-robin repeats; {os.cpu_count()} CPUs, "
+             f"load average {load:.1f} at the end",
              f"{'weights':<28}{'clients':>8}{'TTFT p50':>10}{'p99':>8}{'ITL p50':>9}{'p99':>8}{'tok/s':>9}"
              f"{'scale':>7}"]
     for res in results:

@@ -27,7 +27,12 @@ from models import config as model_config
 from models import transformer
 from train import step as step_lib
 
-PRESETS = ("fp32", "bf16", "fp8", "fp8_current")
+PRESETS = ("fp32", "bf16", "fp8", "fp8_ue8m0", "fp8_current")
+# Variants of the fp8 preset's DeepSeekV3 recipe, by name.
+VARIANTS = {
+    "fp8_ue8m0": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(scale_format="ue8m0")),
+    "fp8_input_residuals": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(fp8_residuals=False)),
+}
 
 
 def _moment_dtype(preset: str):
@@ -36,7 +41,7 @@ def _moment_dtype(preset: str):
 
 def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
     """(jitted step, state, memory report) for one preset."""
-    policy = mpx.policy.preset(preset)
+    policy = VARIANTS[preset]() if preset in VARIANTS else mpx.policy.preset(preset)
     model = transformer.Transformer(cfg, policy)
     tx = mpx.optim.build("adamw", 1e-3, moment_dtype=_moment_dtype(preset), clip_norm=1.0)
     state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, jnp.zeros((1, seq), jnp.int32))
@@ -52,12 +57,12 @@ def temp_bytes(step, state, data) -> int:
     return int(step.lower(state, data).compile().memory_analysis().temp_size_in_bytes)
 
 
-def run(model: str, batch: int, seq: int, repeats: int) -> dict:
+def run(model: str, batch: int, seq: int, repeats: int, presets=PRESETS) -> dict:
     cfg = model_config.preset(model)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     fns, reports, temp = {}, {}, {}
-    for preset in PRESETS:
+    for preset in presets:
         step, state, reports[preset] = build(preset, cfg, batch, seq)
         temp[preset] = temp_bytes(step, state, data)
         fns[preset] = lambda step=step, state=state: step(state, data)[1]["loss"]
@@ -67,7 +72,7 @@ def run(model: str, batch: int, seq: int, repeats: int) -> dict:
         "tokens_per_s": batch * seq / times[p], "temp_bytes": temp[p], "temp_vs_bf16": temp[p] / temp["bf16"],
         "bytes_per_param": reports[p].per_param("total"),
         "bytes_per_param_with_compute_copy": reports[p].per_param("total_with_compute_copy"),
-    } for p in PRESETS]
+    } for p in presets]
     return {"model": model, "params": reports["fp32"].num_params, "batch": batch, "seq": seq,
             "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "rows": rows}
 
@@ -84,6 +89,15 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _presets(parser, text: str) -> tuple[str, ...]:
+    names = [n for n in text.split(",") if n]
+    known = set(mpx.policy.PRESETS) | set(VARIANTS)
+    bad = [n for n in names if n not in known]
+    if bad:
+        parser.error(f"unknown preset(s) {bad}; known: {', '.join(sorted(known))}")
+    return tuple(dict.fromkeys(["fp32", "bf16", *names]))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="model preset (tiny, small, 1b)")
@@ -91,9 +105,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
+    parser.add_argument("--presets", default=",".join(PRESETS),
+                        help=f"comma-separated; fp32 and bf16 always run; also {', '.join(VARIANTS)}")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
-    result = run(args.model, args.batch, args.seq, 3 if args.quick else args.repeats)
+    presets = _presets(parser, args.presets)
+    result = run(args.model, args.batch, args.seq, 3 if args.quick else args.repeats, presets)
     print(table(result))
     if args.json:
         print(json.dumps(result))

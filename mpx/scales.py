@@ -99,8 +99,10 @@ def _compute_scale(amax: jax.Array, fmt: Format, margin, pow2: bool) -> jax.Arra
         scale = _tightest_pow2(amax, scale, target)
     # A finite amax near float32's max would give a scale whose product with values near
     # fmt.max overflows to inf on dequantization: cap it (the largest values then clip).
-    cap = _max_finite_scale(fmt, pow2)
-    scale = jnp.where((scale > cap) & jnp.isfinite(scale), jnp.float32(cap), scale)
+    # Formats with float32's range (bf16) saturate within it anyway: no cap.
+    if formats_lib.ulp_exponent(fmt.max) < 64:
+        cap = _max_finite_scale(fmt, pow2)
+        scale = jnp.where((scale > cap) & jnp.isfinite(scale), jnp.float32(cap), scale)
     # A zero (or float32-subnormal) scale would give an inverse scale of inf: use 1.
     # Written as "small -> 1" so that a NaN scale (False in any comparison) stays NaN.
     tiny = jnp.finfo(jnp.float32).tiny

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import queue
 import threading
 import time
 from typing import Callable, Sequence

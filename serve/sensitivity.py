@@ -134,9 +134,9 @@ def to_markdown(s: sens_lib.Sensitivity, result, args, ckpt: q.Checkpoint) -> st
 def _search_section(s, result, args) -> list[str]:
     rho = s.spearman()
     per = ", ".join(f"{n} {r:.2f}" for n in s.names if (r := s.spearman(n)) is not None)
-    lines = ["## Policy", "",
-             f"Objective {args.objective}, budget {args.budget}% perplexity. Estimate vs exact one-layer "
-             f"measurement: Spearman {rho:.3f} over {len(s.exact)} pairs" + (f" (per format: {per})." if per else "."),
+    check = (f"Estimate vs exact one-layer measurement: Spearman {rho:.3f} over {len(s.exact)} pairs"
+             + (f" (per format: {per})." if per else ".")) if rho is not None else "No exact check (--exact 0)."
+    lines = ["## Policy", "", f"Objective {args.objective}, budget {args.budget}% perplexity. {check}",
              "", f"Weight bytes of the linear layers: {result.weight_bytes:,.0f} of {result.base_weight_bytes:,.0f} "
              f"in fp32; FP8 share of weight elements {result.fp8_weight_fraction:.1%}.", ""]
     rounds = [[str(i + 1), _pct(p), "-" if m is None else _pct(m)] for i, (p, m) in enumerate(result.rounds)]
@@ -156,7 +156,7 @@ def _stats_section(s) -> list[str]:
 def _smoothing_section(s, args) -> list[str]:
     if s.smoothed is None:
         return []
-    cols = [c for c, cand in enumerate(s.candidates) if cand.activation is not None and cand.bits <= 8]
+    cols = [c for c, cand in enumerate(s.candidates) if sens_lib.smoothable(cand)]
     header = ["layer"] + [f"{s.names[c]} plain -> smoothed" for c in cols] + ["helped"]
     rows = []
     for i, p in enumerate(s.paths):

@@ -3,9 +3,9 @@
     python -m serve.server --checkpoint runs/tiny --precision fp8 --port 8000
     curl -s 127.0.0.1:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 32}'
 
-Endpoints: POST /v1/completions, POST /v1/chat/completions (the checkpoint's chat template,
-or the plain fallback of `serve.server_api`), GET /v1/models, GET /health. With
-"stream": true the reply is server-sent events in OpenAI's chunk format ending with
+Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's Hugging Face
+chat template via `store.chat`, or the plain fallback of `serve.server_api`), GET
+/v1/models, GET /health. With "stream": true the reply is server-sent events in OpenAI's chunk format ending with
 `data: [DONE]`; without it, one JSON object with usage. Parameters: max_tokens,
 temperature, top_p, top_k (an extension; 0 = off), seed, stop (string or list), n = 1.
 max_tokens past the context is capped there (finish_reason "length").
@@ -29,6 +29,7 @@ import secrets
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import fastapi
@@ -44,6 +45,7 @@ from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from serve import server_api as api
 from serve import slots as slots_lib
+from store import chat as chat_lib
 from store import cli
 from store import tokenizer as tokenizer_lib
 
@@ -134,7 +136,8 @@ def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-    ids = service.tokenizer.encode(params.prompt)
+    tok = service.tokenizer  # a chat template writes its own BOS; a raw prompt gets the tokenizer's
+    ids = tok.encode(params.prompt) if chat else getattr(tok, "encode_prompt", tok.encode)(params.prompt)
     seed = secrets.randbits(32) if params.seed is None else params.seed
     request = batching.Request(ids, params.max_tokens, on_event, temperature=params.temperature,
                                top_k=params.top_k, top_p=params.top_p, seed=seed, stop=params.stop)
@@ -142,8 +145,9 @@ def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.
         service.batcher.submit(request)
     except batching.QueueFull as err:
         raise api.ApiError(str(err), None, status=429, kind="rate_limit_error", code="rate_limit_exceeded") from None
-    except ValueError as err:
-        raise api.ApiError(str(err), "messages" if chat else "prompt", code="context_length_exceeded") from None
+    except ValueError as err:  # an empty prompt or one that fills the context
+        code = "context_length_exceeded" if ids else "invalid_value"
+        raise api.ApiError(str(err), "messages" if chat else "prompt", code=code) from None
     return request, events
 
 
@@ -151,7 +155,7 @@ async def _respond(service: Service, params: api.Params, chat: bool):
     request, events = _submit(service, params, chat)
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     if params.stream:
-        return StreamingResponse(_sse(service, params, chat, rid, request, events), media_type="text/event-stream")
+        return _EventStream(_sse(service, params, chat, rid, events), request)
     try:
         pieces, end = [], None
         while end is None:
@@ -167,39 +171,60 @@ async def _respond(service: Service, params: api.Params, chat: bool):
                 api.usage(end.prompt_tokens, end.completion_tokens))
 
 
+class _EventStream(StreamingResponse):
+    """Server-sent events that cancel their request however the response ends.
+
+    When the client goes away, the ASGI server's next send fails and Starlette stops
+    iterating the stream without closing it; the generator's own `finally` then runs
+    only when it is garbage-collected, so the slot is freed here instead.
+    """
+
+    def __init__(self, content, request: batching.Request):
+        super().__init__(content, media_type="text/event-stream")
+        self.request = request
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.request.cancel()
+
+
 def _sse_line(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _sse(service: Service, params: api.Params, chat: bool, rid: str, request: batching.Request,
-               events: asyncio.Queue):
-    """The event stream; on disconnect Starlette cancels it and the slot is freed."""
+def _chunk(chat: bool, rid: str, model: str, text: str, reason: str | None = None, use: dict | None = None) -> str:
+    """One SSE line: new text, or the finish reason, or the usage."""
+    if chat:
+        delta = {"content": text} if reason is None and use is None else {}
+        return _sse_line(api.chat_chunk(rid, model, delta, reason, use))
+    return _sse_line(api.completion_chunk(rid, model, text, reason, use))
+
+
+async def _sse(service: Service, params: api.Params, chat: bool, rid: str, events: asyncio.Queue):
+    """The event stream of one request (`_EventStream` cancels it if the client goes away)."""
     name = service.model_name
-    chunk = (lambda text, reason=None, use=None: api.chat_chunk(
-        rid, name, {"content": text} if reason is None and use is None else {}, reason, use)) if chat else (
-        lambda text, reason=None, use=None: api.completion_chunk(rid, name, text, reason, use))
-    try:
-        if chat:
-            yield _sse_line(api.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
-        while True:
-            event = await events.get()
-            if isinstance(event, batching.TextDelta):
-                if event.text:
-                    yield _sse_line(chunk(event.text))
-                continue
-            yield _sse_line(chunk("", event.reason))
-            if params.include_usage:
-                yield _sse_line(chunk("", use=api.usage(event.prompt_tokens, event.completion_tokens)))
-            yield "data: [DONE]\n\n"
-            return
-    finally:
-        request.cancel()
+    if chat:
+        yield _sse_line(api.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
+    while True:
+        event = await events.get()
+        if isinstance(event, batching.TextDelta):
+            if event.text:
+                yield _chunk(chat, rid, name, event.text)
+            continue
+        yield _chunk(chat, rid, name, "", event.reason)
+        if params.include_usage:
+            yield _chunk(chat, rid, name, "", use=api.usage(event.prompt_tokens, event.completion_tokens))
+        yield "data: [DONE]\n\n"
+        return
 
 
 # --------------------------------------------------------------------------- command line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring); a bad value exits 2 with one line."""
     p = cli.ArgumentParser(prog="python -m serve.server", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
     p.add_argument("--skip-incomplete", action="store_true",
@@ -220,7 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=cli.positive_int, default=1, help="decode steps per compiled call")
     p.add_argument("--grace", type=cli.non_negative_float, default=10.0,
                    help="seconds streams in flight may finish after Ctrl-C / SIGTERM")
-    p.add_argument("--tokenizer", help="tokenizer (bytes or tokenizer.json) instead of the checkpoint's")
+    p.add_argument("--tokenizer", help="tokenizer instead of the checkpoint's: bytes, a tokenizer.json, or a "
+                   "Hugging Face model directory (its chat template and stop ids too)")
     return p.parse_args(argv)
 
 
@@ -233,7 +259,7 @@ def build(args: argparse.Namespace) -> Service:
     """
     spec = q.ServeSpec(args.precision, activations=args.activations)
     ckpt = q.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
-    tokenizer = q.load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
+    tokenizer = _load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
     model, variables = q.prepare(ckpt, spec)
     if args.policy:
         model = model.clone(policy=mpx.policy.load(args.policy))
@@ -242,21 +268,54 @@ def build(args: argparse.Namespace) -> Service:
                                 prefill_rows=min(args.prefill_rows, args.max_batch), steps=args.decode_steps)
     slots.warm_up()
     batcher = batching.Batcher(slots, tokenizer, max_queue=args.max_queue, stop_ids=_eos_ids(tokenizer))
-    info = {"precision": spec.label, "kv_cache": args.kv_cache, "max_batch": args.max_batch,
+    info = {"precision": spec.label, "policy": args.policy, "kv_cache": args.kv_cache, "max_batch": args.max_batch,
             "max_seq_len": slots.max_seq_len}
-    return Service(batcher, tokenizer, ckpt.name, info=info)
+    render, stops = chat_renderer(tokenizer)
+    return Service(batcher, tokenizer, ckpt.name, render, stops, info)
+
+
+def _load_tokenizer(spec: str):
+    """A model directory's tokenizer (with its chat template and stop ids), or the
+    tokenizer `spec` names ("bytes", a tokenizer.json)."""
+    if Path(spec).is_dir():
+        try:
+            return tokenizer_lib.ModelTokenizer.from_dir(spec)
+        except (FileNotFoundError, ImportError) as err:
+            raise q.ServeError(f"tokenizer: {err}; pass --tokenizer PATH to use another") from None
+    return q.load_tokenizer(spec)
+
+
+def chat_renderer(tokenizer) -> tuple[Callable[[list[dict]], str], tuple[str, ...]]:
+    """(messages -> prompt text, stop strings the template adds) for a tokenizer.
+
+    The tokenizer's Hugging Face chat template (`store.chat.render_chat`, its turn ends
+    are stop ids already) when it has one, else the plain fallback of `serve.server_api`.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return api.plain_chat_prompt, api.PLAIN_CHAT_STOPS
+    specials = dict(getattr(tokenizer, "special_tokens", {}))
+
+    def render(messages: list[dict]) -> str:
+        try:
+            return chat_lib.render_chat(template, messages, specials)
+        except chat_lib.ChatError as err:
+            raise api.ApiError(str(err), "messages") from None
+
+    return render, ()
 
 
 def _eos_ids(tokenizer) -> tuple[int, ...]:
     """End-of-sequence ids that finish every request ("stop").
 
-    A tokenizer's own `eos_ids` if it has them; else a subword tokenizer's one-token
+    A model tokenizer's `stop_ids` (generation_config.json's eos_token_id, ...) if it
+    has them; else a subword tokenizer's one-token
     document separator when that is a special token (`store.tokenizer.HFTokenizer` uses
     the end-of-text token when it finds one, else the text "\\n\\n", which is not an
     end). Byte-level text has none.
     """
-    if getattr(tokenizer, "eos_ids", None):
-        return tuple(tokenizer.eos_ids)
+    if getattr(tokenizer, "stop_ids", None):
+        return tuple(tokenizer.stop_ids)
     separator = list(getattr(tokenizer, "separator", []))
     if isinstance(tokenizer, tokenizer_lib.HFTokenizer) and len(separator) == 1 \
             and tokenizer.decode(separator) != "\n\n":
@@ -274,6 +333,7 @@ def _announce(server: uvicorn.Server, host: str) -> None:
 
 
 def main(argv=None) -> int:
+    """Builds the service, serves until Ctrl-C / SIGTERM; returns the exit status."""
     args = parse_args(argv)
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:

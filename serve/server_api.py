@@ -183,7 +183,8 @@ def parse_chat(body: Any, render: Callable[[list[dict]], str], template_stops: t
     body = _object(body)
     messages = check_messages(body.get("messages"))
     stream, usage = _stream(body)
-    stop = _stop(body) + tuple(s for s in template_stops if s not in _stop(body))
+    stop = _stop(body)
+    stop += tuple(s for s in template_stops if s not in stop)
     return Params(render(messages), stop=stop, stream=stream, include_usage=usage,
                   model=_get(body, "model", (str,), None, "a string"), **_sampling(body))
 

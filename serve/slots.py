@@ -142,7 +142,8 @@ class SlotModel:
         if not 1 <= prefill_rows <= max_batch:
             raise ValueError(f"prefill_rows must be in [1, max_batch={max_batch}]; got {prefill_rows}")
         self.model, self.variables = model, variables
-        self.max_batch, self.prefill_chunk, self.prefill_rows, self.steps = max_batch, prefill_chunk, prefill_rows, steps
+        self.max_batch, self.steps = max_batch, steps
+        self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
         self.logit_scale = logit_scale
         self.cache = kv_cache_lib.init(model.config, max_batch, kv_cache_lib.check_kind(kv_cache), self.max_seq_len)
         self.traces: collections.Counter = collections.Counter()

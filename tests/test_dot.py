@@ -496,3 +496,43 @@ def test_prequantized_matmul_rejects_bad_inputs():
         mdot.prequantized_matmul(_normal(49, (4, 32)), _normal(48, (32, 8)))
     with pytest.raises(ValueError, match="do not contract"):
         mdot.prequantized_matmul(_normal(49, (4, 16)), q)
+
+
+# --------------------------------------------------------------------------- residuals, scale formats
+
+
+def _residual_dtypes(recipe, x, w):
+    """(shape, dtype) of what the backward pass keeps: the leaves of the vjp function."""
+    _, vjp = jax.vjp(lambda a, b: mdot.dot_general(a, b, MK_KN, recipe=recipe), x, w)
+    return [(tuple(v.shape), jnp.dtype(v.dtype)) for v in jax.tree_util.tree_leaves(vjp)]
+
+
+@pytest.mark.parametrize("recipe_cls", [recipes.DeepSeekV3, recipes.CurrentScaling])
+def test_backward_keeps_fp8_operands_not_the_input(recipe_cls):
+    x, w = _normal(40, (256, 256)), _normal(41, (256, 128))
+    fp8 = _residual_dtypes(recipe_cls(), x, w)
+    assert (x.shape, jnp.dtype(jnp.float8_e4m3fn)) in fp8 and (x.shape, jnp.dtype(jnp.float32)) not in fp8
+    assert (w.shape, jnp.dtype(jnp.float8_e4m3fn)) in fp8
+    old = _residual_dtypes(recipe_cls(fp8_residuals=False), x, w)
+    assert (x.shape, jnp.dtype(jnp.float32)) in old
+
+
+def test_ue8m0_is_the_power_of_two_spelling_and_unknown_formats_fail():
+    assert recipes.DeepSeekV3(scale_format="ue8m0") == recipes.DeepSeekV3(pow2_scale=True)
+    assert mdot.plan(recipes.DeepSeekV3(scale_format="ue8m0")).fprop_lhs.pow2
+    with pytest.raises(ValueError, match="scale_format"):
+        recipes.DeepSeekV3(scale_format="e8m3")
+
+
+def test_exact_block_scales_match_the_float64_product_of_the_dequantized_operands():
+    """Default DeepSeekV3: f32 rounding only (<= 1e-5 of max|y|), forward and gradients."""
+    m, k, n = 256, 512, 384
+    x, w, g = _normal(42, (m, k), 3.0), _normal(43, (k, n), 0.05), _normal(44, (m, n))
+    recipe = recipes.DeepSeekV3()
+    y, d_x, d_w = _value_and_grads(_quantized(MK_KN, recipe), x, w, g)
+    dq = lambda v, block: np.asarray(mpx.dequantize(mpx.quantize(v, "e4m3", mpx.Blocks(block))), np.float64)  # noqa: E731
+    xq, wq = dq(x, (1, 128)), dq(w, (128, 128))
+    x_w = dq(jnp.asarray(xq, jnp.float32), (128, 1))  # wgrad requantizes the stored operand
+    for got, want in ((y, xq @ wq), (d_x, dq(g, (1, 128)) @ wq.T), (d_w, x_w.T @ dq(g, (128, 1)))):
+        err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
+        assert err <= 1e-5, err

@@ -3,7 +3,9 @@
 The Python snippets of the tour run as they are. The shell examples run in a fresh
 folder, in order, against a miniature of `configs/tiny.yaml` (same file names, so the
 same run directories; a smaller model and batch so that each run takes seconds): a
-later example finds exactly what the earlier ones left, as a reader's would. Examples
+later example finds exactly what the earlier ones left, as a reader's would.
+`serve.evaluate` is only parsed and pointed at its checkpoint here (its full report
+takes minutes; tests/test_serve.py runs it on two variants). Examples
 that need several processes or hosts are checked without running (their run
 directories must not collide with the others'); tests/test_distributed.py runs them.
 """
@@ -20,6 +22,7 @@ import pytest
 
 from serve import evaluate as serve_evaluate
 from serve import generate as serve_generate
+from serve import quantize
 from train import config as config_lib
 from train import run as train_run
 
@@ -110,17 +113,28 @@ def miniature(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_readme_shell_examples_run_in_order(miniature, capsys):
+def test_readme_shell_examples_run_in_order(miniature, capfd):
     ran = []
     for command in shell_commands():
         found = program(command)
         if found is None:
             continue
         module, argv = found
-        if module == "serve.evaluate":
-            argv += ["--methods", "max", "--eval-batches", "1", "--prompts", "1", "--new-tokens", "8"]
+        if module == "serve.evaluate":  # minutes of variants; tests/test_serve.py runs evaluate
+            args = serve_evaluate.parse_args(argv)
+            assert quantize.load_checkpoint(args.checkpoint).step > 0
+            ran.append(module)
+            continue
         code = PROGRAMS[module](argv)
-        out, err = capsys.readouterr()
+        out, err = capfd.readouterr()
         assert code == 0, f"README example failed: {command}\n{err[-2000:]}"
         ran.append(module)
     assert ran.count("train.run") >= 3 and "serve.generate" in ran and "serve.evaluate" in ran, ran
+    # Then the Python snippets past the tour (serving from the quickstart's checkpoint).
+    later = README.read_text().split("## A short tour", 1)[1].split("\n## ", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", later, flags=re.S)
+    assert blocks, "README has no serving snippet"
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), {})  # noqa: S102
+    err = capfd.readouterr().err
+    assert "read only" not in err and "WARNING" not in err, err  # orbax's restore warnings stay quiet

@@ -8,8 +8,13 @@ depend on the whole prompt.
 
 import concurrent.futures
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
+import types
+from pathlib import Path
 
 import httpx
 import jax
@@ -25,6 +30,7 @@ from serve import batching
 from serve import server
 from store import checkpoint as ckpt_lib
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=512)
 MAX_BATCH = 8
 MAX_QUEUE = 2
@@ -162,6 +168,10 @@ BAD = [
     (json.dumps({"prompt": "x", "stream": "yes"}).encode(), "stream"),
     (json.dumps({"prompt": "x", "stop": 3}).encode(), "stop"),
     (json.dumps({"prompt": "x", "n": 2}).encode(), "n"),
+    (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop"),
+    (json.dumps({"prompt": "x", "max_tokens": True}).encode(), "max_tokens"),
+    (json.dumps({"prompt": ""}).encode(), "prompt"),
+    (json.dumps({"prompt": "x", "top_k": -1}).encode(), "top_k"),
     (json.dumps({"prompt": "x" * CONFIG.max_seq_len}).encode(), "prompt"),
 ]
 
@@ -172,6 +182,26 @@ def test_bad_requests_get_400_with_an_openai_error_body(url, body, param):
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+
+
+def test_chat_fallback_template_and_its_stops():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    params = server.api.parse_chat({"messages": messages, "stop": "\n\n", "max_tokens": 3},
+                                   server.api.plain_chat_prompt, server.api.PLAIN_CHAT_STOPS)
+    assert params.prompt == "System: Be brief.\nUser: Hi\nAssistant:"
+    assert params.stop == ("\n\n", "\nUser:", "\nSystem:") and params.max_tokens == 3
+
+
+def test_a_model_directory_brings_its_chat_template_and_stop_ids():
+    tokenizer = server._load_tokenizer(str(ROOT / "tests" / "fixtures" / "hf" / "llama3"))
+    render, stops = server.chat_renderer(tokenizer)
+    text = render([{"role": "user", "content": "Hi"}])
+    assert text.startswith(tokenizer.special_tokens["bos_token"]) and "Hi" in text and not stops
+    assert server._eos_ids(tokenizer) == tuple(tokenizer.stop_ids) and tokenizer.stop_ids
+    strict = types.SimpleNamespace(chat_template="{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(server.api.ApiError, match="roles must alternate") as err:
+        server.chat_renderer(strict)[0]([{"role": "user", "content": "x"}])
+    assert err.value.status == 400 and err.value.param == "messages"
 
 
 def test_bad_chat_messages_get_400(url):
@@ -218,7 +248,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service):
         assert service.batcher.busy() == 1
     assert batching.wait_idle(service.batcher, 30), "the slot stays busy after the client went away"
     finished = dict(service.batcher.finished)
-    assert finished["cancelled"] == cancelled + 1, f"dropped, not run to max_tokens: {finished}"
+    assert finished.get("cancelled", 0) == cancelled + 1, f"dropped, not run to max_tokens: {finished}"
 
 
 def test_nothing_compiles_after_warm_up(service, client):
@@ -256,3 +286,25 @@ def test_shutdown_lets_a_stream_in_flight_finish(running, service):
     assert not service.batcher.alive()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=5)
+
+
+@pytest.mark.slow
+def test_the_command_prints_its_url_and_sigterm_lets_a_stream_finish(checkpoint):
+    cmd = [sys.executable, "-m", "serve.server", "--checkpoint", str(checkpoint), "--precision", "fp32", "--port", "0",
+           "--max-batch", "2", "--prefill-chunk", "8", "--prefill-rows", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:"), line + proc.stderr.read()
+        body = {"prompt": "a long story", "max_tokens": 200, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{line.split()[-1]}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            proc.send_signal(signal.SIGTERM)
+            assert [line for line in lines if line][-1] == "data: [DONE]"
+        # uvicorn re-raises the signal once it has shut down: a terminated process's status
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

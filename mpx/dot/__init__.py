@@ -33,8 +33,9 @@ f32 scales: about 1 byte per element) instead of the unquantized input
 (`fp8_residuals=True`, the recipes' default; DeepSeek-V3 report, 3.3). dgrad reuses the
 stored weight operand; wgrad needs its lhs in 128x1 tiles along tokens where the forward
 made 1x128 tiles along K, so it dequantizes the stored operand and quantizes it again:
-its lhs carries two E4M3 roundings (measured: about 1.2x the wgrad error of quantizing
-the input once).
+its lhs carries two E4M3 roundings (measured at 1024x1024x512: wgrad relative error
+4.2e-2 against 3.4e-2 when requantizing from the input, 1.26x; forward and dgrad are
+unchanged).
 
 Scale state. Gradients are always scaled just in time (current scaling), even under
 `DelayedScaling`: delayed-scaling state is only used for forward operands, so no amax

@@ -14,7 +14,15 @@ by method interception), `stats` (tensor statistics), `measure` (analyze: estima
 measurement, SmoothQuant smoothing).
 """
 
-from mpx.sensitivity.measure import Sensitivity, analyze, estimate, exact, smoothing_factors, spearman
+from mpx.sensitivity.measure import (
+    Sensitivity,
+    analyze,
+    estimate,
+    exact,
+    smoothable,
+    smoothing_factors,
+    spearman,
+)
 from mpx.sensitivity.candidates import CANDIDATES, Candidate, Operand
 from mpx.sensitivity.candidates import get as get_candidates
 from mpx.sensitivity.capture import Layer, assigned_loss, find_layers, next_token_nll
@@ -22,5 +30,5 @@ from mpx.sensitivity.stats import tensor_stats
 
 __all__ = [
     "CANDIDATES", "Candidate", "Layer", "Operand", "Sensitivity", "analyze", "assigned_loss", "estimate", "exact",
-    "find_layers", "get_candidates", "next_token_nll", "smoothing_factors", "spearman", "tensor_stats",
+    "find_layers", "get_candidates", "next_token_nll", "smoothable", "smoothing_factors", "spearman", "tensor_stats",
 ]

@@ -22,7 +22,7 @@ subset of (layer, candidate) pairs it checks the estimate: Spearman rank correla
 
 Smoothing (SmoothQuant, per input channel k): s_k = amax(x_k)^alpha / amax(W_k)^(1 - alpha),
 x' = x / s, W' = s W (the product is unchanged); the estimate is repeated on x', W' for
-candidates that quantize activations, so the report can say per layer whether it helped.
+candidates with FP8 activations, so the report can say per layer whether it helped.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpx import formats as formats_lib
 from mpx.sensitivity import capture
 from mpx.sensitivity import candidates as candidates_lib
 from mpx.sensitivity import stats as stats_lib
@@ -56,7 +57,8 @@ class Sensitivity:
       estimate: (layers, candidates) predicted loss increase in nats of lowering one layer
         (first- plus second-order term; may be negative).
       second_order: (layers, candidates) the Fisher term alone (>= 0).
-      smoothed: like `estimate` with SmoothQuant smoothing (NaN where not applicable), or None.
+      smoothed: like `estimate` with SmoothQuant smoothing (NaN for candidates without FP8
+        activations), or None.
       exact: {(path, candidate name): measured loss increase in nats}.
       base_loss: the mean loss of the unlowered model over the calibration batches.
       weight_stats, activation_stats: {path: `stats.summary` dict}.
@@ -126,6 +128,11 @@ def smoothing_factors(x3: jax.Array, w3: jax.Array, alpha: float) -> jax.Array:
     return jnp.where((ax > 0) & (aw > 0), s, 1.0)
 
 
+def smoothable(cand: candidates_lib.Candidate) -> bool:
+    """Whether smoothing applies: the candidate quantizes activations to 8 bits (FP8)."""
+    return cand.activation is not None and formats_lib.get(cand.activation.fmt).bits == 8
+
+
 def _fisher(g3: jax.Array, d: jax.Array) -> jax.Array:
     """First-order term sum(g . d) plus the Fisher term (M / 2) sum_m (g_m . d_m)^2."""
     per_row = jnp.sum(g3 * d, axis=-1)  # (G, M)
@@ -134,9 +141,13 @@ def _fisher(g3: jax.Array, d: jax.Array) -> jax.Array:
 
 
 def _layer_scores(cands: tuple[candidates_lib.Candidate, ...], alpha: float | None) -> Callable:
-    """Jitted `(x3, w3, g3, moments) -> (estimates (C,), smoothed (C,), moments)`."""
+    """`(x3, w3, g3, moments) -> (terms (C, 2), smoothed (C,), moments)`.
 
-    @jax.jit
+    Runs op by op: its pieces (the quantizers, the matmul) are jitted per shape and
+    format and shared by every layer of that shape, which compiles far less than one
+    fused function per layer shape for a handful of batches.
+    """
+
     def score(x3, w3, g3, moments):
         x3, w3, g3 = x3.astype(jnp.float32), w3.astype(jnp.float32), g3.astype(jnp.float32)
         exact = jnp.einsum("gmk,gkn->gmn", x3, w3)
@@ -145,11 +156,14 @@ def _layer_scores(cands: tuple[candidates_lib.Candidate, ...], alpha: float | No
         if alpha is not None:
             s = smoothing_factors(x3, w3, alpha)
             xs, ws = x3 / s, w3 * jnp.swapaxes(s, 1, 2)
-            smooth = jnp.stack([jnp.sum(_fisher(g3, c.lower(xs, ws) - exact)) if c.activation is not None
+            smooth = jnp.stack([jnp.sum(_fisher(g3, c.lower(xs, ws) - exact)) if smoothable(c)
                                 else jnp.float32(jnp.nan) for c in cands])
-        return est, smooth, stats_lib.observe(moments, x3)
+        return est, smooth, _observe(moments, x3)
 
     return score
+
+
+_observe = jax.jit(stats_lib.observe)
 
 
 def _weights(variables: Any, layers: tuple[capture.Layer, ...]) -> dict[str, jax.Array]:
@@ -218,6 +232,8 @@ def exact(apply_fn: capture.ApplyFn, variables: Any, batches: Sequence[Any], lay
     for name, paths in by_cand.items():
         cand = candidates_lib.get([name])[0]
         f = jax.jit(capture.lowered_loss(apply_fn, loss_fn, layers, cand.lower))
+        # The unlowered loss through the same compiled function: no last-bit differences
+        # from another fusion, which would swamp the smallest effects.
         base = [float(f(variables, b, -1)) for b in batches]
         for path in paths:
             lowered = [float(f(variables, b, index[path])) for b in batches]
