@@ -14,12 +14,20 @@ held-out text (the checkpoint's own eval split):
 
 Writes `precision_report.md` and `precision_report.png` into `--out` (default
 `runs/<run name>/eval/`). User mistakes exit with status 2 and one line.
+
+`--checkpoint` may be a Hugging Face model directory. `--data FILE` (.txt, or .jsonl with
+"text") measures on any text instead, read with the checkpoint's own tokenizer:
+`--windows` windows of `--seq-len` tokens, the `--variants` named (default all; see
+serve/evaluate_text.py), no generation; the report goes to stdout (and `--out` if
+given). `--json` ends the output with one JSON object: {"variants": [{"name", "ppl",
+"ppl_change_pct", "weight_bytes", "logits_cos", "top1_agreement", "kl"}, ...]}.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -33,6 +41,7 @@ from mpx import calibrate as calibrate_lib
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
+from serve import sources
 from store import cli
 
 # The targets of the design brief: weight memory relative to fp32, most perplexity loss accepted.
@@ -269,6 +278,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=cli.positive_int, default=64)
     p.add_argument("--methods", default=",".join(calibrate_lib.METHODS),
                    help="calibration methods to compare (comma-separated; empty for none)")
+    p.add_argument("--data", help="evaluate on this .txt/.jsonl file with the checkpoint's tokenizer")
+    p.add_argument("--seq-len", type=cli.positive_int, default=256, help="--data window length (default 256)")
+    p.add_argument("--windows", type=cli.positive_int, default=16, help="--data windows (default 16)")
+    p.add_argument("--variants", help="comma-separated variant names (fp32, bf16, fp8, fp8-weight-only, fp8-kv, ...)")
+    p.add_argument("--tokenizer", help="tokenizer (bytes, tokenizer.json or model dir) instead of the checkpoint's")
+    p.add_argument("--json", action="store_true", help="end with one JSON object of the measured variants")
     return p.parse_args(argv)
 
 
@@ -281,13 +296,50 @@ def _methods(text: str) -> tuple[str, ...]:
     return methods
 
 
+def _json_rows(rows: list[dict]) -> dict:
+    """Report rows in the --json shape (evaluate_text.json_rows)."""
+    return {"variants": [{"name": r["label"], "ppl": r["ppl"], "ppl_change_pct": 100.0 * r["ppl_change"],
+                          "weight_bytes": r["bytes"], "logits_cos": r["cosine"], "top1_agreement": r["top1"],
+                          "kl": r["kl"], "tokens_per_s": r["tokens_per_s"], "greedy_agreement": r["greedy"]}
+                         for r in rows]}
+
+
+def _main_text(args: argparse.Namespace) -> int:
+    from serve import evaluate_text  # it builds on this module's variants and forward pass
+
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    try:
+        rows, report = evaluate_text.run(args.checkpoint, args.data, seq_len=args.seq_len, windows=args.windows,
+                                         variants=args.variants, tokenizer=args.tokenizer,
+                                         skip_incomplete=args.skip_incomplete, log=log)
+    except (q.ServeError, ValueError) as err:
+        return cli.fail(err)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "precision_report.md").write_text(report)
+    print(report)
+    if args.json:
+        print(json.dumps(evaluate_text.json_rows(rows)))
+    return 0
+
+
+def _variants(args: argparse.Namespace) -> list[Variant]:
+    if args.variants is None:
+        return default_variants(_methods(args.methods))
+    from serve import evaluate_text
+
+    return [v for _, v in evaluate_text.parse_variants(args.variants)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.data is not None:
+        return _main_text(args)
     try:
-        methods = _methods(args.methods)
-        ckpt = q.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
+        variants = _variants(args)
+        ckpt = sources.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
         data = held_out(ckpt, args.eval_batches, args.prompts, args.prompt_len, args.new_tokens)
-        rows, extra = evaluate(ckpt, default_variants(methods), data, args.calibration_batches,
+        rows, extra = evaluate(ckpt, variants, data, args.calibration_batches,
                                log=lambda s: print(s, file=sys.stderr))
     except (q.ServeError, ValueError) as err:
         return cli.fail(err)
@@ -299,6 +351,8 @@ def main(argv=None) -> int:
     plot(rows, out / "precision_report.png")
     print(report)
     print(f"wrote {out / 'precision_report.md'} and {out / 'precision_report.png'}")
+    if args.json:
+        print(json.dumps(_json_rows(rows)))
     return 0
 
 

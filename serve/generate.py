@@ -2,6 +2,7 @@
 
     python -m serve.generate --checkpoint runs/tiny/checkpoints --prompt "Return the " \\
         [--precision fp8|bf16|fp32] [--kv-cache bf16|fp8|fp32] [--max-tokens 128]
+    python -m serve.generate --checkpoint path/to/hf-model --system "Be brief." --chat "Hi" --chat "Why?"
 
 Streams the text of a single prompt as it is generated; with several `--prompt`s, runs
 them as one batch and prints each after a `--- prompt i (why it ended)` line. Ends with
@@ -9,6 +10,14 @@ the step it loaded, tokens/s and weight memory on stderr. User mistakes (no chec
 incomplete one, an empty or too long prompt, a bad option value, an FP8-only option
 without `--precision fp8`, a checkpoint of another model, a missing tokenizer) print one
 line naming the flag and exit with status 2.
+
+`--checkpoint` is an mpx training run or a Hugging Face model directory (config.json,
+safetensors weights, tokenizer.json; detected from its contents), loaded tensor by
+tensor in the serving precision. Its stop ids (generation_config.json's eos_token_id,
+e.g. Llama 3's <|eot_id|>) end generation, and plain prompts get the tokenizer's own
+special tokens (Llama's BOS). `--chat "message"` (repeatable: one user turn each, every
+reply generated before the next turn; `--system` first) renders the checkpoint's chat
+template (tokenizer_config.json) as transformers does and stops at the end of the turn.
 
 `--config` checks the checkpoint against a training config's `model` section (a preset
 plus overrides, resolved by `models.config.from_section`); the checkpoint itself carries
@@ -27,6 +36,8 @@ from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from serve import sampling
+from serve import sources
+from store import chat as chat_lib
 from store import checkpoint as ckpt_lib
 from store import cli
 
@@ -41,7 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"run dir, checkpoints dir or step dir (default {q.TRAIN_CHECKPOINTS})")
     p.add_argument("--skip-incomplete", action="store_true",
                    help="if the newest step is incomplete, load the newest complete one (printed)")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="append", default=[], type=cli.non_empty,
+                   help="a user turn through the checkpoint's chat template (repeat for turns)")
+    p.add_argument("--system", type=cli.non_empty, help="system message of a --chat conversation")
     p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
     p.add_argument("--weights", choices=q.WEIGHT_SCALES, help="FP8 weight scales: block (128x128, default) or channel")
     p.add_argument("--activations", choices=q.ACTIVATIONS, help="FP8 activation scaling (default token)")
@@ -74,6 +88,10 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError("--calibration applies only to --activations static")
     for name in FP8_ONLY:
         setattr(args, name, getattr(args, name) or DEFAULTS[name])
+    if bool(args.prompt) == bool(args.chat):
+        raise ValueError("give --prompt (plain text) or --chat (a conversation), one of the two")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system applies only to --chat")
     if args.top_k is not None and args.top_p is not None:
         raise ValueError("give --top-k or --top-p, not both")
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
@@ -97,10 +115,9 @@ def build(args: argparse.Namespace):
     """
     spec = q.ServeSpec(args.precision, args.weights, args.activations, args.calibration)
     sampler = sampling.make(args.temperature, args.top_k, args.top_p)
-    ckpt = q.load_checkpoint(args.checkpoint, expect_model=expected_model(args.config),
-                             skip_incomplete=args.skip_incomplete)
-    tokenizer = q.load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
-    model, variables = q.prepare(ckpt, spec)
+    model, variables, tokenizer, ckpt = sources.load_for_serving(
+        args.checkpoint, spec, expect_model=expected_model(args.config), skip_incomplete=args.skip_incomplete,
+        tokenizer=args.tokenizer)
     engine = engine_lib.Engine(model, variables, kv_cache=args.kv_cache, logit_scale=args.logit_scale)
     return engine, tokenizer, sampler, spec, ckpt
 
@@ -113,15 +130,38 @@ def loaded(ckpt: q.Checkpoint) -> str:
 
 
 def _summary(stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec, ckpt: q.Checkpoint) -> str:
-    weights, fp32_bytes = q.weight_bytes(engine.variables["params"]), q.weight_bytes(ckpt.params)
+    weights, fp32_bytes = q.weight_bytes(engine.variables["params"]), sources.fp32_bytes(ckpt)
     return (f"[{loaded(ckpt)}; {spec.label}, {engine.kv_cache} KV cache] {stats.new_tokens} new tokens; prefill "
             f"{stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s "
             f"(compiled beforehand); weight memory {weights / 2**20:.2f} MiB ({weights / fp32_bytes:.1%} of fp32)")
 
 
+class _PromptTokenizer:
+    """A model tokenizer whose `encode` adds its special tokens (Llama's BOS) to prompts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode_prompt(text)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def _stops(args: argparse.Namespace, tokenizer) -> list[str]:
+    """--stop strings plus the checkpoint's stop tokens (as text)."""
+    return args.stop + (tokenizer.stop_strings() if hasattr(tokenizer, "stop_strings") else [])
+
+
 def _generate(args: argparse.Namespace):
     check_options(args)
     engine, tokenizer, sampler, spec, ckpt = build(args)
+    if args.chat:
+        return _chat(args, engine, tokenizer, sampler, spec, ckpt)
+    stop = _stops(args, tokenizer)
+    if hasattr(tokenizer, "encode_prompt"):
+        tokenizer = _PromptTokenizer(tokenizer)
     # Compile prefill and decode for these prompts' buckets first, so the speed
     # reported at the end is that of warm steps.
     engine.warm_up([tokenizer.encode(p) for p in args.prompt], args.max_tokens, sampler=sampler)
@@ -130,8 +170,26 @@ def _generate(args: argparse.Namespace):
         print(args.prompt[0], end="", flush=True)
     texts, outputs, stats = engine_lib.generate_text(
         engine, tokenizer, args.prompt, max_new_tokens=args.max_tokens, sampler=sampler, seed=args.seed,
-        stop=args.stop, stream=stream)
+        stop=stop, stream=stream)
     return engine, spec, ckpt, stream, texts, outputs, stats
+
+
+def _chat(args, engine, tokenizer, sampler, spec, ckpt):
+    """Each --chat turn rendered with the replies so far, generated and streamed in turn."""
+    template = getattr(tokenizer, "chat_template", None)
+    specials = getattr(tokenizer, "special_tokens", {})
+    replies, stream = [], (lambda text: print(text, end="", flush=True))
+    for i, turn in enumerate(args.chat):
+        prompt = chat_lib.render_chat(template, chat_lib.conversation(args.chat[:i + 1], replies, args.system),
+                                      specials)
+        engine.warm_up([tokenizer.encode(prompt)], args.max_tokens, sampler=sampler)
+        print(f"user: {turn}\nassistant: ", end="", flush=True)
+        texts, outputs, stats = engine_lib.generate_text(
+            engine, tokenizer, [prompt], max_new_tokens=args.max_tokens, sampler=sampler, seed=args.seed,
+            stop=_stops(args, tokenizer), stream=stream)
+        print()
+        replies.append(texts[0])
+    return engine, spec, ckpt, None, [], [], stats
 
 
 def main(argv=None) -> int:
@@ -140,10 +198,10 @@ def main(argv=None) -> int:
         engine, spec, ckpt, stream, texts, outputs, stats = _generate(args)
     except (q.ServeError, config_io.ConfigError, ValueError, FileNotFoundError) as err:
         return cli.fail(err)
-    if stream is None:
+    if stream is None and not args.chat:
         for i, (prompt, text, out) in enumerate(zip(args.prompt, texts, outputs)):
             print(f"--- prompt {i + 1} (ended by {FINISH[out.finish]})\n{prompt}{text}")
-    else:
+    elif not args.chat:
         print()
     print(_summary(stats, engine, spec, ckpt), file=sys.stderr)
     return 0

@@ -132,11 +132,14 @@ def _dense_layers(model: transformer.Transformer) -> dict[str, int | None]:
     return found
 
 
-def _fp8_paths(config: ModelConfig) -> dict[str, int | None]:
+def fp8_layers(config: ModelConfig) -> dict[str, int | None]:
     """The layers the fp8 policy gives a recipe: {path: feature axes (None: experts)}."""
     policy = mpx.policy.preset("fp8")
     layers = _dense_layers(transformer.Transformer(config))
     return {p: n for p, n in layers.items() if policy.resolve(p).recipe is not None}
+
+
+_fp8_paths = fp8_layers
 
 
 def _quantize_kernel(kernel: jax.Array, n_out: int | None, spec: ServeSpec) -> ScaledArray:
@@ -155,29 +158,41 @@ def _path_of(path: tuple) -> tuple[str, str]:
     return "/".join(names[:-1]), names[-1]
 
 
+def convert_leaf(module: str, name: str, leaf, spec: ServeSpec, fp8: dict[str, int | None]):
+    """One serving param under `spec` from a float master or a block-FP8 ScaledArray.
+
+    `fp8` is `fp8_layers(config)` under an fp8 spec, else {}. A ScaledArray (from a
+    block-FP8 checkpoint) serves as it is where the spec wants 128x128-block weights of
+    its format, and is dequantized first everywhere else.
+    """
+    quantized = name == "kernel" and module in fp8
+    if isinstance(leaf, ScaledArray):
+        if quantized and spec.weights == "block" and leaf.fmt == mpx.formats.get(spec.fmt):
+            return leaf
+        leaf = mpx.dequantize(leaf)
+    if spec.precision == "fp32":
+        return jnp.asarray(leaf, jnp.float32)
+    if quantized:
+        return _quantize_kernel(jnp.asarray(leaf, jnp.float32), fp8[module], spec)
+    # The MoE router stays f32 in every preset: its top-k decisions flip easily.
+    return jnp.asarray(leaf, jnp.float32 if module.endswith("router") else jnp.bfloat16)
+
+
 def quantize_params(params, config: ModelConfig, spec: ServeSpec):
-    """The serving params of f32 master `params` under `spec` (see the module docstring).
+    """The serving params of `params` under `spec` (see the module docstring).
 
     Args:
-      params: the model's f32 params tree.
+      params: the model's params tree: f32 masters, or already converted leaves
+        (block-FP8 ScaledArrays, bf16) as a Hugging Face checkpoint loads them.
       config: the model's shape.
       spec: the precision.
 
     Returns:
       A params tree of the same structure; FP8 kernels are `ScaledArray`s.
     """
-    if spec.precision == "fp32":
-        return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    fp8 = _fp8_paths(config) if spec.precision == "fp8" else {}
-
-    def convert(path, leaf):
-        module, name = _path_of(path)
-        if name == "kernel" and module in fp8:
-            return _quantize_kernel(jnp.asarray(leaf, jnp.float32), fp8[module], spec)
-        # The MoE router stays f32 in every preset: its top-k decisions flip easily.
-        return jnp.asarray(leaf, jnp.float32 if module.endswith("router") else jnp.bfloat16)
-
-    return jax.tree_util.tree_map_with_path(convert, params)
+    fp8 = fp8_layers(config) if spec.precision == "fp8" else {}
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: convert_leaf(*_path_of(path), leaf, spec, fp8),
+                                            params, is_leaf=lambda x: isinstance(x, ScaledArray))
 
 
 # --------------------------------------------------------------------------- memory

@@ -108,20 +108,19 @@ def test_generate_chats_turn_by_turn_with_a_system_message(capsys):
 
 def test_generation_stops_at_the_checkpoints_end_of_turn_token(capsys, tmp_path):
     from serve import engine as engine_lib
-    from serve import load as load_lib
+    from serve import sources
     from serve import quantize as q
 
-    model, variables, tok, _ = load_lib.load_for_serving(FIXTURES / "llama3", q.ServeSpec("fp32"))
+    model, variables, tok, _ = sources.load_for_serving(FIXTURES / "llama3", q.ServeSpec("fp32"))
     prompt = chat.render_chat(tok.chat_template, [{"role": "user", "content": "hello"}], tok.special_tokens)
-    outputs, _ = engine_lib.Engine(model, variables).generate([tok.encode(prompt)], max_new_tokens=2)
-    first = outputs[0].tokens[0]  # what greedy decoding says first
+    outputs, _ = engine_lib.Engine(model, variables).generate([tok.encode(prompt)], max_new_tokens=6)
+    assert outputs[0].finish == "length"  # without a stop id it runs to --max-tokens
+    first, second = outputs[0].tokens[:2]
     d = tmp_path / "m"
     shutil.copytree(FIXTURES / "llama3", d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [second]}))
     code, out, _ = _generate(capsys, "--checkpoint", d, "--precision", "fp32", "--max-tokens", "6", "--chat", "hello")
-    assert code == 0 and out.strip() != "user: hello\nassistant:"  # it says something without a stop
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [first]}))
-    code, out, _ = _generate(capsys, "--checkpoint", d, "--precision", "fp32", "--max-tokens", "6", "--chat", "hello")
-    assert code == 0 and out.strip() == "user: hello\nassistant:"  # stopped at once
+    assert code == 0 and out == f"user: hello\nassistant: {tok.decode([first])}\n"  # stopped at the second
 
 
 @pytest.mark.parametrize("argv, message", [

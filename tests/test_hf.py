@@ -60,7 +60,7 @@ def test_fp32_logits_match_transformers(loaded, name):
     assert err <= 1e-4  # measured about 1e-6: f32 rounding only
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen3"])
+@pytest.mark.parametrize("name", ["tinyllama", "qwen3"])  # bf16 weights; ragged 128-blocks; q/k norms
 def test_bf16_and_fp8_logits_stay_within_their_format_bounds(loaded, name):
     ref = _reference(name)
     bf16 = _rel_err(_logits(loaded[name], q.ServeSpec("bf16"), ref["tokens"]), ref["logits"])
@@ -260,19 +260,19 @@ def test_training_starts_from_a_hugging_face_directory(loaded, tmp_path):
 
 
 def test_load_for_serving_quantizes_as_it_loads_and_keeps_block_fp8_as_stored(tmp_path):
-    from serve import load as load_lib
+    from serve import sources
 
-    model, variables, tok, ckpt = load_lib.load_for_serving(FIXTURES / "tinyllama", q.ServeSpec("fp8"))
+    model, variables, tok, ckpt = sources.load_for_serving(FIXTURES / "tinyllama", q.ServeSpec("fp8"))
     kernel = variables["params"]["layers_0"]["mlp"]["down"]["kernel"]
     assert isinstance(kernel, mpx.ScaledArray) and ckpt.step == 0 and tok.chat_template
     assert variables["params"]["embed"]["embedding"].dtype == jnp.bfloat16
-    assert load_lib.fp32_bytes(ckpt) == 4 * sum(int(np.prod(e.shape)) for e in W.entries(ckpt.config))
+    assert sources.fp32_bytes(ckpt) == 4 * sum(int(np.prod(e.shape)) for e in W.entries(ckpt.config))
     save_lib.save(tmp_path / "fp8", ckpt.config, ckpt.params, precision="fp8",
                   extra_files=save_lib.tokenizer_files(FIXTURES / "tinyllama"))
-    _, again, _, _ = load_lib.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp8"))
+    _, again, _, _ = sources.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp8"))
     stored = again["params"]["layers_0"]["mlp"]["down"]["kernel"]
     assert np.asarray(stored.data).tobytes() == np.asarray(kernel.data).tobytes()  # served as stored
-    _, f32, _, _ = load_lib.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp32"))
+    _, f32, _, _ = sources.load_for_serving(tmp_path / "fp8", q.ServeSpec("fp32"))
     np.testing.assert_array_equal(f32["params"]["layers_0"]["mlp"]["down"]["kernel"], mpx.dequantize(stored))
 
 
@@ -283,11 +283,11 @@ def test_evaluate_on_any_text_ends_with_one_json_object(tmp_path, capsys):
     text.write_text("\n".join(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8})
                               for _ in range(4)))
     code = evaluate.main(["--checkpoint", str(FIXTURES / "llama3"), "--data", str(text), "--seq-len", "32",
-                          "--windows", "4", "--variants", "bf16,fp8,fp8-weight-only", "--json"])
+                          "--windows", "4", "--variants", "bf16,fp8", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out[-1])["variants"]}
-    assert list(rows) == ["fp32", "bf16", "fp8", "fp8-weight-only"]  # the fp32 reference leads
+    assert list(rows) == ["fp32", "bf16", "fp8"]  # the fp32 reference leads
     assert set(rows["fp8"]) == {"name", "ppl", "ppl_change_pct", "weight_bytes", "logits_cos", "top1_agreement", "kl"}
     assert rows["fp32"]["ppl_change_pct"] == 0 and rows["fp32"]["kl"] == 0 and rows["fp32"]["top1_agreement"] == 1
     assert rows["fp8"]["weight_bytes"] < rows["bf16"]["weight_bytes"] < rows["fp32"]["weight_bytes"]
@@ -297,7 +297,7 @@ def test_evaluate_on_any_text_ends_with_one_json_object(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--variants", "fp8,int4"], "unknown variant 'int4'"),
-    (["--seq-len", "1000"], "--seq-len 1000 exceeds the model's context 64"),
+    (["--seq-len", "1000"], "--seq-len 1000 exceeds the model's context 256"),
     (["--windows", "0"], "--windows"),
 ])
 def test_evaluate_text_mistakes_exit_2(tmp_path, capsys, argv, message):
@@ -310,3 +310,16 @@ def test_evaluate_text_mistakes_exit_2(tmp_path, capsys, argv, message):
     except SystemExit as exit_:
         code = exit_.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("program", ["generate", "evaluate", "export"])
+def test_every_cli_refuses_a_bad_hugging_face_directory_in_one_line(tmp_path, capsys, program):
+    import importlib
+
+    d = _copy("qwen3", tmp_path)
+    _edit_config(d, architectures=["BertModel"])
+    argv = {"generate": ["--prompt", "hi"], "evaluate": [], "export": ["--out", str(tmp_path / "out")]}[program]
+    code = importlib.import_module(f"serve.{program}").main(["--checkpoint", str(d), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: unsupported architecture BertModel") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
