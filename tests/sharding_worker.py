@@ -48,6 +48,11 @@ BATCH, SEQ = 16, 64
 MICRO = ["model.n_layers=1", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=128",
          "data.seq_len=32", "data.batch_size=8", "eval_every=0", "log_every=1", "checkpoint.every=2",
          "precision=bf16", f"data.source={Path(__file__).resolve()}", "data.eval_fraction=0"]
+# The cross-mesh resume run: past warmup at a real learning rate, cut after step 3, and no
+# clipping (a clip would normalize away a wrong gradient scale before the moments see it).
+RESHARD_STEPS, RESHARD_CUT = 6, 3
+RESHARD = MICRO + [f"steps={RESHARD_STEPS}", f"checkpoint.every={RESHARD_CUT}", "optimizer.learning_rate=1e-2",
+                   "optimizer.warmup_steps=2", "optimizer.clip_norm=null"]
 
 
 def case():
@@ -206,23 +211,34 @@ def check_sharded_generation(out: Path, results: dict) -> None:
     }
 
 
+def _flat_state(state) -> dict:
+    """A restored train state's params and optimizer state as f32 numpy arrays by path."""
+    return {jax.tree_util.keystr(p): np.asarray(v, np.float32) for p, v in jax.tree_util.tree_leaves_with_path(state)
+            if jax.tree_util.keystr(p).startswith(("['params']", "['opt_state']"))}
+
+
 def check_reshard_through_loop(out: Path, results: dict) -> None:
-    """Train on mesh A, checkpoint, resume on mesh B: the losses continue the same.
+    """Train on mesh A, checkpoint after step 3, resume on mesh B: the state continues.
 
     Mesh A (data=8) also reduces its gradients with bf16 communication, mesh B
-    (fsdp=4, tensor=2) in f32.
+    (fsdp=4, tensor=2) in f32. The final states of both (params, moments, counts) go to
+    OUT_DIR/reshard.npz as "straight:<path>" and "resumed:<path>".
     """
     run_dir = out / "reshard"
-    base = MICRO + [f"run_dir={run_dir}", "steps=4"]  # as test_sharding's single-device run
+    base = RESHARD + [f"run_dir={run_dir}"]  # as test_sharding's single-device run
     mesh_a = ["mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=1", "mesh.grad_comm=bf16"]
     mesh_b = ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "mesh.grad_comm=f32"]
     straight = loop.train(config_lib.load(ROOT / "configs" / "tiny.yaml", base + mesh_a), quiet=True)
     cfg_b = config_lib.load(ROOT / "configs" / "tiny.yaml", base + mesh_b)
-    shutil.rmtree(Path(cfg_b.checkpoint_dir) / "4")
+    final = {f"straight:{k}": v for k, v in _flat_state(ckpt.restore(cfg_b.checkpoint_dir, RESHARD_STEPS)[0]).items()}
+    shutil.rmtree(Path(cfg_b.checkpoint_dir) / str(RESHARD_STEPS))
     resumed = loop.train(cfg_b, resume_run=True, quiet=True)
     state, _ = ckpt.restore(cfg_b.checkpoint_dir)
+    final.update({f"resumed:{k}": v for k, v in _flat_state(state).items()})
+    np.savez(out / "reshard.npz", **final)
     results["reshard"] = {"straight": straight["losses"], "resumed": resumed["losses"],
-                          "final_step": resumed["final_step"], "restored_step": int(state["step"])}
+                          "final_step": resumed["final_step"], "restored_step": int(state["step"]),
+                          "skipped": straight["skipped_steps"] + resumed["skipped_steps"]}
 
 
 GROUPS = {
