@@ -276,6 +276,16 @@ def _parse(argv) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_sizes(args, mesh) -> None:
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq), ("--devices", args.devices)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1; got {value}")
+    shards = sharding.batch_shards(mesh)
+    if args.batch is not None and args.batch % shards:
+        raise ValueError(f"--batch {args.batch} does not split over the mesh's {shards} batch shards "
+                         f"({args.mesh}); use a multiple of {shards}")
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     try:
@@ -285,6 +295,7 @@ def main(argv=None) -> int:
         is_file = args.policy.endswith((".yaml", ".yml"))
         pol = policy_lib.load(args.policy) if is_file else policy_lib.preset(args.policy)
         mesh = sharding.abstract_mesh(sharding.parse_mesh(args.mesh), args.devices)
+        _check_sizes(args, mesh)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -274,13 +274,10 @@ class Transformer(nn.Module):
             return True
         if self.config.remat == "non_fp8":
             # FP8 blocks save 4x smaller activations: the seed skips their recomputation.
-            probe = "mlp/up" if not self._is_moe(layer) else "moe/experts/up"
+            probe = "mlp/up" if not self.config.is_moe_layer(layer) else "moe/experts/up"
             policy = self.policy or preset("fp32")
             return policy.resolve(f"layers_{layer}/{probe}").recipe is None
         return False
-
-    def _is_moe(self, layer: int) -> bool:
-        return self.config.n_experts > 0 and layer % self.config.moe_every == self.config.moe_every - 1
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, cache: list[Cache] | None = None):
@@ -301,7 +298,7 @@ class Transformer(nn.Module):
         new_cache, moe_losses = [], []
         for i in range(c.n_layers):
             block_cls = nn.remat(Block) if self._remat(i) else Block
-            block = block_cls(c, use_moe=self._is_moe(i), policy=self.policy, name=f"layers_{i}")
+            block = block_cls(c, use_moe=self.config.is_moe_layer(i), policy=self.policy, name=f"layers_{i}")
             x, layer_cache, aux = block(x, positions, None if cache is None else cache[i])
             x = self._pin(x, ACTIVATION_AXES)
             new_cache.append(layer_cache)

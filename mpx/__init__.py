@@ -1,6 +1,6 @@
 """mpx: FP8/BF16 mixed-precision training and inference of transformer LMs in JAX."""
 
-from mpx import calibrate, dot, formats, hardware, inspect, metrics, optim, policy, recipes, scaled
+from mpx import calibrate, dot, formats, inspect, metrics, optim, policy, recipes, scaled
 from mpx.dot import DotState, dot_general, einsum, init_state
 from mpx.formats import Format, cast
 from mpx.policy import Policy, Precision, Rule
@@ -21,6 +21,15 @@ from mpx.scaled import (
 )
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # mpx.hardware loads on first use: importing it here would make `python -m mpx.hardware`
+    # find its own module already imported (runpy's RuntimeWarning).
+    if name == "hardware":
+        import importlib
+        return importlib.import_module("mpx.hardware")
+    raise AttributeError(f"module 'mpx' has no attribute {name!r}")
 
 __all__ = [
     "Blocks", "Format", "MX", "PerAxis", "PerTensor", "Policy", "Precision", "Rule", "ScaledArray",

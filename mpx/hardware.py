@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Iterable
 
 import jax.numpy as jnp
@@ -355,20 +356,33 @@ def describe(info: HardwareInfo | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI: prints `describe()`, and with --policy the adapted policy's notes and table."""
+def _load_policy(spec: str) -> policy_lib.Policy:
+    is_file = spec.endswith((".yaml", ".yml"))
+    return policy_lib.load(spec) if is_file else policy_lib.preset(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: prints `describe()`, and with --policy the adapted policy's notes and table.
+
+    Returns:
+      The exit status: 0, or 2 after one `error: ...` line for a bad --policy.
+    """
     parser = argparse.ArgumentParser(prog="python -m mpx.hardware", description=__doc__.splitlines()[0])
     parser.add_argument("--policy", help="a preset name or a policy YAML file to adapt to this hardware")
     args = parser.parse_args(argv)
+    try:
+        policy = _load_policy(args.policy) if args.policy else None
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: --policy: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     info = detect()
     print(describe(info))
-    if args.policy:
-        is_file = args.policy.endswith((".yaml", ".yml"))
-        policy = policy_lib.load(args.policy) if is_file else policy_lib.preset(args.policy)
+    if policy is not None:
         adapted, notes = adapt_policy(policy, info)
         print(f"\npolicy {adapted.name!r} on this hardware:")
         print("\n".join(f"  - {n}" for n in notes) or "  (no changes)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -89,13 +89,10 @@ CASES = [
     ("benchmarks.serve_load", ["--requests", "0"], "argument --requests"),
     # benchmarks.matmul / quantize / train_step / scaling: not yet on benchmarks.parser, so a bad
     # value starts the benchmark (minutes) instead of failing; add their cases with that change.
-    pytest.param("mpx.hardware", ["--policy", "nosuch"], "nosuch", marks=pending("mpx/hardware.py")),
-    pytest.param(PLAN, ["--model", "tiny", "--batch", "-4"], "--batch",
-                 marks=pending("models/plan.py")),
-    pytest.param(PLAN, ["--model", "tiny", "--mesh", "data=3,fsdp=2", "--devices", "6", "--batch", "7"], "--batch",
-                 marks=pending("models/plan.py")),
-    pytest.param(PLAN, ["--model", "tiny", "--seq", "0"], "--seq",
-                 marks=pending("models/plan.py")),
+    ("mpx.hardware", ["--policy", "nosuch"], "nosuch"),
+    (PLAN, ["--model", "tiny", "--batch", "-4"], "--batch"),
+    (PLAN, ["--model", "tiny", "--mesh", "data=3,fsdp=2", "--devices", "6", "--batch", "7"], "--batch"),
+    (PLAN, ["--model", "tiny", "--seq", "0"], "--seq"),
     (PLAN, ["--model", "nosuch"], "nosuch"),
 ]
 
@@ -159,7 +156,6 @@ def test_a_real_program_run_reports_bad_data_in_one_line(files):
     assert "not UTF-8 text" in result.stderr
 
 
-@pending("mpx/hardware.py")
 def test_hardware_report_runs_without_warnings():
     result = _program("mpx.hardware")
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
