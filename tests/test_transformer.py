@@ -1,6 +1,7 @@
 """Tests for the reference transformer: shapes, counts, precision fidelity, KV cache."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,7 @@ def test_config_validation():
         config_lib.preset("huge")
 
 
+@functools.lru_cache(maxsize=None)  # bf16's errors serve every FP8 preset's test
 def _errors_vs_fp32(policy):
     """(logits, gradient) relative errors of `policy` against fp32, same master weights."""
     ref_model, variables = _init(TINY, "fp32")
