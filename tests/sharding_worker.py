@@ -4,8 +4,8 @@
 
 The pytest process keeps its single CPU device (other tests assume it), so everything
 that needs a multi-device mesh runs here and writes OUT_DIR/<group>.json (and
-OUT_DIR/grads.npz), which the parent compares. The single-device reference of the
-gradient checks runs here too, under the same XLA flags.
+OUT_DIR/grads.npz, OUT_DIR/reshard.npz), which the parent compares. The single-device
+reference of the gradient checks runs here too, under the same XLA flags.
 """
 
 from __future__ import annotations

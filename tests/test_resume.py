@@ -80,9 +80,9 @@ def test_the_compared_state_is_all_there_and_past_warmup(runs):
     assert all(np.count_nonzero(v.reshape(v.shape[0], -1).any(axis=1)) == STEPS for v in histories.values())
     scale = {k: v for k, v in a.items() if "loss_scale" in k}
     assert any("counter" in k and int(v) == STEPS for k, v in scale.items()), scale
-    # The resumed steps (4..6, learning rate at its peak) moved the params far beyond
-    # any rounding: a tiny learning rate (1e-12) would leave them within f32 ulps.
+    # The resumed steps (4..6, learning rate at its peak) moved the params by percents
+    # (~9% measured), far beyond any rounding: at a learning rate of 1e-12 they would stay
+    # within f32 ulps, and a resume that loses state would have much to get wrong.
     params = [k for k in a if k.startswith("['params']")]
     moved = _rel(np.concatenate([a[k].ravel() for k in params]), np.concatenate([cut[k].ravel() for k in params]))
-    assert moved > 100 * float(jnp.finfo(jnp.bfloat16).eps) * LR, moved
-    assert moved > 1e-3, moved
+    assert moved > 0.02, moved
