@@ -291,9 +291,9 @@ class _Run:
         return all(self.done)
 
     def remaining(self) -> int:
-        """The most new tokens an unfinished row may still get."""
-        return max(limit - len(out.tokens) for limit, out, done in zip(self.limits, self.outputs, self.done)
-                   if not done)
+        """The most new tokens an unfinished row may still get (0 once every row is done)."""
+        return max((limit - len(out.tokens) for limit, out, done in zip(self.limits, self.outputs, self.done)
+                    if not done), default=0)
 
     def add(self, new: np.ndarray) -> None:
         """Appends a (rows, n) block of new tokens to the unfinished rows."""

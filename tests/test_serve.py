@@ -183,6 +183,15 @@ def test_max_tokens_and_context_limits(ckpt, engine):
     assert len(out[0].tokens) == 3 and out[0].finish == "context"
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_every_row_done_after_the_first_token(engine, use_cache):
+    """max_new_tokens=1, or every row stopping on its first token, ends the run."""
+    out, stats = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=1, use_cache=use_cache)
+    assert [len(o.tokens) for o in out] == [1, 1] and stats.new_tokens == 2
+    out, _ = engine.generate([[1, 2, 3]], max_new_tokens=8, use_cache=use_cache, should_stop=lambda row, t: True)
+    assert out[0].finish == "stop" and len(out[0].tokens) == (1 if use_cache else engine.chunk)  # checked per chunk
+
+
 def test_stop_strings_end_a_row_and_streaming_matches_the_text(ckpt, engine):
     tokenizer = q.load_tokenizer("bytes")
     prompt = tokenizer.decode(_tokens(ckpt, 1, 16)[0])
