@@ -40,6 +40,7 @@ from mpx import config as config_lib
 from mpx import sensitivity as sens_lib
 from mpx.policy import auto as auto_lib
 from serve import quantize as q
+from serve import sources
 from store import data as data_lib
 
 
@@ -69,7 +70,7 @@ def windows(ckpt: q.Checkpoint, data: str, seq: int, calibration: int, heldout: 
     Raises:
       ServeError: a missing data file, or too little text for the windows asked for.
     """
-    tokenizer = q.load_tokenizer(ckpt.train_config.get("data", {}).get("tokenizer", "bytes"))
+    tokenizer = q.load_tokenizer(ckpt.tokenizer_spec)
     try:
         tokens = data_lib.encode_documents(data_lib.load_documents(data), tokenizer)
     except (FileNotFoundError, ValueError) as err:
@@ -196,7 +197,8 @@ def plot(s: sens_lib.Sensitivity, result, path: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serve.sensitivity", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="mpx run (dir, checkpoints dir or step dir) or Hugging Face model dir")
     p.add_argument("--data", required=True, help="text (.txt/.jsonl file, glob or directory) to calibrate on")
     p.add_argument("--budget", type=float, required=True, help="perplexity change budget in percent")
     p.add_argument("--out", required=True, help="output directory")
@@ -230,7 +232,7 @@ def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoi
     """Loads, analyses and searches (see the module doc); returns the results and seconds."""
     t0 = time.perf_counter()
     _check(args)
-    ckpt = q.load_checkpoint(args.checkpoint)
+    ckpt = sources.load_checkpoint(args.checkpoint)
     if args.seq > ckpt.config.max_seq_len:
         raise ValueError(f"--seq {args.seq} exceeds the model's max_seq_len {ckpt.config.max_seq_len}")
     calib, heldout = windows(ckpt, args.data, args.seq, args.calibration, args.heldout, args.rows)

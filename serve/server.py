@@ -29,7 +29,6 @@ import secrets
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Callable
 
 import fastapi
@@ -45,6 +44,7 @@ from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from serve import server_api as api
 from serve import slots as slots_lib
+from serve import sources
 from store import chat as chat_lib
 from store import cli
 from store import tokenizer as tokenizer_lib
@@ -226,7 +226,7 @@ async def _sse(service: Service, params: api.Params, chat: bool, rid: str, event
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see the module docstring); a bad value exits 2 with one line."""
     p = cli.ArgumentParser(prog="python -m serve.server", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
+    p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="mpx run (dir, checkpoints dir or step dir) or Hugging Face model dir")
     p.add_argument("--skip-incomplete", action="store_true",
                    help="if the newest step is incomplete, load the newest complete one")
     p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
@@ -258,9 +258,8 @@ def build(args: argparse.Namespace) -> Service:
         checkpoint, a bad policy file, sizes that do not fit the model).
     """
     spec = q.ServeSpec(args.precision, activations=args.activations)
-    ckpt = q.load_checkpoint(args.checkpoint, skip_incomplete=args.skip_incomplete)
-    tokenizer = _load_tokenizer(args.tokenizer or ckpt.tokenizer_spec)
-    model, variables = q.prepare(ckpt, spec)
+    model, variables, tokenizer, ckpt = sources.load_for_serving(args.checkpoint, spec, tokenizer=args.tokenizer,
+                                                                 skip_incomplete=args.skip_incomplete)
     if args.policy:
         model = model.clone(policy=mpx.policy.load(args.policy))
     slots = slots_lib.SlotModel(model, variables, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
@@ -272,17 +271,6 @@ def build(args: argparse.Namespace) -> Service:
             "max_seq_len": slots.max_seq_len}
     render, stops = chat_renderer(tokenizer)
     return Service(batcher, tokenizer, ckpt.name, render, stops, info)
-
-
-def _load_tokenizer(spec: str):
-    """A model directory's tokenizer (with its chat template and stop ids), or the
-    tokenizer `spec` names ("bytes", a tokenizer.json)."""
-    if Path(spec).is_dir():
-        try:
-            return tokenizer_lib.ModelTokenizer.from_dir(spec)
-        except (FileNotFoundError, ImportError) as err:
-            raise q.ServeError(f"tokenizer: {err}; pass --tokenizer PATH to use another") from None
-    return q.load_tokenizer(spec)
 
 
 def chat_renderer(tokenizer) -> tuple[Callable[[list[dict]], str], tuple[str, ...]]:

@@ -202,3 +202,16 @@ def test_cli_writes_the_report_policy_and_json(trained, tmp_path, capsys):
     assert "budget must be" in capsys.readouterr().err
     assert cli.main(argv[:9] + ["e4m3_block,fp7"] + argv[10:]) == 2
     assert "unknown candidate format(s) 'fp7'" in capsys.readouterr().err
+
+
+def test_cli_runs_on_a_hugging_face_directory(tmp_path, capsys):
+    directory = ROOT / "tests" / "fixtures" / "hf" / "qwen3"
+    out = tmp_path / "sens"
+    argv = ["--checkpoint", str(directory), "--data", str(ROOT / "README.md"), "--budget", "5", "--out", str(out),
+            "--candidates", "e4m3_block", "--seq", "32", "--calibration", "2", "--heldout", "2", "--rows", "2",
+            "--exact", "0", "--smooth-alpha", "0", "--json"]
+    assert cli.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= record["fp8_weight_fraction"] <= 1 and record["measured_ppl_change_pct"] <= 5
+    report = (out / "sensitivity.md").read_text()
+    assert report.startswith("# Sensitivity of qwen3") and "15 linear layers x 1 formats" in report  # 2 x 7 + head

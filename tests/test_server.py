@@ -7,6 +7,7 @@ depend on the whole prompt.
 """
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import subprocess
@@ -52,9 +53,9 @@ def service(checkpoint):
     return server.build(args)
 
 
-@pytest.fixture(scope="module")
-def running(service):
-    """(uvicorn server, its URL): in-process on a free loopback port, stopped at the end."""
+@contextlib.contextmanager
+def _serving(service):
+    """(uvicorn server, its URL): in-process on a free loopback port, stopped on exit."""
     config = uvicorn.Config(server.create_app(service), host="127.0.0.1", port=0, log_level="warning",
                             timeout_graceful_shutdown=20)
     uv = uvicorn.Server(config)
@@ -68,6 +69,12 @@ def running(service):
     uv.should_exit = True
     thread.join(30)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def running(service):
+    with _serving(service) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +200,7 @@ def test_chat_fallback_template_and_its_stops():
 
 
 def test_a_model_directory_brings_its_chat_template_and_stop_ids():
-    tokenizer = server._load_tokenizer(str(ROOT / "tests" / "fixtures" / "hf" / "llama3"))
+    tokenizer = server.q.load_tokenizer(str(ROOT / "tests" / "fixtures" / "hf" / "llama3"))
     render, stops = server.chat_renderer(tokenizer)
     text = render([{"role": "user", "content": "Hi"}])
     assert text.startswith(tokenizer.special_tokens["bos_token"]) and "Hi" in text and not stops
@@ -202,6 +209,20 @@ def test_a_model_directory_brings_its_chat_template_and_stop_ids():
     with pytest.raises(server.api.ApiError, match="roles must alternate") as err:
         server.chat_renderer(strict)[0]([{"role": "user", "content": "x"}])
     assert err.value.status == 400 and err.value.param == "messages"
+
+
+def test_a_hugging_face_directory_serves_chat_with_its_template_and_stop_ids():
+    directory = ROOT / "tests" / "fixtures" / "hf" / "llama3"
+    service = server.build(server.parse_args(["--checkpoint", str(directory), "--precision", "fp8", "--max-batch", "2",
+                                              "--prefill-chunk", "8", "--prefill-rows", "1"]))
+    assert service.batcher.stop_ids and service.batcher.stop_ids == tuple(service.tokenizer.stop_ids)
+    with _serving(service) as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model=service.model_name, max_tokens=4, temperature=0,
+                                               messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 4
+    expected = service.render_chat([{"role": "user", "content": "Hi"}])
+    assert reply.usage.prompt_tokens == len(service.tokenizer.encode(expected))
 
 
 def test_bad_chat_messages_get_400(url):
