@@ -41,6 +41,7 @@ from mpx import sensitivity as sens_lib
 from mpx.policy import auto as auto_lib
 from serve import quantize as q
 from serve import sources
+from store import cli
 from store import data as data_lib
 
 
@@ -195,43 +196,61 @@ def plot(s: sens_lib.Sensitivity, result, path: Path) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def _budget(text: str) -> float:
+    """A perplexity budget in percent (an argparse `type`): a finite number >= 0."""
+    value = cli.non_negative_float(text)
+    auto_lib.budget_nats(value)
+    return value
+
+
+def _choice(check):
+    """An argparse `type` that accepts what `check(text)` accepts (its ValueError: the message)."""
+    def convert(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+    return convert
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m serve.sensitivity", description=__doc__.splitlines()[0])
+    """The command line (a bad flag: one line naming it, exit status 2)."""
+    p = cli.ArgumentParser(prog="python -m serve.sensitivity", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="mpx run (dir, checkpoints dir or step dir) or Hugging Face model dir")
-    p.add_argument("--data", required=True, help="text (.txt/.jsonl file, glob or directory) to calibrate on")
-    p.add_argument("--budget", type=float, required=True, help="perplexity change budget in percent")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--objective", default="bytes", help="bytes (weight bytes) or fp8-flops (FP8 matmul share)")
-    p.add_argument("--candidates", help=f"comma-separated formats (default all: {','.join(sens_lib.CANDIDATES)})")
-    p.add_argument("--calibration", type=int, default=8, help="calibration windows")
-    p.add_argument("--heldout", type=int, default=8, help="held-out windows for the real measurement")
-    p.add_argument("--seq", type=int, default=256, help="tokens per window (at most the model's max_seq_len)")
-    p.add_argument("--rows", type=int, default=4, help="windows per batch")
-    p.add_argument("--exact", type=int, default=12,
+    p.add_argument("--data", required=True, type=cli.non_empty,
+                   help="text (.txt/.jsonl file, glob or directory) to calibrate on")
+    p.add_argument("--budget", type=_budget, required=True, help="perplexity change budget in percent (>= 0)")
+    p.add_argument("--out", required=True, type=cli.non_empty, help="output directory")
+    p.add_argument("--objective", default="bytes",
+                   type=_choice(lambda v: config_lib.check_choice("objective", v, mpx.policy.OBJECTIVES)),
+                   help="bytes (weight bytes) or fp8-flops (FP8 matmul share)")
+    p.add_argument("--candidates", type=_choice(sens_lib.get_candidates),
+                   help=f"comma-separated formats (default all: {','.join(sens_lib.CANDIDATES)})")
+    p.add_argument("--calibration", type=cli.positive_int, default=8, help="calibration windows")
+    p.add_argument("--heldout", type=cli.positive_int, default=8, help="held-out windows for the real measurement")
+    p.add_argument("--seq", type=cli.positive_int, default=256,
+                   help="tokens per window (at most the model's max_seq_len)")
+    p.add_argument("--rows", type=cli.positive_int, default=4, help="windows per batch")
+    p.add_argument("--exact", type=cli.non_negative_int, default=12,
                    help="(layer, format) pairs measured exactly to check the estimate (0: none)")
-    p.add_argument("--smooth-alpha", type=float, default=0.5, help="SmoothQuant alpha (0: no smoothing)")
+    p.add_argument("--smooth-alpha", type=_smooth_alpha, default=0.5, help="SmoothQuant alpha in [0, 1] (0: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     return p.parse_args(argv)
 
 
-def _check(args) -> None:
-    auto_lib.budget_nats(args.budget)
-    config_lib.check_choice("objective", args.objective, mpx.policy.OBJECTIVES)
-    sens_lib.get_candidates(args.candidates)
-    for name in ("calibration", "heldout", "seq", "rows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
-    if args.exact < 0:
-        raise ValueError(f"--exact must be >= 0; got {args.exact}")
-    if not 0 <= args.smooth_alpha <= 1:
-        raise ValueError(f"--smooth-alpha must be in [0, 1]; got {args.smooth_alpha}")
+def _smooth_alpha(text: str) -> float:
+    """A SmoothQuant alpha (an argparse `type`): a number in [0, 1]."""
+    value = cli.non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text!r}")
+    return value
 
 
 def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoint, float]:
     """Loads, analyses and searches (see the module doc); returns the results and seconds."""
     t0 = time.perf_counter()
-    _check(args)
     ckpt = sources.load_checkpoint(args.checkpoint)
     if args.seq > ckpt.config.max_seq_len:
         raise ValueError(f"--seq {args.seq} exceeds the model's max_seq_len {ckpt.config.max_seq_len}")
@@ -259,8 +278,7 @@ def main(argv=None) -> int:
     try:
         s, result, ckpt, seconds = run(args)
     except (q.ServeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return cli.fail(err)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "policy.yaml").write_text(yaml.safe_dump(mpx.policy.to_dict(result.policy), sort_keys=False))

@@ -84,8 +84,12 @@ CASES = [
     ("serve.server", ["--checkpoint", "nowhere"], "no checkpoint at 'nowhere'"),
     ("serve.export", ["--checkpoint", "nowhere", "--out", "exported"], "nowhere"),
     ("serve.sensitivity", ["--checkpoint", "nowhere", "--data", "{empty}", "--budget", "1", "--out", "s"], "nowhere"),
-    pytest.param("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "-1",
-                                       "--out", "s"], "--budget", marks=pending("serve/sensitivity.py")),
+    ("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "-1", "--out", "s"],
+     "--budget"),
+    ("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "1", "--out", "s",
+                           "--candidates", "e9m9"], "e9m9"),
+    ("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "1", "--out", "s",
+                           "--seq", "0"], "--seq"),
     ("benchmarks.serve_load", ["--requests", "0"], "argument --requests"),
     # benchmarks.matmul / quantize / train_step / scaling: not yet on benchmarks.parser, so a bad
     # value starts the benchmark (minutes) instead of failing; add their cases with that change.
