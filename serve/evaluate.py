@@ -281,7 +281,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="evaluate on this .txt/.jsonl file with the checkpoint's tokenizer")
     p.add_argument("--seq-len", type=cli.positive_int, default=256, help="--data window length (default 256)")
     p.add_argument("--windows", type=cli.positive_int, default=16, help="--data windows (default 16)")
-    p.add_argument("--variants", help="comma-separated variant names (fp32, bf16, fp8, fp8-weight-only, fp8-kv, ...)")
+    p.add_argument("--variants", help="comma-separated variant names (fp32, bf16, fp8, fp8-weight-only, fp8-kv, "
+                   "policy, ...)")
+    p.add_argument("--policy", help="precision policy YAML evaluated as the variant 'policy'")
     p.add_argument("--tokenizer", help="tokenizer (bytes, tokenizer.json or model dir) instead of the checkpoint's")
     p.add_argument("--json", action="store_true", help="end with one JSON object of the measured variants")
     return p.parse_args(argv)
@@ -311,7 +313,7 @@ def _main_text(args: argparse.Namespace) -> int:
     try:
         rows, report = evaluate_text.run(args.checkpoint, args.data, seq_len=args.seq_len, windows=args.windows,
                                          variants=args.variants, tokenizer=args.tokenizer,
-                                         skip_incomplete=args.skip_incomplete, log=log)
+                                         skip_incomplete=args.skip_incomplete, policy=args.policy, log=log)
     except (q.ServeError, ValueError) as err:
         return cli.fail(err)
     if args.out:
@@ -324,11 +326,12 @@ def _main_text(args: argparse.Namespace) -> int:
 
 
 def _variants(args: argparse.Namespace) -> list[Variant]:
-    if args.variants is None:
-        return default_variants(_methods(args.methods))
     from serve import evaluate_text
 
-    return [v for _, v in evaluate_text.parse_variants(args.variants)]
+    if args.variants is None:
+        extra = [evaluate_text.variant_named("policy", args.policy)] if args.policy else []
+        return default_variants(_methods(args.methods)) + extra
+    return [v for _, v in evaluate_text.parse_variants(args.variants, args.policy)]
 
 
 def main(argv=None) -> int:

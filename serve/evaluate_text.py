@@ -26,15 +26,19 @@ from serve import quantize as q
 from store import data as data_lib
 
 VARIANT_NAMES = ("fp32", "bf16", "fp8", "fp8-channel", "fp8-tensor", "fp8-weight-only", "fp8-kv",
-                 *(f"fp8-static-{m}" for m in calibrate_lib.METHODS))
+                 *(f"fp8-static-{m}" for m in calibrate_lib.METHODS), "policy")
 
 
-def variant_named(name: str) -> ev.Variant:
-    """The variant of a --variants name (see VARIANT_NAMES).
+def variant_named(name: str, policy: str | None = None) -> ev.Variant:
+    """The variant of a --variants name (see VARIANT_NAMES); "policy" is the --policy file's.
 
     Raises:
-      ServeError: an unknown name, naming the known ones.
+      ServeError: an unknown name, naming the known ones; "policy" without a policy file.
     """
+    if name == "policy":
+        if policy is None:
+            raise q.ServeError("variant 'policy' needs --policy FILE")
+        return ev.Variant(q.policy_spec(policy))
     fp8 = q.ServeSpec("fp8")
     fixed = {"fp32": ev.Variant(q.ServeSpec("fp32")), "bf16": ev.Variant(q.ServeSpec("bf16")), "fp8": ev.Variant(fp8),
              "fp8-channel": ev.Variant(dataclasses.replace(fp8, weights="channel")),
@@ -49,11 +53,15 @@ def variant_named(name: str) -> ev.Variant:
     raise q.ServeError(f"unknown variant {name!r}; allowed: {', '.join(VARIANT_NAMES)}")
 
 
-def parse_variants(text: str | None) -> list[tuple[str, ev.Variant]]:
-    """(name, Variant) pairs of a comma-separated --variants list (default all), fp32 first."""
-    names = [n.strip() for n in (text or ",".join(VARIANT_NAMES)).split(",") if n.strip()]
+def parse_variants(text: str | None, policy: str | None = None) -> list[tuple[str, ev.Variant]]:
+    """(name, Variant) pairs of a comma-separated --variants list, fp32 first.
+
+    The default is every variant ("policy" only with a `policy` file).
+    """
+    default = [n for n in VARIANT_NAMES if n != "policy" or policy is not None]
+    names = [n.strip() for n in (text or ",".join(default)).split(",") if n.strip()]
     names = ["fp32"] + [n for n in dict.fromkeys(names) if n != "fp32"]  # the reference leads
-    return [(n, variant_named(n)) for n in names]
+    return [(n, variant_named(n, policy)) for n in names]
 
 
 def text_windows(path: str, tokenizer, seq_len: int, count: int) -> np.ndarray:
@@ -137,8 +145,11 @@ def json_rows(rows: list[dict]) -> dict:
 
 
 def run(checkpoint: str, data: str, *, seq_len: int = 256, windows: int = 16, variants: str | None = None,
-        tokenizer: str | None = None, skip_incomplete: bool = False, log=print) -> tuple[list[dict], str]:
+        tokenizer: str | None = None, skip_incomplete: bool = False, policy: str | None = None,
+        log=print) -> tuple[list[dict], str]:
     """Evaluates a checkpoint (mpx run or Hugging Face directory) on a text file.
+
+    `policy`: a precision policy YAML, the variant named "policy".
 
     Returns:
       (rows, Markdown report).
@@ -146,7 +157,7 @@ def run(checkpoint: str, data: str, *, seq_len: int = 256, windows: int = 16, va
     Raises:
       ServeError: a bad checkpoint, data file, variant name or window size.
     """
-    named = parse_variants(variants)
+    named = parse_variants(variants, policy)
     ckpt = sources.load_checkpoint(checkpoint, skip_incomplete=skip_incomplete)
     if seq_len > ckpt.config.max_seq_len:
         raise q.ServeError(f"--seq-len {seq_len} exceeds the model's context {ckpt.config.max_seq_len}")

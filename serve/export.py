@@ -5,7 +5,8 @@ contents). `--precision fp8` writes DeepSeek-V3's block-FP8 layout (float8_e4m3f
 weights with float32 `weight_scale_inv` per 128x128 block, the rest bf16,
 `quantization_config` in config.json); `--scale-format ue8m0` makes every scale a power
 of two (DeepSeek-V3.1 / DeepGEMM style); `--precision bf16` writes a plain bf16
-checkpoint. Tokenizer and generation files are copied (an mpx run trained on bytes gets
+checkpoint. `--policy FILE` writes block-FP8 only the kernels the precision policy
+gives a recipe (the rest bf16). Tokenizer and generation files are copied (an mpx run trained on bytes gets
 a byte-level tokenizer.json). The result loads back into mpx (FP8 weights straight into
 ScaledArrays) and into transformers.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from absl import logging as absl_logging
 
@@ -36,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp8", choices=save_lib.PRECISIONS, help="fp8 (block-FP8, default) or bf16")
     p.add_argument("--scale-format", default="float32", choices=save_lib.SCALE_FORMATS,
                    help="FP8 scales: float32 (default) or ue8m0 (powers of two)")
+    p.add_argument("--policy", help="precision policy YAML: only its FP8 layers are written block-FP8")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p.parse_args(argv)
 
@@ -59,9 +62,22 @@ def _hf_dir(path: str) -> tuple:
     return model.config, model.params, model.hf_config, save_lib.tokenizer_files(path)
 
 
+def policy_layers(path: str) -> Callable[[Any], bool]:
+    """`fp8_layer(entry)` of store.hf.save: the kernels policy file `path` gives a recipe.
+
+    Raises:
+      ServeError: a missing or invalid policy file.
+    """
+    policy = q.policy_spec(path).layer_policy
+    return lambda entry: policy.resolve(entry.module).recipe is not None
+
+
 def export(checkpoint: str, out: str, precision: str = "fp8", scale_format: str = "float32",
-           force: bool = False) -> Path:
+           force: bool = False, policy: str | None = None) -> Path:
     """Exports a checkpoint (mpx run or Hugging Face directory) as a Hugging Face directory.
+
+    `policy`: a precision policy YAML whose FP8 layers alone an fp8 export writes in
+    block-FP8.
 
     Returns:
       The written directory.
@@ -73,16 +89,19 @@ def export(checkpoint: str, out: str, precision: str = "fp8", scale_format: str 
         raise hf_lib.HFError(f"unknown --precision {precision!r}; allowed: {', '.join(save_lib.PRECISIONS)}")
     if scale_format not in save_lib.SCALE_FORMATS:
         raise hf_lib.HFError(f"unknown --scale-format {scale_format!r}; allowed: {', '.join(save_lib.SCALE_FORMATS)}")
+    if policy is not None and precision != "fp8":
+        raise hf_lib.HFError(f"--policy picks the FP8 layers of an fp8 export; got --precision {precision}")
+    fp8_layer = save_lib.is_fp8_layer if policy is None else policy_layers(policy)
     config, params, base, files = (_hf_dir if hf_lib.is_hf_dir(checkpoint) else _mpx_run)(checkpoint)
     return save_lib.save(out, config, params, precision=precision, scale_format=scale_format, base_config=base,
-                         extra_files=files, force=force)
+                         extra_files=files, force=force, fp8_layer=fp8_layer)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
-        out = export(args.checkpoint, args.out, args.precision, args.scale_format, args.force)
+        out = export(args.checkpoint, args.out, args.precision, args.scale_format, args.force, args.policy)
     except (ValueError, FileNotFoundError) as err:  # HFError and ServeError are ValueErrors
         return cli.fail(err)
     size = sum(f.stat().st_size for f in out.iterdir())

@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--activations", choices=q.ACTIVATIONS, help="FP8 activation scaling (default token)")
     p.add_argument("--calibration", choices=calibrate_lib.METHODS,
                    help="calibration of --activations static (default max)")
+    p.add_argument("--policy", help="precision policy YAML: which layers are FP8 and how (instead of --precision)")
     p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
     p.add_argument("--max-tokens", type=cli.positive_int, default=128, help="new tokens per prompt")
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0 = greedy (default)")
@@ -82,6 +83,8 @@ def check_options(args: argparse.Namespace) -> None:
       ValueError: naming the flags as typed.
     """
     given = [name for name in FP8_ONLY if getattr(args, name) is not None]
+    if args.policy and given:
+        raise ValueError(f"--{given[0]} does not apply with --policy (the policy decides per layer)")
     if args.precision != "fp8" and given:
         raise ValueError(f"--{given[0]} applies only to --precision fp8 (got --precision {args.precision})")
     if args.calibration is not None and args.activations != "static":
@@ -113,7 +116,8 @@ def build(args: argparse.Namespace):
     Raises:
       ServeError, ConfigError, ValueError, FileNotFoundError: user mistakes.
     """
-    spec = q.ServeSpec(args.precision, args.weights, args.activations, args.calibration)
+    spec = q.policy_spec(args.policy) if args.policy else q.ServeSpec(args.precision, args.weights, args.activations,
+                                                                       args.calibration)
     sampler = sampling.make(args.temperature, args.top_k, args.top_p)
     model, variables, tokenizer, ckpt = sources.load_for_serving(
         args.checkpoint, spec, expect_model=expected_model(args.config), skip_incomplete=args.skip_incomplete,

@@ -76,6 +76,8 @@ class ServeSpec:
       activations: FP8 activation scaling, "token", "tensor", "static" or "none".
       calibration: for static activations: "max", "percentile", "mse" or "kl".
       fmt: FP8 element format of weights and activations.
+      layer_policy: a precision policy that decides per layer instead (see `fp8_forms`):
+        precision, weights, activations and fmt then do not apply.
     """
 
     precision: str = "fp8"
@@ -83,6 +85,7 @@ class ServeSpec:
     activations: str = "token"
     calibration: str = "max"
     fmt: str = "e4m3"
+    layer_policy: mpx.Policy | None = None
 
     def __post_init__(self):
         _check_choice("precision", self.precision, PRECISIONS)
@@ -92,7 +95,9 @@ class ServeSpec:
 
     @property
     def label(self) -> str:
-        """A short name for reports: "fp8 (block, static kl)"."""
+        """A short name for reports: "fp8 (block, static kl)", "policy NAME"."""
+        if self.layer_policy is not None:
+            return f"policy {self.layer_policy.name}"
         if self.precision != "fp8":
             return self.precision
         acts = f"static {self.calibration}" if self.activations == "static" else self.activations
@@ -105,11 +110,27 @@ class ServeSpec:
                 "static": recipes_lib.StaticScaling(fwd_format=self.fmt), "none": None}[self.activations]
 
     def policy(self) -> mpx.Policy:
-        """The serving policy: the preset, with the FP8 layers' recipe from `activations`."""
+        """The serving policy: `layer_policy`, else the preset with the FP8 layers' recipe from `activations`."""
+        if self.layer_policy is not None:
+            return self.layer_policy
         if self.precision != "fp8":
             return mpx.policy.preset(self.precision)
         recipe = self.recipe()
         return mpx.policy.preset("fp8").map_recipes(lambda _: recipe)
+
+
+def policy_spec(path: str) -> ServeSpec:
+    """The `ServeSpec` of a precision policy YAML (`--policy FILE`).
+
+    Raises:
+      ServeError: a missing or invalid policy file (one line, naming it).
+    """
+    try:
+        return ServeSpec(layer_policy=mpx.policy.load(path))
+    except FileNotFoundError:
+        raise ServeError(f"--policy {path}: no such file") from None
+    except ValueError as err:
+        raise ServeError(f"--policy: {err}") from None
 
 
 # --------------------------------------------------------------------------- layers
@@ -142,14 +163,65 @@ def fp8_layers(config: ModelConfig) -> dict[str, int | None]:
 _fp8_paths = fp8_layers
 
 
-def _quantize_kernel(kernel: jax.Array, n_out: int | None, spec: ServeSpec) -> ScaledArray:
-    if n_out is None:  # ExpertDense (E, K, F)
-        block = (1, BLOCK, BLOCK) if spec.weights == "block" else (1, kernel.shape[1], 1)
-        return mpx.quantize(kernel, spec.fmt, mpx.Blocks(block))
-    n = math.prod(kernel.shape[kernel.ndim - n_out:])
-    k2 = kernel.reshape(-1, n)  # the (K, N) view DenseGeneral contracts with
-    block = (BLOCK, BLOCK) if spec.weights == "block" else (k2.shape[0], 1)
-    return mpx.quantize(k2, spec.fmt, mpx.Blocks(block))
+@dataclasses.dataclass(frozen=True)
+class KernelForm:
+    """How one FP8 kernel is stored.
+
+    Attributes:
+      n_out: feature axes of a DenseGeneral kernel (None: an ExpertDense (E, K, F) one).
+      fmt: element format.
+      scales: "block" (edge x edge), "channel" (per output channel) or "tensor" (one).
+      pow2: power-of-two scales (ue8m0).
+      edge: the block edge.
+    """
+
+    n_out: int | None
+    fmt: str = "e4m3"
+    scales: str = "block"
+    pow2: bool = False
+    edge: int = BLOCK
+
+
+def _form_of_recipe(path: str, n_out: int | None, recipe) -> KernelForm | None:
+    """The weight form a policy's recipe gives a layer (None: no FP8, compute dtype)."""
+    if recipe is None:
+        return None
+    if isinstance(recipe, recipes_lib.DeepSeekV3):
+        return KernelForm(n_out, recipe.fmt, "block", recipe.pow2_scale, recipe.block)
+    if isinstance(recipe, recipes_lib.CurrentScaling):
+        return KernelForm(n_out, recipe.fwd_format, "tensor")
+    raise ServeError(f"policy recipe {recipe.name!r} at {path} needs training-time state; serving policies "
+                     "use deepseek_v3 or current (or none)")
+
+
+def fp8_forms(config: ModelConfig, spec: ServeSpec) -> dict[str, KernelForm]:
+    """{layer path: KernelForm} of the kernels `spec` stores in FP8.
+
+    Under `spec.layer_policy`, every dense layer whose recipe is `DeepSeekV3` gets its
+    block x block blocks in its format (power-of-two scales for ue8m0), `CurrentScaling`
+    one scale per tensor in its fwd_format; a layer without recipe stays in its compute
+    dtype. Else the fp8 preset's layers under `spec.weights` and `spec.fmt` (fp8), or none.
+
+    Raises:
+      ServeError: a policy recipe serving cannot apply (delayed, static).
+    """
+    if spec.layer_policy is not None:
+        forms = {p: _form_of_recipe(p, n, spec.layer_policy.resolve(p).recipe)
+                 for p, n in _dense_layers(transformer.Transformer(config)).items()}
+        return {p: f for p, f in forms.items() if f is not None}
+    if spec.precision != "fp8":
+        return {}
+    return {p: KernelForm(n, spec.fmt, spec.weights) for p, n in fp8_layers(config).items()}
+
+
+def _quantize_kernel(kernel: jax.Array, form: KernelForm) -> ScaledArray:
+    if form.n_out is None:  # ExpertDense (E, K, F)
+        view = kernel
+        block = {"block": (1, form.edge, form.edge), "channel": (1, kernel.shape[1], 1)}.get(form.scales, kernel.shape)
+    else:
+        view = kernel.reshape(-1, math.prod(kernel.shape[kernel.ndim - form.n_out:]))  # DenseGeneral's (K, N)
+        block = {"block": (form.edge, form.edge), "channel": (view.shape[0], 1)}.get(form.scales, view.shape)
+    return mpx.quantize(view, form.fmt, mpx.Blocks(tuple(block)), pow2_scale=form.pow2)
 
 
 def _path_of(path: tuple) -> tuple[str, str]:
@@ -158,24 +230,36 @@ def _path_of(path: tuple) -> tuple[str, str]:
     return "/".join(names[:-1]), names[-1]
 
 
-def convert_leaf(module: str, name: str, leaf, spec: ServeSpec, fp8: dict[str, int | None]):
+def _keeps(leaf: ScaledArray, form: KernelForm) -> bool:
+    """Whether a loaded block-FP8 kernel already has the form (no requantization)."""
+    return (form.scales == "block" and form.edge == BLOCK and not form.pow2
+            and leaf.fmt == mpx.formats.get(form.fmt))
+
+
+def _float_dtype(module: str, spec: ServeSpec):
+    """The dtype of a non-FP8 serving param."""
+    if spec.layer_policy is not None:
+        return jnp.dtype(spec.layer_policy.resolve(module).compute_dtype)
+    if spec.precision == "fp32" or module.endswith("router"):  # the MoE router's top-k flips easily
+        return jnp.float32
+    return jnp.bfloat16
+
+
+def convert_leaf(module: str, name: str, leaf, spec: ServeSpec, fp8: dict[str, KernelForm]):
     """One serving param under `spec` from a float master or a block-FP8 ScaledArray.
 
-    `fp8` is `fp8_layers(config)` under an fp8 spec, else {}. A ScaledArray (from a
-    block-FP8 checkpoint) serves as it is where the spec wants 128x128-block weights of
-    its format, and is dequantized first everywhere else.
+    `fp8` is `fp8_forms(config, spec)`. A ScaledArray (from a block-FP8 checkpoint)
+    serves as it is where its layer wants 128x128 blocks of its format, and is
+    dequantized first everywhere else.
     """
-    quantized = name == "kernel" and module in fp8
+    form = fp8.get(module) if name == "kernel" else None
     if isinstance(leaf, ScaledArray):
-        if quantized and spec.weights == "block" and leaf.fmt == mpx.formats.get(spec.fmt):
+        if form is not None and _keeps(leaf, form):
             return leaf
         leaf = mpx.dequantize(leaf)
-    if spec.precision == "fp32":
-        return jnp.asarray(leaf, jnp.float32)
-    if quantized:
-        return _quantize_kernel(jnp.asarray(leaf, jnp.float32), fp8[module], spec)
-    # The MoE router stays f32 in every preset: its top-k decisions flip easily.
-    return jnp.asarray(leaf, jnp.float32 if module.endswith("router") else jnp.bfloat16)
+    if form is not None:
+        return _quantize_kernel(jnp.asarray(leaf, jnp.float32), form)
+    return jnp.asarray(leaf, _float_dtype(module, spec))
 
 
 def quantize_params(params, config: ModelConfig, spec: ServeSpec):
@@ -185,12 +269,15 @@ def quantize_params(params, config: ModelConfig, spec: ServeSpec):
       params: the model's params tree: f32 masters, or already converted leaves
         (block-FP8 ScaledArrays, bf16) as a Hugging Face checkpoint loads them.
       config: the model's shape.
-      spec: the precision.
+      spec: the precision (or per-layer policy, see `fp8_forms`).
 
     Returns:
       A params tree of the same structure; FP8 kernels are `ScaledArray`s.
+
+    Raises:
+      ServeError: a policy recipe serving cannot apply.
     """
-    fp8 = fp8_layers(config) if spec.precision == "fp8" else {}
+    fp8 = fp8_forms(config, spec)
     return jax.tree_util.tree_map_with_path(lambda path, leaf: convert_leaf(*_path_of(path), leaf, spec, fp8),
                                             params, is_leaf=lambda x: isinstance(x, ScaledArray))
 
@@ -327,7 +414,7 @@ def prepare(ckpt_: Checkpoint, spec: ServeSpec, *, hists: dict | None = None,
     """
     model = transformer.Transformer(ckpt_.config, spec.policy())
     variables = {"params": quantize_params(ckpt_.params, ckpt_.config, spec)}
-    if spec.precision == "fp8" and spec.activations == "static":
+    if spec.layer_policy is None and spec.precision == "fp8" and spec.activations == "static":
         if hists is None:
             hists = calibrate(ckpt_.config, ckpt_.params, calibration_batches(ckpt_, calibration_count))
         variables["fp8_state"] = static_state(hists, spec.calibration, spec.fmt)

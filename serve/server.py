@@ -231,7 +231,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="if the newest step is incomplete, load the newest complete one")
     p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
     p.add_argument("--activations", default="token", choices=q.ACTIVATIONS, help="FP8 activations (default token)")
-    p.add_argument("--policy", help="precision policy YAML the model runs under (weights: --precision)")
+    p.add_argument("--policy", help="precision policy YAML: which layers are FP8 and how (instead of --precision)")
     p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=cli.non_negative_int, default=8000, help="0 picks a free port")
@@ -257,11 +257,9 @@ def build(args: argparse.Namespace) -> Service:
       ServeError, ConfigError, ValueError, FileNotFoundError: user mistakes (a missing
         checkpoint, a bad policy file, sizes that do not fit the model).
     """
-    spec = q.ServeSpec(args.precision, activations=args.activations)
+    spec = q.policy_spec(args.policy) if args.policy else q.ServeSpec(args.precision, activations=args.activations)
     model, variables, tokenizer, ckpt = sources.load_for_serving(args.checkpoint, spec, tokenizer=args.tokenizer,
                                                                  skip_incomplete=args.skip_incomplete)
-    if args.policy:
-        model = model.clone(policy=mpx.policy.load(args.policy))
     slots = slots_lib.SlotModel(model, variables, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                                 kv_cache=args.kv_cache, prefill_chunk=args.prefill_chunk,
                                 prefill_rows=min(args.prefill_rows, args.max_batch), steps=args.decode_steps)

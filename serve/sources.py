@@ -30,7 +30,7 @@ CALIBRATION_SEQ_LEN = 256
 
 def _converter(config: ModelConfig, spec: q.ServeSpec):
     """convert(entry, value) for store.hf.load: each tensor in its serving form under `spec`."""
-    fp8 = q.fp8_layers(config) if spec.precision == "fp8" else {}
+    fp8 = q.fp8_forms(config, spec)
 
     def convert(entry: hf_weights.Entry, value):
         return q.convert_leaf(entry.module, entry.path[-1], value, spec, fp8)

@@ -323,3 +323,31 @@ def test_every_cli_refuses_a_bad_hugging_face_directory_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: unsupported architecture BertModel") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_export_with_a_policy_writes_only_its_fp8_layers_and_reimports_bit_exactly(tmp_path):
+    from serve import export, sources
+
+    policy = tmp_path / "mlp_fp8.yaml"
+    policy.write_text("name: mlp_fp8\nbase: bf16\nrules:\n  - match: mlp/*\n    recipe: deepseek_v3\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    export.export(str(FIXTURES / "qwen3"), str(a), policy=str(policy))
+    st = tensors.SafetensorsFile(a / "model.safetensors")
+    for name in st.names():
+        dtype, _ = st.info(name)
+        if ".mlp." in name and name.endswith("proj.weight"):
+            assert dtype == "F8_E4M3" and name + "_scale_inv" in st.names()
+        elif not name.endswith("_scale_inv"):
+            assert dtype == "BF16", name  # attention, norms, embeddings
+    spec = q.policy_spec(str(policy))
+    served = sources.load_hf(a, spec).params
+    direct = q.quantize_params(hf.load(FIXTURES / "qwen3").params, hf.read_config(FIXTURES / "qwen3"), spec)
+    for layer in ("layers_0", "layers_1"):
+        for name in ("gate", "up", "down"):
+            got, want = served[layer]["mlp"][name]["kernel"], direct[layer]["mlp"][name]["kernel"]
+            assert np.asarray(got.data).tobytes() == np.asarray(want.data).tobytes()
+            np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale))
+    export.export(str(a), str(b), policy=str(policy))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    with pytest.raises(hf.HFError, match="--policy .*--precision bf16"):
+        export.export(str(FIXTURES / "qwen3"), str(tmp_path / "c"), precision="bf16", policy=str(policy))

@@ -267,3 +267,64 @@ def test_evaluate_writes_a_measured_report(ckpt, tmp_path):
     assert "| fp8 (block w, token act) + fp8 KV |" in report and "logit temperature" in report
     evaluate.plot(rows, tmp_path / "report.png")
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- per-layer policies
+
+POLICY = """name: mlp-block-q-tensor
+base: bf16
+rules:
+  - match: mlp/*
+    recipe: {name: deepseek_v3, pow2_scale: true}
+  - match: attn/q_proj
+    recipe: current
+"""
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "policy.yaml"
+    path.write_text(POLICY)
+    return str(path)
+
+
+def test_a_policy_decides_per_layer_which_weights_are_fp8_and_how(ckpt, policy_file):
+    spec = q.policy_spec(policy_file)
+    params = q.quantize_params(ckpt.params, ckpt.config, spec)["layers_0"]
+    fp8 = q.quantize_params(ckpt.params, ckpt.config, q.ServeSpec("fp8"))["layers_0"]
+    pow2 = lambda w: bool(jnp.all(jnp.frexp(w.scale)[0] == 0.5))  # noqa: E731
+    for name in ("gate", "up", "down"):  # DeepSeekV3 with ue8m0: 128x128 blocks, power-of-two scales
+        w = params["mlp"][name]["kernel"]
+        assert isinstance(w, mpx.ScaledArray) and w.fmt == E4M3 and w.block == fp8["mlp"][name]["kernel"].block
+        assert pow2(w) and not pow2(fp8["mlp"][name]["kernel"])
+    q_proj = params["attn"]["q_proj"]["kernel"]  # CurrentScaling: one float scale per tensor
+    assert isinstance(q_proj, mpx.ScaledArray) and q_proj.block == q_proj.shape and q_proj.fmt == E4M3
+    assert not pow2(q_proj)
+    for name in ("k_proj", "v_proj", "o_proj"):  # no recipe: the compute dtype of bf16
+        assert params["attn"][name]["kernel"].dtype == jnp.bfloat16
+    model, variables = q.prepare(ckpt, spec)
+    assert model.policy.name == "mlp-block-q-tensor"
+    tokens = _tokens(ckpt, 1, 16)
+    logits = model.apply(variables, tokens)[0]
+    bf16_logits = q.prepare(ckpt, q.ServeSpec("bf16"))[0].apply(q.prepare(ckpt, q.ServeSpec("bf16"))[1], tokens)[0]
+    assert jnp.isfinite(logits).all() and 0 < float(jnp.max(jnp.abs(logits - bf16_logits)))
+
+
+def test_a_policy_that_needs_training_state_is_refused(ckpt, tmp_path):
+    path = tmp_path / "delayed.yaml"
+    path.write_text("base: bf16\nrules:\n  - match: mlp/*\n    recipe: delayed\n")
+    with pytest.raises(q.ServeError, match="'delayed' at layers_0/mlp/.*deepseek_v3 or current"):
+        q.quantize_params(ckpt.params, ckpt.config, q.policy_spec(str(path)))
+    with pytest.raises(q.ServeError, match="--policy .*nosuch.yaml"):
+        q.policy_spec(str(tmp_path / "nosuch.yaml"))
+
+
+def test_evaluate_policy_variant_weighs_between_bf16_and_fp8(ckpt, policy_file):
+    data = evaluate.held_out(ckpt, batches=1, prompts=1, prompt_len=8, new_tokens=4)
+    from serve import evaluate_text
+    variants = [v for _, v in evaluate_text.parse_variants("bf16,fp8,policy", policy_file)]
+    rows, _ = evaluate.evaluate(ckpt, variants, data, log=lambda s: None)
+    sizes = {row["label"]: row["bytes"] for row in rows}
+    assert sizes["fp8 (block w, token act)"] < sizes["policy mlp-block-q-tensor"] < sizes["bf16"]
+    with pytest.raises(q.ServeError, match="needs --policy"):
+        evaluate_text.parse_variants("policy")

@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -94,9 +94,11 @@ def _source_param(entry: W.Entry, params, config: ModelConfig):
     return value
 
 
-def hf_tensors(config: ModelConfig, params, precision: str, scale_format: str = "float32"
-               ) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(config: ModelConfig, params, precision: str, scale_format: str = "float32",
+               fp8_layer: Callable[[W.Entry], bool] = is_fp8_layer) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) pairs of the checkpoint, one tensor at a time, in checkpoint order.
+
+    `fp8_layer(entry)` picks the kernels an fp8 export writes in block-FP8.
 
     Raises:
       HFError: an unknown precision or scale format, a config with no Llama-family layout.
@@ -107,7 +109,7 @@ def hf_tensors(config: ModelConfig, params, precision: str, scale_format: str = 
         raise HFError(f"unknown scale format {scale_format!r}; allowed: {', '.join(SCALE_FORMATS)}")
     for entry in W.entries(export_config(config)):
         param = _source_param(entry, params, config)
-        if precision == "fp8" and is_fp8_layer(entry):
+        if precision == "fp8" and entry.n_in is not None and fp8_layer(entry):
             data, scale_inv = _fp8_pair(entry, param, scale_format == "ue8m0")
             yield entry.hf, data
             yield entry.hf + "_scale_inv", scale_inv
@@ -130,7 +132,8 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def save(out: str | Path, config: ModelConfig, params, *, precision: str = "fp8", scale_format: str = "float32",
-         base_config: dict | None = None, extra_files: dict[str, bytes] | None = None, force: bool = False) -> Path:
+         base_config: dict | None = None, extra_files: dict[str, bytes] | None = None, force: bool = False,
+         fp8_layer: Callable[[W.Entry], bool] = is_fp8_layer) -> Path:
     """Writes a Hugging Face model directory.
 
     Args:
@@ -142,6 +145,8 @@ def save(out: str | Path, config: ModelConfig, params, *, precision: str = "fp8"
       base_config: a source config.json whose other keys (token ids, ...) carry over.
       extra_files: {file name: bytes} written as they are (tokenizer files).
       force: replace an existing non-empty `out`.
+      fp8_layer: which kernels an fp8 export writes in block-FP8 (default: those the fp8
+        preset quantizes); the rest are bf16.
 
     Returns:
       The directory.
@@ -159,7 +164,8 @@ def save(out: str | Path, config: ModelConfig, params, *, precision: str = "fp8"
         hf_config["quantization_config"] = quantization_config(scale_format)
     staging = _prepare_out(out, force)
     try:
-        write(staging / "model.safetensors", hf_tensors(config, params, precision, scale_format), {"format": "pt"})
+        write(staging / "model.safetensors", hf_tensors(config, params, precision, scale_format, fp8_layer),
+              {"format": "pt"})
         _write_json(staging / "config.json", hf_config)
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)
