@@ -240,3 +240,27 @@ def test_signal_handlers_are_restored_after_training(tmp_path):
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     loop.train(_cfg(tmp_path, "steps=1", "eval_every=0"), quiet=True)
     assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_run_starts_from_a_hugging_face_directory(tmp_path):
+    from store import hf
+
+    directory = ROOT / "tests" / "fixtures" / "hf" / "qwen3"
+    yaml_path = tmp_path / "from_hf.yaml"
+    yaml_path.write_text(f"model: {{init_from: {directory}, max_seq_len: 64}}\nprecision: fp8\n"
+                         f"data: {{source: builtin, tokenizer: {directory / 'tokenizer.json'}, seq_len: 32, "
+                         f"batch_size: 4}}\nsteps: 3\neval_every: 0\neval_batches: 1\ncheckpoint: {{every: 0}}\n"
+                         f"run_dir: {tmp_path / 'run'}\n")
+    cfg = config_lib.load(yaml_path)
+    assert cfg.model == hf.resolve_init_from(cfg.model) and cfg.model.d_model == 32 and cfg.model.n_layers == 2
+    run = loop.build(cfg)
+    state = loop.initial_state(run)
+    expected = hf.init_params(cfg.model)
+    assert jax.tree.structure(state.params) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
+        assert got.dtype == jnp.float32 and np.array_equal(np.asarray(got), np.asarray(want))
+    summary = loop.train(cfg, quiet=True)
+    assert summary["final_step"] == 3 and np.all(np.isfinite(summary["losses"]))
+    yaml_path.write_text(yaml_path.read_text().replace(str(directory), str(tmp_path / "nowhere")))
+    with pytest.raises(config_lib.ConfigError, match="model.init_from"):
+        config_lib.load(yaml_path)

@@ -35,6 +35,7 @@ from models import config as model_config
 from models.config import ModelConfig
 from mpx import config as config_io
 from mpx.config import ConfigError, check, check_choice, from_dict, to_dict
+from store import hf
 from store.data import DataConfig  # noqa: F401  (a section of TrainConfig)
 
 
@@ -270,7 +271,13 @@ def _build(raw: dict) -> TrainConfig:
         raw["model"] = to_dict(model_config.from_section(model))
     if "precision" in raw:
         raw["precision"] = _resolve_precision(raw["precision"])
-    return from_dict(TrainConfig, raw)
+    cfg = from_dict(TrainConfig, raw)
+    if cfg.model.init_from:  # the shape comes from the Hugging Face directory's config.json
+        try:
+            cfg = dataclasses.replace(cfg, model=hf.resolve_init_from(cfg.model))
+        except (hf.HFError, ValueError) as e:
+            raise ConfigError(f"model.init_from: {e}", "model.init_from") from None
+    return cfg
 
 
 def load(path: str | Path, overrides: collections.abc.Sequence[str] = ()) -> TrainConfig:

@@ -36,6 +36,7 @@ from mpx import optim
 from models import sharding
 from store import checkpoint as ckpt
 from store import data as data_lib
+from store import hf
 from train import config as config_lib
 from train import metrics_log
 from train import step as step_lib
@@ -132,7 +133,13 @@ def _init_fn(cfg: config_lib.TrainConfig, model, tx):
 def initial_state(run: Run) -> step_lib.TrainState:
     """The initial train state, created directly in its shardings (never whole on one device)."""
     init = _init_fn(run.cfg, run.model, run.tx)
-    return jax.jit(init, out_shardings=run.layout.shardings(jax.eval_shape(init)))()
+    shardings = run.layout.shardings(jax.eval_shape(init))
+    state = jax.jit(init, out_shardings=shardings)()
+    if run.cfg.model.init_from:  # pretrained f32 masters, a fresh optimizer state for them
+        params = jax.device_put(hf.init_params(run.cfg.model), shardings.params)
+        state = dataclasses.replace(state, params=params,
+                                    opt_state=jax.jit(run.tx.init, out_shardings=shardings.opt_state)(params))
+    return state
 
 
 def device_batch(run: Run, batch: data_lib.Batch) -> dict:
