@@ -426,3 +426,18 @@ def test_policy_pickles_and_copies_with_inherit_singleton():
     for clone in (pickle.loads(pickle.dumps(policy)), copy.deepcopy(policy)):
         assert clone == policy and hash(clone) == hash(policy)
         assert clone.rules[0].recipe is P.INHERIT
+
+
+def test_a_recipe_mapping_sets_its_fields_rejects_unknown_ones_and_round_trips():
+    spec = {"name": "m", "base": "bf16", "rules": [
+        {"match": "mlp/*", "recipe": {"name": "deepseek_v3", "scale_format": "ue8m0", "fp8_residuals": False}},
+        {"match": "attn/*", "recipe": {"name": "current", "margin": 1.0}}]}
+    policy = P.from_dict(spec)
+    assert policy.resolve("layers_0/mlp/up").recipe == recipes.DeepSeekV3(scale_format="ue8m0",
+                                                                          fp8_residuals=False)
+    assert policy.resolve("layers_0/attn/q_proj").recipe == recipes.CurrentScaling(margin=1.0)
+    assert P.from_dict(P.to_dict(policy)) == policy
+    spec["rules"][0]["recipe"]["scale"] = "ue8m0"
+    with pytest.raises(ValueError, match=r"rules\[0\]: recipe deepseek_v3: unknown key 'scale'; allowed: name, block, "
+                                         r"fmt, grad_format, pow2_scale, scale_format, fp8_residuals"):
+        P.from_dict(spec)
