@@ -198,10 +198,11 @@ def test_cli_writes_the_report_policy_and_json(trained, tmp_path, capsys):
     assert transformer.Transformer(CFG, policy).apply(variables, jnp.zeros((1, 8), jnp.int32))[0].shape == (1, 8, 256)
     report = (out / "sensitivity.md").read_text()
     assert "Spearman" in report and "layers_1/mlp/down" in report and (out / "sensitivity.png").stat().st_size > 0
-    assert cli.main(argv[:5] + ["-1"] + argv[6:]) == 2
-    assert "budget must be" in capsys.readouterr().err
-    assert cli.main(argv[:9] + ["e4m3_block,fp7"] + argv[10:]) == 2
-    assert "unknown candidate format(s) 'fp7'" in capsys.readouterr().err
+    for bad, message in ((argv[:5] + ["-1"] + argv[6:], "argument --budget: must be a finite number >= 0"),
+                         (argv[:9] + ["e4m3_block,fp7"] + argv[10:], "unknown candidate format(s) 'fp7'")):
+        with pytest.raises(SystemExit) as exit_:  # argparse refuses the flag before anything loads
+            cli.main(bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_runs_on_a_hugging_face_directory(tmp_path, capsys):
