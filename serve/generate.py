@@ -19,6 +19,9 @@ special tokens (Llama's BOS). `--chat "message"` (repeatable: one user turn each
 reply generated before the next turn; `--system` first) renders the checkpoint's chat
 template (tokenizer_config.json) as transformers does and stops at the end of the turn.
 
+`--policy FILE` (a precision policy YAML) decides per layer which weights are FP8 and
+how, instead of `--precision` (see `serve.quantize.fp8_forms`).
+
 `--config` checks the checkpoint against a training config's `model` section (a preset
 plus overrides, resolved by `models.config.from_section`); the checkpoint itself carries
 its model config, so the flag only guards against serving the wrong run.

@@ -16,6 +16,10 @@ handler through the asyncio loop. Bad requests get HTTP 400 with OpenAI's error 
 a full queue 429. A client that goes away mid-stream frees its slot at the next step.
 Ctrl-C or SIGTERM stops accepting, lets streams in flight finish for up to
 `--grace` seconds, then exits.
+
+`--checkpoint` is an mpx run or a Hugging Face model directory (its tokenizer, chat
+template and stop ids come along); `--policy FILE` decides per layer which weights are
+FP8 and how, instead of `--precision`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,6 @@ from absl import logging as absl_logging
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-import mpx
 from mpx import config as config_io
 from serve import batching
 from serve import kv_cache as kv_cache_lib

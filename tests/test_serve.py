@@ -231,6 +231,8 @@ def _cli(capsys, *argv):
     (["--prompt", "hi", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
     (["--prompt", "hi", "--config", str(ROOT / "configs" / "tiny.yaml")], "another model"),
     (["--prompt", "hi", "--tokenizer", "/nonexistent/tokenizer.json"], "tokenizer"),
+    (["--prompt", "hi", "--policy", "nosuch.yaml"], "--policy nosuch.yaml: no such file"),
+    (["--prompt", "hi", "--policy", "nosuch.yaml", "--weights", "channel"], "--weights does not apply with --policy"),
 ])
 def test_generate_cli_user_mistakes_exit_2_with_one_line(capsys, ckpt, extra, message):
     code, out, err = _cli(capsys, "--checkpoint", str(ckpt.path), *extra)
