@@ -24,6 +24,7 @@ import openai
 import pytest
 import uvicorn
 
+import mpx
 from models import transformer
 from models.config import ModelConfig
 from mpx import config as config_lib
@@ -213,8 +214,13 @@ def test_a_model_directory_brings_its_chat_template_and_stop_ids():
 
 def test_a_hugging_face_directory_serves_chat_with_its_template_and_stop_ids():
     directory = ROOT / "tests" / "fixtures" / "hf" / "llama3"
-    service = server.build(server.parse_args(["--checkpoint", str(directory), "--precision", "fp8", "--max-batch", "2",
-                                              "--prefill-chunk", "8", "--prefill-rows", "1"]))
+    policy = ROOT / "configs" / "policies" / "fp8_ffn_only.yaml"
+    service = server.build(server.parse_args(["--checkpoint", str(directory), "--policy", str(policy), "--max-batch",
+                                              "2", "--prefill-chunk", "8", "--prefill-rows", "1"]))
+    assert service.info["precision"] == "policy fp8_ffn_only"
+    weights = service.batcher.slots.variables["params"]["layers_0"]
+    assert isinstance(weights["mlp"]["up"]["kernel"], mpx.ScaledArray)
+    assert weights["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
     assert service.batcher.stop_ids and service.batcher.stop_ids == tuple(service.tokenizer.stop_ids)
     with _serving(service) as (_, url):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
