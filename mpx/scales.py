@@ -40,11 +40,15 @@ def check_block(shape: Shape, block: Shape) -> None:
 def compute_amax(x: jax.Array, block: Shape) -> jax.Array:
     """max |x| over each block, as float32 of shape ceil(x.shape / block).
 
-    NaN in a block gives a NaN amax (and so a NaN scale): non-finite input is reported,
-    never hidden. Use `mpx.scaled.nonfinite_counts` or `check_finite` to find it.
+    +-inf is left out of the maximum: an overflowed element saturates on its own (to
+    +-fmt.max * scale, as `mpx.cast` saturates it) and the rest of its block keeps its
+    precision. NaN is kept: a NaN in a block gives a NaN amax, scale and dequantized
+    block, so a NaN is never hidden, not even in formats without a NaN code (e2m1).
+    Use `mpx.scaled.nonfinite_counts` or `check_finite` to find either.
     """
     block = tuple(block)
     check_block(x.shape, block)
+    x = jnp.where(jnp.isinf(x), jnp.zeros_like(x), x)
     pads = [(0, -d % b) for d, b in zip(x.shape, block)]
     if any(p for _, p in pads):  # zero padding cannot raise a block's max |x|
         x = jnp.pad(x, pads)
