@@ -19,9 +19,7 @@ TFLOP/s.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -35,6 +33,8 @@ from jax import lax
 import mpx.dot as mdot
 import mpx.inspect as minspect
 from mpx import metrics, recipes
+import benchmarks
+from store import cli
 
 DN = (((1,), (0,)), ((), ()))
 RECIPES = {"current": recipes.CurrentScaling(), "delayed": recipes.DelayedScaling(history=16),
@@ -192,10 +192,9 @@ def _best_fp8(rows: list[dict], n: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmarks.parser("matmul", __doc__)
     parser.add_argument("--quick", action="store_true", help="sizes 256, 512, 1024")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case (median)")
+    parser.add_argument("--rounds", type=cli.positive_int, default=5, help="timed rounds per case (median)")
     parser.add_argument("--input-dtype", default="bf16", choices=("bf16", "f32"),
                         help="dtype of the inputs given to mpx and flax (the bf16 dot always gets bf16)")
     args = parser.parse_args(argv)
@@ -207,19 +206,15 @@ def main(argv=None) -> dict:
           f"on {os.cpu_count()} CPUs")
     cases_by_n = {n: build_size(n, input_dtype) for n in sizes}
     time_rounds(cases_by_n, args.rounds)
-    rows = []
-    for n, cases in cases_by_n.items():
-        rows += rows_for(n, cases)
-        print(_table([r for r in rows if r["n"] == n]), "\n", flush=True)
+    rows = [r for n, cases in cases_by_n.items() for r in rows_for(n, cases)]
     best = _best_fp8(rows, sizes[-1])
-    print(f"best mpx FP8 forward at n={sizes[-1]}: {best['case']} = {best['fwd_vs_bf16']:.2f}x bf16 dot, "
-          f"{best['fwd_vs_f32']:.2f}x f32 dot (target on CPU: <= 1.3x bf16); "
-          f"load average at the end {os.getloadavg()[0]:.1f}")
+    tables = [_table([r for r in rows if r["n"] == n]) for n in sizes]
+    summary = (f"best mpx FP8 forward at n={sizes[-1]}: {best['case']} = {best['fwd_vs_bf16']:.2f}x bf16 dot, "
+               f"{best['fwd_vs_f32']:.2f}x f32 dot (target on CPU: <= 1.3x bf16); "
+               f"load average at the end {os.getloadavg()[0]:.1f}")
     result = dict(backend=jax.default_backend(), jax=jax.__version__, input_dtype=args.input_dtype,
                   rounds=args.rounds, sizes=list(sizes), rows=rows, best_fp8_forward=best)
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return benchmarks.report(args, "\n\n".join(tables + [summary]), result)
 
 
 if __name__ == "__main__":

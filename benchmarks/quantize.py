@@ -13,8 +13,6 @@ per call, for dequantize too, so the columns compare) and the time relative to a
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import time
@@ -23,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 import mpx
+import benchmarks
+from store import cli
 
 GRANULARITIES = {
     "PerTensor": mpx.PerTensor(),
@@ -107,20 +107,16 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmarks.parser("quantize", __doc__)
     parser.add_argument("--quick", action="store_true", help="1024x1024 instead of 4096x4096")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--size", type=int, default=None, help="override the array edge n")
+    parser.add_argument("--size", type=cli.positive_int, default=None, help="override the array edge n")
     parser.add_argument("--format", default="e4m3", help="element format (default e4m3)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=7, help="timed repeats (median reported)")
     args = parser.parse_args(argv)
     n = args.size or (1024 if args.quick else 4096)
     inner = 10 if n <= 1024 else 3
     result = run(n, args.format, args.repeats, inner)
-    print(format_table(result))
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return benchmarks.report(args, format_table(result), result)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+import benchmarks
+from store import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -100,11 +102,10 @@ def _table(rows: list[dict], header: str) -> str:
 
 
 def main(argv=None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmarks.parser("scaling", __doc__)
     parser.add_argument("--quick", action="store_true", help="1-layer d=64 model, data layout only")
     parser.add_argument("--policy", default="fp8", help="precision preset (default fp8)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row (median)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed steps per row (median)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -123,12 +124,9 @@ def main(argv=None) -> dict | None:
               f"train step of the {model} model, policy {args.policy}, fixed global batch, median of "
               f"{args.repeats}.\nOn one host the devices compete for the same cores: 'vs 1' measures sharding "
               "overhead, not accelerator scaling.")
-    print(_table(rows, header))
     result = {"simulated": True, "cpu_cores": os.cpu_count(), "load_average": load, "policy": args.policy,
               "quick": args.quick, "rows": rows}
-    if args.json:
-        print(json.dumps(result))
-    return result
+    return benchmarks.report(args, _table(rows, header), result)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ memory analysis: saved activations and intermediates).
 
 from __future__ import annotations
 
-import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,8 @@ from benchmarks.quantize import time_calls
 from models import config as model_config
 from models import transformer
 from train import step as step_lib
+import benchmarks
+from store import cli
 
 PRESETS = ("fp32", "bf16", "fp8", "fp8_ue8m0", "fp8_current")
 # Variants of the fp8 preset's DeepSeekV3 recipe, by name.
@@ -108,26 +108,24 @@ def _presets(parser, text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["fp32", "bf16", *names]))
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> dict:
+    parser = benchmarks.parser("train_step", __doc__)
     parser.add_argument("--model", default="tiny", help="model preset (tiny, small, 1b)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=cli.positive_int, default=16)
+    parser.add_argument("--seq", type=cli.positive_int, default=128)
+    parser.add_argument("--repeats", type=cli.positive_int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help=f"comma-separated; fp32 and bf16 always run; also {', '.join(VARIANTS)}")
     parser.add_argument("--ops", action="store_true",
                         help="also print ops, GFLOP and MB moved per op category (from the compiled HLO)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
     presets = _presets(parser, args.presets)
     result = run(args.model, args.batch, args.seq, 3 if args.quick else args.repeats, presets)
-    print(table(result))
+    text = table(result)
     if args.ops:
-        print(hlo_ops.format_table({r["preset"]: r["ops"] for r in result["rows"]}))
-    if args.json:
-        print(json.dumps(result))
+        text += "\n" + hlo_ops.format_table({r["preset"]: r["ops"] for r in result["rows"]})
+    return benchmarks.report(args, text, result)
 
 
 if __name__ == "__main__":

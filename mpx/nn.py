@@ -40,6 +40,7 @@ from mpx import dot as dot_lib
 from mpx import recipes as recipes_lib
 from mpx.policy import Policy, Precision, preset
 from mpx.scaled import ScaledArray
+from mpx.scales import pad_axis_to
 
 Array = jax.Array
 FP8_ALIGNMENT = 16
@@ -76,12 +77,7 @@ def warn_misaligned(path: str, dims: dict[str, int]) -> None:
 
 
 def _pad_axis(x: Array, axis: int, multiple: int) -> Array:
-    pad = -x.shape[axis] % multiple
-    if not pad:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
+    return pad_axis_to(x, axis, -(-x.shape[axis] // multiple) * multiple)
 
 
 def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_numbers,

@@ -37,6 +37,15 @@ def check_block(shape: Shape, block: Shape) -> None:
             raise ValueError(f"block sizes must be positive; got block {tuple(block)} for shape {tuple(shape)}")
 
 
+def pad_axis_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """x zero-padded at the end of `axis` to `size` (unchanged when already that long)."""
+    if size <= x.shape[axis]:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
 def compute_amax(x: jax.Array, block: Shape) -> jax.Array:
     """max |x| over each block, as float32 of shape ceil(x.shape / block).
 

@@ -25,7 +25,7 @@ from jax import lax
 from mpx import formats as formats_lib
 from mpx.dot.spec import OperandSpec, dims
 from mpx.scaled import ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
-from mpx.scales import broadcast_scale, compute_amax, compute_scale, grid_values, scale_shape
+from mpx.scales import broadcast_scale, compute_amax, compute_scale, grid_values, pad_axis_to, scale_shape
 
 # A prepared operand is what a dot consumes: (values, scalar or None, block scales or
 # None). The result of the dot is multiplied by the scalars; block scales are either
@@ -185,7 +185,7 @@ def grouped_product(a, b, dimension_numbers, guard: bool, blocks) -> jax.Array:
         fb = xb.astype(jnp.float32) if sb is None else xb.astype(jnp.float32) * broadcast_scale(sb, xb.shape, bb)
         out = _plain_dot(fa, fb, (((2,), (2 if k_last else 1,)), ((0,), (0,))), guard)
         return out if batched else out[0]
-    xa, xb = _pad_to(xa, 2, ng * group), _pad_to(xb, 2 if k_last else 1, ng * group)
+    xa, xb = pad_axis_to(xa, 2, ng * group), pad_axis_to(xb, 2 if k_last else 1, ng * group)
     n = xb.shape[1] if k_last else xb.shape[2]
     xs = (_groups_first(xa, ng, 2), _groups_first(xb, ng, 2 if k_last else 1),
           _row_scales(sa, ba, (bsz, m, ng)), _col_scales(sb, bb, (bsz, n, ng), k_last))
@@ -226,12 +226,6 @@ def _col_scales(scale, block, shape, k_last: bool) -> jax.Array | None:
         return jnp.moveaxis(broadcast_scale(scale, shape, (1, block[1], 1)), 2, 0)
     bsz, n, ng = shape
     return jnp.moveaxis(broadcast_scale(scale, (bsz, ng, n), (1, 1, block[2])), 1, 0)
-
-
-def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths) if size > x.shape[axis] else x
 
 
 def grouped_dot(xv, sx, wv, sw, group: int, guard: bool) -> jax.Array:

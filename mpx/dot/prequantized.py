@@ -19,16 +19,9 @@ from mpx.dot.general import tensor_amax
 from mpx.dot.spec import IMPLS, DotState, check_choice, check_state, dims, resolve_impl
 from mpx.formats import upcast
 from mpx.scaled import Blocks, ScaledArray, dequantize, quantize, quantize_with_scale
-from mpx.scales import compute_amax, compute_scale, grid_values
+from mpx.scales import compute_amax, compute_scale, grid_values, pad_axis_to
 
 PREQUANTIZED_IMPLS = IMPLS + ("fold_f32",)
-
-
-def pad_axis_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-    """x zero-padded at the end of `axis` to `size` (unchanged when already that long)."""
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths) if size > x.shape[axis] else x
 
 
 # Serving stores each weight once as a ScaledArray (FP8 data + f32 scales) and multiplies

@@ -16,16 +16,11 @@ import jax.numpy as jnp
 
 from mpx import recipes as recipes_lib
 from mpx.recipes import AmaxHistory
+from mpx.config import check_choice  # noqa: F401  (used here and by the other mpx.dot modules)
 from mpx.scaled import Blocks, PerTensor
 
 IMPLS = ("auto", "upcast_bf16", "fold_bf16", "fp8", "dequant_f32")
 RHS_KINDS = ("weight", "activation")
-
-
-def check_choice(name: str, value, allowed) -> None:
-    """Raises ValueError naming `name`, the allowed values and the bad one."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
 def resolve_impl(impl: str = "auto") -> str:
