@@ -23,11 +23,6 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 PLAN = "models.plan"
 
 
-def pending(where: str):
-    """Marks a case that fails until `where` validates its input (see the module doc)."""
-    return pytest.mark.xfail(reason=f"awaiting validation in {where}", strict=False)
-
-
 def _train(*sets: str) -> list[str]:
     return ["--config", TINY, "--quiet", *sum((["--set", s] for s in sets), [])]
 
