@@ -30,8 +30,7 @@ class RopeScaling:
     original_max_len: int = 8192
 
     def __post_init__(self):
-        if self.kind not in ROPE_SCALINGS:
-            raise ValueError(f"rope_scaling kind must be one of {', '.join(ROPE_SCALINGS)}; got {self.kind!r}")
+        config_io.check_choice("rope_scaling kind", self.kind, ROPE_SCALINGS)
         if self.factor <= 0:
             raise ValueError(f"rope_scaling factor must be > 0; got {self.factor}")
         if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:

@@ -214,13 +214,17 @@ def to_dict(cfg: Any) -> dict:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants `1.0e-3`)."""
+    """SafeLoader that also reads `1e-3`, `nan` and `inf` as floats (YAML 1.1 wants
+    `1.0e-3`, `.nan`, `.inf`), so a range check names a non-finite value instead of a
+    type error calling it a string."""
 
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^(?:[-+]?(?:inf|Inf|INF)|nan|NaN|NAN)$"), list("-+iInN"))
 
 
 def parse_value(text: str) -> Any:

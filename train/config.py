@@ -252,18 +252,6 @@ def _resolve_precision(section: Any) -> Any:
     return section
 
 
-_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
-
-
-def _non_finite_as_float(value: Any) -> Any:
-    """YAML reads `nan` and `inf` as strings: as floats, the range checks name them."""
-    if isinstance(value, dict):
-        return {k: _non_finite_as_float(v) for k, v in value.items()}
-    if isinstance(value, str) and value.lower() in _NON_FINITE:
-        return _NON_FINITE[value.lower()]
-    return value
-
-
 def _build(raw: dict) -> TrainConfig:
     raw = dict(raw)
     model = raw.get("model")
@@ -301,7 +289,7 @@ def load(path: str | Path, overrides: collections.abc.Sequence[str] = ()) -> Tra
     path = Path(path)
     raw, origins = config_io.read_tree(path, _replaces_whole)
     for item in overrides:
-        config_io.merge(raw, _non_finite_as_float(config_io.parse_override(item)), origins,
+        config_io.merge(raw, config_io.parse_override(item), origins,
                         f"--set {item}", _replaces_whole)
     if raw.get("run_dir") is None:
         raw["run_dir"] = str(Path("runs") / path.stem)
