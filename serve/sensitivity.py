@@ -10,7 +10,9 @@
    pass per batch), exact one-layer measurements on a subset (--exact pairs spread
    over the estimated ranking) with their rank correlation, weight and activation statistics, and SmoothQuant smoothing.
 3. `mpx.policy.search`: the cheapest policy (--objective bytes: weight bytes;
-   fp8-flops: the FP8 share of matmul work) within --budget percent perplexity,
+   fp8-flops: the FP8 share of matmul work) within --budget percent perplexity, among
+   --search candidates (default native: bf16, E4M3, E5M2, which hardware multiplies and
+   `serve.export` writes; "all" adds the simulated FP9/FP6/FP4 formats),
    measured for real (the model under the policy, through mpx.nn) on the held-out
    windows and tightened until the measurement fits.
 
@@ -138,7 +140,8 @@ def _search_section(s, result, args) -> list[str]:
     per = ", ".join(f"{n} {r:.2f}" for n in s.names if (r := s.spearman(n)) is not None)
     check = (f"Estimate vs exact one-layer measurement: Spearman {rho:.3f} over {len(s.exact)} pairs"
              + (f" (per format: {per})." if per else ".")) if rho is not None else "No exact check (--exact 0)."
-    lines = ["## Policy", "", f"Objective {args.objective}, budget {args.budget}% perplexity. {check}",
+    lines = ["## Policy", "",
+             f"Objective {args.objective}, candidates {args.search}, budget {args.budget}% perplexity. {check}",
              "", f"Weight bytes of the linear layers: {result.weight_bytes:,.0f} of {result.base_weight_bytes:,.0f} "
              f"in fp32; FP8 share of weight elements {result.fp8_weight_fraction:.1%}.", ""]
     rounds = [[str(i + 1), _pct(p), "-" if m is None else _pct(m)] for i, (p, m) in enumerate(result.rounds)]
@@ -228,6 +231,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bytes (weight bytes) or fp8-flops (FP8 matmul share)")
     p.add_argument("--candidates", type=_choice(sens_lib.get_candidates),
                    help=f"comma-separated formats (default all: {','.join(sens_lib.CANDIDATES)})")
+    p.add_argument("--search", default="native",
+                   help="candidates the policy may use: native (bf16, E4M3, E5M2: what hardware runs and "
+                        "export writes), all (simulated formats too) or a comma-separated list")
     p.add_argument("--calibration", type=cli.positive_int, default=8, help="calibration windows")
     p.add_argument("--heldout", type=cli.positive_int, default=8, help="held-out windows for the real measurement")
     p.add_argument("--seq", type=cli.positive_int, default=256,
@@ -237,7 +243,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="(layer, format) pairs measured exactly to check the estimate (0: none)")
     p.add_argument("--smooth-alpha", type=_smooth_alpha, default=0.5, help="SmoothQuant alpha in [0, 1] (0: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        _check_search(args.search, args.candidates)
+    except ValueError as err:
+        p.error(f"argument --search: {err}")
+    return args
+
+
+def _check_search(search: str, analysed: str | None) -> None:
+    """Rejects, before the analysis runs, a --search list naming a candidate that is
+    unknown, weight-only or outside --candidates."""
+    if search in ("native", "all"):
+        return
+    names = [c.name for c in sens_lib.get_candidates(search)]
+    pool = [c.name for c in sens_lib.get_candidates(analysed)]
+    for name in names:
+        if name not in pool:
+            raise ValueError(f"{name!r} is not among the analysed --candidates ({', '.join(pool)})")
+        if not sens_lib.CANDIDATES[name].searchable:
+            raise ValueError(f"{name!r} is weight-only: no policy can express it")
 
 
 def _smooth_alpha(text: str) -> float:
@@ -269,7 +294,8 @@ def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoi
         progress("measure", rounds[0], rounds[0])
         return loss(policy) - base
 
-    result = mpx.policy.search(s, args.budget, args.objective, measure=measure, name="sensitivity")
+    result = mpx.policy.search(s, args.budget, args.objective, measure=measure, candidates=args.search,
+                               name="sensitivity")
     return s, result, ckpt, time.perf_counter() - t0
 
 

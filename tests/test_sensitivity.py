@@ -95,10 +95,14 @@ def test_zero_budget_lowers_nothing_and_a_huge_one_takes_the_cheapest_everywhere
     none = mpx.policy.search(sens, 0, measure=_measure(trained))
     assert set(none.assignment.values()) == {"base"} and none.policy.rules == ()
     assert none.measured_nats == 0.0 and none.weight_bytes == none.base_weight_bytes
-    every = mpx.policy.search(sens, 1e9)
+    every = mpx.policy.search(sens, 1e9, candidates="all")
     cheapest = {layer.path: min((c for c in sens.candidates if c.searchable),
                                 key=lambda c: c.weight_bytes(layer.weight_shape)).name for layer in sens.layers}
     assert every.assignment == cheapest and set(cheapest.values()) == {"e2m1_b32"}
+    # By default only formats hardware multiplies as is: here E4M3 blocks, the one native candidate analysed.
+    native = mpx.policy.search(sens, 1e9)
+    assert set(native.assignment.values()) == {"e4m3_block"} and native.fp8_weight_fraction == 1.0
+    assert mpx.policy.search(sens, 1e9, candidates="e3m2").assignment == {p: "e3m2" for p in cheapest}
     flops = mpx.policy.search(sens, 1e9, "fp8-flops")  # every matmul on FP8 (or narrower) operands
     assert all(sens.candidates[sens.column(c)].fp8_matmul for c in flops.assignment.values())
 
@@ -171,7 +175,8 @@ def test_statistics_and_smoothing_on_known_tensors(sens):
 
 def test_report_and_heatmap(sens, tmp_path):
     result = mpx.policy.search(sens, 1.0)
-    args = types.SimpleNamespace(calibration=2, seq=SEQ, objective="bytes", budget=1.0, smooth_alpha=0.5)
+    args = types.SimpleNamespace(calibration=2, seq=SEQ, objective="bytes", search="native", budget=1.0,
+                                 smooth_alpha=0.5)
     report = cli.to_markdown(sens, result, args, types.SimpleNamespace(name="tiny", step=60))
     assert f"Spearman {sens.spearman():.3f} over 14 pairs" in report
     assert "| layers_1/mlp/down |" in report and "SmoothQuant smoothing (alpha 0.5)" in report
@@ -199,7 +204,10 @@ def test_cli_writes_the_report_policy_and_json(trained, tmp_path, capsys):
     report = (out / "sensitivity.md").read_text()
     assert "Spearman" in report and "layers_1/mlp/down" in report and (out / "sensitivity.png").stat().st_size > 0
     for bad, message in ((argv[:5] + ["-1"] + argv[6:], "argument --budget: must be a finite number >= 0"),
-                         (argv[:9] + ["e4m3_block,fp7"] + argv[10:], "unknown candidate format(s) 'fp7'")):
+                         (argv[:9] + ["e4m3_block,fp7"] + argv[10:], "unknown candidate format(s) 'fp7'"),
+                         (argv + ["--search", "e3m2"], "argument --search: 'e3m2' is not among the analysed"),
+                         (argv[:9] + ["e4m3_block,e4m3_weight"] + argv[10:] + ["--search", "e4m3_weight"],
+                          "argument --search: 'e4m3_weight' is weight-only")):
         with pytest.raises(SystemExit) as exit_:  # argparse refuses the flag before anything loads
             cli.main(bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -137,7 +137,7 @@ def solve(cost: np.ndarray, pred: np.ndarray, budget: float) -> np.ndarray:
 
 
 def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | None = None,
-           measure: Callable[[Policy], float] | None = None, candidates: Sequence[str] | None = None,
+           measure: Callable[[Policy], float] | None = None, candidates: Sequence[str] | str | None = None,
            rounds: int = 6, name: str = "auto") -> SearchResult:
     """The cheapest layer-wise policy within a perplexity budget (see the module doc).
 
@@ -150,7 +150,10 @@ def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | No
         relative to f32 arithmetic).
       measure: `policy -> measured loss increase (nats)` on held-out batches; enables
         the tightening rounds.
-      candidates: names to choose from (default every searchable candidate analysed).
+      candidates: names to choose from; default (None or "native") the analysed
+        candidates hardware runs as is (bf16, E4M3, E5M2: see `Candidate.native`), or
+        every searchable one analysed if none of them is; "all": every searchable
+        candidate analysed, simulated formats (FP9, FP6, FP4) included.
       rounds: most search rounds with measurement.
       name: the policy's name.
 
@@ -181,9 +184,17 @@ def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | No
     return _result(sensitivity, names, choice, base.with_rules(name=name), budget, history, nbytes, base)
 
 
-def _searchable(sens, names: Sequence[str] | None) -> list[str]:
+def _searchable(sens, names: Sequence[str] | str | None) -> list[str]:
     analysed = [c.name for c in sens.candidates]
-    names = [c.name for c in sens.candidates if c.searchable] if names is None else list(names)
+    searchable = [c.name for c in sens.candidates if c.searchable]
+    if names is None or names == "native":
+        names = [c.name for c in sens.candidates if c.searchable and c.native] or searchable
+    elif names == "all":
+        names = searchable
+    elif isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not list(names):
+        raise ValueError(f"no candidates to search; give 'native', 'all' or names of: {', '.join(searchable)}")
     for n in names:
         if n not in analysed:
             raise ValueError(f"candidate {n!r} was not analysed; analysed: {', '.join(analysed)}")

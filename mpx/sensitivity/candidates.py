@@ -35,6 +35,9 @@ from mpx import recipes as recipes_lib
 from mpx.scaled import Blocks, PerTensor, fake_quant
 
 
+NATIVE_FORMATS = ("bf16", "e4m3", "e5m2")
+
+
 @dataclasses.dataclass(frozen=True)
 class Operand:
     """How one operand is rounded: a format and a block shape in the canonical form.
@@ -83,6 +86,13 @@ class Candidate:
     def bits(self) -> int:
         """Bits per stored weight element."""
         return formats_lib.get(self.weight.fmt).bits
+
+    @property
+    def native(self) -> bool:
+        """Whether hardware multiplies it as is: bf16, or E4M3/E5M2 operands (FP8 tensor
+        cores, `serve.export`'s block-FP8 files), not a simulated or sub-8-bit format."""
+        ops = [self.weight] + ([] if self.activation is None else [self.activation])
+        return all(op.fmt in NATIVE_FORMATS for op in ops)
 
     @property
     def fp8_matmul(self) -> bool:
