@@ -6,8 +6,10 @@ steps round-robin in one run so machine load affects every preset alike. Reports
 preset's median step time relative to fp32, tokens/s, and `mpx.optim.memory_report`'s
 bytes per parameter (persistent: masters, grads, moments, scale state; and with the
 transient compute copy), `ops` (per op category: matmuls, elementwise, layout copies,
-collectives; counts, GFLOP and MB moved from the optimized HLO), and `temp_bytes`: the compiled step's temporary memory (XLA's
-memory analysis: saved activations and intermediates).
+collectives; counts, GFLOP and MB moved from the optimized HLO), `temp_bytes`: the
+compiled step's temporary memory (XLA's memory analysis: saved activations and
+intermediates), and `saved_bytes`: what autodiff keeps from the forward pass for the
+backward pass.
 
     python -m benchmarks.train_step                 # tiny model, batch 16 x 128
     python -m benchmarks.train_step --model small
@@ -43,7 +45,7 @@ def _moment_dtype(preset: str):
 
 
 def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
-    """(jitted step, state, memory report) for one preset."""
+    """(jitted step, state, memory report, model) for one preset."""
     policy = VARIANTS[preset]() if preset in VARIANTS else mpx.policy.preset(preset)
     model = transformer.Transformer(cfg, policy)
     tx = mpx.optim.build("adamw", 1e-3, moment_dtype=_moment_dtype(preset), clip_norm=1.0)
@@ -51,13 +53,16 @@ def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
     step = jax.jit(step_lib.make_train_step(model, tx))
     report = mpx.optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
                                      compute_dtype_bytes=mpx.optim.compute_copy_bytes(policy.resolve("layers_0/mlp/up")))
-    return step, state, report
+    return step, state, report, model
 
 
-def temp_bytes(step, state, data) -> int:
-    """The compiled step's temporary buffer bytes (XLA's memory analysis): activations
-    saved for the backward pass and other intermediates, not the state itself."""
-    return int(step.lower(state, data).compile().memory_analysis().temp_size_in_bytes)
+def saved_bytes(model, state, data) -> int:
+    """Bytes the backward pass keeps from the forward pass (`mpx.inspect.residual_bytes`
+    of the loss): FP8 residuals show here directly; `temp_bytes` adds every other
+    intermediate of the compiled step."""
+    loss_fn = step_lib.make_loss_fn(model, mpx.optim.NoOpLossScale())
+    micro = {**data, "fp8_state": state.fp8_state}
+    return mpx.inspect.residual_bytes(lambda p: loss_fn(p, micro)[0], state.params)["total"]
 
 
 def compiled_analysis(step, state, data) -> tuple[int, dict]:
@@ -70,16 +75,17 @@ def run(model: str, batch: int, seq: int, repeats: int, presets=PRESETS) -> dict
     cfg = model_config.preset(model)
     tokens = jax.random.randint(jax.random.key(0), (batch, seq + 1), 0, cfg.vocab_size)
     data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    fns, reports, temp, ops = {}, {}, {}, {}
+    fns, reports, temp, ops, saved = {}, {}, {}, {}, {}
     for preset in presets:
-        step, state, reports[preset] = build(preset, cfg, batch, seq)
+        step, state, reports[preset], net = build(preset, cfg, batch, seq)
         temp[preset], ops[preset] = compiled_analysis(step, state, data)
+        saved[preset] = saved_bytes(net, state, data)
         fns[preset] = lambda step=step, state=state: step(state, data)[1]["loss"]
     times = time_calls(fns, repeats=repeats, inner=1)
     rows = [{
         "preset": p, "step_s": times[p], "vs_fp32": times[p] / times["fp32"],
         "tokens_per_s": batch * seq / times[p], "temp_bytes": temp[p], "temp_vs_bf16": temp[p] / temp["bf16"],
-        "ops": ops[p],
+        "saved_bytes": saved[p], "saved_vs_bf16": saved[p] / saved["bf16"], "ops": ops[p],
         "bytes_per_param": reports[p].per_param("total"),
         "bytes_per_param_with_compute_copy": reports[p].per_param("total_with_compute_copy"),
     } for p in presets]
@@ -91,11 +97,12 @@ def table(result: dict) -> str:
     lines = [f"train step, model {result['model']} ({result['params']:,} params), batch {result['batch']}x"
              f"{result['seq']}, {result['backend']} ({result['device']})",
              f"{'preset':<12}{'step ms':>10}{'vs fp32':>9}{'tok/s':>10}{'B/param':>9}{'+copy':>8}"
-             f"{'temp MB':>9}{'vs bf16':>8}"]
+             f"{'temp MB':>9}{'vs bf16':>8}{'saved MB':>10}{'vs bf16':>8}"]
     for r in result["rows"]:
         lines.append(f"{r['preset']:<12}{r['step_s'] * 1e3:>10.1f}{r['vs_fp32']:>9.2f}{r['tokens_per_s']:>10,.0f}"
                      f"{r['bytes_per_param']:>9.2f}{r['bytes_per_param_with_compute_copy']:>8.2f}"
-                     f"{r['temp_bytes'] / 1e6:>9.1f}{r['temp_vs_bf16']:>8.2f}")
+                     f"{r['temp_bytes'] / 1e6:>9.1f}{r['temp_vs_bf16']:>8.2f}"
+                     f"{r['saved_bytes'] / 1e6:>10.1f}{r['saved_vs_bf16']:>8.2f}")
     return "\n".join(lines)
 
 

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
 
 CLASSES = ("fp8", "upcast", "high_precision")
 _GEMM_OPCODES = ("dot", "convolution")
@@ -412,4 +415,27 @@ def assert_fp8(compiled_or_lowered_or_text: Any, min_fraction: float = 1.0) -> F
     return report
 
 
-__all__ = ["CLASSES", "Fp8FallbackError", "Fp8Report", "Gemm", "assert_fp8", "fp8_report"]
+def residual_bytes(fn: Callable, *primals: Any) -> dict[str, int]:
+    """What the backward pass of `fn` keeps from its forward pass, in bytes per dtype.
+
+    The residuals of `jax.vjp(fn, *primals)` as autodiff leaves them (shapes only:
+    nothing runs), before XLA schedules or rematerializes anything. FP8 operands cached
+    for the backward pass (`fp8_residuals`) show here as one-byte dtypes.
+
+    Args:
+      fn: a differentiable function of `primals`.
+      *primals: its arguments (arrays, ShapeDtypeStructs or pytrees of them).
+
+    Returns:
+      {dtype name: bytes}, plus "total".
+    """
+    residuals = jax.eval_shape(lambda *args: jax.vjp(fn, *args)[1], *primals)
+    out: dict[str, int] = {}
+    for leaf in jax.tree.leaves(residuals):
+        name = jnp.dtype(leaf.dtype).name
+        out[name] = out.get(name, 0) + leaf.size * jnp.dtype(leaf.dtype).itemsize
+    out["total"] = sum(out.values())
+    return out
+
+
+__all__ = ["CLASSES", "Fp8FallbackError", "Fp8Report", "Gemm", "assert_fp8", "fp8_report", "residual_bytes"]

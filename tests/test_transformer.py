@@ -150,3 +150,23 @@ def test_fp8_presets_err_several_times_more_than_bf16(policy, grad_format):
     for what, e8, e16, r in (("logits", fp8[0], bf16[0], ratio), ("grads", fp8[1], bf16[1], grad_ratio)):
         print(f"{policy} {what}: fp8 {e8:.2e}, bf16 {e16:.2e}, ratio {e8 / e16:.1f}")
         assert 0.25 * ratio * e16 <= e8 <= 2.0 * r * e16, (what, e8, e16)
+
+
+def test_fp8_residuals_keep_each_fp8_operand_once_as_e4m3():
+    """The backward pass of the fp8 preset keeps every FP8 layer's input and weight as
+    E4M3 (one byte each) instead of the input itself, and keeps less than bf16 does."""
+    tokens = _tokens(TINY, batch=4, seq=65)
+    rows, d, f = tokens.shape[0] * (tokens.shape[1] - 1), TINY.d_model, TINY.d_ff
+    kv = TINY.n_kv_heads * TINY.head_dim
+    inputs = rows * (3 * d + d + 2 * d + f)  # q, k, v | o | gate, up | down
+    weights = d * (d + 2 * kv) + d * d + 3 * d * f
+    policies = {"fp8": mpx.policy.preset("fp8"), "bf16": mpx.policy.preset("bf16"),
+                "input": mpx.policy.fp8(mpx.recipes.DeepSeekV3(fp8_residuals=False))}
+    saved = {}
+    for name, policy in policies.items():
+        model = transformer.Transformer(TINY, policy)
+        params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
+        saved[name] = mpx.inspect.residual_bytes(lambda p: _loss(model, {"params": p}, tokens), params)
+    assert saved["fp8"]["float8_e4m3fn"] == TINY.n_layers * (inputs + weights)
+    assert "float8_e4m3fn" not in saved["input"] and "float8_e4m3fn" not in saved["bf16"]
+    assert saved["fp8"]["total"] < 0.85 * saved["input"]["total"] and saved["fp8"]["total"] < saved["bf16"]["total"]
