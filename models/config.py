@@ -56,7 +56,8 @@ class ModelConfig:
       moe_every: use the MoE FFN in every n-th block (1 = all blocks).
       tie_embeddings: reuse the token embedding as the LM head.
       remat: "none", "full" (recompute every block) or "non_fp8" (skip recomputation
-        of FP8 blocks, whose saved activations are 4x smaller; seed section 3.2).
+        of FP8 blocks, whose linear layers keep their inputs as E4M3: half of bf16's
+        bytes, a quarter of f32's; seed section 3.2).
       norm_eps: RMSNorm epsilon.
       head_dim_override: per-head width when it is not d_model // n_heads (Qwen3,
         some Mistral models); None: d_model // n_heads.
