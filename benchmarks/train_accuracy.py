@@ -9,6 +9,7 @@ comparable. At few steps the gap is mostly seed noise: compare its mean to its s
 
     python -m benchmarks.train_accuracy                      # small preset, 3 seeds
     python -m benchmarks.train_accuracy --model tiny --steps 50 --json
+    python -m benchmarks.train_accuracy --precisions fp8,my_policy.yaml   # per-layer policies too
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +79,21 @@ def _batches(tokens: np.ndarray, batch: int, seq: int, steps: int, seed: int):
         yield {"inputs": jnp.asarray(rows[:, :-1]), "targets": jnp.asarray(rows[:, 1:])}
 
 
+def load_policy(precision: str) -> mpx.policy.Policy:
+    """A preset by name, or a policy YAML file (e.g. fp8 with one layer kept in bf16, to
+    find which layers cause a gap)."""
+    if precision in mpx.policy.PRESET_NAMES:
+        return mpx.policy.preset(precision)
+    if precision.endswith((".yaml", ".yml")) and Path(precision).is_file():
+        return mpx.policy.load(precision)
+    raise ValueError(f"unknown precision {precision!r}: give a preset ({', '.join(mpx.policy.PRESET_NAMES)}) "
+                     "or a policy YAML file")
+
+
 def train_one(cfg, precision: str, seed: int, train_tokens, eval_batches, steps: int, batch: int, seq: int,
               lr: float) -> float:
     """Final mean eval loss (nats per token) of one run."""
-    policy = mpx.policy.preset(precision)
-    model = transformer.Transformer(cfg, policy)
+    model = transformer.Transformer(cfg, load_policy(precision))
     moments = jnp.float32 if precision == "fp32" else jnp.bfloat16
     # Warmup, then cosine decay to 0: the final loss is not one noisy step of a constant
     # learning rate, so the precisions' gap is not buried in end-of-run fluctuation.
@@ -99,18 +111,26 @@ def train_one(cfg, precision: str, seed: int, train_tokens, eval_batches, steps:
     return nll / tokens
 
 
-def run(model: str, seeds: int, steps: int, batch: int, seq: int, lr: float, eval_batches: int) -> dict:
-    """Every precision x seed; the fp8-vs-bf16 gap (percent of bf16's loss) per seed."""
+def _gap(losses: list[float], reference: list[float]) -> dict:
+    gaps = [100.0 * (x - r) / r for x, r in zip(losses, reference)]
+    return {"per_seed": gaps, "mean": statistics.fmean(gaps), "stdev": statistics.stdev(gaps) if len(gaps) > 1 else 0.0}
+
+
+def run(model: str, seeds: int, steps: int, batch: int, seq: int, lr: float, eval_batches: int,
+        precisions=PRECISIONS) -> dict:
+    """Every precision x seed; each one's gap to bf16 (percent of bf16's loss) per seed."""
     cfg = model_config.preset(model)
     text = np.frombuffer(prose(400_000, seed=1234).encode(), np.uint8).astype(np.int32)
     split = int(0.9 * len(text))
     held_out = list(_batches(text[split:], batch, seq, eval_batches, seed=99))
     losses = {p: [train_one(cfg, p, s, text[:split], held_out, steps, batch, seq, lr) for s in range(seeds)]
-              for p in PRECISIONS}
-    gaps = [100.0 * (f - b) / b for f, b in zip(losses["fp8"], losses["bf16"])]
-    return {"model": model, "steps": steps, "batch": batch, "seq": seq, "seeds": seeds, "eval_loss": losses,
-            "fp8_vs_bf16_gap_pct": {"per_seed": gaps, "mean": statistics.fmean(gaps),
-                                    "stdev": statistics.stdev(gaps) if len(gaps) > 1 else 0.0}}
+              for p in precisions}
+    gaps = {p: _gap(losses[p], losses["bf16"]) for p in precisions if p != "bf16"}
+    result = {"model": model, "steps": steps, "batch": batch, "seq": seq, "seeds": seeds, "eval_loss": losses,
+              "gap_vs_bf16_pct": gaps}
+    if "fp8" in gaps:
+        result["fp8_vs_bf16_gap_pct"] = gaps["fp8"]
+    return result
 
 
 def main(argv=None) -> None:
@@ -122,16 +142,24 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="comma-separated presets or policy YAML files; bf16 (the reference) always runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
+    precisions = tuple(dict.fromkeys(["bf16", *(p for p in args.precisions.split(",") if p)]))
+    for precision in precisions:
+        try:
+            load_policy(precision)
+        except ValueError as err:
+            parser.error(f"argument --precisions: {err}")
     for name in ("seeds", "steps", "batch", "seq", "eval_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    result = run(args.model, args.seeds, args.steps, args.batch, args.seq, args.lr, args.eval_batches)
+    result = run(args.model, args.seeds, args.steps, args.batch, args.seq, args.lr, args.eval_batches, precisions)
     for p, values in result["eval_loss"].items():
         print(f"{p:<6} eval loss " + "  ".join(f"{v:.4f}" for v in values))
-    gap = result["fp8_vs_bf16_gap_pct"]
-    print(f"fp8 vs bf16: {gap['mean']:+.2f}% +- {gap['stdev']:.2f}% over {args.seeds} seeds")
+    for p, gap in result["gap_vs_bf16_pct"].items():
+        print(f"{p} vs bf16: {gap['mean']:+.2f}% +- {gap['stdev']:.2f}% over {args.seeds} seeds")
     if args.json:
         print(json.dumps(result))
 
