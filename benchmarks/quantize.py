@@ -110,7 +110,8 @@ def main(argv=None) -> dict:
     parser = benchmarks.parser("quantize", __doc__)
     parser.add_argument("--quick", action="store_true", help="1024x1024 instead of 4096x4096")
     parser.add_argument("--size", type=cli.positive_int, default=None, help="override the array edge n")
-    parser.add_argument("--format", default="e4m3", help="element format (default e4m3)")
+    parser.add_argument("--format", default="e4m3", type=cli.accepted_by(mpx.formats.get),
+                        help="element format (default e4m3)")
     parser.add_argument("--repeats", type=cli.positive_int, default=7, help="timed repeats (median reported)")
     args = parser.parse_args(argv)
     n = args.size or (1024 if args.quick else 4096)

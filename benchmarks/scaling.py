@@ -27,7 +27,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 import benchmarks
+import mpx
 from store import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +41,6 @@ def _child(devices: int, layout_name: str, quick: bool, policy: str, repeats: in
     import jax
     import jax.numpy as jnp
 
-    import mpx
     from models import config as model_config
     from models import transformer
     from models import sharding
@@ -104,7 +105,8 @@ def _table(rows: list[dict], header: str) -> str:
 def main(argv=None) -> dict | None:
     parser = benchmarks.parser("scaling", __doc__)
     parser.add_argument("--quick", action="store_true", help="1-layer d=64 model, data layout only")
-    parser.add_argument("--policy", default="fp8", help="precision preset (default fp8)")
+    parser.add_argument("--policy", default="fp8", type=cli.accepted_by(mpx.policy.preset),
+                        help="precision preset (default fp8)")
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed steps per row (median)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--layout", default="data", help=argparse.SUPPRESS)

@@ -14,8 +14,6 @@ comparable. At few steps the gap is mostly seed noise: compare its mean to its s
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -23,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import benchmarks
 import mpx
 from models import config as model_config
 from models import transformer
+from store import cli
 from train import step as step_lib
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -133,35 +133,37 @@ def run(model: str, seeds: int, steps: int, batch: int, seq: int, lr: float, eva
     return result
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small", help="model preset (tiny, small)")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-batches", type=int, default=16)
-    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+def _precisions(text: str) -> tuple[str, ...]:
+    """--precisions: bf16 first (the reference), then each named preset or policy file."""
+    names = tuple(dict.fromkeys(["bf16", *(p for p in text.split(",") if p)]))
+    for name in names:
+        load_policy(name)
+    return names
+
+
+def table(result: dict) -> str:
+    lines = [f"{p:<6} eval loss " + "  ".join(f"{v:.4f}" for v in values) for p, values in result["eval_loss"].items()]
+    lines += [f"{p} vs bf16: {gap['mean']:+.2f}% +- {gap['stdev']:.2f}% over {result['seeds']} seeds"
+              for p, gap in result["gap_vs_bf16_pct"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = benchmarks.parser("train_accuracy", __doc__)
+    parser.add_argument("--model", default="small", type=cli.accepted_by(model_config.preset),
+                        help="model preset (tiny, small)")
+    parser.add_argument("--seeds", type=cli.positive_int, default=3)
+    parser.add_argument("--steps", type=cli.positive_int, default=300)
+    parser.add_argument("--batch", type=cli.positive_int, default=16)
+    parser.add_argument("--seq", type=cli.positive_int, default=128)
+    parser.add_argument("--lr", type=cli.positive_float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--eval-batches", type=cli.positive_int, default=16)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), type=cli.accepted_by(_precisions),
                         help="comma-separated presets or policy YAML files; bf16 (the reference) always runs")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
-    precisions = tuple(dict.fromkeys(["bf16", *(p for p in args.precisions.split(",") if p)]))
-    for precision in precisions:
-        try:
-            load_policy(precision)
-        except ValueError as err:
-            parser.error(f"argument --precisions: {err}")
-    for name in ("seeds", "steps", "batch", "seq", "eval_batches"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
-    result = run(args.model, args.seeds, args.steps, args.batch, args.seq, args.lr, args.eval_batches, precisions)
-    for p, values in result["eval_loss"].items():
-        print(f"{p:<6} eval loss " + "  ".join(f"{v:.4f}" for v in values))
-    for p, gap in result["gap_vs_bf16_pct"].items():
-        print(f"{p} vs bf16: {gap['mean']:+.2f}% +- {gap['stdev']:.2f}% over {args.seeds} seeds")
-    if args.json:
-        print(json.dumps(result))
+    result = run(args.model, args.seeds, args.steps, args.batch, args.seq, args.lr, args.eval_batches,
+                 _precisions(args.precisions))
+    return benchmarks.report(args, table(result), result)
 
 
 if __name__ == "__main__":

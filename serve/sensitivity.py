@@ -206,17 +206,6 @@ def _budget(text: str) -> float:
     return value
 
 
-def _choice(check):
-    """An argparse `type` that accepts what `check(text)` accepts (its ValueError: the message)."""
-    def convert(text: str) -> str:
-        try:
-            check(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return text
-    return convert
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (a bad flag: one line naming it, exit status 2)."""
     p = cli.ArgumentParser(prog="python -m serve.sensitivity", description=__doc__.splitlines()[0])
@@ -227,9 +216,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=_budget, required=True, help="perplexity change budget in percent (>= 0)")
     p.add_argument("--out", required=True, type=cli.non_empty, help="output directory")
     p.add_argument("--objective", default="bytes",
-                   type=_choice(lambda v: config_lib.check_choice("objective", v, mpx.policy.OBJECTIVES)),
+                   type=cli.accepted_by(lambda v: config_lib.check_choice("objective", v, mpx.policy.OBJECTIVES)),
                    help="bytes (weight bytes) or fp8-flops (FP8 matmul share)")
-    p.add_argument("--candidates", type=_choice(sens_lib.get_candidates),
+    p.add_argument("--candidates", type=cli.accepted_by(sens_lib.get_candidates),
                    help=f"comma-separated formats (default all: {','.join(sens_lib.CANDIDATES)})")
     p.add_argument("--search", default="native",
                    help="candidates the policy may use: native (bf16, E4M3, E5M2: what hardware runs and "

@@ -78,3 +78,15 @@ def non_empty(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def accepted_by(check):
+    """An argparse `type` that accepts what `check(text)` accepts; check's ValueError
+    message becomes the one-line error (e.g. `accepted_by(mpx.formats.get)`)."""
+    def convert(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+    return convert

@@ -86,8 +86,13 @@ CASES = [
     ("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "1", "--out", "s",
                            "--seq", "0"], "--seq"),
     ("benchmarks.serve_load", ["--requests", "0"], "argument --requests"),
-    # benchmarks.matmul / quantize / train_step / scaling: not yet on benchmarks.parser, so a bad
-    # value starts the benchmark (minutes) instead of failing; add their cases with that change.
+    ("benchmarks.matmul", ["--rounds", "0"], "argument --rounds"),
+    ("benchmarks.quantize", ["--format", "e9m9"], "argument --format: unknown format 'e9m9'"),
+    ("benchmarks.scaling", ["--policy", "fp7"], "argument --policy: unknown policy preset 'fp7'"),
+    ("benchmarks.train_step", ["--batch", "0"], "argument --batch"),
+    ("benchmarks.train_step", ["--presets", "fp8,fp7"], "unknown preset(s) ['fp7']"),
+    ("benchmarks.train_accuracy", ["--steps", "0"], "argument --steps"),
+    ("benchmarks.train_accuracy", ["--precisions", "fp8,nope.yaml"], "unknown precision 'nope.yaml'"),
     ("mpx.hardware", ["--policy", "nosuch"], "nosuch"),
     (PLAN, ["--model", "tiny", "--batch", "-4"], "--batch"),
     (PLAN, ["--model", "tiny", "--mesh", "data=3,fsdp=2", "--devices", "6", "--batch", "7"], "--batch"),
