@@ -11,8 +11,8 @@
    over the estimated ranking) with their rank correlation, weight and activation statistics, and SmoothQuant smoothing.
 3. `mpx.policy.search`: the cheapest policy (--objective bytes: weight bytes;
    fp8-flops: the FP8 share of matmul work) within --budget percent perplexity, among
-   --search candidates (default native: bf16, E4M3, E5M2, which hardware multiplies and
-   `serve.export` writes; "all" adds the simulated FP9/FP6/FP4 formats),
+   --search candidates (default native: bf16, E4M3, E5M2, which hardware multiplies as
+   is; "all" adds the simulated FP9/FP6/FP4 formats),
    measured for real (the model under the policy, through mpx.nn) on the held-out
    windows and tightened until the measurement fits.
 
@@ -221,8 +221,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", type=cli.accepted_by(sens_lib.get_candidates),
                    help=f"comma-separated formats (default all: {','.join(sens_lib.CANDIDATES)})")
     p.add_argument("--search", default="native",
-                   help="candidates the policy may use: native (bf16, E4M3, E5M2: what hardware runs and "
-                        "export writes), all (simulated formats too) or a comma-separated list")
+                   help="candidates the policy may use: native (bf16, E4M3, E5M2: what hardware runs as is), "
+                        "all (simulated formats too) or a comma-separated list")
     p.add_argument("--calibration", type=cli.positive_int, default=8, help="calibration windows")
     p.add_argument("--heldout", type=cli.positive_int, default=8, help="held-out windows for the real measurement")
     p.add_argument("--seq", type=cli.positive_int, default=256,

@@ -89,8 +89,8 @@ class Candidate:
 
     @property
     def native(self) -> bool:
-        """Whether hardware multiplies it as is: bf16, or E4M3/E5M2 operands (FP8 tensor
-        cores, `serve.export`'s block-FP8 files), not a simulated or sub-8-bit format."""
+        """Whether hardware multiplies it as is: bf16, or E4M3/E5M2 operands on FP8
+        tensor cores, not a simulated or sub-8-bit format."""
         ops = [self.weight] + ([] if self.activation is None else [self.activation])
         return all(op.fmt in NATIVE_FORMATS for op in ops)
 
