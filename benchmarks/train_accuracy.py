@@ -15,7 +15,6 @@ comparable. At few steps the gap is mostly seed noise: compare its mean to its s
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -79,21 +78,10 @@ def _batches(tokens: np.ndarray, batch: int, seq: int, steps: int, seed: int):
         yield {"inputs": jnp.asarray(rows[:, :-1]), "targets": jnp.asarray(rows[:, 1:])}
 
 
-def load_policy(precision: str) -> mpx.policy.Policy:
-    """A preset by name, or a policy YAML file (e.g. fp8 with one layer kept in bf16, to
-    find which layers cause a gap)."""
-    if precision in mpx.policy.PRESET_NAMES:
-        return mpx.policy.preset(precision)
-    if precision.endswith((".yaml", ".yml")) and Path(precision).is_file():
-        return mpx.policy.load(precision)
-    raise ValueError(f"unknown precision {precision!r}: give a preset ({', '.join(mpx.policy.PRESET_NAMES)}) "
-                     "or a policy YAML file")
-
-
 def train_one(cfg, precision: str, seed: int, train_tokens, eval_batches, steps: int, batch: int, seq: int,
               lr: float) -> float:
     """Final mean eval loss (nats per token) of one run."""
-    model = transformer.Transformer(cfg, load_policy(precision))
+    model = transformer.Transformer(cfg, mpx.policy.get(precision))
     moments = jnp.float32 if precision == "fp32" else jnp.bfloat16
     # Warmup, then cosine decay to 0: the final loss is not one noisy step of a constant
     # learning rate, so the precisions' gap is not buried in end-of-run fluctuation.
@@ -137,7 +125,7 @@ def _precisions(text: str) -> tuple[str, ...]:
     """--precisions: bf16 first (the reference), then each named preset or policy file."""
     names = tuple(dict.fromkeys(["bf16", *(p for p in text.split(",") if p)]))
     for name in names:
-        load_policy(name)
+        mpx.policy.get(name)
     return names
 
 

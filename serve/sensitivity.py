@@ -233,25 +233,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smooth-alpha", type=_smooth_alpha, default=0.5, help="SmoothQuant alpha in [0, 1] (0: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
-    try:
-        _check_search(args.search, args.candidates)
+    try:  # before the analysis runs: the names it will be searched for must be analysed
+        mpx.policy.search_candidates(sens_lib.get_candidates(args.candidates), args.search)
     except ValueError as err:
         p.error(f"argument --search: {err}")
     return args
-
-
-def _check_search(search: str, analysed: str | None) -> None:
-    """Rejects, before the analysis runs, a --search list naming a candidate that is
-    unknown, weight-only or outside --candidates."""
-    if search in ("native", "all"):
-        return
-    names = [c.name for c in sens_lib.get_candidates(search)]
-    pool = [c.name for c in sens_lib.get_candidates(analysed)]
-    for name in names:
-        if name not in pool:
-            raise ValueError(f"{name!r} is not among the analysed --candidates ({', '.join(pool)})")
-        if not sens_lib.CANDIDATES[name].searchable:
-            raise ValueError(f"{name!r} is weight-only: no policy can express it")
 
 
 def _smooth_alpha(text: str) -> float:

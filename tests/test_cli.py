@@ -92,7 +92,7 @@ CASES = [
     ("benchmarks.train_step", ["--batch", "0"], "argument --batch"),
     ("benchmarks.train_step", ["--presets", "fp8,fp7"], "unknown preset(s) ['fp7']"),
     ("benchmarks.train_accuracy", ["--steps", "0"], "argument --steps"),
-    ("benchmarks.train_accuracy", ["--precisions", "fp8,nope.yaml"], "unknown precision 'nope.yaml'"),
+    ("benchmarks.train_accuracy", ["--precisions", "fp8,nope.yaml"], "no policy file 'nope.yaml'"),
     ("mpx.hardware", ["--policy", "nosuch"], "nosuch"),
     (PLAN, ["--model", "tiny", "--batch", "-4"], "--batch"),
     (PLAN, ["--model", "tiny", "--mesh", "data=3,fsdp=2", "--devices", "6", "--batch", "7"], "--batch"),

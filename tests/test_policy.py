@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+import yaml
 from flax.core import FrozenDict
 
 from mpx import policy as P
@@ -441,3 +442,14 @@ def test_a_recipe_mapping_sets_its_fields_rejects_unknown_ones_and_round_trips()
     with pytest.raises(ValueError, match=r"rules\[0\]: recipe deepseek_v3: unknown key 'scale'; allowed: name, block, "
                                          r"fmt, grad_format, pow2_scale, scale_format, fp8_residuals"):
         P.from_dict(spec)
+
+
+def test_get_takes_a_preset_name_or_a_policy_file(tmp_path):
+    assert P.get("fp8") == P.preset("fp8")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(P.to_dict(P.preset("fp8_current"))))
+    assert P.get(str(path)) == P.preset("fp8_current").with_rules(name="fp8_current")
+    with pytest.raises(ValueError, match="no policy file '.*missing.yaml'"):
+        P.get(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="unknown policy 'fp7': give a preset \\(fp32, bf16"):
+        P.get("fp7")

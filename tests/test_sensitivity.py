@@ -205,9 +205,9 @@ def test_cli_writes_the_report_policy_and_json(trained, tmp_path, capsys):
     assert "Spearman" in report and "layers_1/mlp/down" in report and (out / "sensitivity.png").stat().st_size > 0
     for bad, message in ((argv[:5] + ["-1"] + argv[6:], "argument --budget: must be a finite number >= 0"),
                          (argv[:9] + ["e4m3_block,fp7"] + argv[10:], "unknown candidate format(s) 'fp7'"),
-                         (argv + ["--search", "e3m2"], "argument --search: 'e3m2' is not among the analysed"),
+                         (argv + ["--search", "e3m2"], "argument --search: candidate 'e3m2' was not analysed"),
                          (argv[:9] + ["e4m3_block,e4m3_weight"] + argv[10:] + ["--search", "e4m3_weight"],
-                          "argument --search: 'e4m3_weight' is weight-only")):
+                          "argument --search: candidate 'e4m3_weight' has no recipe a policy can express")):
         with pytest.raises(SystemExit) as exit_:  # argparse refuses the flag before anything loads
             cli.main(bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -29,7 +29,7 @@ Example:
     ('deepseek_v3', 'float32')
 """
 
-from mpx.policy.files import from_dict, load, to_dict
+from mpx.policy.files import from_dict, get, load, to_dict
 from mpx.policy.precision import (
     _DTYPE_FIELDS,
     _FIELDS,
@@ -54,11 +54,16 @@ from mpx.policy.presets import (
     preset,
 )
 from mpx.policy.rules import Policy, Rule, match_path, module_paths
-from mpx.policy.auto import OBJECTIVES, SearchResult, search  # noqa: E402  (after Policy: it builds policies)
+from mpx.policy.auto import (  # noqa: E402  (after Policy: it builds policies)
+    OBJECTIVES,
+    SearchResult,
+    search,
+    search_candidates,
+)
 
 __all__ = [
     "BF16", "F16", "F32", "INHERIT", "OBJECTIVES", "PRESETS", "PRESET_NAMES", "Policy", "Precision", "Rule",
-    "SearchResult", "bf16", "search",
+    "SearchResult", "bf16", "get", "search", "search_candidates",
     "dtype_name", "fp16", "fp32", "fp8", "fp8_current", "fp8_delayed", "from_dict", "load", "match_path",
     "module_paths", "parse_dtype", "preset", "recipe_label", "to_dict",
 ]

@@ -167,7 +167,7 @@ def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | No
     check_choice("cost", cost, OBJECTIVES)
     target = budget_nats(budget)
     base = base or preset("fp32")
-    names = _searchable(sensitivity, candidates)
+    names = search_candidates(sensitivity.candidates, candidates)
     costs, pred, nbytes = _tables(sensitivity, base, cost, names)
     inner, history = target, []
     for _ in range(max(rounds, 1)):
@@ -184,11 +184,23 @@ def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | No
     return _result(sensitivity, names, choice, base.with_rules(name=name), budget, history, nbytes, base)
 
 
-def _searchable(sens, names: Sequence[str] | str | None) -> list[str]:
-    analysed = [c.name for c in sens.candidates]
-    searchable = [c.name for c in sens.candidates if c.searchable]
+def search_candidates(candidates, names: Sequence[str] | str | None = None) -> list[str]:
+    """The names `search` chooses from, checked against the analysed candidates.
+
+    Args:
+      candidates: the analysed `mpx.sensitivity.Candidate`s (`Sensitivity.candidates`,
+        or `mpx.sensitivity.get_candidates(...)` before an analysis runs).
+      names: None or "native" (the searchable candidates hardware runs as is, or every
+        searchable one if none is native), "all", or names (a sequence or a
+        comma-separated string).
+
+    Raises:
+      ValueError: an empty list, or a name that was not analysed or is weight-only.
+    """
+    analysed = {c.name: c for c in candidates}
+    searchable = [c.name for c in candidates if c.searchable]
     if names is None or names == "native":
-        names = [c.name for c in sens.candidates if c.searchable and c.native] or searchable
+        names = [c.name for c in candidates if c.searchable and c.native] or searchable
     elif names == "all":
         names = searchable
     elif isinstance(names, str):
@@ -198,10 +210,10 @@ def _searchable(sens, names: Sequence[str] | str | None) -> list[str]:
     for n in names:
         if n not in analysed:
             raise ValueError(f"candidate {n!r} was not analysed; analysed: {', '.join(analysed)}")
-        if not sens.candidates[analysed.index(n)].searchable:
+        if not analysed[n].searchable:
             raise ValueError(f"candidate {n!r} has no recipe a policy can express (weight-only); "
-                             f"searchable: {', '.join(c.name for c in sens.candidates if c.searchable)}")
-    return names
+                             f"searchable: {', '.join(searchable)}")
+    return list(names)
 
 
 def _result(sens, names, choice, policy, budget, history, nbytes, base) -> SearchResult:

@@ -137,6 +137,22 @@ def load(path: str | os.PathLike) -> Policy:
     return _load(os.fspath(path), frozenset())
 
 
+def get(spec: str) -> Policy:
+    """A policy by preset name ("fp8") or by YAML file path ("my_policy.yaml").
+
+    Raises:
+      ValueError: neither a preset nor an existing .yaml/.yml file (naming the presets),
+        or an invalid file (as `load`).
+    """
+    if spec in PRESETS:
+        return preset(spec)
+    if spec.endswith((".yaml", ".yml")):
+        if not os.path.isfile(spec):
+            raise ValueError(f"no policy file {spec!r}")
+        return load(spec)
+    raise ValueError(f"unknown policy {spec!r}: give a preset ({', '.join(PRESETS)}) or a .yaml policy file")
+
+
 def _load(path: str, seen: frozenset[str]) -> Policy:
     import yaml  # only the YAML edge needs it
 
