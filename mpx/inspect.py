@@ -10,6 +10,9 @@ classifies it:
                     does on CPU, and what happens when the Hopper FP8 rewrite fails);
 * "high_precision": no FP8 value feeds the GEMM.
 
+`residual_bytes(fn, *args)` answers the memory side: what fn's backward pass keeps
+from its forward pass, per dtype (FP8 residuals show as one-byte dtypes).
+
 Compiled text (`jax.jit(f).lower(...).compile()`) shows what runs on the backend;
 lowered StableHLO (`.lower(...)`) shows only what was asked for. On CPU every FP8 dot
 is an upcast; `mpx.dot`'s "upcast_bf16" path never materializes FP8 at all, so its
