@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig, RopeScaling
+from mpx import activations
 from mpx import nn as mnn
 from mpx.policy import Policy, preset
 from mpx.dot import upcast
@@ -179,7 +180,7 @@ class SwiGLU(nn.Module):
     def __call__(self, x: Array) -> Array:
         gate = mnn.Dense(self.d_ff, policy=self.policy, name="gate")(x)
         up = mnn.Dense(self.d_ff, policy=self.policy, name="up")(x)
-        hidden = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+        hidden = activations.swiglu(gate, up)  # f32; keeps gate and up, not f32 copies, for backward
         return mnn.Dense(x.shape[-1], policy=self.policy, name="down", kernel_init=residual_init(self.n_layers))(hidden)
 
 
@@ -193,9 +194,7 @@ class Experts(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         expert = lambda feats, name: mnn.ExpertDense(self.n_experts, feats, policy=self.policy, name=name)  # noqa: E731
-        hidden = jax.nn.silu(expert(self.d_ff, "gate")(x).astype(jnp.float32)) * expert(self.d_ff, "up")(x).astype(
-            jnp.float32
-        )
+        hidden = activations.swiglu(expert(self.d_ff, "gate")(x), expert(self.d_ff, "up")(x))
         return expert(x.shape[-1], "down")(hidden)
 
 

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpx import attention as attention_lib
 from mpx import dot as dot_lib
 from mpx import recipes as recipes_lib
 from mpx.policy import Policy, Precision, preset
@@ -88,7 +89,11 @@ def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_num
     """
     recipe = precision.recipe
     if recipe is None:
-        out = dot_lib.rounded_dot(lhs, rhs, dimension_numbers, precision.compute_dtype, precision.accum_dtype)
+        # The result is rounded to output_dtype, so when that is the compute dtype the
+        # gradient holds compute-dtype values and the backward GEMMs run in it too.
+        exact = jnp.dtype(precision.output_dtype) == jnp.dtype(precision.compute_dtype)
+        out = dot_lib.rounded_dot(lhs, rhs, dimension_numbers, precision.compute_dtype, precision.accum_dtype,
+                                  cotangent_dtype=precision.compute_dtype if exact else None)
         return out.astype(precision.output_dtype)
     kwargs = dict(recipe=recipe, preferred_element_type=precision.accum_dtype, rhs_kind=rhs_kind)
     if not recipes_lib.is_stateful(recipe):
@@ -316,12 +321,16 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
     kt = jnp.transpose(k, (0, 2, 1, 3))  # (B, G, S, D)
     vt = jnp.transpose(v, (0, 2, 1, 3))  # (B, G, S, D)
     qk = resolve_precision(module, policy, "qk")
-    logits = contract(module, "qk", _fp8_inputs(qg, qk), kt, (((4,), (3,)), ((0, 1), (0, 1))), qk,
-                      rhs_kind="activation")  # (B, G, R, T, S)
+    pv = resolve_precision(module, policy, "pv")
     if mask is not None and mask.ndim == 4:
         mask = mask[:, :, None]  # (B, 1, T, S) -> (B, 1, 1, T, S)
+    if qk.recipe is None and pv.recipe is None:  # keeps no (T, S) residual for the backward pass
+        out = attention_lib.softmax_attention(qg, kt, vt, mask, attention_lib.Dtypes.of(qk),
+                                              attention_lib.Dtypes.of(pv))
+        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+    logits = contract(module, "qk", _fp8_inputs(qg, qk), kt, (((4,), (3,)), ((0, 1), (0, 1))), qk,
+                      rhs_kind="activation")  # (B, G, R, T, S)
     probs = attention_weights(logits, mask)
-    pv = resolve_precision(module, policy, "pv")
     out = contract(module, "pv", _fp8_inputs(probs, pv), vt, (((4,), (2,)), ((0, 1), (0, 1))), pv,
                    rhs_kind="activation")  # (B, G, R, T, D)
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)

@@ -14,6 +14,7 @@ import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -488,6 +489,65 @@ def test_rounded_dot_keeps_the_products_of_its_compute_dtype(rows):
     dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
     small = rows <= mdot.FOLD_MAX_ROWS and jax.default_backend() == "cpu"
     assert dot.invars[0].aval.dtype == (jnp.float32 if small else jnp.bfloat16)
+
+
+ROUNDED_DOT_LAYOUTS = [
+    ((3, 4, 5), (3, 5, 6), (((2,), (1,)), ((0,), (0,)))),  # batched matmul
+    ((4, 5), (6, 5), (((1,), (1,)), ((), ()))),  # x W^T
+    ((2, 3, 4, 5, 6), (2, 3, 7, 6), (((4,), (3,)), ((0, 1), (0, 1)))),  # attention QK^T
+    ((5, 2, 7), (7, 3, 5), (((0, 2), (2, 0)), ((), ()))),  # two contracting axes, out of order
+    ((4, 7, 2, 5), (5, 3, 4, 2), (((3, 2), (0, 3)), ((0,), (2,)))),  # batch axis not leading
+]
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape,dimension_numbers", ROUNDED_DOT_LAYOUTS)
+def test_rounded_dot_transposes_equal_autodiffs_for_any_layout(lhs_shape, rhs_shape, dimension_numbers):
+    lhs, rhs = _normal(58, lhs_shape), _normal(59, rhs_shape)
+
+    def loss(dot):
+        return lambda a, b: jnp.sum(jnp.sin(dot(a, b)))
+
+    ours = loss(lambda a, b: mdot.rounded_dot(a, b, dimension_numbers, jnp.float32, cotangent_dtype=jnp.float32))
+    plain = loss(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers, precision="highest"))
+    for got, want in zip(jax.grad(ours, (0, 1))(lhs, rhs), jax.grad(plain, (0, 1))(lhs, rhs)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _backward_dot_dtypes(cotangent_dtype) -> set:
+    lhs, rhs = _normal(60, (2, 64, 96)), _normal(61, (2, 96, 24))
+
+    def loss(a, b):
+        out = mdot.rounded_dot(a, b, BATCHED, jnp.bfloat16, cotangent_dtype=cotangent_dtype)
+        return jnp.sum(out.astype(jnp.bfloat16).astype(jnp.float32) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(lhs, rhs)
+    dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    assert len(dots) == 3
+    return {str(v.aval.dtype) for e in dots for v in e.invars}
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
+
+
+def test_rounded_dot_backward_runs_in_the_compute_dtype_when_told_the_gradient_is_in_it():
+    """The result is rounded to bf16, so its gradient holds bf16 values: rounding it back
+    is exact and the backward GEMMs run bf16 x bf16 -> f32, same values; autodiff alone
+    runs them in f32."""
+    assert _backward_dot_dtypes(jnp.bfloat16) == {"bfloat16"}
+    assert "float32" in _backward_dot_dtypes(None)
+    lhs, rhs = _normal(60, (2, 64, 96)), _normal(61, (2, 96, 24))
+    grads = {}
+    for cotangent in (jnp.bfloat16, None):
+        def loss(a, b, cotangent=cotangent):
+            out = mdot.rounded_dot(a, b, BATCHED, jnp.bfloat16, cotangent_dtype=cotangent)
+            return jnp.sum(out.astype(jnp.bfloat16).astype(jnp.float32) ** 2)
+        grads[cotangent] = jax.grad(loss, (0, 1))(lhs, rhs)
+    for got, want in zip(grads[jnp.bfloat16], grads[None]):  # same products and f32 sums; bf16 results
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -8)
 
 
 def test_prequantized_matmul_rejects_bad_inputs():

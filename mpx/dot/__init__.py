@@ -92,7 +92,8 @@ Example:
     True
 """
 
-from mpx.dot.backends import FOLD_MAX_ROWS, rounded_dot
+from mpx.dot.backends import FOLD_MAX_ROWS
+from mpx.dot.rounded import rounded_dot
 from mpx.dot.general import dot_general, quantized_operands
 from mpx.dot.prequantized import PREQUANTIZED_IMPLS, prequantized_matmul
 from mpx.dot.spec import IMPLS, RHS_KINDS, DotPlan, DotState, OperandSpec, init_state, plan, resolve_impl

@@ -10,8 +10,8 @@ The quantization itself (amax, scale, rounding to the grid, broadcast) is
 * `dot`: the GEMM, f32 accumulation, with XLA-on-CPU layout guards.
 * `grouped_dot`: sum over K groups of (bf16 GEMM of exact FP8 values) x scales, as a
   block-scaled FP8 GEMM promotes its partial sums every 128 elements.
-* `rounded_dot`: the unquantized bf16 GEMM, run as an f32 GEMM of the same rounded
-  operands for decode-sized products on CPU (see `FOLD_MAX_ROWS`).
+* `cpu_decode_sized`: whether a product is small enough to run in f32 on CPU (the
+  unquantized GEMM, `mpx.dot.rounded.rounded_dot`, and pre-quantized serving use it).
 """
 
 from __future__ import annotations
@@ -191,16 +191,21 @@ def grouped_product(a, b, dimension_numbers, guard: bool, blocks) -> jax.Array:
           _row_scales(sa, ba, (bsz, m, ng)), _col_scales(sb, bb, (bsz, n, ng), k_last))
     gdims = (((2,), (2 if k_last else 1,)), ((0,), (0,)))
 
-    def step(acc, group_xs):
+    def scaled_partial(group_xs):
         x, w, rows, cols = group_xs
         partial = _plain_dot(x, w, gdims, guard)  # (B, M, N)
         if rows is not None:
             partial = partial * rows[:, :, None]
         if cols is not None:
             partial = partial * cols[:, None, :]
-        return acc + partial, None
+        return partial
 
-    out, _ = lax.scan(step, jnp.zeros((bsz, m, n), jnp.float32), xs)
+    # The first group starts the sum: a zero-filled accumulator would be one more
+    # output-sized buffer, which XLA on CPU allocates at the start of the program.
+    out = scaled_partial(jax.tree.map(lambda x: None if x is None else x[0], xs))
+    if ng > 1:
+        rest = jax.tree.map(lambda x: None if x is None else x[1:], xs)
+        out, _ = lax.scan(lambda acc, group_xs: (acc + scaled_partial(group_xs), None), out, rest)
     return out if batched else out[0]
 
 
@@ -251,32 +256,3 @@ def grouped_dot(xv, sx, wv, sw, group: int, guard: bool) -> jax.Array:
 def cpu_decode_sized(rows: int) -> bool:
     """Whether a product of `rows` rows runs faster as an f32 dot here (CPU, decode)."""
     return rows <= FOLD_MAX_ROWS and jax.default_backend() == "cpu"
-
-
-def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.float32) -> jax.Array:
-    """`lax.dot_general` of lhs and rhs rounded to `compute_dtype`, accumulated in `accum_dtype`.
-
-    On CPU a bf16 (or fp16) dot with f32 accumulation and at most `FOLD_MAX_ROWS` rows
-    (lhs elements outside the contracting and batch axes: a decode step) runs as an f32
-    dot of the rounded operands. The products are the same (a product of two bf16
-    values is exact in f32) and both accumulate in f32, but XLA's CPU backend runs such
-    small bf16 dots slower than f32 ones. Larger dots (every training product: batch x
-    sequence rows) are a plain `compute_dtype` dot, where bf16 GEMMs are about twice as
-    fast as f32 on CPU.
-
-    Args:
-      lhs, rhs: floating arrays.
-      dimension_numbers: as in `jax.lax.dot_general`.
-      compute_dtype: the dtype both operands are rounded to.
-      accum_dtype: the accumulation (and output) dtype.
-
-    Returns:
-      The product in `accum_dtype`, lax.dot_general's layout.
-    """
-    lhs, rhs = jnp.asarray(lhs).astype(compute_dtype), jnp.asarray(rhs).astype(compute_dtype)
-    (contracting, _), (batch, _) = dimension_numbers
-    rows = math.prod(n for i, n in enumerate(lhs.shape) if i not in (*contracting, *batch))
-    narrow = jnp.dtype(compute_dtype).itemsize < 4 and jnp.dtype(accum_dtype) == jnp.dtype(jnp.float32)
-    if narrow and cpu_decode_sized(rows):
-        lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
-    return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=accum_dtype)

@@ -19,6 +19,7 @@ from jax import lax
 from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
 from mpx.dot import backends
+from mpx.ordering import after
 from mpx.dot.spec import (
     IMPLS,
     DotPlan,
@@ -87,6 +88,7 @@ def _loaded(stored) -> tuple[jax.Array, jax.Array]:
 def _qmatmul_bwd(cfg: _Config, residuals, g):
     p, impl = cfg.plan, cfg.impl
     keep_lhs, keep_rhs = residuals
+    keep_lhs = _when_needed(cfg, keep_lhs, g)
     dy = backends.prepare(g, p.dgrad_dy, impl)
     rhs_shape = _rhs_shape(cfg, keep_rhs)
     if not cfg.fp8_residuals:
@@ -103,6 +105,16 @@ def _qmatmul_bwd(cfg: _Config, residuals, g):
     blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
     d_rhs = backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
+
+
+def _when_needed(cfg: _Config, keep_lhs, g):
+    """keep_lhs, made to wait for this layer's gradient `g` (`mpx.ordering.after`), so
+    XLA builds wgrad's f32 operand when the backward pass reaches the layer, not for
+    every layer at its start."""
+    data, scale = keep_lhs
+    if cfg.fp8_residuals:  # FP8 data takes no arithmetic: delay through its f32 scales
+        return data, after(scale, g)
+    return after(data, g), scale
 
 
 def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:

@@ -1,0 +1,141 @@
+"""Softmax attention whose backward pass recomputes the probabilities instead of keeping them.
+
+`softmax_attention` is the grouped-query core `mpx.nn.grouped_attention` runs when QK^T
+and PV have no FP8 recipe (every preset). Its forward pass is the plain one, op for op:
+
+    logits = (q @ k^T) in qk.compute, accumulated in qk.accum, rounded to qk.output
+    probs  = softmax(where(mask, logits, f32 min)) in f32
+    out    = (probs @ v) in pv.compute, accumulated in pv.accum, rounded to pv.output
+
+Autodiff of that would keep the (T, S) logits and probabilities of every layer in f32 until
+the backward pass reaches it: at 16 x 256 tokens and 8 heads, 33.5 MB per buffer per
+layer, more than every other activation together. This custom VJP keeps q, k, v and the
+softmax's row max and row sum, (T,) per head, and recomputes the probabilities
+(equal to the forward's up to the f32 summation order of the recomputed QK^T) in the backward pass. The backward is
+FlashAttention's, untiled:
+
+    dV = P^T dO      dP = dO V^T      dS = P * (dP - rowsum(P * dP))
+    dQ = dS K        dK = dS^T Q
+
+with each dot's operands rounded as the forward's were and the softmax gradient in f32.
+The recomputation is made to wait for the incoming gradient (`mpx.ordering.after`), so
+XLA cannot hoist every layer's recomputation to the start of the backward pass (which
+would bring the memory back).
+
+Shapes: B batch, G key/value heads, R query heads per key/value head, T queries, S keys,
+D head dim.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mpx.dot.rounded import rounded_dot
+from mpx.ordering import after
+
+Array = jax.Array
+_F32 = jnp.float32
+# (B, G, R, T, D) x (B, G, S, D) -> (B, G, R, T, S), batched over B and G
+_QK = (((4,), (3,)), ((0, 1), (0, 1)))
+# (B, G, R, T, S) x (B, G, S, D) -> (B, G, R, T, D)
+_PV = (((4,), (2,)), ((0, 1), (0, 1)))
+# Keys-major, for the backward pass:
+# (B, G, S, D) x (B, G, R, T, D) -> (B, G, S, R, T): K Q^T, and V dO^T
+_KQ = (((3,), (4,)), ((0, 1), (0, 1)))
+# (B, G, S, R, T) x (B, G, R, T, D) -> (B, G, S, D), contracting R and T: P^T dO, dS^T Q
+_OVER_QUERIES = (((3, 4), (2, 3)), ((0, 1), (0, 1)))
+# (B, G, S, R, T) x (B, G, S, D) -> (B, G, R, T, D), contracting S: dS K
+_OVER_KEYS = (((2,), (2,)), ((0, 1), (0, 1)))
+
+
+class Dtypes(NamedTuple):
+    """One contraction's dtypes: operands rounded to `compute`, summed in `accum`,
+    the result rounded to `output` (a `mpx.Precision` without a recipe)."""
+
+    compute: jnp.dtype
+    accum: jnp.dtype
+    output: jnp.dtype
+
+    @classmethod
+    def of(cls, precision) -> "Dtypes":
+        """The dtypes of a `mpx.Precision` (whose recipe must be None)."""
+        return cls(jnp.dtype(precision.compute_dtype), jnp.dtype(precision.accum_dtype),
+                   jnp.dtype(precision.output_dtype))
+
+
+def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtypes, pv: Dtypes) -> Array:
+    """Grouped-query softmax attention, differentiable, keeping no (T, S) residual.
+
+    Args:
+      q: (B, G, R, T, D) queries, already multiplied by the softmax scale.
+      k, v: (B, G, S, D) keys and values.
+      mask: bool (or int8) broadcastable to (B, G, R, T, S), True where a key is
+        visible, or None. Every query row must see at least one key.
+      qk, pv: the dtypes of the QK^T and PV contractions.
+
+    Returns:
+      (B, G, R, T, D) in `pv.output`.
+    """
+    if mask is not None and mask.dtype not in (jnp.bool_, jnp.int8, jnp.uint8):
+        raise TypeError(f"attention mask must be bool or int8; got {mask.dtype}")
+    visible = None if mask is None else mask.astype(jnp.bool_)
+    return _attention(qk, pv, q, k, v, visible)
+
+
+def _logits(q: Array, k: Array, visible: Array | None, qk: Dtypes) -> Array:
+    logits = rounded_dot(q, k, _QK, qk.compute, qk.accum).astype(qk.output).astype(_F32)
+    if visible is None:
+        return logits
+    return jnp.where(visible, logits, jnp.finfo(_F32).min)
+
+
+def _softmax_stats(logits: Array) -> tuple[Array, Array]:
+    """Row max and row sum of exp(logits - max), as jax.nn.softmax forms them."""
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    return row_max, jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True)
+
+
+def _probs(logits: Array, row_max: Array, row_sum: Array) -> Array:
+    return jnp.exp(logits - row_max) / row_sum
+
+
+def _forward(qk: Dtypes, pv: Dtypes, q, k, v, visible):
+    logits = _logits(q, k, visible, qk)
+    row_max, row_sum = _softmax_stats(logits)
+    out = rounded_dot(_probs(logits, row_max, row_sum), v, _PV, pv.compute, pv.accum).astype(pv.output)
+    return out, (q, k, v, visible, row_max, row_sum)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(qk: Dtypes, pv: Dtypes, q, k, v, visible):
+    return _forward(qk, pv, q, k, v, visible)[0]
+
+
+def _backward(qk: Dtypes, pv: Dtypes, residuals, d_out):
+    # Everything here runs keys-major, (B, G, S, R, T): the layout dV and dK contract in,
+    # and one the forward pass never formed, so XLA's common-subexpression pass cannot
+    # merge the recomputed logits into the forward's and keep those alive instead.
+    q, k, v, visible, row_max, row_sum = residuals
+    q = after(q, d_out)  # the recomputation waits for this layer's gradient
+    logits = rounded_dot(k, q, _KQ, qk.compute, qk.accum).astype(qk.output).astype(_F32)
+    visible = None if visible is None else jnp.moveaxis(visible, -1, 2)
+    if visible is not None:
+        logits = jnp.where(visible, logits, jnp.finfo(_F32).min)
+    probs = _probs(logits, jnp.moveaxis(row_max, -1, 2), jnp.moveaxis(row_sum, -1, 2))
+    d_v = rounded_dot(probs, d_out, _OVER_QUERIES, pv.compute, pv.accum)  # (B, G, S, D)
+    d_probs = rounded_dot(v, d_out, _KQ, pv.compute, pv.accum).astype(_F32)  # (B, G, S, R, T)
+    d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=2, keepdims=True))
+    if visible is not None:  # where() passes no gradient to hidden keys, even in a row with none visible
+        d_logits = jnp.where(visible, d_logits, 0.0)
+    d_logits = d_logits.astype(qk.output)  # the forward rounded the logits to qk.output
+    d_q = rounded_dot(d_logits, k, _OVER_KEYS, qk.compute, qk.accum)  # (B, G, R, T, D)
+    d_k = rounded_dot(d_logits, q, _OVER_QUERIES, qk.compute, qk.accum)  # (B, G, S, D)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_attention.defvjp(_forward, _backward)
+

@@ -1,0 +1,152 @@
+"""Tests for mpx.attention, mpx.activations and mpx.ordering: custom VJPs that keep less for
+the backward pass must give autodiff's values and gradients, and really keep less."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mpx
+from mpx import activations, attention, ordering
+from mpx import nn as mnn
+from mpx.dot import rounded_dot
+
+F32_EPS = float(jnp.finfo(jnp.float32).eps)
+BF16_EPS = float(jnp.finfo(jnp.bfloat16).eps)
+F32 = attention.Dtypes(jnp.dtype("float32"), jnp.dtype("float32"), jnp.dtype("float32"))
+BF16 = attention.Dtypes(jnp.dtype("bfloat16"), jnp.dtype("float32"), jnp.dtype("bfloat16"))
+QK = (((4,), (3,)), ((0, 1), (0, 1)))
+PV = (((4,), (2,)), ((0, 1), (0, 1)))
+
+
+def reference_attention(q, k, v, mask, qk, pv):
+    """What autodiff differentiates without the custom VJP (mpx.nn's generic path)."""
+    logits = rounded_dot(q, k, QK, qk.compute, qk.accum).astype(qk.output)
+    probs = mnn.attention_weights(logits, mask)
+    return rounded_dot(probs, v, PV, pv.compute, pv.accum).astype(pv.output)
+
+
+def _inputs(b=2, g=2, r=2, t=16, d=8, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (b, g, r, t, d)) * d**-0.5
+    k, v = jax.random.normal(keys[1], (b, g, t, d)), jax.random.normal(keys[2], (b, g, t, d))
+    mask = (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])[None, None, None]  # causal (1, 1, 1, T, S)
+    d_out = jax.random.normal(keys[3], (b, g, r, t, d))
+    return q, k, v, mask, d_out
+
+
+def _value_and_grads(fn, q, k, v, mask, d_out, dtypes):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask, dtypes, dtypes), q, k, v)
+    return out, vjp(d_out.astype(out.dtype))
+
+
+@pytest.mark.parametrize("dtypes", [F32, BF16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_softmax_attention_forward_is_the_plain_forward(dtypes, masked):
+    q, k, v, mask, _ = _inputs()
+    mask = mask if masked else None
+    got = jax.jit(attention.softmax_attention, static_argnums=(4, 5))(q, k, v, mask, dtypes, dtypes)
+    want = jax.jit(reference_attention, static_argnums=(4, 5))(q, k, v, mask, dtypes, dtypes)
+    assert got.dtype == dtypes.output
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("dtypes,eps", [(F32, F32_EPS), (BF16, BF16_EPS)], ids=["f32", "bf16"])
+def test_softmax_attention_gradients_match_autodiff(dtypes, eps):
+    """FlashAttention's backward equals autodiff's up to rounding in the dtypes used: f32
+    ulps in f32; in bf16 a few roundings of the gradients (the recomputed logits may
+    round differently), far below what a wrong formula gives."""
+    q, k, v, mask, d_out = _inputs()
+    _, got = _value_and_grads(attention.softmax_attention, q, k, v, mask, d_out, dtypes)
+    _, want = _value_and_grads(reference_attention, q, k, v, mask, d_out, dtypes)
+    for name, g, w in zip("qkv", got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        err = np.max(np.abs(g - w)) / np.max(np.abs(w))
+        assert err <= 8 * eps, f"d{name}: relative error {err:.2e} > 8 eps"
+
+
+def test_softmax_attention_row_without_visible_keys_passes_no_gradient():
+    """where() hides masked logits from the gradient even when a row sees no key."""
+    q, k, v, mask, d_out = _inputs(t=8)
+    mask = mask.at[..., 3, :].set(False)  # query 3 sees nothing: uniform weights, no gradient to logits
+    _, got = _value_and_grads(attention.softmax_attention, q, k, v, mask, d_out, F32)
+    _, want = _value_and_grads(reference_attention, q, k, v, mask, d_out, F32)
+    np.testing.assert_array_equal(got[0][..., 3, :], 0.0)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=8 * F32_EPS * float(jnp.max(jnp.abs(w))))
+
+
+def test_softmax_attention_rejects_a_float_mask():
+    q, k, v, mask, _ = _inputs()
+    with pytest.raises(TypeError, match="bool or int8; got float32"):
+        attention.softmax_attention(q, k, v, mask.astype(jnp.float32), F32, F32)
+
+
+def test_softmax_attention_keeps_no_query_by_key_residual():
+    """Autodiff keeps (T, S) logits and probabilities; the custom VJP keeps q, k, v and
+    two (T,) statistics per head."""
+    q, k, v, mask, _ = _inputs(t=128, d=16)
+    t_by_s = q.shape[0] * q.shape[1] * q.shape[2] * 128 * 128 * 4  # one f32 (B, G, R, T, S) buffer
+    saved = {}
+    for name, fn in [("custom", attention.softmax_attention), ("autodiff", reference_attention)]:
+        saved[name] = mpx.inspect.residual_bytes(lambda q, k, v: fn(q, k, v, mask, BF16, BF16), q, k, v)["total"]
+    assert saved["custom"] < t_by_s / 2 < saved["autodiff"] - t_by_s
+
+
+def _stack_temp_bytes(fn, layers: int, t: int = 256) -> int:
+    q, k, v, mask, _ = _inputs(b=2, g=2, r=2, t=t, d=16)
+
+    def loss(q):
+        x = q
+        for _ in range(layers):
+            x = fn(x, k, v, mask, F32, F32)
+        return jnp.sum(x)
+
+    return jax.jit(jax.grad(loss)).lower(q).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_stacked_attention_backward_recomputes_one_layer_at_a_time():
+    """Each extra layer adds less than one (T, S) f32 buffer of compiled temp memory: the
+    recomputation waits for its layer's gradient (mpx.ordering.after) instead of running
+    for every layer at the start of the backward pass."""
+    t_by_s = 2 * 2 * 2 * 256 * 256 * 4
+    extra = _stack_temp_bytes(attention.softmax_attention, 4) - _stack_temp_bytes(attention.softmax_attention, 1)
+    assert extra < 3 * t_by_s, f"3 more layers cost {extra / t_by_s:.1f} (T, S) buffers"
+    plain = _stack_temp_bytes(reference_attention, 4) - _stack_temp_bytes(reference_attention, 1)
+    assert plain >= 3 * t_by_s  # autodiff keeps each layer's probabilities: the bound can fail
+
+
+# --------------------------------------------------------------------------- swiglu
+
+
+def test_swiglu_matches_autodiff_and_keeps_only_its_inputs():
+    keys = jax.random.split(jax.random.key(1), 3)
+    gate = (jax.random.normal(keys[0], (64, 96)) * 3).astype(jnp.bfloat16)
+    up = jax.random.normal(keys[1], (64, 96)).astype(jnp.bfloat16)
+    d_out = jax.random.normal(keys[2], (64, 96))
+    plain = lambda g, u: jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)  # noqa: E731
+    out, vjp = jax.vjp(activations.swiglu, gate, up)
+    want_out, want_vjp = jax.vjp(plain, gate, up)
+    np.testing.assert_array_equal(out, want_out)
+    for g, w in zip(vjp(d_out), want_vjp(d_out)):
+        assert g.dtype == jnp.bfloat16
+        # the f32 gradients differ by f32 ulps, so the bf16 results by at most one rounding
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=BF16_EPS, atol=BF16_EPS * float(jnp.max(jnp.abs(w.astype(jnp.float32)))))
+    saved = mpx.inspect.residual_bytes(activations.swiglu, gate, up)
+    assert saved == {"bfloat16": 2 * gate.size * 2, "total": 2 * gate.size * 2}
+    assert mpx.inspect.residual_bytes(plain, gate, up)["total"] >= 3 * gate.size * 4
+
+
+# --------------------------------------------------------------------------- ordering
+
+
+def test_after_returns_x_unchanged_but_depends_on_the_dependency():
+    x = jnp.array([1.5, -0.0, jnp.inf, 3e38], jnp.float32)
+    for dep in (jnp.array([2.0]), jnp.array([-jnp.inf]), jnp.zeros((2, 3), jnp.bfloat16)):
+        got = ordering.after(x, dep)
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(got, x)
+    jaxpr = jax.make_jaxpr(ordering.after)(x, jnp.ones(3))
+    used = [v for eqn in jaxpr.jaxpr.eqns for v in eqn.invars]
+    assert any(v is jaxpr.jaxpr.invars[1] for v in used)
