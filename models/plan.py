@@ -26,9 +26,12 @@ in the dtypes the policy gives each layer, for the B*T / (data * fsdp) tokens of
 device (one microbatch); tensors in the tensor-parallel region (q, k, v, attention
 probabilities, FFN hidden) are divided by the tensor axis size. Per block: the f32
 block input and mid-block residual, the two norm outputs (as the next matmul keeps
-them: its compute dtype, or the norm's output dtype under an FP8 recipe, which keeps
-its unquantized input), q, k, v, the f32 softmax probabilities and their compute-dtype
-copy (T per query per head), the attention output and the FFN's gate, up and hidden
+them: its compute dtype, or under an FP8 recipe one byte, the E4M3 copy it keeps with
+`fp8_residuals`, else the norm's output dtype), q, k, v, the softmax's two f32 row statistics per
+query head (the probabilities are recomputed in the backward pass: one layer's f32
+probabilities, their gradient and its bf16 copy, T per query per head, are live at a
+time; with an FP8 recipe on QK^T or PV the f32 probabilities and their compute-dtype
+copy are saved per block instead), the attention output and the FFN's gate, up and hidden
 (for MoE: the router's f32 probabilities and top_k routed copies, i.e. capacity-style
 dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
 full set while it is recomputed. The final norm and the f32 logits and log-softmax
@@ -79,8 +82,23 @@ def _bytes(dtype) -> int:
 
 
 def _saved_input(precision, input_dtype) -> int:
-    # An FP8 dot keeps its unquantized input for wgrad; a plain dot keeps the cast copy.
-    return _bytes(input_dtype) if precision.recipe is not None else _bytes(precision.compute_dtype)
+    # An FP8 dot keeps its quantized input (one byte per element, `fp8_residuals`) or the
+    # unquantized one; a plain dot keeps the cast copy.
+    if precision.recipe is None:
+        return _bytes(precision.compute_dtype)
+    return 1 if getattr(precision.recipe, "fp8_residuals", False) else _bytes(input_dtype)
+
+
+def _fused_attention(qk, pv) -> bool:
+    """Whether attention runs `mpx.attention.softmax_attention` (no recipe on QK^T or PV),
+    which keeps no probabilities and recomputes them one layer at a time."""
+    return qk.recipe is None and pv.recipe is None
+
+
+def _attention_scratch(qk, pv, heads: float, seq: int) -> float:
+    """Bytes per token the fused attention's backward holds for one layer: the recomputed
+    f32 probabilities and their gradient, and the gradient's qk-dtype copy."""
+    return heads * seq * (8 + _bytes(qk.output_dtype)) if _fused_attention(qk, pv) else 0.0
 
 
 def _divide(count: int, n: int) -> float:
@@ -99,7 +117,10 @@ def block_bytes_per_token(config, policy, layer: int, seq: int, tensor: int, moe
     qk, pv = at("attn/qk"), at("attn/pv")
     attn = (h * k * _bytes(qk.compute_dtype) / tensor + _divide(g * k, tensor) * (_bytes(qk.compute_dtype)
             + _bytes(pv.compute_dtype)))
-    attn += h * seq * (4 + _bytes(pv.compute_dtype)) / tensor  # probabilities, f32 and pv copy
+    if _fused_attention(qk, pv):
+        attn += h * 8 / tensor  # the softmax's f32 row max and row sum
+    else:
+        attn += h * seq * (4 + _bytes(pv.compute_dtype)) / tensor  # probabilities, f32 and pv copy
     attn += _saved_input(at("attn/o_proj"), pv.output_dtype) * h * k / tensor
     up = at(f"{ffn_path}/up")
     hidden = (2 * _bytes(up.output_dtype) + _saved_input(at(f"{ffn_path}/down"), jnp.float32)) * c.d_ff / tensor
@@ -123,6 +144,8 @@ def activation_bytes(config, policy, batch: int, seq: int, mesh) -> int:
     for layer in range(config.n_layers):
         moe = config.is_moe_layer(layer)
         full = block_bytes_per_token(config, policy, layer, seq, tensor, moe)
+        at = lambda name, layer=layer: policy.resolve(f"layers_{layer}/attn/{name}")  # noqa: E731
+        live = max(live, _attention_scratch(at("qk"), at("pv"), config.n_heads / tensor, seq))
         if _is_remat(config, policy, layer, moe):
             saved.append(config.d_model * 4)
             live = max(live, full)  # one block's set is live while it is recomputed
