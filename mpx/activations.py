@@ -1,4 +1,4 @@
-"""Gated activations whose backward pass keeps their low-precision inputs, not f32 copies.
+"""SwiGLU and RMSNorm with backward passes that keep their inputs, not f32 intermediates.
 
 `swiglu(gate, up) = silu(gate) * up`, formed in f32 from gate and up as the FFN's
 projections return them (bf16 under the bf16 and FP8 presets). Autodiff of that
@@ -51,3 +51,45 @@ def _swiglu_bwd(residuals, d_out: Array):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@jax.custom_vjp
+def rms_norm(x: Array, scale: Array, epsilon: float) -> Array:
+    """x / sqrt(mean(x^2) + epsilon) * scale over the last axis, in f32.
+
+    The same f32 arithmetic as the plain expression, whose autodiff keeps the normalized
+    x (an f32 tensor of x's shape) beside x itself. This VJP keeps x and the (..., 1)
+    inverse RMS and recomputes the normalized x in the backward pass:
+
+        n = x r      d_scale = sum(g n)      dx = r (g s - n mean(g s n))
+
+    Args:
+      x: (..., D) any float dtype; scale: (D,); epsilon: a Python float.
+
+    Returns:
+      f32 array of x's shape. Gradients come back in x's and scale's dtypes.
+    """
+    return _rms_norm_fwd(x, scale, epsilon)[0]
+
+
+def _inverse_rms(x32: Array, epsilon: float) -> Array:
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + epsilon)
+
+
+def _rms_norm_fwd(x: Array, scale: Array, epsilon: float):
+    x32 = x.astype(_F32)
+    inv_rms = _inverse_rms(x32, epsilon)
+    return x32 * inv_rms * scale.astype(_F32), (x, scale, inv_rms)
+
+
+def _rms_norm_bwd(residuals, d_out: Array):
+    x, scale, inv_rms = residuals
+    inv_rms = after(inv_rms, d_out)  # recompute when the backward pass reaches this layer
+    normed = x.astype(_F32) * inv_rms
+    g_scaled = d_out.astype(_F32) * scale.astype(_F32)
+    d_x = inv_rms * (g_scaled - normed * jnp.mean(g_scaled * normed, axis=-1, keepdims=True))
+    d_scale = jnp.sum((d_out.astype(_F32) * normed).reshape(-1, x.shape[-1]), axis=0)
+    return d_x.astype(x.dtype), d_scale.astype(scale.dtype), None
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mpx import activations
 from mpx import attention as attention_lib
 from mpx import dot as dot_lib
 from mpx import recipes as recipes_lib
@@ -256,9 +257,8 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         precision = resolve_precision(self, self.policy)
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), precision.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-        return (normed * scale.astype(jnp.float32)).astype(precision.output_dtype)
+        # keeps x and its inverse RMS for the backward pass, not the normalized x in f32
+        return activations.rms_norm(x, scale, float(self.epsilon)).astype(precision.output_dtype)
 
 
 class LayerNorm(nn.Module):

@@ -51,18 +51,18 @@ def test_softmax_attention_forward_is_the_plain_forward(dtypes, masked):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-@pytest.mark.parametrize("dtypes,eps", [(F32, F32_EPS), (BF16, BF16_EPS)], ids=["f32", "bf16"])
-def test_softmax_attention_gradients_match_autodiff(dtypes, eps):
-    """FlashAttention's backward equals autodiff's up to rounding in the dtypes used: f32
-    ulps in f32; in bf16 a few roundings of the gradients (the recomputed logits may
-    round differently), far below what a wrong formula gives."""
+@pytest.mark.parametrize("dtypes,bound", [(F32, 8 * F32_EPS), (BF16, 2 * BF16_EPS)], ids=["f32", "bf16"])
+def test_softmax_attention_gradients_match_autodiff(dtypes, bound):
+    """FlashAttention's backward equals autodiff's up to rounding in the dtypes used: a
+    few f32 ulps in f32 (different summation orders); in bf16 the rounding of the bf16
+    gradients (measured 0.6 eps), far below what a wrong formula gives."""
     q, k, v, mask, d_out = _inputs()
     _, got = _value_and_grads(attention.softmax_attention, q, k, v, mask, d_out, dtypes)
     _, want = _value_and_grads(reference_attention, q, k, v, mask, d_out, dtypes)
     for name, g, w in zip("qkv", got, want):
         g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
         err = np.max(np.abs(g - w)) / np.max(np.abs(w))
-        assert err <= 8 * eps, f"d{name}: relative error {err:.2e} > 8 eps"
+        assert err <= bound, f"d{name}: relative error {err:.2e} > {bound:.2e}"
 
 
 def test_softmax_attention_row_without_visible_keys_passes_no_gradient():
@@ -150,3 +150,26 @@ def test_after_returns_x_unchanged_but_depends_on_the_dependency():
     jaxpr = jax.make_jaxpr(ordering.after)(x, jnp.ones(3))
     used = [v for eqn in jaxpr.jaxpr.eqns for v in eqn.invars]
     assert any(v is jaxpr.jaxpr.invars[1] for v in used)
+
+
+# --------------------------------------------------------------------------- rms_norm
+
+
+def test_rms_norm_matches_autodiff_and_keeps_x_and_its_inverse_rms():
+    keys = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(keys[0], (4, 32, 64)) * 3 + 1
+    scale = 1 + 0.1 * jax.random.normal(keys[1], (64,))
+    d_out = jax.random.normal(keys[2], x.shape)
+
+    def plain(x, scale):
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        return normed * scale
+
+    out, vjp = jax.vjp(lambda x, s: activations.rms_norm(x, s, 1e-6), x, scale)
+    want_out, want_vjp = jax.vjp(plain, x, scale)
+    np.testing.assert_array_equal(out, want_out)
+    for got, want in zip(vjp(d_out), want_vjp(d_out)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=64 * F32_EPS * float(jnp.max(jnp.abs(want))))
+    saved = mpx.inspect.residual_bytes(lambda x, s: activations.rms_norm(x, s, 1e-6), x, scale)["total"]
+    assert saved == x.size * 4 + scale.size * 4 + x.size // 64 * 4  # x, scale, (..., 1) inverse RMS
+    assert mpx.inspect.residual_bytes(plain, x, scale)["total"] >= 2 * x.size * 4

@@ -80,9 +80,11 @@ def _stored(q, spec: OperandSpec):
     return grid.astype(formats_lib.get(spec.fmt).storage_dtype), scale  # exact: grid values
 
 
-def _loaded(stored) -> tuple[jax.Array, jax.Array]:
+def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
+    """(f32 grid values, scale) of a stored FP8 operand; computed after `when` if given."""
     data, scale = stored
-    return formats_lib.upcast(data, jnp.float32), scale
+    grid = formats_lib.upcast(data, jnp.float32)
+    return (grid, scale) if when is None else (after(grid, when), after(scale, when))
 
 
 def _qmatmul_bwd(cfg: _Config, residuals, g):
@@ -100,7 +102,7 @@ def _qmatmul_bwd(cfg: _Config, residuals, g):
     blocks = (backends.block_of(p.dgrad_dy, g.shape), backends.block_of(p.dgrad_rhs, rhs_shape))
     d_lhs = backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.guard, blocks)  # (M, N) x (K, N) -> (M, K)
     dy_w = dy if p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
-    lhs_t = _wgrad_lhs(cfg, keep_lhs)
+    lhs_t = _wgrad_lhs(cfg, keep_lhs, g)
     lhs_t_shape = g.shape[:-2] + (rhs_shape[-2], g.shape[-2])
     blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
     d_rhs = backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
@@ -109,11 +111,12 @@ def _qmatmul_bwd(cfg: _Config, residuals, g):
 
 def _when_needed(cfg: _Config, keep_lhs, g):
     """keep_lhs, made to wait for this layer's gradient `g` (`mpx.ordering.after`), so
-    XLA builds wgrad's f32 operand when the backward pass reaches the layer, not for
-    every layer at its start."""
+    XLA builds wgrad's operand when the backward pass reaches the layer, not for every
+    layer at its start. Stored FP8 data takes no arithmetic: `_wgrad_lhs` delays it
+    once it is upcast."""
     data, scale = keep_lhs
-    if cfg.fp8_residuals:  # FP8 data takes no arithmetic: delay through its f32 scales
-        return data, after(scale, g)
+    if cfg.fp8_residuals:
+        return data, scale
     return after(data, g), scale
 
 
@@ -123,7 +126,7 @@ def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:
     return keep_rhs[0].shape
 
 
-def _wgrad_lhs(cfg: _Config, keep_lhs):
+def _wgrad_lhs(cfg: _Config, keep_lhs, g):
     """lhs^T as wgrad's operand, materialized while quantizing, so the wgrad GEMM is
     (K, M) x (M, N): XLA on CPU runs bf16 GEMMs with a transposed lhs at f32 speed.
 
@@ -136,7 +139,7 @@ def _wgrad_lhs(cfg: _Config, keep_lhs):
     if not cfg.fp8_residuals:
         lhs, lhs_scale = keep_lhs
         return backends.prepare(jnp.swapaxes(lhs, -1, -2), spec, impl, lhs_scale)
-    grid, scale = _loaded(keep_lhs)
+    grid, scale = _loaded(keep_lhs, when=g)
     if p.wgrad_lhs == p.fprop_lhs:
         return backends.from_grid(jnp.swapaxes(grid, -1, -2), jnp.swapaxes(scale, -1, -2), spec, impl)
     x_hat = grid * broadcast_scale(scale, grid.shape, backends.block_of(p.fprop_lhs, grid.shape))
