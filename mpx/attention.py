@@ -74,7 +74,8 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtyp
       q: (B, G, R, T, D) queries, already multiplied by the softmax scale.
       k, v: (B, G, S, D) keys and values.
       mask: bool (or int8) broadcastable to (B, G, R, T, S), True where a key is
-        visible, or None. Every query row must see at least one key.
+        visible, or None. A row that sees no key gets uniform weights and passes no
+        gradient to its logits, as the plain path does.
       qk, pv: the dtypes of the QK^T and PV contractions.
 
     Returns:
