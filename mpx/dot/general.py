@@ -90,7 +90,6 @@ def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
 def _qmatmul_bwd(cfg: _Config, residuals, g):
     p, impl = cfg.plan, cfg.impl
     keep_lhs, keep_rhs = residuals
-    keep_lhs = _when_needed(cfg, keep_lhs, g)
     dy = backends.prepare(g, p.dgrad_dy, impl)
     rhs_shape = _rhs_shape(cfg, keep_rhs)
     if not cfg.fp8_residuals:
@@ -109,17 +108,6 @@ def _qmatmul_bwd(cfg: _Config, residuals, g):
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
 
 
-def _when_needed(cfg: _Config, keep_lhs, g):
-    """keep_lhs, made to wait for this layer's gradient `g` (`mpx.ordering.after`), so
-    XLA builds wgrad's operand when the backward pass reaches the layer, not for every
-    layer at its start. Stored FP8 data takes no arithmetic: `_wgrad_lhs` delays it
-    once it is upcast."""
-    data, scale = keep_lhs
-    if cfg.fp8_residuals:
-        return data, scale
-    return after(data, g), scale
-
-
 def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:
     if not cfg.fp8_residuals:
         return (keep_rhs[0] if isinstance(keep_rhs, tuple) else keep_rhs).shape
@@ -136,9 +124,11 @@ def _wgrad_lhs(cfg: _Config, keep_lhs, g):
     wgrad tiles, so wgrad sees the forward's rounding plus its own.
     """
     p, impl, spec = cfg.plan, cfg.impl, transposed(cfg.plan.wgrad_lhs)
+    # Built once this layer's gradient `g` is here (`mpx.ordering.after`), not for every
+    # layer at the start of the backward pass, where XLA on CPU would schedule it.
     if not cfg.fp8_residuals:
         lhs, lhs_scale = keep_lhs
-        return backends.prepare(jnp.swapaxes(lhs, -1, -2), spec, impl, lhs_scale)
+        return backends.prepare(jnp.swapaxes(after(lhs, g), -1, -2), spec, impl, lhs_scale)
     grid, scale = _loaded(keep_lhs, when=g)
     if p.wgrad_lhs == p.fprop_lhs:
         return backends.from_grid(jnp.swapaxes(grid, -1, -2), jnp.swapaxes(scale, -1, -2), spec, impl)
