@@ -144,8 +144,8 @@ def activation_bytes(config, policy, batch: int, seq: int, mesh) -> int:
     for layer in range(config.n_layers):
         moe = config.is_moe_layer(layer)
         full = block_bytes_per_token(config, policy, layer, seq, tensor, moe)
-        at = lambda name, layer=layer: policy.resolve(f"layers_{layer}/attn/{name}")  # noqa: E731
-        live = max(live, _attention_scratch(at("qk"), at("pv"), config.n_heads / tensor, seq))
+        qk, pv = (policy.resolve(f"layers_{layer}/attn/{name}") for name in ("qk", "pv"))
+        live = max(live, _attention_scratch(qk, pv, config.n_heads / tensor, seq))
         if _is_remat(config, policy, layer, moe):
             saved.append(config.d_model * 4)
             live = max(live, full)  # one block's set is live while it is recomputed

@@ -81,22 +81,35 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtyp
     Returns:
       (B, G, R, T, D) in `pv.output`.
     """
-    if mask is not None and mask.dtype not in (jnp.bool_, jnp.int8, jnp.uint8):
+    return _attention(qk, pv, q, k, v, visible_keys(mask))
+
+
+def visible_keys(mask: Array | None) -> Array | None:
+    """An attention mask as bool (True: the key is visible), or None.
+
+    Raises:
+      TypeError: a mask that is not bool or (u)int8.
+    """
+    if mask is None:
+        return None
+    if mask.dtype not in (jnp.bool_, jnp.int8, jnp.uint8):
         raise TypeError(f"attention mask must be bool or int8; got {mask.dtype}")
-    visible = None if mask is None else mask.astype(jnp.bool_)
-    return _attention(qk, pv, q, k, v, visible)
+    return mask.astype(jnp.bool_)
 
 
-def _logits(q: Array, k: Array, visible: Array | None, qk: Dtypes) -> Array:
-    logits = rounded_dot(q, k, _QK, qk.compute, qk.accum).astype(qk.output).astype(_F32)
-    if visible is None:
-        return logits
-    return jnp.where(visible, logits, jnp.finfo(_F32).min)
+def hide(logits: Array, visible: Array | None) -> Array:
+    """f32 logits with hidden keys set to the lowest f32 (softmax weight 0)."""
+    logits = logits.astype(_F32)
+    return logits if visible is None else jnp.where(visible, logits, jnp.finfo(_F32).min)
+
+
+def _logits(a: Array, b: Array, dimension_numbers, visible: Array | None, qk: Dtypes) -> Array:
+    return hide(rounded_dot(a, b, dimension_numbers, qk.compute, qk.accum).astype(qk.output), visible)
 
 
 def _softmax_stats(logits: Array) -> tuple[Array, Array]:
     """Row max and row sum of exp(logits - max), as jax.nn.softmax forms them."""
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
     return row_max, jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True)
 
 
@@ -105,7 +118,7 @@ def _probs(logits: Array, row_max: Array, row_sum: Array) -> Array:
 
 
 def _forward(qk: Dtypes, pv: Dtypes, q, k, v, visible):
-    logits = _logits(q, k, visible, qk)
+    logits = _logits(q, k, _QK, visible, qk)
     row_max, row_sum = _softmax_stats(logits)
     out = rounded_dot(_probs(logits, row_max, row_sum), v, _PV, pv.compute, pv.accum).astype(pv.output)
     return out, (q, k, v, visible, row_max, row_sum)
@@ -122,10 +135,8 @@ def _backward(qk: Dtypes, pv: Dtypes, residuals, d_out):
     # merge the recomputed logits into the forward's and keep those alive instead.
     q, k, v, visible, row_max, row_sum = residuals
     q = after(q, d_out)  # the recomputation waits for this layer's gradient
-    logits = rounded_dot(k, q, _KQ, qk.compute, qk.accum).astype(qk.output).astype(_F32)
     visible = None if visible is None else jnp.moveaxis(visible, -1, 2)
-    if visible is not None:
-        logits = jnp.where(visible, logits, jnp.finfo(_F32).min)
+    logits = _logits(k, q, _KQ, visible, qk)
     probs = _probs(logits, jnp.moveaxis(row_max, -1, 2), jnp.moveaxis(row_sum, -1, 2))
     d_v = rounded_dot(probs, d_out, _OVER_QUERIES, pv.compute, pv.accum)  # (B, G, S, D)
     d_probs = rounded_dot(v, d_out, _KQ, pv.compute, pv.accum).astype(_F32)  # (B, G, S, R, T)

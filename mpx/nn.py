@@ -289,12 +289,7 @@ def causal_mask(q_len: int, kv_len: int, q_offset: Array | int = 0, dtype=jnp.bo
 
 def attention_weights(logits: Array, mask: Array | None) -> Array:
     """Softmax in float32 over the last axis; mask (bool or int8, broadcastable) hides keys."""
-    logits = logits.astype(jnp.float32)
-    if mask is not None:
-        if mask.dtype not in (jnp.bool_, jnp.int8, jnp.uint8):
-            raise TypeError(f"attention mask must be bool or int8; got {mask.dtype}")
-        logits = jnp.where(mask.astype(jnp.bool_), logits, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(attention_lib.hide(logits, attention_lib.visible_keys(mask)), axis=-1)
 
 
 def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Array, v: Array,

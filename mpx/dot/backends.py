@@ -130,17 +130,24 @@ def _plain_dot(xa: jax.Array, xb: jax.Array, dimension_numbers, guard: bool) -> 
     if is_f8(xa) and is_f8(xb):
         # convert(f8) * scalar -> dot: XLA's GEMM rewriter makes it a cuBLASLt FP8 GEMM
         # (the caller multiplies the result by the scalars, which XLA moves onto it).
-        xa, xb, guard = xa.astype(jnp.float32), xb.astype(jnp.float32), False
+        xa, xb = xa.astype(jnp.float32), xb.astype(jnp.float32)
     else:
         xa, xb = (v.astype(jnp.bfloat16) if is_f8(v) else v for v in (xa, xb))
         dtype = jnp.promote_types(xa.dtype, xb.dtype)
         xa, xb = xa.astype(dtype), xb.astype(dtype)
-        guard = guard and dtype == jnp.bfloat16
         if dtype == jnp.float32:
             precision = lax.Precision.HIGHEST
+    return guarded_dot(xa, xb, dimension_numbers, guard, precision=precision)
+
+
+def guarded_dot(xa: jax.Array, xb: jax.Array, dimension_numbers, guard: bool, *,
+                precision=lax.Precision.DEFAULT, accum=jnp.float32) -> jax.Array:
+    """`lax.dot_general`; with `guard` (XLA on CPU) and bf16 operands, behind
+    optimization barriers on operands and result (see `dot`)."""
+    guard = guard and xa.dtype == jnp.bfloat16
     if guard:
         xa, xb = lax.optimization_barrier((xa, xb))
-    out = lax.dot_general(xa, xb, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+    out = lax.dot_general(xa, xb, dimension_numbers, precision=precision, preferred_element_type=accum)
     return lax.optimization_barrier(out) if guard else out
 
 

@@ -81,10 +81,11 @@ def _stored(q, spec: OperandSpec):
 
 
 def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
-    """(f32 grid values, scale) of a stored FP8 operand; computed after `when` if given."""
+    """(f32 grid values, scale) of a stored FP8 operand; the values computed after `when`
+    if given."""
     data, scale = stored
     grid = formats_lib.upcast(data, jnp.float32)
-    return (grid, scale) if when is None else (after(grid, when), after(scale, when))
+    return (grid if when is None else after(grid, when)), scale
 
 
 def _qmatmul_bwd(cfg: _Config, residuals, g):

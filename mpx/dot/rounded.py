@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mpx.dot.backends import cpu_decode_sized
+from mpx.dot.backends import cpu_decode_sized, guarded_dot
 
 
 def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.float32, *,
@@ -84,6 +84,12 @@ def _bwd(dn, accum, cotangent, residuals, g):
 _dot_with_rounded_grads.defvjp(_fwd, _bwd)
 
 
+def _on_cpu() -> bool:
+    # XLA on CPU folds the transposes around a bf16 dot into it after choosing its kernel,
+    # whose fallback rejects bf16 x bf16 -> f32 (jax 0.10): the guard of `backends.dot`.
+    return jax.default_backend() == "cpu"
+
+
 def _free_axes(ndim: int, *used) -> list[int]:
     taken = {a for axes in used for a in axes}
     return [a for a in range(ndim) if a not in taken]
@@ -99,7 +105,7 @@ def transpose_lhs(g, rhs, dimension_numbers, lhs_ndim: int, accum) -> jax.Array:
     (lc, rc), (lb, rb) = dimension_numbers
     l_free, r_free = _free_axes(lhs_ndim, lc, lb), _free_axes(rhs.ndim, rc, rb)
     g_r_free = tuple(range(len(lb) + len(l_free), g.ndim))
-    out = _guarded_dot(g, rhs, ((g_r_free, tuple(r_free)), (tuple(range(len(lb))), tuple(rb))), accum)
+    out = guarded_dot(g, rhs, ((g_r_free, tuple(r_free)), (tuple(range(len(lb))), tuple(rb))), _on_cpu(), accum=accum)
     lc_in_r_order = [lc[i] for i in np.argsort(rc)]
     return lax.transpose(out, tuple(np.argsort(list(lb) + l_free + lc_in_r_order)))
 
@@ -109,17 +115,7 @@ def transpose_rhs(g, lhs, dimension_numbers, rhs_ndim: int, accum) -> jax.Array:
     (lc, rc), (lb, rb) = dimension_numbers
     l_free, r_free = _free_axes(lhs.ndim, lc, lb), _free_axes(rhs_ndim, rc, rb)
     g_l_free = tuple(range(len(lb), len(lb) + len(l_free)))
-    out = _guarded_dot(g, lhs, ((g_l_free, tuple(l_free)), (tuple(range(len(lb))), tuple(lb))), accum)
+    out = guarded_dot(g, lhs, ((g_l_free, tuple(l_free)), (tuple(range(len(lb))), tuple(lb))), _on_cpu(), accum=accum)
     rc_in_l_order = [rc[i] for i in np.argsort(lc)]
     return lax.transpose(out, tuple(np.argsort(list(rb) + r_free + rc_in_l_order)))
 
-
-def _guarded_dot(a, b, dimension_numbers, accum) -> jax.Array:
-    """dot_general; on CPU with bf16 operands, behind optimization barriers, which keep
-    XLA from folding the neighbouring transposes into the dot after choosing its kernel
-    (whose fallback rejects bf16 x bf16 -> f32 on jax 0.10), as `backends.dot` does."""
-    guard = jax.default_backend() == "cpu" and a.dtype == jnp.bfloat16
-    if guard:
-        a, b = lax.optimization_barrier((a, b))
-    out = lax.dot_general(a, b, dimension_numbers, preferred_element_type=accum)
-    return lax.optimization_barrier(out) if guard else out
