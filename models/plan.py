@@ -28,11 +28,11 @@ probabilities, FFN hidden) are divided by the tensor axis size. Per block: the f
 block input and mid-block residual, the two norm outputs (as the next matmul keeps
 them: its compute dtype, or under an FP8 recipe one byte, the E4M3 copy it keeps with
 `fp8_residuals`, else the norm's output dtype), q, k, v, the softmax's two f32 row statistics per
-query head (the probabilities are recomputed in the backward pass: one layer's f32
+query head (the probabilities are recomputed in the backward pass: one query block's f32
 probabilities, their gradient and its bf16 copy, T per query per head, are live at a
 time; with an FP8 recipe on QK^T or PV the f32 probabilities and their compute-dtype
-copy are saved per block instead), the attention output and the FFN's gate, up and hidden
-(for MoE: the router's f32 probabilities and top_k routed copies, i.e. capacity-style
+copy are saved per block instead), the attention output and the FFN's gate, up (one byte each when the down projection
+keeps FP8 residuals) and hidden (for MoE: the router's f32 probabilities and top_k routed copies, i.e. capacity-style
 dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
 full set while it is recomputed. The final norm and the f32 logits and log-softmax
 (vocabulary on tensor) are added once. It ignores XLA's fusion and buffer reuse, so
@@ -56,6 +56,7 @@ from jax.sharding import PartitionSpec
 
 from models import config as model_config
 from models import sharding, transformer
+from mpx import attention
 from mpx import config as config_io
 from mpx import optim
 from mpx import policy as policy_lib
@@ -96,9 +97,18 @@ def _fused_attention(qk, pv) -> bool:
 
 
 def _attention_scratch(qk, pv, heads: float, seq: int) -> float:
-    """Bytes per token the fused attention's backward holds for one layer: the recomputed
-    f32 probabilities and their gradient, and the gradient's qk-dtype copy."""
-    return heads * seq * (8 + _bytes(qk.output_dtype)) if _fused_attention(qk, pv) else 0.0
+    """Bytes per token the fused attention's backward holds for one layer: one query
+    block's recomputed f32 probabilities and their gradient, and the gradient's qk-dtype
+    copy (`mpx.attention.QUERY_BLOCK` queries at a time)."""
+    if not _fused_attention(qk, pv):
+        return 0.0
+    return heads * seq * (8 + _bytes(qk.output_dtype)) * min(attention.QUERY_BLOCK, seq) / seq
+
+
+def _swiglu_input(down, input_dtype) -> int:
+    # SwiGLU keeps gate and up as E4M3 tiles when its down projection keeps FP8 residuals
+    # (`models.transformer.swiglu_residuals`), else as the projections return them.
+    return 1 if getattr(down.recipe, "fp8_residuals", False) else _bytes(input_dtype)
 
 
 def _divide(count: int, n: int) -> float:
@@ -122,8 +132,8 @@ def block_bytes_per_token(config, policy, layer: int, seq: int, tensor: int, moe
     else:
         attn += h * seq * (4 + _bytes(pv.compute_dtype)) / tensor  # probabilities, f32 and pv copy
     attn += _saved_input(at("attn/o_proj"), pv.output_dtype) * h * k / tensor
-    up = at(f"{ffn_path}/up")
-    hidden = (2 * _bytes(up.output_dtype) + _saved_input(at(f"{ffn_path}/down"), jnp.float32)) * c.d_ff / tensor
+    up, down = at(f"{ffn_path}/up"), at(f"{ffn_path}/down")
+    hidden = (2 * _swiglu_input(down, up.output_dtype) + _saved_input(down, jnp.float32)) * c.d_ff / tensor
     if moe:
         hidden = c.top_k * (hidden + d * _saved_input(up, at("mlp_norm").output_dtype)) + 2 * c.n_experts * 4
     return residual + norms + attn + hidden

@@ -169,6 +169,14 @@ class SelfAttention(nn.Module):
         return out, cache
 
 
+def swiglu_residuals(module: nn.Module, policy: Policy | None) -> str | None:
+    """The format SwiGLU keeps its inputs in for the backward pass: the down projection's
+    FP8 format when its recipe keeps FP8 residuals (DeepSeek-V3 report, 3.3), else None
+    (gate and up as the projections return them)."""
+    recipe = mnn.resolve_precision(module, policy, "down").recipe
+    return recipe.fwd_format if getattr(recipe, "fp8_residuals", False) else None
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)); the product is formed in f32."""
 
@@ -180,7 +188,7 @@ class SwiGLU(nn.Module):
     def __call__(self, x: Array) -> Array:
         gate = mnn.Dense(self.d_ff, policy=self.policy, name="gate")(x)
         up = mnn.Dense(self.d_ff, policy=self.policy, name="up")(x)
-        hidden = activations.swiglu(gate, up)  # f32; keeps gate and up, not f32 copies, for backward
+        hidden = activations.swiglu(gate, up, swiglu_residuals(self, self.policy))  # f32
         return mnn.Dense(x.shape[-1], policy=self.policy, name="down", kernel_init=residual_init(self.n_layers))(hidden)
 
 
@@ -194,7 +202,8 @@ class Experts(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         expert = lambda feats, name: mnn.ExpertDense(self.n_experts, feats, policy=self.policy, name=name)  # noqa: E731
-        hidden = activations.swiglu(expert(self.d_ff, "gate")(x), expert(self.d_ff, "up")(x))
+        hidden = activations.swiglu(expert(self.d_ff, "gate")(x), expert(self.d_ff, "up")(x),
+                                    swiglu_residuals(self, self.policy))
         return expert(x.shape[-1], "down")(hidden)
 
 

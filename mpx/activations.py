@@ -16,41 +16,77 @@ the operations in d_gate (a few f32 ulps).
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-from mpx.ordering import after
+from mpx.ordering import after, kept
+from mpx.scaled import Blocks, ScaledArray, dequantize, quantize
 
 Array = jax.Array
 _F32 = jnp.float32
+# Tile width of SwiGLU inputs kept in FP8 (DeepSeek-V3's activation tiles).
+SWIGLU_TILE = 128
 
 
-@jax.custom_vjp
-def swiglu(gate: Array, up: Array) -> Array:
+def swiglu(gate: Array, up: Array, residual_format: str | None = None) -> Array:
     """silu(gate) * up in f32, from gate and up of one shape (any float dtype).
+
+    Args:
+      gate, up: the FFN's two projections.
+      residual_format: None keeps gate and up for the backward pass as they came; an
+        FP8 format name ("e4m3") keeps them quantized in 1x128 tiles along the last
+        axis, one f32 scale per tile (DeepSeek-V3 report, 3.3: "we cache the inputs of
+        the SwiGLU operator ... in FP8 with our fine-grained quantization method"). The
+        forward value is the same either way; the gradients then use the dequantized
+        inputs (E4M3: up to 2**-4 relative error per element).
 
     Returns:
       f32 array of their shape. Gradients come back in gate's and up's dtypes.
     """
+    return _swiglu(residual_format, gate, up)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _swiglu(residual_format, gate: Array, up: Array) -> Array:
     return jax.nn.silu(gate.astype(_F32)) * up.astype(_F32)
 
 
-def _swiglu_fwd(gate: Array, up: Array):
-    return swiglu(gate, up), (gate, up)
+def _swiglu_fwd(residual_format, gate: Array, up: Array):
+    out = _swiglu(residual_format, gate, up)
+    if residual_format is None:
+        return out, (gate, up)
+    # Zero-size arrays carry the dtypes the gradients come back in.
+    return out, (_tiles(gate, residual_format), _tiles(up, residual_format),
+                 jnp.zeros((0,), gate.dtype), jnp.zeros((0,), up.dtype))
 
 
-def _swiglu_bwd(residuals, d_out: Array):
-    gate, up = residuals
-    gate = after(gate, d_out)  # recompute when the backward pass reaches this layer
+def _tiles(x: Array, fmt: str) -> ScaledArray:
+    """x in `fmt`, 1 x SWIGLU_TILE tiles; on CPU in a buffer of its own (`kept`)."""
+    q = quantize(x, fmt, Blocks((SWIGLU_TILE,)))
+    return dataclasses.replace(q, data=kept(q.data)) if jax.default_backend() == "cpu" else q
+
+
+def _swiglu_bwd(residual_format, residuals, d_out: Array):
+    if residual_format is None:
+        gate, up = residuals
+        gate = after(gate, d_out)  # recompute when the backward pass reaches this layer
+        gate_dtype, up_dtype = gate.dtype, up.dtype
+    else:
+        gate, up, gate_dtype, up_dtype = residuals
+        gate = after(dequantize(gate), d_out)
+        up, gate_dtype, up_dtype = dequantize(up), gate_dtype.dtype, up_dtype.dtype
     g, u, d = gate.astype(_F32), up.astype(_F32), d_out.astype(_F32)
     # sigmoid as 0.5 + 0.5 tanh(g / 2): a different expression from the forward's, so XLA
     # cannot merge the two and keep the forward's f32 sigmoid alive until here.
     s = 0.5 + 0.5 * jnp.tanh(0.5 * g)
     d_gate = d * u * s * (1.0 + g * (1.0 - s))
-    return d_gate.astype(gate.dtype), (d * g * s).astype(up.dtype)
+    return d_gate.astype(gate_dtype), (d * g * s).astype(up_dtype)
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 @jax.custom_vjp
@@ -85,6 +121,7 @@ def _rms_norm_fwd(x: Array, scale: Array, epsilon: float):
 def _rms_norm_bwd(residuals, d_out: Array):
     x, scale, inv_rms = residuals
     inv_rms = after(inv_rms, d_out)  # recompute when the backward pass reaches this layer
+    scale = after(scale, d_out)  # or XLA broadcasts every layer's scale at the start
     normed = x.astype(_F32) * inv_rms
     g_scaled = d_out.astype(_F32) * scale.astype(_F32)
     d_x = inv_rms * (g_scaled - normed * jnp.mean(g_scaled * normed, axis=-1, keepdims=True))

@@ -11,13 +11,17 @@ Autodiff of that would keep the (T, S) logits and probabilities of every layer i
 the backward pass reaches it: at 16 x 256 tokens and 8 heads, 33.5 MB per buffer per
 layer, more than every other activation together. This custom VJP keeps q, k, v and the
 softmax's row max and row sum, (T,) per head, and recomputes the probabilities
-(equal to the forward's up to the f32 summation order of the recomputed QK^T) in the backward pass. The backward is
-FlashAttention's, untiled:
+(equal to the forward's up to the f32 summation order of the recomputed QK^T) in the
+backward pass. The backward is FlashAttention's, tiled along the queries only:
 
     dV = P^T dO      dP = dO V^T      dS = P * (dP - rowsum(P * dP))
     dQ = dS K        dK = dS^T Q
 
 with each dot's operands rounded as the forward's were and the softmax gradient in f32.
+Both passes run `query_block` queries at a time (a `lax.scan`; every block sees all S
+keys, so each row's softmax is complete within its block and the forward values do not
+depend on the block size): one block's (T, S) buffers are alive at a time, 10 bytes per
+query, key and head in the backward pass. dK and dV are summed over the blocks in f32.
 The recomputation is made to wait for the incoming gradient (`mpx.ordering.after`), so
 XLA cannot hoist every layer's recomputation to the start of the backward pass (which
 would bring the memory back).
@@ -50,6 +54,8 @@ _KQ = (((3,), (4,)), ((0, 1), (0, 1)))
 _OVER_QUERIES = (((3, 4), (2, 3)), ((0, 1), (0, 1)))
 # (B, G, S, R, T) x (B, G, S, D) -> (B, G, R, T, D), contracting S: dS K
 _OVER_KEYS = (((2,), (2,)), ((0, 1), (0, 1)))
+# Queries per block of `softmax_attention`: one block's (T, S) buffers are alive at a time.
+QUERY_BLOCK = 64
 
 
 class Dtypes(NamedTuple):
@@ -67,7 +73,8 @@ class Dtypes(NamedTuple):
                    jnp.dtype(precision.output_dtype))
 
 
-def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtypes, pv: Dtypes) -> Array:
+def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtypes, pv: Dtypes,
+                      query_block: int = QUERY_BLOCK) -> Array:
     """Grouped-query softmax attention, differentiable, keeping no (T, S) residual.
 
     Args:
@@ -77,11 +84,18 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtyp
         visible, or None. A row that sees no key gets uniform weights and passes no
         gradient to its logits, as the plain path does.
       qk, pv: the dtypes of the QK^T and PV contractions.
+      query_block: queries per block; at most one block's (T, S) buffers exist at a
+        time, forward and backward. T is padded up to a multiple of it.
 
     Returns:
       (B, G, R, T, D) in `pv.output`.
+
+    Raises:
+      ValueError: `query_block` below 1.
     """
-    return _attention(qk, pv, q, k, v, visible_keys(mask))
+    if query_block < 1:
+        raise ValueError(f"query_block must be a positive number of queries; got {query_block}")
+    return _attention(qk, pv, min(query_block, q.shape[3]), q, k, v, visible_keys(mask))
 
 
 def visible_keys(mask: Array | None) -> Array | None:
@@ -117,24 +131,19 @@ def _probs(logits: Array, row_max: Array, row_sum: Array) -> Array:
     return jnp.exp(logits - row_max) / row_sum
 
 
-def _forward(qk: Dtypes, pv: Dtypes, q, k, v, visible):
+def _block_forward(qk: Dtypes, pv: Dtypes, q, k, v, visible):
+    """One query block: (output, row max, row sum)."""
     logits = _logits(q, k, _QK, visible, qk)
     row_max, row_sum = _softmax_stats(logits)
     out = rounded_dot(_probs(logits, row_max, row_sum), v, _PV, pv.compute, pv.accum).astype(pv.output)
-    return out, (q, k, v, visible, row_max, row_sum)
+    return out, row_max, row_sum
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(qk: Dtypes, pv: Dtypes, q, k, v, visible):
-    return _forward(qk, pv, q, k, v, visible)[0]
-
-
-def _backward(qk: Dtypes, pv: Dtypes, residuals, d_out):
+def _block_backward(qk: Dtypes, pv: Dtypes, q, k, v, visible, row_max, row_sum, d_out):
+    """One query block's (dQ, dK, dV), dK and dV in f32 (summed over the blocks)."""
     # Everything here runs keys-major, (B, G, S, R, T): the layout dV and dK contract in,
     # and one the forward pass never formed, so XLA's common-subexpression pass cannot
     # merge the recomputed logits into the forward's and keep those alive instead.
-    q, k, v, visible, row_max, row_sum = residuals
-    q = after(q, d_out)  # the recomputation waits for this layer's gradient
     visible = None if visible is None else jnp.moveaxis(visible, -1, 2)
     logits = _logits(k, q, _KQ, visible, qk)
     probs = _probs(logits, jnp.moveaxis(row_max, -1, 2), jnp.moveaxis(row_sum, -1, 2))
@@ -146,8 +155,77 @@ def _backward(qk: Dtypes, pv: Dtypes, residuals, d_out):
     d_logits = d_logits.astype(qk.output)  # the forward rounded the logits to qk.output
     d_q = rounded_dot(d_logits, k, _OVER_KEYS, qk.compute, qk.accum)  # (B, G, R, T, D)
     d_k = rounded_dot(d_logits, q, _OVER_QUERIES, qk.compute, qk.accum)  # (B, G, S, D)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+    return d_q.astype(q.dtype), d_k.astype(_F32), d_v.astype(_F32)
+
+
+def _split(x: Array, n: int, fill) -> Array:
+    """(B, G, R, T, ...) -> (n, B, G, R, ceil(T / n) ...): axis 3 padded with `fill` and
+    cut into n blocks."""
+    size = -(-x.shape[3] // n)
+    pad = [(0, 0)] * x.ndim
+    pad[3] = (0, n * size - x.shape[3])
+    x = jnp.pad(x, pad, constant_values=fill)
+    return jnp.moveaxis(x.reshape(x.shape[:3] + (n, size) + x.shape[4:]), 3, 0)
+
+
+def _join(x: Array, length: int) -> Array:
+    """The inverse of `_split`: (n, B, G, R, size, ...) -> (B, G, R, length, ...)."""
+    x = jnp.moveaxis(x, 0, 3)
+    return x.reshape(x.shape[:3] + (-1,) + x.shape[5:])[:, :, :, :length]
+
+
+def _query_blocks(visible: Array | None, n: int, length: int):
+    """The mask per query block: split when it varies along the queries, else shared."""
+    if visible is None or visible.shape[3] == 1:
+        return None, visible
+    visible = jnp.broadcast_to(visible, visible.shape[:3] + (length,) + visible.shape[4:])
+    return _split(visible, n, True), None
+
+
+def _forward(qk: Dtypes, pv: Dtypes, block: int, q, k, v, visible):
+    t = q.shape[3]
+    n = -(-t // block)
+    if n == 1:
+        out, row_max, row_sum = _block_forward(qk, pv, q, k, v, visible)
+        return out, (q, k, v, visible, row_max, row_sum)
+    split_mask, shared_mask = _query_blocks(visible, n, t)
+
+    def one_block(_, xs):
+        q_b, mask_b = xs
+        return None, _block_forward(qk, pv, q_b, k, v, shared_mask if mask_b is None else mask_b)
+
+    _, (out, row_max, row_sum) = jax.lax.scan(one_block, None, (_split(q, n, 0), split_mask))
+    return _join(out, t), (q, k, v, visible, row_max, row_sum)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _attention(qk: Dtypes, pv: Dtypes, block: int, q, k, v, visible):
+    return _forward(qk, pv, block, q, k, v, visible)[0]
+
+
+def _backward(qk: Dtypes, pv: Dtypes, block: int, residuals, d_out):
+    q, k, v, visible, row_max, row_sum = residuals
+    q = after(q, d_out)  # the recomputation waits for this layer's gradient
+    t = q.shape[3]
+    n = -(-t // block)
+    if n == 1:
+        d_q, d_k, d_v = _block_backward(qk, pv, q, k, v, visible, row_max, row_sum, d_out)
+        return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
+    split_mask, shared_mask = _query_blocks(visible, n, t)
+    q_blocks = _split(q, n, 0)
+
+    def one_block(sums, xs):
+        i, mask_b, max_b, sum_b, d_out_b = xs
+        mask_b = shared_mask if mask_b is None else mask_b
+        d_q, d_k, d_v = _block_backward(qk, pv, q_blocks[i], k, v, mask_b, max_b, sum_b, d_out_b)
+        return (sums[0] + d_k, sums[1] + d_v, sums[2].at[i].set(d_q)), None
+
+    # Buffers made from d_out, or XLA allocates every layer's at the start of the pass.
+    sums = tuple(after(jnp.zeros(shape, dtype), d_out)
+                 for shape, dtype in ((k.shape, _F32), (v.shape, _F32), (q_blocks.shape, q.dtype)))
+    xs = (jnp.arange(n), split_mask, row_max, row_sum, _split(d_out, n, 0))
+    (d_k, d_v, d_q), _ = jax.lax.scan(one_block, sums, xs)
+    return _join(d_q, t), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
 _attention.defvjp(_forward, _backward)
-

@@ -1,4 +1,4 @@
-"""Data dependences that order work in XLA's schedule where barriers do not.
+"""Data dependences and buffers that order work in XLA's schedule where barriers do not.
 
 A custom backward rule that recomputes from saved inputs (attention probabilities, an
 activation's derivative) only saves memory if the recomputation runs when the backward
@@ -6,6 +6,12 @@ pass reaches its layer. XLA on CPU drops `lax.optimization_barrier` before sched
 and its scheduler then runs every layer's recomputation as soon as its inputs exist, at
 the start of the backward pass, so all of them are alive at once. `after` makes the
 recomputation's input depend on the layer's incoming gradient instead.
+
+A value kept for the backward pass only saves memory if the backward pass reads it. XLA
+on CPU duplicates cheap elementwise producers into every consumer: a backward rule that
+reads a stored FP8 operand gets the quantization fused in from the unquantized input,
+which then stays alive (4 bytes per element instead of 1). `kept` puts a value in a
+buffer of its own that XLA cannot recompute from its producer's inputs.
 """
 
 from __future__ import annotations
@@ -32,3 +38,21 @@ def after(x: Array, dependency: Array) -> Array:
     """
     first = jnp.ravel(dependency)[0].astype(x.dtype)
     return x + jnp.minimum(jnp.abs(first), jnp.zeros((), x.dtype))
+
+
+def kept(x: Array) -> Array:
+    """x, unchanged, as a buffer of its own: later consumers read it, not its inputs.
+
+    The value leaves a `lax.cond` whose two branches both return x (one through a
+    bitcast round trip, so XLA cannot fold the conditional away), and fusion does not
+    cross a conditional. Costs one copy of x. Meant for XLA on CPU: on GPU a conditional
+    reads its predicate on the host.
+
+    Args:
+      x: a non-empty array whose dtype has a same-width unsigned integer type
+        (1, 2, 4 or 8 bytes per element).
+    """
+    bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+    same = lambda v: jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, bits), v.dtype)
+    first = jnp.ravel(x)[0]
+    return jax.lax.cond(first == first, lambda v: v, same, x)

@@ -9,6 +9,7 @@ import pytest
 import mpx
 from mpx import activations, attention, ordering
 from mpx import nn as mnn
+from mpx.dot import general as dot_general_lib
 from mpx.dot import rounded_dot
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
@@ -93,6 +94,46 @@ def test_softmax_attention_keeps_no_query_by_key_residual():
     assert saved["custom"] < t_by_s / 2 < saved["autodiff"] - t_by_s
 
 
+@pytest.mark.parametrize("t,block", [(64, 16), (50, 16), (64, 64)], ids=["split", "padded", "one-block"])
+@pytest.mark.parametrize("mask_kind", ["causal", "keys", "none"])
+def test_query_blocks_give_the_unblocked_values_and_autodiff_gradients(t, block, mask_kind):
+    """Query blocks change no forward value (each block's rows see every key) and the
+    gradients stay within the unblocked bound: causal masks vary along the queries and
+    are split with them, key masks (B, 1, 1, 1, S) are shared, T = 50 is padded."""
+    q, k, v, mask, d_out = _inputs(t=t)
+    if mask_kind == "keys":
+        mask = (jnp.arange(t) < t - 5)[None, None, None, None, :]  # the last 5 keys are padding
+    mask = None if mask_kind == "none" else mask
+    blocked = lambda q, k, v, m, a, b: attention.softmax_attention(q, k, v, m, a, b, query_block=block)  # noqa: E731
+    out, got = _value_and_grads(blocked, q, k, v, mask, d_out, F32)
+    want_out, want = _value_and_grads(reference_attention, q, k, v, mask, d_out, F32)
+    np.testing.assert_array_equal(out, want_out)
+    for name, g, w in zip("qkv", got, want):
+        err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
+        assert err <= 8 * F32_EPS, f"d{name}: relative error {err:.2e}"
+
+
+def test_softmax_attention_rejects_an_empty_query_block():
+    q, k, v, mask, _ = _inputs()
+    with pytest.raises(ValueError, match="query_block must be a positive number of queries; got 0"):
+        attention.softmax_attention(q, k, v, mask, F32, F32, query_block=0)
+
+
+def test_query_blocks_bound_the_backward_passs_temp_memory():
+    """One block's (T, S) buffers at a time: with 8 blocks the compiled backward needs at
+    least two f32 (T, S) buffers less than with one, and no more than one such buffer."""
+    q, k, v, mask, d_out = _inputs(b=2, g=2, r=2, t=512, d=16)
+    t_by_s = 2 * 2 * 2 * 512 * 512 * 4
+
+    def temp(block):
+        fn = lambda q, k, v: attention.softmax_attention(q, k, v, mask, F32, F32, query_block=block)  # noqa: E731
+        grads = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](d_out))
+        return grads.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    whole, blocked = temp(512), temp(64)
+    assert blocked <= t_by_s < 3 * t_by_s <= whole, (blocked / t_by_s, whole / t_by_s)
+
+
 def _stack_temp_bytes(fn, layers: int, t: int = 256) -> int:
     q, k, v, mask, _ = _inputs(b=2, g=2, r=2, t=t, d=16)
 
@@ -138,6 +179,30 @@ def test_swiglu_matches_autodiff_and_keeps_only_its_inputs():
     assert mpx.inspect.residual_bytes(plain, gate, up)["total"] >= 3 * gate.size * 4
 
 
+def test_swiglu_fp8_residuals_keep_e4m3_tiles_and_cost_only_their_rounding():
+    """residual_format="e4m3": the forward value is unchanged; the gradients come from
+    inputs rounded to E4M3 in 1x128 tiles, so they differ from the exact ones (RMS,
+    relative) by less than twice E4M3's half-ulp (2**-4) and by more than twice bf16's
+    (2**-8): a backward pass that used the bf16 inputs would differ by 0."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    gate = (jax.random.normal(keys[0], (64, 384)) * 3).astype(jnp.bfloat16)
+    up = jax.random.normal(keys[1], (64, 384)).astype(jnp.bfloat16)
+    d_out = jax.random.normal(keys[2], (64, 384))
+    out, vjp = jax.vjp(activations.swiglu, gate, up)
+    fp8_out, fp8_vjp = jax.vjp(lambda g, u: activations.swiglu(g, u, "e4m3"), gate, up)
+    np.testing.assert_array_equal(fp8_out, out)
+    half_ulp, bf16_half_ulp = mpx.formats.get("e4m3").half_ulp, mpx.formats.get("bf16").half_ulp
+    for got, want in zip(fp8_vjp(d_out), vjp(d_out)):
+        assert got.dtype == jnp.bfloat16
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        err = np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2))
+        assert 2 * bf16_half_ulp <= err <= 2 * half_ulp, err
+    saved = mpx.inspect.residual_bytes(lambda g, u: activations.swiglu(g, u, "e4m3"), gate, up)
+    assert saved["float8_e4m3fn"] == 2 * gate.size
+    assert saved["float32"] == 2 * gate.size // 128 * 4  # one scale per 1x128 tile
+    assert "bfloat16" not in saved or saved["bfloat16"] == 0
+
+
 # --------------------------------------------------------------------------- ordering
 
 
@@ -150,6 +215,47 @@ def test_after_returns_x_unchanged_but_depends_on_the_dependency():
     jaxpr = jax.make_jaxpr(ordering.after)(x, jnp.ones(3))
     used = [v for eqn in jaxpr.jaxpr.eqns for v in eqn.invars]
     assert any(v is jaxpr.jaxpr.invars[1] for v in used)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float32"])
+def test_kept_returns_x_bit_for_bit(dtype):
+    x = jnp.array([jnp.nan, 1.5, -0.0, -448.0], jnp.float32).astype(dtype)  # NaN first: the other branch
+    for v in (x, x[1:]):
+        got = jax.jit(ordering.kept)(v)
+        assert got.dtype == v.dtype
+        np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, jnp.uint8 if v.dtype.itemsize == 1 else
+                                                                   f"uint{8 * v.dtype.itemsize}"),
+                                      jax.lax.bitcast_convert_type(v, jnp.uint8 if v.dtype.itemsize == 1 else
+                                                                   f"uint{8 * v.dtype.itemsize}"))
+
+
+def _fp8_stack_temp_bytes(layers=4, n=1024, f=512) -> float:
+    """Compiled temp bytes per (n, f) element of the gradient of a stack of FP8 layers fed
+    by an f32 elementwise product, as an FFN's down projection is."""
+    keys = jax.random.split(jax.random.key(0), layers + 1)
+    x = jax.random.normal(keys[0], (n, f)).astype(jnp.bfloat16)
+    ws = [jax.random.normal(key, (f, f)) * f**-0.5 for key in keys[1:]]
+
+    def loss(x, ws):
+        for w in ws:
+            h = jax.nn.silu(x.astype(jnp.float32)) * x.astype(jnp.float32)
+            x = mpx.dot.dot_general(h, w, (((1,), (0,)), ((), ())), recipe=mpx.recipes.DeepSeekV3(),
+                                    preferred_element_type=jnp.bfloat16)
+        return jnp.sum(x.astype(jnp.float32) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, ws).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (n * f)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="kept is applied on CPU only")
+def test_fp8_layers_backward_reads_their_stored_e4m3_inputs(monkeypatch):
+    """Without `kept`, XLA on CPU quantizes each layer's f32 input again in the backward
+    pass and keeps that input alive (4 bytes per element) instead of the E4M3 copy (1):
+    3 bytes per element for each layer but the last."""
+    with_kept = _fp8_stack_temp_bytes()
+    monkeypatch.setattr(dot_general_lib, "kept", lambda x: x)
+    without = _fp8_stack_temp_bytes()
+    assert without - with_kept >= 2 * 3, (with_kept, without)
 
 
 # --------------------------------------------------------------------------- rms_norm
