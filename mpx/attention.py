@@ -84,8 +84,9 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtyp
         visible, or None. A row that sees no key gets uniform weights and passes no
         gradient to its logits, as the plain path does.
       qk, pv: the dtypes of the QK^T and PV contractions.
-      query_block: queries per block; at most one block's (T, S) buffers exist at a
-        time, forward and backward. T is padded up to a multiple of it.
+      query_block: the most queries per block: T is cut into ceil(T / query_block)
+        blocks of equal size (the last one padded), and one block's (T, S) buffers
+        exist at a time, forward and backward.
 
     Returns:
       (B, G, R, T, D) in `pv.output`.
@@ -95,7 +96,10 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtyp
     """
     if query_block < 1:
         raise ValueError(f"query_block must be a positive number of queries; got {query_block}")
-    return _attention(qk, pv, min(query_block, q.shape[3]), q, k, v, visible_keys(mask))
+    visible = visible_keys(mask)
+    if visible is not None:  # (T, S) or (B, 1, T, S) -> five axes, to split along T
+        visible = visible.reshape((1,) * (5 - visible.ndim) + visible.shape)
+    return _attention(qk, pv, min(query_block, q.shape[3]), q, k, v, visible)
 
 
 def visible_keys(mask: Array | None) -> Array | None:

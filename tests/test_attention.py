@@ -95,7 +95,7 @@ def test_softmax_attention_keeps_no_query_by_key_residual():
 
 
 @pytest.mark.parametrize("t,block", [(64, 16), (50, 16), (64, 64)], ids=["split", "padded", "one-block"])
-@pytest.mark.parametrize("mask_kind", ["causal", "keys", "none"])
+@pytest.mark.parametrize("mask_kind", ["causal", "causal-2d", "keys", "none"])
 def test_query_blocks_give_the_unblocked_values_and_autodiff_gradients(t, block, mask_kind):
     """Query blocks change no forward value (each block's rows see every key) and the
     gradients stay within the unblocked bound: causal masks vary along the queries and
@@ -103,6 +103,8 @@ def test_query_blocks_give_the_unblocked_values_and_autodiff_gradients(t, block,
     q, k, v, mask, d_out = _inputs(t=t)
     if mask_kind == "keys":
         mask = (jnp.arange(t) < t - 5)[None, None, None, None, :]  # the last 5 keys are padding
+    elif mask_kind == "causal-2d":
+        mask = mask[0, 0, 0]  # (T, S)
     mask = None if mask_kind == "none" else mask
     blocked = lambda q, k, v, m, a, b: attention.softmax_attention(q, k, v, m, a, b, query_block=block)  # noqa: E731
     out, got = _value_and_grads(blocked, q, k, v, mask, d_out, F32)
