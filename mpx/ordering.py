@@ -36,7 +36,7 @@ def after(x: Array, dependency: Array) -> Array:
     Returns:
       x's values, in x's dtype.
     """
-    first = jnp.ravel(dependency)[0].astype(x.dtype)
+    first = _first(dependency).astype(x.dtype)
     return x + jnp.minimum(jnp.abs(first), jnp.zeros((), x.dtype))
 
 
@@ -54,5 +54,10 @@ def kept(x: Array) -> Array:
     """
     bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
     same = lambda v: jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, bits), v.dtype)
-    first = jnp.ravel(x)[0]
+    first = _first(x)
     return jax.lax.cond(first == first, lambda v: v, same, x)
+
+
+def _first(x: Array) -> Array:
+    # An index, not ravel: on a sharded array a reshape to 1-D could move the whole array.
+    return x[(0,) * x.ndim]
