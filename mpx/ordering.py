@@ -44,18 +44,20 @@ def kept(x: Array) -> Array:
     """x, unchanged, as a buffer of its own: later consumers read it, not its inputs.
 
     The value leaves a `lax.cond` whose two branches both return x (one through a
-    bitcast round trip, so XLA cannot fold the conditional away), and fusion does not
-    cross a conditional. Costs one copy of x. Meant for XLA on CPU: on GPU a conditional
-    reads its predicate on the host.
+    bitcast round trip, so XLA cannot merge them), and fusion does not cross a
+    conditional. The predicate is a constant True behind an optimization barrier, which
+    XLA does not fold (jax 0.10; `tests/test_attention.py` measures the effect), and
+    reads no data, so a sharded x costs no collective. Costs one copy of x. Meant for
+    XLA on CPU: on GPU a conditional reads its predicate on the host.
 
     Args:
-      x: a non-empty array whose dtype has a same-width unsigned integer type
+      x: an array whose dtype has a same-width unsigned integer type
         (1, 2, 4 or 8 bytes per element).
     """
     bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
     same = lambda v: jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, bits), v.dtype)
-    first = _first(x)
-    return jax.lax.cond(first == first, lambda v: v, same, x)
+    keep = jax.lax.optimization_barrier(jnp.bool_(True))
+    return jax.lax.cond(keep, lambda v: v, same, x)
 
 
 def _first(x: Array) -> Array:
