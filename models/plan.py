@@ -31,9 +31,10 @@ them: its compute dtype, or under an FP8 recipe one byte, the E4M3 copy it keeps
 query head (the probabilities are recomputed in the backward pass: one query block's f32
 probabilities, their gradient and its bf16 copy, T per query per head, are live at a
 time; with an FP8 recipe on QK^T or PV the f32 probabilities and their compute-dtype
-copy are saved per block instead), the attention output and the FFN's gate, up (one byte each when the down projection
-keeps FP8 residuals) and hidden (for MoE: the router's f32 probabilities and top_k routed copies, i.e. capacity-style
-dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
+copy are saved per block instead), the attention output and the FFN's gate, up (one
+byte each when the down projection's recipe asks for it, `DeepSeekV3.swiglu_residuals`)
+and hidden (for MoE: the router's f32 probabilities and top_k routed copies, i.e.
+capacity-style dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
 full set while it is recomputed. The final norm and the f32 logits and log-softmax
 (vocabulary on tensor) are added once. It ignores XLA's fusion and buffer reuse, so
 read it as an upper-bound-style estimate within a small factor, not a measurement.
@@ -106,9 +107,9 @@ def _attention_scratch(qk, pv, heads: float, seq: int) -> float:
 
 
 def _swiglu_input(down, input_dtype) -> int:
-    # SwiGLU keeps gate and up as E4M3 tiles when its down projection keeps FP8 residuals
+    # SwiGLU keeps gate and up as E4M3 tiles when its down projection's recipe asks for it
     # (`models.transformer.swiglu_residuals`), else as the projections return them.
-    return 1 if getattr(down.recipe, "fp8_residuals", False) else _bytes(input_dtype)
+    return 1 if getattr(down.recipe, "swiglu_residuals", False) else _bytes(input_dtype)
 
 
 def _divide(count: int, n: int) -> float:

@@ -171,10 +171,10 @@ class SelfAttention(nn.Module):
 
 def swiglu_residuals(module: nn.Module, policy: Policy | None) -> str | None:
     """The format SwiGLU keeps its inputs in for the backward pass: the down projection's
-    FP8 format when its recipe keeps FP8 residuals (DeepSeek-V3 report, 3.3), else None
-    (gate and up as the projections return them)."""
+    FP8 format when its recipe asks for it (`DeepSeekV3.swiglu_residuals`, DeepSeek-V3
+    report 3.3), else None (gate and up as the projections return them)."""
     recipe = mnn.resolve_precision(module, policy, "down").recipe
-    return recipe.fwd_format if getattr(recipe, "fp8_residuals", False) else None
+    return recipe.fwd_format if getattr(recipe, "swiglu_residuals", False) else None
 
 
 class SwiGLU(nn.Module):

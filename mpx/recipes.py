@@ -168,6 +168,11 @@ class DeepSeekV3:
       fp8_residuals: keep the FP8 operands (E4M3 data and scales) for the backward
         pass instead of the unquantized input (DeepSeek-V3 report, 3.3); wgrad then
         requantizes its 128x1 tiles from them. False keeps the input (more memory).
+      swiglu_residuals: on an FFN's down projection, SwiGLU keeps its inputs (gate and
+        up) as `fmt` 1x128 tiles for the backward pass, as the report (3.3) does: half
+        the bytes of bf16 inputs, and gradients from the dequantized values. False
+        keeps them as the projections return them (on CPU the quantization costs about
+        0.2x of a bf16 train step; `BENCHMARKS.md`).
     """
 
     block: int = 128
@@ -176,6 +181,7 @@ class DeepSeekV3:
     pow2_scale: bool = False
     scale_format: str = "f32"
     fp8_residuals: bool = True
+    swiglu_residuals: bool = True
 
     def __post_init__(self):
         if self.scale_format not in SCALE_FORMATS:

@@ -158,19 +158,24 @@ def test_fp8_presets_err_several_times_more_than_bf16(policy, grad_format):
 def test_fp8_residuals_keep_each_fp8_operand_once_as_e4m3():
     """The backward pass of the fp8 preset keeps every FP8 layer's input and weight, and
     SwiGLU's two inputs, as E4M3 (one byte each) instead of the inputs themselves, and
-    keeps less than bf16 does."""
+    keeps less than bf16 does; `swiglu_residuals=False` keeps SwiGLU's inputs in bf16."""
     tokens = _tokens(TINY, batch=4, seq=65)
     rows, d, f = tokens.shape[0] * (tokens.shape[1] - 1), TINY.d_model, TINY.d_ff
     kv = TINY.n_kv_heads * TINY.head_dim
-    inputs = rows * (3 * d + d + 2 * d + f + 2 * f)  # q, k, v | o | gate, up | down | SwiGLU
+    inputs = rows * (3 * d + d + 2 * d + f)  # q, k, v | o | gate, up | down
+    swiglu = rows * 2 * f  # SwiGLU's gate and up
     weights = d * (d + 2 * kv) + d * d + 3 * d * f
+    recipe = mpx.recipes.DeepSeekV3
     policies = {"fp8": mpx.policy.preset("fp8"), "bf16": mpx.policy.preset("bf16"),
-                "input": mpx.policy.fp8(mpx.recipes.DeepSeekV3(fp8_residuals=False))}
+                "input": mpx.policy.fp8(recipe(fp8_residuals=False, swiglu_residuals=False)),
+                "bf16_swiglu": mpx.policy.fp8(recipe(swiglu_residuals=False))}
     saved = {}
     for name, policy in policies.items():
         model = transformer.Transformer(TINY, policy)
         params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
         saved[name] = mpx.inspect.residual_bytes(lambda p: _loss(model, {"params": p}, tokens), params)
-    assert saved["fp8"]["float8_e4m3fn"] == TINY.n_layers * (inputs + weights)
+    assert saved["fp8"]["float8_e4m3fn"] == TINY.n_layers * (inputs + swiglu + weights)
+    assert saved["bf16_swiglu"]["float8_e4m3fn"] == TINY.n_layers * (inputs + weights)
+    assert saved["bf16_swiglu"]["bfloat16"] - saved["fp8"].get("bfloat16", 0) == TINY.n_layers * swiglu * 2
     assert "float8_e4m3fn" not in saved["input"] and "float8_e4m3fn" not in saved["bf16"]
     assert saved["fp8"]["total"] < 0.85 * saved["input"]["total"] and saved["fp8"]["total"] < saved["bf16"]["total"]
