@@ -107,9 +107,9 @@ def _attention_scratch(qk, pv, heads: float, seq: int) -> float:
 
 
 def _swiglu_input(down, input_dtype) -> int:
-    # SwiGLU keeps gate and up as E4M3 tiles when its down projection's recipe asks for it
-    # (`models.transformer.swiglu_residuals`), else as the projections return them.
-    return 1 if getattr(down.recipe, "swiglu_residuals", False) else _bytes(input_dtype)
+    # SwiGLU keeps gate and up as FP8 tiles when its down projection's recipe asks for it,
+    # else as the projections return them.
+    return 1 if transformer.swiglu_residual_format(down.recipe) else _bytes(input_dtype)
 
 
 def _divide(count: int, n: int) -> float:

@@ -169,12 +169,17 @@ class SelfAttention(nn.Module):
         return out, cache
 
 
+def swiglu_residual_format(down_recipe) -> str | None:
+    """The format SwiGLU keeps its inputs in for the backward pass, given its down
+    projection's recipe: the recipe's FP8 format when it asks for it
+    (`DeepSeekV3.swiglu_residuals`, DeepSeek-V3 report 3.3), else None (gate and up as
+    the projections return them)."""
+    return down_recipe.fwd_format if getattr(down_recipe, "swiglu_residuals", False) else None
+
+
 def swiglu_residuals(module: nn.Module, policy: Policy | None) -> str | None:
-    """The format SwiGLU keeps its inputs in for the backward pass: the down projection's
-    FP8 format when its recipe asks for it (`DeepSeekV3.swiglu_residuals`, DeepSeek-V3
-    report 3.3), else None (gate and up as the projections return them)."""
-    recipe = mnn.resolve_precision(module, policy, "down").recipe
-    return recipe.fwd_format if getattr(recipe, "swiglu_residuals", False) else None
+    """`swiglu_residual_format` of the down projection under `module`."""
+    return swiglu_residual_format(mnn.resolve_precision(module, policy, "down").recipe)
 
 
 class SwiGLU(nn.Module):

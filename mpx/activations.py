@@ -46,44 +46,36 @@ def swiglu(gate: Array, up: Array, residual_format: str | None = None) -> Array:
     Returns:
       f32 array of their shape. Gradients come back in gate's and up's dtypes.
     """
-    return _swiglu(residual_format, gate, up)
+    return _swiglu(residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)), gate, up)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _swiglu(residual_format, gate: Array, up: Array) -> Array:
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _swiglu(residual_format, dtypes, gate: Array, up: Array) -> Array:
     return jax.nn.silu(gate.astype(_F32)) * up.astype(_F32)
 
 
-def _swiglu_fwd(residual_format, gate: Array, up: Array):
-    out = _swiglu(residual_format, gate, up)
+def _swiglu_fwd(residual_format, dtypes, gate: Array, up: Array):
+    out = _swiglu(residual_format, dtypes, gate, up)
     if residual_format is None:
         return out, (gate, up)
-    # Zero-size arrays carry the dtypes the gradients come back in.
-    return out, (_tiles(gate, residual_format), _tiles(up, residual_format),
-                 jnp.zeros((0,), gate.dtype), jnp.zeros((0,), up.dtype))
+    return out, (_tiles(gate, residual_format), _tiles(up, residual_format))
 
 
 def _tiles(x: Array, fmt: str) -> ScaledArray:
-    """x in `fmt`, 1 x SWIGLU_TILE tiles; on CPU in a buffer of its own (`kept`)."""
+    """x in `fmt`, 1 x SWIGLU_TILE tiles, the data `kept` in a buffer of its own."""
     q = quantize(x, fmt, Blocks((SWIGLU_TILE,)))
-    return dataclasses.replace(q, data=kept(q.data)) if jax.default_backend() == "cpu" else q
+    return dataclasses.replace(q, data=kept(q.data))
 
 
-def _swiglu_bwd(residual_format, residuals, d_out: Array):
-    if residual_format is None:
-        gate, up = residuals
-        gate = after(gate, d_out)  # recompute when the backward pass reaches this layer
-        gate_dtype, up_dtype = gate.dtype, up.dtype
-    else:
-        gate, up, gate_dtype, up_dtype = residuals
-        gate = after(dequantize(gate), d_out)
-        up, gate_dtype, up_dtype = dequantize(up), gate_dtype.dtype, up_dtype.dtype
+def _swiglu_bwd(residual_format, dtypes, residuals, d_out: Array):
+    gate, up = residuals if residual_format is None else (dequantize(q) for q in residuals)
+    gate = after(gate, d_out)  # recompute when the backward pass reaches this layer
     g, u, d = gate.astype(_F32), up.astype(_F32), d_out.astype(_F32)
     # sigmoid as 0.5 + 0.5 tanh(g / 2): a different expression from the forward's, so XLA
     # cannot merge the two and keep the forward's f32 sigmoid alive until here.
     s = 0.5 + 0.5 * jnp.tanh(0.5 * g)
     d_gate = d * u * s * (1.0 + g * (1.0 - s))
-    return d_gate.astype(gate_dtype), (d * g * s).astype(up_dtype)
+    return d_gate.astype(dtypes[0]), (d * g * s).astype(dtypes[1])
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -47,13 +47,16 @@ def kept(x: Array) -> Array:
     bitcast round trip, so XLA cannot merge them), and fusion does not cross a
     conditional. The predicate is a constant True behind an optimization barrier, which
     XLA does not fold (jax 0.10; `tests/test_attention.py` measures the effect), and
-    reads no data, so a sharded x costs no collective. Costs one copy of x. Meant for
-    XLA on CPU: on GPU a conditional reads its predicate on the host.
+    reads no data, so a sharded x costs no collective. Costs one copy of x. On CPU only:
+    elsewhere x comes back as it is (on GPU a conditional reads its predicate on the
+    host, and XLA's GPU fusion has not shown the duplication).
 
     Args:
       x: an array whose dtype has a same-width unsigned integer type
         (1, 2, 4 or 8 bytes per element).
     """
+    if jax.default_backend() != "cpu":
+        return x
     bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
     same = lambda v: jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, bits), v.dtype)
     keep = jax.lax.optimization_barrier(jnp.bool_(True))

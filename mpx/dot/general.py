@@ -67,21 +67,20 @@ def _qmatmul_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
     if cfg.fp8_residuals:
         # The FP8 operands (E4M3 data + f32 scales) instead of the inputs: 1 byte per
         # element. The rhs is kept unquantized when dgrad groups it differently.
-        keep_rhs = _stored(rhs_q, p.fprop_rhs, cfg.guard) if p.dgrad_rhs == p.fprop_rhs else (rhs, None)
-        return out, (_stored(lhs_q, p.fprop_lhs, cfg.guard), keep_rhs)
+        keep_rhs = _stored(rhs_q, p.fprop_rhs) if p.dgrad_rhs == p.fprop_rhs else (rhs, None)
+        return out, (_stored(lhs_q, p.fprop_lhs), keep_rhs)
     # The inputs: dgrad reuses the prepared rhs when its spec is unchanged; wgrad
     # re-prepares lhs transposed (with the forward scale when its spec is unchanged).
     keep_rhs = b if p.dgrad_rhs == p.fprop_rhs else rhs
     return out, ((lhs, lhs_scale if p.wgrad_lhs == p.fprop_lhs else None), keep_rhs)
 
 
-def _stored(q, spec: OperandSpec, guard: bool):
-    """(E4M3 data, scales) as the backward pass reads them. On CPU (`guard`) the data is
-    `kept` in a buffer of its own, or XLA quantizes the unquantized input again in the
-    backward pass and keeps that input alive instead."""
+def _stored(q, spec: OperandSpec):
+    """(E4M3 data, scales) as the backward pass reads them: the data `kept` in a buffer of
+    its own, or XLA on CPU quantizes the unquantized input again in the backward pass
+    and keeps that input alive instead."""
     grid, scale = q
-    data = grid.astype(formats_lib.get(spec.fmt).storage_dtype)  # exact: grid values
-    return (kept(data) if guard else data), scale
+    return kept(grid.astype(formats_lib.get(spec.fmt).storage_dtype)), scale  # exact: grid values
 
 
 def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
