@@ -36,6 +36,7 @@ PRESETS = ("fp32", "bf16", "fp8", "fp8_ue8m0", "fp8_current")
 # Variants of the fp8 preset's DeepSeekV3 recipe, by name.
 VARIANTS = {
     "fp8_ue8m0": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(scale_format="ue8m0")),
+    "fp8_ue8m3": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(scale_format="ue8m3")),
     "fp8_input_residuals": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(fp8_residuals=False,
                                                                        swiglu_residuals=False)),
     "fp8_bf16_swiglu": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(swiglu_residuals=False)),

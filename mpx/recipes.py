@@ -35,9 +35,9 @@ import jax.numpy as jnp
 
 from mpx import formats as formats_lib
 from mpx.scaled import compute_scale
+from mpx.scales import SCALE_FORMATS
 
 AMAX_ALGOS = ("max", "most_recent")
-SCALE_FORMATS = ("f32", "ue8m0")
 
 
 def _check_format(name: str, value: str) -> None:
@@ -162,9 +162,11 @@ class DeepSeekV3:
       fmt: element format for all operands (E4M3).
       grad_format: format of output gradients (E4M3 in the report).
       pow2_scale: power-of-two scales (the same as scale_format="ue8m0").
-      scale_format: "f32" (float scales, applied exactly to f32 partial sums per
-        128-wide K group) or "ue8m0" (power-of-two scales, as DeepSeek-V3.1 and DeepGEMM
-        use: folded into the operands exactly, one GEMM).
+      scale_format: "f32" (float scales, as in the report: applied exactly to f32
+        partial sums per 128-wide K group), "ue8m0" (power-of-two scales, as
+        DeepSeek-V3.1 and DeepGEMM use) or "ue8m3" (scales rounded up to 4 significant
+        bits). ue8m0 and ue8m3 scales fold into bf16 operands exactly (an E4M3 value
+        times a ue8m3 scale has at most 8 significant bits): one GEMM, no K groups.
       fp8_residuals: keep the FP8 operands (E4M3 data and scales) for the backward
         pass instead of the unquantized input (DeepSeek-V3 report, 3.3); wgrad then
         requantizes its 128x1 tiles from them. False keeps the input (more memory).
@@ -185,7 +187,11 @@ class DeepSeekV3:
 
     def __post_init__(self):
         if self.scale_format not in SCALE_FORMATS:
-            raise ValueError(f"DeepSeekV3.scale_format must be one of {SCALE_FORMATS}; got {self.scale_format!r}")
+            raise ValueError(f"DeepSeekV3.scale_format must be one of {tuple(SCALE_FORMATS)}; "
+                             f"got {self.scale_format!r}")
+        if self.pow2_scale and self.scale_format != "f32" and self.scale_format != "ue8m0":
+            raise ValueError(f"DeepSeekV3.pow2_scale=True is scale_format='ue8m0'; "
+                             f"got it with scale_format={self.scale_format!r}")
         if self.pow2_scale or self.scale_format == "ue8m0":  # one spelling each, so equal recipes compare equal
             object.__setattr__(self, "pow2_scale", True)
             object.__setattr__(self, "scale_format", "ue8m0")

@@ -52,6 +52,7 @@ from mpx.scales import (  # noqa: F401  (compute_amax ... broadcast_scale: publi
     mx_scale_ocp,
     pow2_ceil,
     scale_blocks,
+    scale_mantissa_bits,
     scale_shape,
 )
 
@@ -230,6 +231,7 @@ def quantize(
     scale: jax.Array | None = None,
     pow2_scale: bool = False,
     margin: float = 0.0,
+    scale_format: str = "f32",
 ) -> ScaledArray:
     """Quantizes x into `fmt` with one scale per block of `granularity`.
 
@@ -240,33 +242,37 @@ def quantize(
         power-of-two scales.
       scale: optional static dequantization scale(s) (e.g. from calibration or a
         delayed-scaling history); skips the amax computation.
-      pow2_scale: round scales up to powers of two.
+      pow2_scale: round scales up to powers of two (scale_format="ue8m0").
       margin: headroom in powers of two below fmt.max.
+      scale_format: "f32", "ue8m0" (powers of two) or "ue8m3" (4 significant bits);
+        see `mpx.scales.compute_scale`.
 
     Returns:
       A `ScaledArray` with `dequantize(q) ~= x`.
 
     Raises:
-      ValueError: for a block shape that does not fit x, or a scale of the wrong shape.
+      ValueError: for a block shape that does not fit x, a scale of the wrong shape, or
+        an unknown scale format.
     """
     fmt = formats_lib.get(fmt)
     x = jnp.asarray(x)
     block = resolve_block(granularity, x.shape)
     pow2 = bool(pow2_scale or isinstance(granularity, MX))
+    scale_mantissa_bits(scale_format, pow2)  # validates the pair before any tracing
     if scale is None and isinstance(granularity, MX) and granularity.mx_scale == "ocp":
         scale = mx_scale_ocp(compute_amax(x, block), fmt)
     if isinstance(margin, (int, float)):  # static options: one compiled kernel, also eagerly
-        return _quantize_jit(x, scale, fmt, block, pow2, float(margin))
-    return _quantize(x, scale, fmt, block, pow2, margin)
+        return _quantize_jit(x, scale, fmt, block, pow2, float(margin), scale_format)
+    return _quantize(x, scale, fmt, block, pow2, margin, scale_format)
 
 
-def _quantize(x, scale, fmt: Format, block: Shape, pow2: bool, margin) -> ScaledArray:
+def _quantize(x, scale, fmt: Format, block: Shape, pow2: bool, margin, scale_format: str = "f32") -> ScaledArray:
     if scale is None:
-        scale = compute_scale(compute_amax(x, block), fmt, margin=margin, pow2=pow2)
+        scale = compute_scale(compute_amax(x, block), fmt, margin=margin, pow2=pow2, scale_format=scale_format)
     return quantize_with_scale(x, scale, fmt, block)
 
 
-_quantize_jit = jax.jit(_quantize, static_argnums=(2, 3, 4, 5))
+_quantize_jit = jax.jit(_quantize, static_argnums=(2, 3, 4, 5, 6))
 
 
 def dequantize(q: ScaledArray, dtype=jnp.float32) -> jax.Array:

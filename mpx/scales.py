@@ -1,7 +1,7 @@
 """Per-block scale steps of quantization: amax, scale, broadcast and rounding to the grid.
 
     amax  = compute_amax(x, block)                       # max |x| per block
-    scale = compute_scale(amax, fmt, margin=..., pow2=...)
+    scale = compute_scale(amax, fmt, margin=..., scale_format=...)
     grid  = grid_values(x, scale, fmt, block)            # round(x * (1/scale)), float32
 
 These are the one implementation of each step in mpx: `mpx.scaled.quantize` stores the
@@ -73,8 +73,37 @@ def compute_amax(x: jax.Array, block: Shape) -> jax.Array:
     return jnp.abs(amax).astype(jnp.float32).reshape(scale_shape(x.shape, block))
 
 
+# Scale formats: how many mantissa bits a scale keeps (None: all of float32's). Scales
+# are rounded up to them, so amax / scale never exceeds the target. "ue8m0" scales are
+# powers of two (MX, DeepSeek-V3.1, DeepGEMM); "ue8m3" scales keep 4 significant bits,
+# so a scale times an E4M3 (4-bit) or E5M2 value has at most 8 significant bits: bf16
+# holds the dequantized value exactly.
+SCALE_FORMATS = {"f32": None, "ue8m0": 0, "ue8m3": 3}
+
+
+def scale_mantissa_bits(scale_format: str, pow2: bool = False) -> int | None:
+    """The mantissa bits `scale_format` keeps (None: float32); `pow2` means "ue8m0".
+
+    Raises:
+      ValueError: for an unknown scale format, or pow2 with a format other than ue8m0.
+    """
+    if scale_format not in SCALE_FORMATS:
+        raise ValueError(f"scale_format must be one of {tuple(SCALE_FORMATS)}; got {scale_format!r}")
+    if pow2 and scale_format not in ("f32", "ue8m0"):
+        raise ValueError(f"pow2 scales are scale_format='ue8m0'; got pow2=True with scale_format={scale_format!r}")
+    return 0 if pow2 else SCALE_FORMATS[scale_format]
+
+
+def folds_exactly(fmt: str | Format, scale_format: str) -> bool:
+    """Whether every value of `fmt` times any `scale_format` scale is exact in the dtype
+    that holds fmt's values (bf16 up to 7 mantissa bits, in its normal range): powers of
+    two always; otherwise when the significant bits of element and scale fit bf16's 8."""
+    bits = SCALE_FORMATS[scale_format]
+    return bits == 0 or (bits is not None and formats_lib.get(fmt).mantissa_bits + bits + 2 <= 8)
+
+
 def compute_scale(
-    amax: jax.Array, fmt: str | Format, *, margin: float = 0.0, pow2: bool = False
+    amax: jax.Array, fmt: str | Format, *, margin: float = 0.0, pow2: bool = False, scale_format: str = "f32"
 ) -> jax.Array:
     """Dequantization scale mapping `amax` onto fmt.max / 2**margin.
 
@@ -82,21 +111,27 @@ def compute_scale(
       amax: float32 per-block maxima (any shape).
       fmt: target element format.
       margin: headroom in powers of two (margin=1 leaves a factor 2 below fmt.max).
-      pow2: round the scale up to a power of two (E8M0 / ue8m0 scales; dequantization
-        is then exact in any binary format).
+      pow2: round the scale up to a power of two (the same as scale_format="ue8m0").
+      scale_format: "f32", or round the scale up to a power of two ("ue8m0": E8M0
+        scales, dequantization is exact in any binary format) or to 4 significant bits
+        ("ue8m3": an E4M3 or E5M2 value times the scale is exact in bf16).
 
     Returns:
       float32 scales, same shape as amax. All-zero blocks get scale 1 (finite);
       NaN/inf amax stays NaN/inf so the problem surfaces.
+
+    Raises:
+      ValueError: for an unknown scale format, or pow2 with another one.
     """
     fmt = formats_lib.get(fmt)
+    bits = scale_mantissa_bits(scale_format, pow2)
     amax = jnp.asarray(amax).astype(jnp.float32)
     if isinstance(margin, (int, float)):  # static options: one compiled kernel, also eagerly
-        return _compute_scale_jit(amax, fmt, float(margin), bool(pow2))
-    return _compute_scale(amax, fmt, margin, pow2)
+        return _compute_scale_jit(amax, fmt, float(margin), bits)
+    return _compute_scale(amax, fmt, margin, bits)
 
 
-def _compute_scale(amax: jax.Array, fmt: Format, margin, pow2: bool) -> jax.Array:
+def _compute_scale(amax: jax.Array, fmt: Format, margin, bits: int | None) -> jax.Array:
     target = fmt.max * 2.0 ** (-margin)
     # Multiply by the reciprocal, as jitted XLA does for a division anyway, so eager and
     # jitted scales agree bit for bit. For bf16/fp32-sized targets 1/target is a float32
@@ -107,13 +142,15 @@ def _compute_scale(amax: jax.Array, fmt: Format, margin, pow2: bool) -> jax.Arra
         scale = _exact_scale_down(amax, shift) * ((2.0**shift) / target)
     else:
         scale = amax * (1.0 / target)
-    if pow2:
+    if bits == 0:
         scale = _tightest_pow2(amax, scale, target)
+    elif bits is not None:
+        scale = round_up_bits(scale, bits)
     # A finite amax near float32's max would give a scale whose product with values near
     # fmt.max overflows to inf on dequantization: cap it (the largest values then clip).
     # Formats with float32's range (bf16) saturate within it anyway: no cap.
     if formats_lib.ulp_exponent(fmt.max) < 64:
-        cap = _max_finite_scale(fmt, pow2)
+        cap = _max_finite_scale(fmt, bits)
         scale = jnp.where((scale > cap) & jnp.isfinite(scale), jnp.float32(cap), scale)
     # A zero (or float32-subnormal) scale would give an inverse scale of inf: use 1.
     # Written as "small -> 1" so that a NaN scale (False in any comparison) stays NaN.
@@ -124,15 +161,30 @@ def _compute_scale(amax: jax.Array, fmt: Format, margin, pow2: bool) -> jax.Arra
 _compute_scale_jit = jax.jit(_compute_scale, static_argnums=(1, 2, 3))
 
 
-def _max_finite_scale(fmt: Format, pow2: bool) -> float:
-    """The largest scale (a power of two if `pow2`) with fmt.max * scale finite in float32."""
-    if pow2:  # fmt.max < 2**(e + 1) with at most 23 mantissa bits: the product stays finite
+def _max_finite_scale(fmt: Format, bits: int | None) -> float:
+    """The largest scale with `bits` mantissa bits (None: any float32) whose product with
+    fmt.max is finite in float32."""
+    if bits == 0:  # fmt.max < 2**(e + 1) with at most 23 mantissa bits: the product stays finite
         return 2.0 ** (127 - formats_lib.ulp_exponent(fmt.max))
     f32_max = float(np.finfo(np.float32).max)
     cap = np.float32(f32_max / fmt.max)
     while float(cap) * fmt.max > f32_max:
         cap = np.nextafter(cap, np.float32(0))
+    if bits is not None:  # down to `bits` mantissa bits: still below the bound
+        low = np.uint32((1 << (23 - bits)) - 1)
+        cap = (np.asarray(cap, np.float32).view(np.uint32) & ~low).view(np.float32)
     return float(cap)
+
+
+def round_up_bits(x: jax.Array, bits: int) -> jax.Array:
+    """The smallest float32 >= x with `bits` mantissa bits, exactly, for non-negative
+    normal float32 x (on the bit pattern; a carry moves into the exponent). Zero, inf
+    and NaN pass through; subnormals round up on the same bit grid."""
+    raw = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+    low = jnp.uint32((1 << (23 - bits)) - 1)
+    up = (raw + low) & ~low
+    special = (raw & jnp.uint32(0x7F800000)) == jnp.uint32(0x7F800000)
+    return jax.lax.bitcast_convert_type(jnp.where(special, raw, up), jnp.float32)
 
 
 def mx_scale_ocp(amax: jax.Array, fmt: str | Format) -> jax.Array:

@@ -171,14 +171,14 @@ class KernelForm:
       n_out: feature axes of a DenseGeneral kernel (None: an ExpertDense (E, K, F) one).
       fmt: element format.
       scales: "block" (edge x edge), "channel" (per output channel) or "tensor" (one).
-      pow2: power-of-two scales (ue8m0).
+      scale_format: "f32", "ue8m0" (powers of two) or "ue8m3" (`mpx.scales`).
       edge: the block edge.
     """
 
     n_out: int | None
     fmt: str = "e4m3"
     scales: str = "block"
-    pow2: bool = False
+    scale_format: str = "f32"
     edge: int = BLOCK
 
 
@@ -187,7 +187,7 @@ def _form_of_recipe(path: str, n_out: int | None, recipe) -> KernelForm | None:
     if recipe is None:
         return None
     if isinstance(recipe, recipes_lib.DeepSeekV3):
-        return KernelForm(n_out, recipe.fmt, "block", recipe.pow2_scale, recipe.block)
+        return KernelForm(n_out, recipe.fmt, "block", recipe.scale_format, recipe.block)
     if isinstance(recipe, recipes_lib.CurrentScaling):
         return KernelForm(n_out, recipe.fwd_format, "tensor")
     raise ServeError(f"policy recipe {recipe.name!r} at {path} needs training-time state; serving policies "
@@ -198,7 +198,7 @@ def fp8_forms(config: ModelConfig, spec: ServeSpec) -> dict[str, KernelForm]:
     """{layer path: KernelForm} of the kernels `spec` stores in FP8.
 
     Under `spec.layer_policy`, every dense layer whose recipe is `DeepSeekV3` gets its
-    block x block blocks in its format (power-of-two scales for ue8m0), `CurrentScaling`
+    block x block blocks in its format and scale format, `CurrentScaling`
     one scale per tensor in its fwd_format; a layer without recipe stays in its compute
     dtype. Else the fp8 preset's layers under `spec.weights` and `spec.fmt` (fp8), or none.
 
@@ -221,7 +221,7 @@ def _quantize_kernel(kernel: jax.Array, form: KernelForm) -> ScaledArray:
     else:
         view = kernel.reshape(-1, math.prod(kernel.shape[kernel.ndim - form.n_out:]))  # DenseGeneral's (K, N)
         block = {"block": (form.edge, form.edge), "channel": (view.shape[0], 1)}.get(form.scales, view.shape)
-    return mpx.quantize(view, form.fmt, mpx.Blocks(tuple(block)), pow2_scale=form.pow2)
+    return mpx.quantize(view, form.fmt, mpx.Blocks(tuple(block)), scale_format=form.scale_format)
 
 
 def _path_of(path: tuple) -> tuple[str, str]:
@@ -232,7 +232,7 @@ def _path_of(path: tuple) -> tuple[str, str]:
 
 def _keeps(leaf: ScaledArray, form: KernelForm) -> bool:
     """Whether a loaded block-FP8 kernel already has the form (no requantization)."""
-    return (form.scales == "block" and form.edge == BLOCK and not form.pow2
+    return (form.scales == "block" and form.edge == BLOCK and form.scale_format == "f32"
             and leaf.fmt == mpx.formats.get(form.fmt))
 
 

@@ -576,15 +576,25 @@ def test_ue8m0_is_the_power_of_two_spelling_and_unknown_formats_fail():
     assert mdot.plan(recipes.DeepSeekV3(scale_format="ue8m0")).fprop_lhs.pow2
     with pytest.raises(ValueError, match="scale_format"):
         recipes.DeepSeekV3(scale_format="e8m3")
+    with pytest.raises(ValueError, match="pow2_scale"):
+        recipes.DeepSeekV3(pow2_scale=True, scale_format="ue8m3")
+    ue8m3 = mdot.plan(recipes.DeepSeekV3(scale_format="ue8m3")).fprop_lhs
+    assert ue8m3.scale_format == "ue8m3" and not ue8m3.pow2 and ue8m3.folds_exactly
+    grid, scale = backends.quantize_parts(_normal(45, (8, 256)), ue8m3)
+    values, _, block_scales = backends.from_grid(grid, scale, ue8m3, "upcast_bf16")
+    assert block_scales is None and values.dtype == jnp.bfloat16  # folded: one bf16 GEMM
 
 
-def test_exact_block_scales_match_the_float64_product_of_the_dequantized_operands():
-    """Default DeepSeekV3: f32 rounding only (<= 1e-5 of max|y|), forward and gradients."""
+@pytest.mark.parametrize("scale_format", ["f32", "ue8m3"])
+def test_exact_block_scales_match_the_float64_product_of_the_dequantized_operands(scale_format):
+    """DeepSeekV3 with float scales (K-group partial sums) or ue8m3 scales (folded into
+    bf16): f32 rounding only (<= 1e-5 of max|y|), forward and gradients."""
     m, k, n = 256, 512, 384
     x, w, g = _normal(42, (m, k), 3.0), _normal(43, (k, n), 0.05), _normal(44, (m, n))
-    recipe = recipes.DeepSeekV3()
+    recipe = recipes.DeepSeekV3(scale_format=scale_format)
     y, d_x, d_w = _value_and_grads(_quantized(MK_KN, recipe), x, w, g)
-    dq = lambda v, block: np.asarray(mpx.dequantize(mpx.quantize(v, "e4m3", mpx.Blocks(block))), np.float64)  # noqa: E731
+    dq = lambda v, block: np.asarray(mpx.dequantize(mpx.quantize(v, "e4m3", mpx.Blocks(block),  # noqa: E731
+                                                                 scale_format=scale_format)), np.float64)
     xq, wq = dq(x, (1, 128)), dq(w, (128, 128))
     x_w = dq(jnp.asarray(xq, jnp.float32), (128, 1))  # wgrad requantizes the stored operand
     for got, want in ((y, xq @ wq), (d_x, dq(g, (1, 128)) @ wq.T), (d_w, x_w.T @ dq(g, (128, 1)))):

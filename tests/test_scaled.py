@@ -232,6 +232,45 @@ def test_pow2_helpers_are_exact():
     assert specials[0] == 0 and specials[1] == np.inf and np.isnan(specials[2])
 
 
+def test_round_up_bits_is_the_next_value_with_that_many_mantissa_bits():
+    x = np.array([1.0, 1.0625, 1.125, 1.126, 1.875, 1.9, 3.0, 2.0**-126 * 1.01, 3.4e38], np.float32)
+    want = np.array([1.0, 1.125, 1.125, 1.25, 1.875, 2.0, 3.0, 2.0**-126 * 1.125, 3.4e38], np.float32)
+    got = np.asarray(mpx.scales.round_up_bits(jnp.asarray(x), 3))
+    np.testing.assert_array_equal(got[:-1], want[:-1])
+    assert got[-1] >= x[-1] and (got[-1:].view(np.uint32) & 0xFFFFF == 0).all()
+    specials = np.asarray(mpx.scales.round_up_bits(jnp.array([0.0, np.inf, np.nan]), 3))
+    assert specials[0] == 0 and specials[1] == np.inf and np.isnan(specials[2])
+
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+def test_ue8m3_scales_are_tight_and_fold_into_bf16_exactly(name):
+    fmt = formats.get(name)
+    rng = np.random.default_rng(3)
+    amax = np.concatenate([rng.lognormal(0, 8, 400), fmt.max * 2.0 ** np.arange(-20, 20)]).astype(np.float32)
+    scale = np.asarray(scaled.compute_scale(jnp.asarray(amax), fmt, scale_format="ue8m3"))
+    assert (scale.view(np.uint32) & 0xFFFFF == 0).all()  # 3 mantissa bits
+    ratio = amax.astype(np.float64) / scale
+    assert (ratio <= fmt.max * (1 + EPS32)).all() and (ratio > fmt.max / 1.125).all()
+    # Every grid value times every scale is a bf16 value: the fold into bf16 is exact.
+    grid = formats.representable_values(fmt).astype(np.float32)
+    prod = (grid[None, :] * scale[:, None]).astype(np.float32)
+    prod = prod[np.abs(prod) >= TINY32]
+    np.testing.assert_array_equal(np.asarray(jnp.asarray(prod).astype(jnp.bfloat16).astype(jnp.float32)), prod)
+    f32 = np.asarray(scaled.compute_scale(jnp.asarray(amax), fmt))
+    bf16_of_f32 = (grid[None, :] * f32[:, None]).astype(np.float32)
+    assert (np.asarray(jnp.asarray(bf16_of_f32).astype(jnp.bfloat16).astype(jnp.float32)) != bf16_of_f32).any()
+
+
+def test_scale_format_errors_name_the_value_and_the_choices():
+    with pytest.raises(ValueError, match=r"'e8m3'.*|.*ue8m3"):
+        mpx.quantize(jnp.ones((4, 128)), "e4m3", mpx.Blocks((1, 128)), scale_format="e8m3")
+    with pytest.raises(ValueError, match="pow2"):
+        mpx.quantize(jnp.ones((4, 128)), "e4m3", mpx.Blocks((1, 128)), pow2_scale=True, scale_format="ue8m3")
+    assert mpx.scales.folds_exactly("e4m3", "ue8m3") and mpx.scales.folds_exactly("e5m2", "ue8m3")
+    assert not mpx.scales.folds_exactly("e4m4", "ue8m3") and mpx.scales.folds_exactly("e4m4", "ue8m0")
+    assert not mpx.scales.folds_exactly("e4m3", "f32")
+
+
 @pytest.mark.parametrize("name", ["e4m3", "e4m4"])
 def test_all_zero_blocks_get_a_finite_scale(name):
     x = np.zeros((4, 64), np.float32)

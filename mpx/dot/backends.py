@@ -49,7 +49,7 @@ def quantize_operand(x: jax.Array, spec: OperandSpec, scale: jax.Array | None = 
     """x quantized per `spec` through the core `quantize` (with `scale` when given)."""
     if scale is not None:
         return quantize_with_scale(x, scale, spec.fmt, resolve_block(spec.granularity, x.shape))
-    return quantize(x, spec.fmt, spec.granularity, pow2_scale=spec.pow2, margin=spec.margin)
+    return quantize(x, spec.fmt, spec.granularity, margin=spec.margin, scale_format=spec.scale_format)
 
 
 def quantize_parts(x: jax.Array, spec: OperandSpec, scale: jax.Array | None = None):
@@ -60,7 +60,7 @@ def quantize_parts(x: jax.Array, spec: OperandSpec, scale: jax.Array | None = No
     """
     block = resolve_block(spec.granularity, x.shape)
     if scale is None:
-        scale = compute_scale(compute_amax(x, block), spec.fmt, margin=spec.margin, pow2=spec.pow2)
+        scale = compute_scale(compute_amax(x, block), spec.fmt, margin=spec.margin, scale_format=spec.scale_format)
     scale = jnp.asarray(scale, jnp.float32).reshape(scale_shape(x.shape, block))
     return grid_values(x, scale, spec.fmt, block), scale
 
@@ -72,8 +72,8 @@ def from_grid(grid: jax.Array, scale: jax.Array, spec: OperandSpec, impl: str) -
     * per-tensor scales: grid values (raw FP8 data for "fp8") and the scalar.
     * "fold_bf16": block scales folded into bf16 values; each value gains up to 2**-9
       relative error unless the scales are powers of two.
-    * otherwise ("upcast_bf16"): block scales folded when that is exact (power-of-two
-      scales), else kept for `dot` to apply to K-group partial sums.
+    * otherwise ("upcast_bf16"): block scales folded when that is exact (ue8m0 or ue8m3
+      scales on FP8 values), else kept for `dot` to apply to K-group partial sums.
     """
     fmt = formats_lib.get(spec.fmt)
     block = resolve_block(spec.granularity, grid.shape)
@@ -83,7 +83,7 @@ def from_grid(grid: jax.Array, scale: jax.Array, spec: OperandSpec, impl: str) -
     if tuple(block) == tuple(grid.shape):  # per tensor: the scale multiplies the result
         values = grid.astype(fmt.storage_dtype if impl == "fp8" else dtype)
         return values, scale.reshape(()), None
-    if impl != "fold_bf16" and not spec.pow2:
+    if impl != "fold_bf16" and not spec.folds_exactly:
         return grid.astype(dtype), None, scale
     return (grid * broadcast_scale(scale, grid.shape, block)).astype(dtype), None, None
 

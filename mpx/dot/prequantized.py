@@ -69,7 +69,7 @@ def _lhs_operand(x: jax.Array, recipe, scale, tile: int, compute_dtype, grid_dty
         grid = grid_values(x, jnp.reshape(scale, (1, 1, 1)), fmt, x.shape)
         return grid.astype(grid_dtype), scale
     block = (1, 1, tile)
-    scale = compute_scale(compute_amax(x, block), fmt, pow2=recipe.pow2_scale)  # (B, M, K / tile)
+    scale = compute_scale(compute_amax(x, block), fmt, scale_format=recipe.scale_format)  # (B, M, K / tile)
     return grid_values(x, scale, fmt, block).astype(grid_dtype), scale
 
 
@@ -207,7 +207,8 @@ def _reference_prequantized(x3, rhs3: ScaledArray, recipe, scale, compute_dtype)
     elif scale is not None:
         xd = dequantize(quantize_with_scale(x3, scale, recipe.fwd_format, x3.shape))
     else:
-        xd = dequantize(quantize(x3, recipe.fwd_format, Blocks((1, recipe.block)), pow2_scale=recipe.pow2_scale))
+        xd = dequantize(quantize(x3, recipe.fwd_format, Blocks((1, recipe.block)),
+                                       scale_format=recipe.scale_format))
     return lax.dot_general(xd, dequantize(rhs3), dims(True, 1, 0), precision=lax.Precision.HIGHEST,
                            preferred_element_type=jnp.float32)
 

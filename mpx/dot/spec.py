@@ -18,6 +18,7 @@ from mpx import recipes as recipes_lib
 from mpx.recipes import AmaxHistory
 from mpx.config import check_choice  # noqa: F401  (used here and by the other mpx.dot modules)
 from mpx.scaled import Blocks, PerTensor
+from mpx.scales import folds_exactly
 
 IMPLS = ("auto", "upcast_bf16", "fold_bf16", "fp8", "dequant_f32")
 RHS_KINDS = ("weight", "activation")
@@ -45,14 +46,23 @@ class OperandSpec:
     Attributes:
       fmt: element format name ("e4m3", "e5m2", ...).
       granularity: PerTensor() or Blocks over the trailing two canonical axes.
-      pow2: power-of-two scales.
+      scale_format: "f32", "ue8m0" (powers of two) or "ue8m3" (`mpx.scales`).
       margin: headroom in powers of two below the format's max.
     """
 
     fmt: str
     granularity: PerTensor | Blocks
-    pow2: bool = False
+    scale_format: str = "f32"
     margin: float = 0.0
+
+    @property
+    def pow2(self) -> bool:
+        return self.scale_format == "ue8m0"
+
+    @property
+    def folds_exactly(self) -> bool:
+        """Whether block scales fold into bf16 values exactly (`mpx.scales.folds_exactly`)."""
+        return folds_exactly(self.fmt, self.scale_format)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +106,17 @@ def plan(recipe, rhs_kind: str = "weight") -> DotPlan:
         raise ValueError("plan needs a recipe; recipe=None means an unquantized dot")
     if isinstance(recipe, recipes_lib.DeepSeekV3):
         return _deepseek_plan(recipe, rhs_kind)
-    fwd = OperandSpec(recipe.fwd_format, PerTensor(), recipe.pow2_scale, recipe.margin)
-    bwd = OperandSpec(recipe.bwd_format, PerTensor(), recipe.pow2_scale, recipe.margin)
+    scale_format = "ue8m0" if recipe.pow2_scale else "f32"
+    fwd = OperandSpec(recipe.fwd_format, PerTensor(), scale_format, recipe.margin)
+    bwd = OperandSpec(recipe.bwd_format, PerTensor(), scale_format, recipe.margin)
     return DotPlan(fwd, fwd, bwd, fwd, fwd, bwd)
 
 
 def _deepseek_plan(recipe: recipes_lib.DeepSeekV3, rhs_kind: str) -> DotPlan:
-    b, pow2 = recipe.block, recipe.pow2_scale
+    b = recipe.block
     along_k_of_lhs = Blocks((1, b))  # rows (tokens) x 128 contraction channels
     along_k_of_rhs = Blocks((b, 1))  # 128 contraction channels x columns
-    act = functools.partial(OperandSpec, pow2=pow2)
+    act = functools.partial(OperandSpec, scale_format=recipe.scale_format)
     if rhs_kind == "weight":
         fprop_rhs = dgrad_rhs = act(recipe.fmt, Blocks((b, b)))
     else:
