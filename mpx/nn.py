@@ -96,7 +96,12 @@ def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_num
         out = dot_lib.rounded_dot(lhs, rhs, dimension_numbers, precision.compute_dtype, precision.accum_dtype,
                                   cotangent_dtype=precision.compute_dtype if exact else None)
         return out.astype(precision.output_dtype)
-    kwargs = dict(recipe=recipe, preferred_element_type=precision.accum_dtype, rhs_kind=rhs_kind)
+    # The quantized dot accumulates in f32 whatever it returns: asking for the output
+    # dtype rounds once, as the cast below would, and the gradient then arrives in it
+    # (bf16: the backward pass quantizes it without a float32 copy).
+    f32_accum = jnp.dtype(precision.accum_dtype) == jnp.float32
+    kwargs = dict(recipe=recipe, preferred_element_type=precision.output_dtype if f32_accum else precision.accum_dtype,
+                  rhs_kind=rhs_kind)
     if not recipes_lib.is_stateful(recipe):
         out = dot_lib.dot_general(lhs, rhs, dimension_numbers, **kwargs)
         return out.astype(precision.output_dtype)

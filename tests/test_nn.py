@@ -49,6 +49,25 @@ def test_dense_fp8_close_to_f32_reference(recipe):
     assert float(mpx.metrics.relative_error(y, ref)) < bound
 
 
+@pytest.mark.parametrize("recipe", ["deepseek_v3", "current"])
+def test_fp8_dense_rounds_once_and_its_gradient_arrives_in_the_output_dtype(recipe):
+    """The quantized dot returns bf16 itself (one rounding of its f32 sum, as casting an
+    f32 result would), so its backward pass quantizes a bf16 gradient: no f32 copy."""
+    layer = mnn.Dense(256, policy=policy_with(recipe))
+    x, g = _x((2, 64, 256)), _x((2, 64, 256), seed=3).astype(jnp.bfloat16)
+    v = layer.init(jax.random.key(1), x)
+    y, vjp = jax.vjp(lambda x, k: layer.apply({"params": {"kernel": k}}, x), x, v["params"]["kernel"])
+    kw = dict(recipe=recipe, preferred_element_type=jnp.float32)
+    dims = (((2,), (0,)), ((), ()))
+    ref = lambda x, k: mpx.dot.dot_general(x, k, dims, **kw)  # noqa: E731
+    y_ref, vjp_ref = jax.vjp(lambda x, k: ref(x, k).astype(jnp.bfloat16), x, v["params"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    calls = [e for e in jax.make_jaxpr(lambda x: layer.apply(v, x))(x).eqns if "custom_vjp" in e.primitive.name]
+    assert calls and all(o.aval.dtype == jnp.bfloat16 for e in calls for o in e.outvars)
+
+
 def test_dense_delayed_scaling_state_updates():
     layer = mnn.Dense(32, policy=policy_with("delayed"))
     x = 3.0 * _x((4, 32))

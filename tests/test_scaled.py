@@ -232,6 +232,21 @@ def test_pow2_helpers_are_exact():
     assert specials[0] == 0 and specials[1] == np.inf and np.isnan(specials[2])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_amax_of_16_bit_floats_matches_float32_including_nan_and_inf(dtype):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((6, 200)) * np.exp(rng.uniform(-8, 8, (6, 1)))).astype(np.float32)
+    x[1, :] = -np.abs(x[1, :])  # an all-negative row: amax from the most negative value
+    x[2, :128] = 0.0
+    x[2, 0] = -0.0
+    x[3, 5], x[4, 140], x[5, 7] = np.inf, -np.inf, np.nan
+    x16 = jnp.asarray(x, dtype)
+    got = np.asarray(scaled.compute_amax(x16, (1, 128)))  # 200 wide: a zero-padded ragged block
+    want = np.asarray(scaled.compute_amax(x16.astype(jnp.float32), (1, 128)))
+    np.testing.assert_array_equal(got, want)
+    assert got[3, 0] == np.inf and got[4, 1] == np.inf and np.isnan(got[5, 0]) and got[2, 0] == 0.0
+
+
 def test_round_up_bits_is_the_next_value_with_that_many_mantissa_bits():
     x = np.array([1.0, 1.0625, 1.125, 1.126, 1.875, 1.9, 3.0, 2.0**-126 * 1.01, 3.4e38], np.float32)
     want = np.array([1.0, 1.125, 1.125, 1.25, 1.875, 2.0, 3.0, 2.0**-126 * 1.125, 3.4e38], np.float32)

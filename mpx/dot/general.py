@@ -48,6 +48,7 @@ class _Config:
     batched: bool
     lhs_dtype: Any
     rhs_dtype: Any
+    out_dtype: Any  # the result's dtype, so the incoming gradient has it too (bf16: half the bytes)
     guard: bool  # optimization barriers around bf16 dots (XLA on CPU)
     fp8_residuals: bool  # keep the quantized operands for the backward pass
 
@@ -63,7 +64,7 @@ def _qmatmul_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
     rhs_q = backends.quantize_parts(rhs, p.fprop_rhs, rhs_scale)
     a, b = backends.from_grid(*lhs_q, p.fprop_lhs, impl), backends.from_grid(*rhs_q, p.fprop_rhs, impl)
     blocks = (backends.block_of(p.fprop_lhs, lhs.shape), backends.block_of(p.fprop_rhs, rhs.shape))
-    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard, blocks)
+    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard, blocks).astype(cfg.out_dtype)
     if cfg.fp8_residuals:
         # The FP8 operands (E4M3 data + f32 scales) instead of the inputs: 1 byte per
         # element. The rhs is kept unquantized when dgrad groups it differently.
@@ -99,7 +100,7 @@ def _qmatmul_bwd(cfg: _Config, residuals, g):
     if not cfg.fp8_residuals:
         rhs = keep_rhs if isinstance(keep_rhs, tuple) else backends.prepare(keep_rhs, p.dgrad_rhs, impl)
     elif keep_rhs[1] is not None:  # the stored FP8 operand
-        rhs = backends.from_grid(*_loaded(keep_rhs), p.dgrad_rhs, impl)
+        rhs = backends.from_grid(*_loaded(keep_rhs, when=g), p.dgrad_rhs, impl)
     else:
         rhs = backends.prepare(keep_rhs[0], p.dgrad_rhs, impl)
     blocks = (backends.block_of(p.dgrad_dy, g.shape), backends.block_of(p.dgrad_rhs, rhs_shape))
@@ -133,11 +134,12 @@ def _wgrad_lhs(cfg: _Config, keep_lhs, g):
     if not cfg.fp8_residuals:
         lhs, lhs_scale = keep_lhs
         return backends.prepare(jnp.swapaxes(after(lhs, g), -1, -2), spec, impl, lhs_scale)
-    grid, scale = _loaded(keep_lhs, when=g)
+    # Transposed as FP8 data: one byte per element moves, not a float32 copy.
+    grid_t, scale_t = _loaded(tuple(jnp.swapaxes(a, -1, -2) for a in keep_lhs), when=g)
     if p.wgrad_lhs == p.fprop_lhs:
-        return backends.from_grid(jnp.swapaxes(grid, -1, -2), jnp.swapaxes(scale, -1, -2), spec, impl)
-    x_hat = grid * broadcast_scale(scale, grid.shape, backends.block_of(p.fprop_lhs, grid.shape))
-    return backends.prepare(jnp.swapaxes(x_hat, -1, -2), spec, impl)
+        return backends.from_grid(grid_t, scale_t, spec, impl)
+    x_hat_t = grid_t * broadcast_scale(scale_t, grid_t.shape, backends.block_of(transposed(p.fprop_lhs), grid_t.shape))
+    return backends.prepare(x_hat_t, spec, impl)
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
@@ -243,7 +245,7 @@ def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | N
     rhs_c = to_canonical(rhs, lay.rhs_perm, lay.rhs_shape)
     lhs_scale, rhs_scale, new_state = _forward_scales(recipe, state, lhs_c, rhs_c)
     guard = jax.default_backend() == "cpu"
-    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, lhs.dtype, rhs.dtype, guard,
-                  recipe.fp8_residuals)
-    out = _qmatmul(cfg, lhs_c, rhs_c, lhs_scale, rhs_scale).reshape(lay.out_shape).astype(out_dtype)
+    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, lhs.dtype, rhs.dtype,
+                  jnp.dtype(out_dtype), guard, recipe.fp8_residuals)
+    out = _qmatmul(cfg, lhs_c, rhs_c, lhs_scale, rhs_scale).reshape(lay.out_shape)
     return out if state is None else (out, new_state)
