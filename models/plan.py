@@ -33,7 +33,7 @@ probabilities, their gradient and its bf16 copy, T per query per head, are live 
 time; with an FP8 recipe on QK^T or PV the f32 probabilities and their compute-dtype
 copy are saved per block instead), the attention output and the FFN's gate, up (one
 byte each when the down projection's recipe asks for it, `DeepSeekV3.swiglu_residuals`)
-and hidden (for MoE: the router's f32 probabilities and top_k routed copies, i.e.
+and hidden (none when the down projection recomputes it, `mpx.dot.recomputes_swiglu`; for MoE: the router's f32 probabilities and top_k routed copies, i.e.
 capacity-style dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
 full set while it is recomputed. The final norm and the f32 logits and log-softmax
 (vocabulary on tensor) are added once. It ignores XLA's fusion and buffer reuse, so
@@ -59,6 +59,7 @@ from models import config as model_config
 from models import sharding, transformer
 from mpx import attention
 from mpx import config as config_io
+from mpx import dot as dot_lib
 from mpx import optim
 from mpx import policy as policy_lib
 from mpx import sharding as sharding_lib
@@ -134,7 +135,10 @@ def block_bytes_per_token(config, policy, layer: int, seq: int, tensor: int, moe
         attn += h * seq * (4 + _bytes(pv.compute_dtype)) / tensor  # probabilities, f32 and pv copy
     attn += _saved_input(at("attn/o_proj"), pv.output_dtype) * h * k / tensor
     up, down = at(f"{ffn_path}/up"), at(f"{ffn_path}/down")
-    hidden = (2 * _swiglu_input(down, up.output_dtype) + _saved_input(down, jnp.float32)) * c.d_ff / tensor
+    # A dense FFN's down projection recomputes SwiGLU's product when its recipe allows
+    # (`mpx.dot.recomputes_swiglu`): no saved input. Experts keep theirs.
+    down_input = 0 if dot_lib.recomputes_swiglu(down.recipe) and not moe else _saved_input(down, jnp.float32)
+    hidden = (2 * _swiglu_input(down, up.output_dtype) + down_input) * c.d_ff / tensor
     if moe:
         hidden = c.top_k * (hidden + d * _saved_input(up, at("mlp_norm").output_dtype)) + 2 * c.n_experts * 4
     return residual + norms + attn + hidden

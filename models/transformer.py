@@ -193,8 +193,8 @@ class SwiGLU(nn.Module):
     def __call__(self, x: Array) -> Array:
         gate = mnn.Dense(self.d_ff, policy=self.policy, name="gate")(x)
         up = mnn.Dense(self.d_ff, policy=self.policy, name="up")(x)
-        hidden = activations.swiglu(gate, up, swiglu_residuals(self, self.policy))  # f32
-        return mnn.Dense(x.shape[-1], policy=self.policy, name="down", kernel_init=residual_init(self.n_layers))(hidden)
+        return mnn.SwiGLUDense(x.shape[-1], policy=self.policy, name="down", kernel_init=residual_init(self.n_layers),
+                               residual_format=swiglu_residuals(self, self.policy))(gate, up)
 
 
 class Experts(nn.Module):

@@ -68,9 +68,20 @@ def _tiles(x: Array, fmt: str) -> ScaledArray:
 
 
 def _swiglu_bwd(residual_format, dtypes, residuals, d_out: Array):
+    return swiglu_grads(*swiglu_inputs(residual_format, residuals, d_out), d_out, dtypes)
+
+
+def swiglu_inputs(residual_format: str | None, residuals, when: Array) -> tuple[Array, Array]:
+    """(gate, up) in f32 from SwiGLU's backward residuals (as kept, or dequantized from
+    their FP8 tiles), computed once `when` (the incoming gradient) is here: the backward
+    pass recomputes them when it reaches this layer, not at its start."""
     gate, up = residuals if residual_format is None else (dequantize(q) for q in residuals)
-    gate = after(gate, d_out)  # recompute when the backward pass reaches this layer
-    g, u, d = gate.astype(_F32), up.astype(_F32), d_out.astype(_F32)
+    return after(gate, when).astype(_F32), up.astype(_F32)
+
+
+def swiglu_grads(g: Array, u: Array, d_out: Array, dtypes) -> tuple[Array, Array]:
+    """(d_gate, d_up) in `dtypes` of silu(g) * u for f32 inputs g, u."""
+    d = d_out.astype(_F32)
     # sigmoid as 0.5 + 0.5 tanh(g / 2): a different expression from the forward's, so XLA
     # cannot merge the two and keep the forward's f32 sigmoid alive until here.
     s = 0.5 + 0.5 * jnp.tanh(0.5 * g)

@@ -96,12 +96,7 @@ def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_num
         out = dot_lib.rounded_dot(lhs, rhs, dimension_numbers, precision.compute_dtype, precision.accum_dtype,
                                   cotangent_dtype=precision.compute_dtype if exact else None)
         return out.astype(precision.output_dtype)
-    # The quantized dot accumulates in f32 whatever it returns: asking for the output
-    # dtype rounds once, as the cast below would, and the gradient then arrives in it
-    # (bf16: the backward pass quantizes it without a float32 copy).
-    f32_accum = jnp.dtype(precision.accum_dtype) == jnp.float32
-    kwargs = dict(recipe=recipe, preferred_element_type=precision.output_dtype if f32_accum else precision.accum_dtype,
-                  rhs_kind=rhs_kind)
+    kwargs = dict(recipe=recipe, preferred_element_type=_quantized_result_dtype(precision), rhs_kind=rhs_kind)
     if not recipes_lib.is_stateful(recipe):
         out = dot_lib.dot_general(lhs, rhs, dimension_numbers, **kwargs)
         return out.astype(precision.output_dtype)
@@ -110,6 +105,15 @@ def contract(module: nn.Module, name: str, lhs: Array, rhs: Array, dimension_num
     if module.is_mutable_collection("fp8_state") and not module.is_initializing():
         state.value = new_state
     return out.astype(precision.output_dtype)
+
+
+def _quantized_result_dtype(precision: Precision):
+    """The dtype a quantized dot returns. It accumulates in f32 whatever it returns:
+    asking for the output dtype rounds once, as casting its f32 result would, and the
+    gradient then arrives in it (bf16: the backward pass quantizes it without a float32
+    copy)."""
+    f32_accum = jnp.dtype(precision.accum_dtype) == jnp.float32
+    return precision.output_dtype if f32_accum else precision.accum_dtype
 
 
 def contract_prequantized(module: nn.Module, name: str, lhs: Array, rhs: ScaledArray,
@@ -164,6 +168,9 @@ class DenseGeneral(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        return self._dense(x)
+
+    def _dense(self, x: Array) -> Array:
         precision = resolve_precision(self, self.policy)
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
         axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
@@ -194,6 +201,38 @@ class DenseGeneral(nn.Module):
 
 class Dense(DenseGeneral):
     """A linear map of the last axis to `features` (see `DenseGeneral`)."""
+
+
+class SwiGLUDense(Dense):
+    """`Dense(features)(mpx.activations.swiglu(gate, up))`: an FFN's down projection
+    applied to the SwiGLU of its gate and up projections (same params and path as the
+    Dense it replaces). Under `DeepSeekV3` (with `fp8_residuals`) the backward pass
+    recomputes the SwiGLU product from what SwiGLU keeps instead of keeping an FP8 copy
+    of it (`mpx.dot.swiglu_dot_general`, DeepSeek-V3 report 3.3).
+
+    Attributes:
+      residual_format: SwiGLU's residuals, as in `mpx.activations.swiglu`.
+    """
+
+    residual_format: str | None = None
+
+    @nn.compact
+    def __call__(self, gate: Array, up: Array) -> Array:
+        precision = resolve_precision(self, self.policy)
+        recipe = precision.recipe
+        stored = self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), ScaledArray)
+        if (not dot_lib.recomputes_swiglu(recipe) or stored or not isinstance(self.features, int)
+                or self.axis not in (-1, gate.ndim - 1)):
+            return self._dense(activations.swiglu(gate, up, self.residual_format))
+        kernel = _kernel(self, self.kernel_init, (gate.shape[-1], self.features), precision.param_dtype)
+        warn_misaligned(module_path(self), {"in": kernel.shape[0], "out": kernel.shape[1]})
+        if self.pad_to:  # swiglu(0, 0) == 0: padded gate and up give a zero-padded product
+            gate, up = _pad_axis(gate, -1, self.pad_to), _pad_axis(up, -1, self.pad_to)
+            kernel = _pad_axis(kernel, 0, self.pad_to)
+        y = dot_lib.swiglu_dot_general(gate, up, kernel, (((gate.ndim - 1,), (0,)), ((), ())), recipe=recipe,
+                                       residual_format=self.residual_format,
+                                       preferred_element_type=_quantized_result_dtype(precision))
+        return self._finish(y.astype(precision.output_dtype), (self.features,), precision)
 
 
 class ExpertDense(nn.Module):

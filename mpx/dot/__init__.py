@@ -74,6 +74,7 @@ the loop-invariant weight dequantization once per compiled decode call. `rounded
 (attention, LM head); training products have batch x sequence rows and never take it.
 
 Modules: `spec` (plan, state, canonical layout), `general` (the differentiable dot),
+`fused` (an FFN's down projection that recomputes the SwiGLU product it multiplies),
 `subscripts` (einsum), `backends` (how quantized operands enter a GEMM: the bf16 fold,
 K-grouped partial sums, the CPU decode-sized f32 path), `prequantized` (serving). The
 quantization steps themselves (amax, scale, rounding, broadcast) are `mpx.scales`'.
@@ -95,6 +96,7 @@ Example:
 from mpx.dot.backends import FOLD_MAX_ROWS
 from mpx.dot.rounded import rounded_dot
 from mpx.dot.general import dot_general, quantized_operands
+from mpx.dot.fused import recomputes_swiglu, swiglu_dot_general
 from mpx.dot.prequantized import PREQUANTIZED_IMPLS, prequantized_matmul
 from mpx.dot.spec import IMPLS, RHS_KINDS, DotPlan, DotState, OperandSpec, init_state, plan, resolve_impl
 from mpx.dot.subscripts import einsum
@@ -102,6 +104,6 @@ from mpx.formats import upcast
 
 __all__ = [
     "DotPlan", "DotState", "FOLD_MAX_ROWS", "IMPLS", "OperandSpec", "PREQUANTIZED_IMPLS", "RHS_KINDS",
-    "dot_general", "einsum", "init_state", "plan", "prequantized_matmul", "quantized_operands",
-    "resolve_impl", "rounded_dot", "upcast",
+    "dot_general", "einsum", "init_state", "plan", "prequantized_matmul", "quantized_operands", "recomputes_swiglu",
+    "resolve_impl", "rounded_dot", "swiglu_dot_general", "upcast",
 ]

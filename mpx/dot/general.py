@@ -93,24 +93,42 @@ def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
 
 
 def _qmatmul_bwd(cfg: _Config, residuals, g):
-    p, impl = cfg.plan, cfg.impl
     keep_lhs, keep_rhs = residuals
+    d_lhs, dy, rhs_shape = dgrad(cfg, keep_rhs, g)
+    d_rhs = wgrad(cfg, _wgrad_lhs(cfg, keep_lhs, g), dy, g, rhs_shape)
+    return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
+
+
+def dgrad(cfg: _Config, keep_rhs, g):
+    """(f32 d_lhs = dY . rhs^T, dY as dgrad prepared it, rhs's shape) from the forward's
+    kept rhs and the incoming gradient g."""
+    p, impl = cfg.plan, cfg.impl
     dy = backends.prepare(g, p.dgrad_dy, impl)
     rhs_shape = _rhs_shape(cfg, keep_rhs)
-    if not cfg.fp8_residuals:
-        rhs = keep_rhs if isinstance(keep_rhs, tuple) else backends.prepare(keep_rhs, p.dgrad_rhs, impl)
-    elif keep_rhs[1] is not None:  # the stored FP8 operand
-        rhs = backends.from_grid(*_loaded(keep_rhs, when=g), p.dgrad_rhs, impl)
-    else:
-        rhs = backends.prepare(keep_rhs[0], p.dgrad_rhs, impl)
+    rhs = _dgrad_rhs(cfg, keep_rhs, g)
     blocks = (backends.block_of(p.dgrad_dy, g.shape), backends.block_of(p.dgrad_rhs, rhs_shape))
-    d_lhs = backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.guard, blocks)  # (M, N) x (K, N) -> (M, K)
+    return backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.guard, blocks), dy, rhs_shape  # (M, N) x (K, N)
+
+
+def _dgrad_rhs(cfg: _Config, keep_rhs, g):
+    """The rhs as dgrad multiplies it, from what the forward kept; built once the
+    gradient g is here."""
+    p, impl = cfg.plan, cfg.impl
+    if not cfg.fp8_residuals:
+        return keep_rhs if isinstance(keep_rhs, tuple) else backends.prepare(keep_rhs, p.dgrad_rhs, impl)
+    if keep_rhs[1] is not None:  # the stored FP8 operand
+        return backends.from_grid(*_loaded(keep_rhs, when=g), p.dgrad_rhs, impl)
+    return backends.prepare(keep_rhs[0], p.dgrad_rhs, impl)
+
+
+def wgrad(cfg: _Config, lhs_t, dy, g, rhs_shape) -> jax.Array:
+    """f32 d_rhs = lhs^T . dY from wgrad's prepared lhs^T (K, M), dgrad's prepared dY
+    (reused when wgrad groups it the same way) and the incoming gradient g."""
+    p, impl = cfg.plan, cfg.impl
     dy_w = dy if p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
-    lhs_t = _wgrad_lhs(cfg, keep_lhs, g)
     lhs_t_shape = g.shape[:-2] + (rhs_shape[-2], g.shape[-2])
     blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
-    d_rhs = backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
-    return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
+    return backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
 
 
 def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:

@@ -1,0 +1,107 @@
+"""An FFN's down projection fused with the SwiGLU that feeds it.
+
+`swiglu_dot_general(gate, up, w, ...)` is `dot_general(swiglu(gate, up), w, ...)` whose
+backward pass recomputes `swiglu(gate, up)` from what SwiGLU keeps anyway (gate and up,
+or their FP8 1x128 tiles) instead of keeping a quantized copy of the product: DeepSeek-V3
+report, 3.3, "we cache the inputs of the SwiGLU operator and recompute its output in the
+backward pass". One tensor of the FFN's width per layer fewer (1 byte per element under
+FP8 residuals).
+
+The forward value is `dot_general`'s, bit for bit. In the backward pass, wgrad quantizes
+the recomputed product once in its 128x1 tiles (instead of requantizing the forward's
+1x128 FP8 copy, which rounds twice); with FP8 SwiGLU tiles the recomputed product uses
+the dequantized gate and up, as SwiGLU's own gradient does.
+
+Fused for `DeepSeekV3` with `fp8_residuals` (the recipe that keeps quantized operands);
+any other recipe, or none, is the plain composition of `mpx.activations.swiglu` and
+`dot_general`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mpx import activations
+from mpx import recipes as recipes_lib
+from mpx.dot import backends
+from mpx.dot.general import _Config, _qmatmul_fwd, _setup, dgrad, dot_general, wgrad
+from mpx.dot.spec import IMPLS, check_choice, plan, resolve_impl, to_canonical, transposed
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedConfig:
+    dot: _Config
+    residual_format: str | None  # SwiGLU's residuals: None (as they came) or an FP8 format
+    dtypes: tuple  # gate's and up's dtypes (their gradients')
+
+
+def recomputes_swiglu(recipe) -> bool:
+    """Whether `swiglu_dot_general` under `recipe` recomputes the SwiGLU product in the
+    backward pass (DeepSeekV3 with fp8_residuals) rather than composing swiglu and
+    `dot_general` (which keeps the product's quantized copy or the product itself)."""
+    recipe = recipes_lib.get(recipe)
+    return isinstance(recipe, recipes_lib.DeepSeekV3) and recipe.fp8_residuals
+
+
+def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residual_format: str | None = None,
+                       preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto"):
+    """`dot_general(mpx.activations.swiglu(gate, up, residual_format), rhs, ...)`, whose
+    backward pass recomputes the SwiGLU product instead of keeping it (module docstring).
+
+    Args:
+      gate, up: the FFN's two projections, one shape (any float dtype).
+      rhs, dimension_numbers, recipe, preferred_element_type, rhs_kind, impl: as in
+        `dot_general`, with the SwiGLU product as lhs.
+      residual_format: as in `mpx.activations.swiglu`.
+
+    Returns:
+      As `dot_general` (stateless recipes only: no state).
+
+    Raises:
+      ValueError: as `dot_general`; gate and up of different shapes.
+    """
+    check_choice("impl", impl, IMPLS)
+    if jnp.shape(gate) != jnp.shape(up):
+        raise ValueError(f"gate and up must have one shape; got {jnp.shape(gate)} and {jnp.shape(up)}")
+    if not recomputes_swiglu(recipe):
+        hidden = activations.swiglu(gate, up, residual_format)
+        return dot_general(hidden, rhs, dimension_numbers, recipe=recipe, preferred_element_type=preferred_element_type,
+                           rhs_kind=rhs_kind, impl=impl)
+    recipe, gate, rhs, lay = _setup(gate, rhs, dimension_numbers, recipe, None, rhs_kind)
+    up = jnp.asarray(up)
+    out_dtype = jnp.result_type(jnp.float32, rhs) if preferred_element_type is None else preferred_element_type
+    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, jnp.dtype(jnp.float32), rhs.dtype,
+                  jnp.dtype(out_dtype), jax.default_backend() == "cpu", True)
+    fused = _FusedConfig(cfg, residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)))
+    gate_c, up_c = (to_canonical(v, lay.lhs_perm, lay.lhs_shape) for v in (gate, up))
+    out = _swiglu_qmatmul(fused, gate_c, up_c, to_canonical(rhs, lay.rhs_perm, lay.rhs_shape))
+    return out.reshape(lay.out_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _swiglu_qmatmul(cfg: _FusedConfig, gate, up, rhs):
+    return _swiglu_qmatmul_fwd(cfg, gate, up, rhs)[0]
+
+
+def _swiglu_qmatmul_fwd(cfg: _FusedConfig, gate, up, rhs):
+    hidden, swiglu_residuals = activations._swiglu_fwd(cfg.residual_format, cfg.dtypes, gate, up)
+    out, (_, keep_rhs) = _qmatmul_fwd(cfg.dot, hidden, rhs, None, None)  # its FP8 copy of hidden: dropped
+    return out, (swiglu_residuals, keep_rhs)
+
+
+def _swiglu_qmatmul_bwd(cfg: _FusedConfig, residuals, g):
+    swiglu_residuals, keep_rhs = residuals
+    d_hidden, dy, rhs_shape = dgrad(cfg.dot, keep_rhs, g)
+    gate, up = activations.swiglu_inputs(cfg.residual_format, swiglu_residuals, g)
+    hidden_t = jnp.swapaxes(jax.nn.silu(gate) * up, -1, -2)  # recomputed, transposed while quantized
+    lhs_t = backends.prepare(hidden_t, transposed(cfg.dot.plan.wgrad_lhs), cfg.dot.impl)
+    d_rhs = wgrad(cfg.dot, lhs_t, dy, g, rhs_shape)
+    d_gate, d_up = activations.swiglu_grads(gate, up, d_hidden, cfg.dtypes)
+    return d_gate, d_up, d_rhs.astype(cfg.dot.rhs_dtype)
+
+
+_swiglu_qmatmul.defvjp(_swiglu_qmatmul_fwd, _swiglu_qmatmul_bwd)
