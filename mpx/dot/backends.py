@@ -24,6 +24,7 @@ from jax import lax
 
 from mpx import formats as formats_lib
 from mpx.dot.spec import OperandSpec, dims
+from mpx.ordering import after
 from mpx.scaled import ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
 from mpx.scales import broadcast_scale, compute_amax, compute_scale, grid_values, pad_axis_to, scale_shape
 
@@ -212,7 +213,10 @@ def grouped_product(a, b, dimension_numbers, guard: bool, blocks) -> jax.Array:
     out = scaled_partial(jax.tree.map(lambda x: None if x is None else x[0], xs))
     if ng > 1:
         rest = jax.tree.map(lambda x: None if x is None else x[1:], xs)
-        out, _ = lax.scan(lambda acc, group_xs: (acc + scaled_partial(group_xs), None), out, rest)
+        # Each group's GEMM waits for the running sum (`after`): otherwise XLA on CPU runs
+        # the GEMMs of an unrolled scan first and holds all their partial sums at once.
+        out, _ = lax.scan(lambda acc, group_xs: (acc + scaled_partial((after(group_xs[0], acc), *group_xs[1:])), None),
+                          out, rest)
     return out if batched else out[0]
 
 
