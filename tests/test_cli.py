@@ -89,6 +89,7 @@ CASES = [
     ("benchmarks.matmul", ["--rounds", "0"], "argument --rounds"),
     ("benchmarks.quantize", ["--format", "e9m9"], "argument --format: unknown format 'e9m9'"),
     ("benchmarks.scaling", ["--policy", "fp7"], "argument --policy: unknown policy preset 'fp7'"),
+    ("benchmarks.scale_formats", ["--rows", "3"], "unrecognized arguments: --rows"),
     ("benchmarks.train_step", ["--batch", "0"], "argument --batch"),
     ("benchmarks.train_step", ["--presets", "fp8,fp7"], "unknown preset(s) ['fp7']"),
     ("benchmarks.train_accuracy", ["--steps", "0"], "argument --steps"),
