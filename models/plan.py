@@ -135,9 +135,9 @@ def block_bytes_per_token(config, policy, layer: int, seq: int, tensor: int, moe
         attn += h * seq * (4 + _bytes(pv.compute_dtype)) / tensor  # probabilities, f32 and pv copy
     attn += _saved_input(at("attn/o_proj"), pv.output_dtype) * h * k / tensor
     up, down = at(f"{ffn_path}/up"), at(f"{ffn_path}/down")
-    # A dense FFN's down projection recomputes SwiGLU's product when its recipe allows
-    # (`mpx.dot.recomputes_swiglu`): no saved input. Experts keep theirs.
-    down_input = 0 if dot_lib.recomputes_swiglu(down.recipe) and not moe else _saved_input(down, jnp.float32)
+    # The down projection recomputes SwiGLU's product when its recipe allows
+    # (`mpx.dot.recomputes_swiglu`): no saved input.
+    down_input = 0 if dot_lib.recomputes_swiglu(down.recipe) else _saved_input(down, jnp.float32)
     hidden = (2 * _swiglu_input(down, up.output_dtype) + down_input) * c.d_ff / tensor
     if moe:
         hidden = c.top_k * (hidden + d * _saved_input(up, at("mlp_norm").output_dtype)) + 2 * c.n_experts * 4

@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig, RopeScaling
-from mpx import activations
 from mpx import nn as mnn
 from mpx.policy import Policy, preset
 from mpx.dot import upcast
@@ -207,9 +206,9 @@ class Experts(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         expert = lambda feats, name: mnn.ExpertDense(self.n_experts, feats, policy=self.policy, name=name)  # noqa: E731
-        hidden = activations.swiglu(expert(self.d_ff, "gate")(x), expert(self.d_ff, "up")(x),
-                                    swiglu_residuals(self, self.policy))
-        return expert(x.shape[-1], "down")(hidden)
+        down = mnn.ExpertSwiGLUDense(self.n_experts, x.shape[-1], policy=self.policy, name="down",
+                                     residual_format=swiglu_residuals(self, self.policy))
+        return down(expert(self.d_ff, "gate")(x), expert(self.d_ff, "up")(x))
 
 
 class MoE(nn.Module):

@@ -141,6 +141,11 @@ def _kernel(module: nn.Module, init: Callable, shape: tuple[int, ...], dtype) ->
     return module.param("kernel", init, shape, dtype)
 
 
+def _stored_kernel(module: nn.Module) -> bool:
+    """Whether the module's kernel is stored pre-quantized (serving)."""
+    return module.has_variable("params", "kernel") and isinstance(module.get_variable("params", "kernel"), ScaledArray)
+
+
 def _fp8_inputs(x: Array, precision: Precision) -> Array:
     # FP8 operands are quantized from the activations as they arrive (f32 or bf16);
     # without a recipe they are cast to the compute dtype.
@@ -220,8 +225,7 @@ class SwiGLUDense(Dense):
     def __call__(self, gate: Array, up: Array) -> Array:
         precision = resolve_precision(self, self.policy)
         recipe = precision.recipe
-        stored = self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), ScaledArray)
-        if (not dot_lib.recomputes_swiglu(recipe) or stored or not isinstance(self.features, int)
+        if (not dot_lib.recomputes_swiglu(recipe) or _stored_kernel(self) or not isinstance(self.features, int)
                 or self.axis not in (-1, gate.ndim - 1)):
             return self._dense(activations.swiglu(gate, up, self.residual_format))
         kernel = _kernel(self, self.kernel_init, (gate.shape[-1], self.features), precision.param_dtype)
@@ -233,6 +237,10 @@ class SwiGLUDense(Dense):
                                        residual_format=self.residual_format,
                                        preferred_element_type=_quantized_result_dtype(precision))
         return self._finish(y.astype(precision.output_dtype), (self.features,), precision)
+
+
+# Experts' batched contraction: (E, N, K) x (E, K, F) -> (E, N, F).
+EXPERT_DIMS = (((2,), (1,)), ((0,), (0,)))
 
 
 class ExpertDense(nn.Module):
@@ -249,16 +257,57 @@ class ExpertDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        precision = resolve_precision(self, self.policy)
-        shape = (self.n_experts, x.shape[-1], self.features)
+        return self._dense(x)
+
+    def _expert_kernel(self, k: int, precision: Precision) -> Array | ScaledArray:
+        shape = (self.n_experts, k, self.features)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
         kernel = _kernel(self, init, shape, precision.param_dtype)
+        if precision.recipe is not None and not isinstance(kernel, ScaledArray):
+            warn_misaligned(module_path(self), {"in": shape[1], "out": shape[2]})
+        return kernel
+
+    def _dense(self, x: Array) -> Array:
+        precision = resolve_precision(self, self.policy)
+        kernel = self._expert_kernel(x.shape[-1], precision)
         if isinstance(kernel, ScaledArray):  # serving: pre-quantized (E, K, F)
             return contract_prequantized(self, "kernel", x, kernel, precision)
-        if precision.recipe is not None:
-            warn_misaligned(module_path(self), {"in": shape[1], "out": shape[2]})
-        dims = (((2,), (1,)), ((0,), (0,)))
-        return contract(self, "kernel", _fp8_inputs(x, precision), kernel, dims, precision)
+        return contract(self, "kernel", _fp8_inputs(x, precision), kernel, EXPERT_DIMS, precision)
+
+
+class ExpertSwiGLUDense(ExpertDense):
+    """`ExpertDense(features)(mpx.activations.swiglu(gate, up))`, the experts' down
+    projection, recomputing the SwiGLU product in the backward pass as `SwiGLUDense`
+    does (DeepSeek-V3 report 3.3 says it of its MoE experts).
+
+    Attributes:
+      residual_format: SwiGLU's residuals, as in `mpx.activations.swiglu`.
+    """
+
+    residual_format: str | None = None
+
+    @nn.compact
+    def __call__(self, gate: Array, up: Array) -> Array:
+        precision = resolve_precision(self, self.policy)
+        if not dot_lib.recomputes_swiglu(precision.recipe) or _stored_kernel(self):
+            return self._dense(activations.swiglu(gate, up, self.residual_format))
+        kernel = self._expert_kernel(gate.shape[-1], precision)
+        y = dot_lib.swiglu_dot_general(gate, up, kernel, EXPERT_DIMS, recipe=precision.recipe,
+                                       residual_format=self.residual_format,
+                                       preferred_element_type=_quantized_result_dtype(precision))
+        return y.astype(precision.output_dtype)
+
+
+LINEAR_TYPES = (DenseGeneral, ExpertDense)
+
+
+def linear_input(module: nn.Module, args: tuple) -> Array:
+    """The input of a linear layer's map, from the arguments of its `__call__` (what
+    method interceptors tap: calibration, sensitivity): the SwiGLU product for the
+    SwiGLU-fused down projections, else the first argument."""
+    if isinstance(module, (SwiGLUDense, ExpertSwiGLUDense)):
+        return activations.swiglu(*args[:2])
+    return args[0]
 
 
 class Embed(nn.Module):

@@ -142,7 +142,7 @@ def _dense_layers(model: transformer.Transformer) -> dict[str, int | None]:
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, (mnn.DenseGeneral, mnn.ExpertDense)):
+        if context.method_name == "__call__" and isinstance(module, mnn.LINEAR_TYPES):
             features = getattr(module, "features", None)
             n_out = None if isinstance(module, mnn.ExpertDense) else len(np.atleast_1d(features))
             found[mnn.module_path(module)] = n_out
@@ -315,8 +315,8 @@ def _record_inputs(records: dict) -> Callable:
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == "__call__" and isinstance(module, (mnn.DenseGeneral, mnn.ExpertDense)):
-            records[mnn.module_path(module)] = args[0]
+        if context.method_name == "__call__" and isinstance(module, mnn.LINEAR_TYPES):
+            records[mnn.module_path(module)] = mnn.linear_input(module, args)
         return next_fun(*args, **kwargs)
 
     return record

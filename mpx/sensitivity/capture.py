@@ -1,7 +1,8 @@
 """A model's linear layers seen from outside: find them, tap their operands, lower one.
 
 Works on any Flax model whose matmuls go through `mpx.nn.DenseGeneral` / `Dense` /
-`ExpertDense`, through Flax method interception (`flax.linen.intercept_methods`): the
+`ExpertDense` (and their SwiGLU-fused down projections, whose input is the SwiGLU
+product: `mpx.nn.linear_input`), through Flax method interception (`flax.linen.intercept_methods`): the
 model's code is not changed. Layers are named by their module path
 ("layers_3/attn/v_proj"), the path a `Policy` rule matches.
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from mpx import nn as mnn
 from mpx.scaled import ScaledArray
 
-LINEAR_TYPES = (mnn.DenseGeneral, mnn.ExpertDense)
+LINEAR_TYPES = mnn.LINEAR_TYPES
 ApplyFn = Callable[[Any, Any], jax.Array]  # (variables, batch) -> model output
 
 
@@ -73,7 +74,7 @@ def canonical(module: nn.Module, x: jax.Array, kernel: jax.Array) -> tuple[jax.A
 
 def _operands(context, args) -> tuple[jax.Array, jax.Array]:
     module = context.module
-    return canonical(module, args[0], module.get_variable("params", "kernel"))
+    return canonical(module, mnn.linear_input(module, args), module.get_variable("params", "kernel"))
 
 
 def find_layers(apply_fn: ApplyFn, variables: Any, batch: Any) -> tuple[Layer, ...]:
