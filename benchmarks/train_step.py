@@ -40,6 +40,7 @@ VARIANTS = {
     "fp8_input_residuals": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(fp8_residuals=False,
                                                                        swiglu_residuals=False)),
     "fp8_bf16_swiglu": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(swiglu_residuals=False)),
+    "fp8_stored_swiglu": lambda: mpx.policy.fp8(mpx.recipes.DeepSeekV3(recompute_swiglu=False)),
 }
 
 

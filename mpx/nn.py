@@ -211,7 +211,7 @@ class Dense(DenseGeneral):
 class SwiGLUDense(Dense):
     """`Dense(features)(mpx.activations.swiglu(gate, up))`: an FFN's down projection
     applied to the SwiGLU of its gate and up projections (same params and path as the
-    Dense it replaces). Under `DeepSeekV3` (with `fp8_residuals`) the backward pass
+    Dense it replaces). Under `DeepSeekV3` (`fp8_residuals`, `recompute_swiglu`) the backward pass
     recomputes the SwiGLU product from what SwiGLU keeps instead of keeping an FP8 copy
     of it (`mpx.dot.swiglu_dot_general`, DeepSeek-V3 report 3.3).
 

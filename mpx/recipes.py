@@ -178,6 +178,11 @@ class DeepSeekV3:
         the bytes of bf16 inputs, and gradients from the dequantized values. False
         keeps them as the projections return them (on CPU the quantization costs about
         0.2x of a bf16 train step; `BENCHMARKS.md`).
+      recompute_swiglu: with fp8_residuals, an FFN's down projection keeps no copy of
+        its input: the backward pass recomputes the SwiGLU product from SwiGLU's
+        residuals (the report, 3.3; `mpx.dot.swiglu_dot_general`). One tensor of the
+        FFN's width per layer fewer, for a sigmoid per element more (on CPU about 0.1x
+        of a bf16 train step).
     """
 
     block: int = 128
@@ -187,6 +192,7 @@ class DeepSeekV3:
     scale_format: str = "f32"
     fp8_residuals: bool = True
     swiglu_residuals: bool = True
+    recompute_swiglu: bool = True
 
     def __post_init__(self):
         if self.scale_format not in SCALE_FORMATS:

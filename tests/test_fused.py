@@ -67,7 +67,8 @@ def test_value_and_swiglu_gradients_match_the_composition_and_wgrad_is_exact(fmt
     assert np.max(np.abs(d_w - np.asarray(composed[3], np.float64))) > 1e-3 * np.max(np.abs(want))
 
 
-@pytest.mark.parametrize("recipe", [None, recipes.CurrentScaling(), recipes.DeepSeekV3(fp8_residuals=False)])
+@pytest.mark.parametrize("recipe", [None, recipes.CurrentScaling(), recipes.DeepSeekV3(fp8_residuals=False),
+                                    recipes.DeepSeekV3(recompute_swiglu=False)])
 def test_other_recipes_are_the_composition(recipe):
     gate, up, w, g = _inputs()
     assert not mdot.recomputes_swiglu(recipe)

@@ -441,7 +441,7 @@ def test_a_recipe_mapping_sets_its_fields_rejects_unknown_ones_and_round_trips()
     spec["rules"][0]["recipe"]["scale"] = "ue8m0"
     with pytest.raises(ValueError, match=r"rules\[0\]: recipe deepseek_v3: unknown key 'scale'; allowed: name, block, "
                                          r"fmt, grad_format, pow2_scale, scale_format, fp8_residuals, "
-                                         r"swiglu_residuals"):
+                                         r"swiglu_residuals, recompute_swiglu"):
         P.from_dict(spec)
 
 

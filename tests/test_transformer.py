@@ -159,7 +159,7 @@ def test_fp8_residuals_keep_each_fp8_operand_once_as_e4m3():
     """The backward pass of the fp8 preset keeps every FP8 layer's input and weight, and
     SwiGLU's two inputs, as E4M3 (one byte each) instead of the inputs themselves, and
     keeps less than bf16 does; `swiglu_residuals=False` keeps SwiGLU's inputs in bf16.
-    The down projection keeps no input: it recomputes SwiGLU's product (fp8 presets)."""
+    The down projection keeps no input: it recomputes SwiGLU's product (`recompute_swiglu`)."""
     tokens = _tokens(TINY, batch=4, seq=65)
     rows, d, f = tokens.shape[0] * (tokens.shape[1] - 1), TINY.d_model, TINY.d_ff
     kv = TINY.n_kv_heads * TINY.head_dim
@@ -169,7 +169,8 @@ def test_fp8_residuals_keep_each_fp8_operand_once_as_e4m3():
     recipe = mpx.recipes.DeepSeekV3
     policies = {"fp8": mpx.policy.preset("fp8"), "bf16": mpx.policy.preset("bf16"),
                 "input": mpx.policy.fp8(recipe(fp8_residuals=False, swiglu_residuals=False)),
-                "bf16_swiglu": mpx.policy.fp8(recipe(swiglu_residuals=False))}
+                "bf16_swiglu": mpx.policy.fp8(recipe(swiglu_residuals=False)),
+                "stored": mpx.policy.fp8(recipe(recompute_swiglu=False))}
     saved = {}
     for name, policy in policies.items():
         model = transformer.Transformer(TINY, policy)
@@ -177,6 +178,7 @@ def test_fp8_residuals_keep_each_fp8_operand_once_as_e4m3():
         saved[name] = mpx.inspect.residual_bytes(lambda p: _loss(model, {"params": p}, tokens), params)
     assert saved["fp8"]["float8_e4m3fn"] == TINY.n_layers * (inputs + swiglu + weights)
     assert saved["bf16_swiglu"]["float8_e4m3fn"] == TINY.n_layers * (inputs + weights)
+    assert saved["stored"]["float8_e4m3fn"] == saved["fp8"]["float8_e4m3fn"] + TINY.n_layers * rows * f  # down's input
     assert saved["bf16_swiglu"]["bfloat16"] - saved["fp8"].get("bfloat16", 0) == TINY.n_layers * swiglu * 2
     assert "float8_e4m3fn" not in saved["input"] and "float8_e4m3fn" not in saved["bf16"]
     assert saved["fp8"]["total"] < 0.85 * saved["input"]["total"] and saved["fp8"]["total"] < saved["bf16"]["total"]

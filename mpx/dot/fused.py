@@ -12,8 +12,8 @@ the recomputed product once in its 128x1 tiles (instead of requantizing the forw
 1x128 FP8 copy, which rounds twice); with FP8 SwiGLU tiles the recomputed product uses
 the dequantized gate and up, as SwiGLU's own gradient does.
 
-Fused for `DeepSeekV3` with `fp8_residuals` (the recipe that keeps quantized operands);
-any other recipe, or none, is the plain composition of `mpx.activations.swiglu` and
+Fused for `DeepSeekV3` with `fp8_residuals` and `recompute_swiglu` (its defaults); any
+other recipe, or none, is the plain composition of `mpx.activations.swiglu` and
 `dot_general`.
 """
 
@@ -41,10 +41,11 @@ class _FusedConfig:
 
 def recomputes_swiglu(recipe) -> bool:
     """Whether `swiglu_dot_general` under `recipe` recomputes the SwiGLU product in the
-    backward pass (DeepSeekV3 with fp8_residuals) rather than composing swiglu and
-    `dot_general` (which keeps the product's quantized copy or the product itself)."""
+    backward pass (DeepSeekV3 with fp8_residuals and recompute_swiglu) rather than
+    composing swiglu and `dot_general` (which keeps the product's quantized copy or the
+    product itself)."""
     recipe = recipes_lib.get(recipe)
-    return isinstance(recipe, recipes_lib.DeepSeekV3) and recipe.fp8_residuals
+    return isinstance(recipe, recipes_lib.DeepSeekV3) and recipe.fp8_residuals and recipe.recompute_swiglu
 
 
 def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residual_format: str | None = None,
