@@ -24,6 +24,9 @@ import jax.numpy as jnp
 
 from mpx.ordering import after, kept
 from mpx.scaled import Blocks, ScaledArray, dequantize, quantize
+from mpx.sharding import explicit
+
+_LIKE_FIRST = lambda x, *_, **__: explicit.spec_of(x)  # noqa: E731  (results sharded as the first input)
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -31,6 +34,7 @@ _F32 = jnp.float32
 SWIGLU_TILE = 128
 
 
+@explicit.auto_inside(_LIKE_FIRST)
 def swiglu(gate: Array, up: Array, residual_format: str | None = None) -> Array:
     """silu(gate) * up in f32, from gate and up of one shape (any float dtype).
 
@@ -92,7 +96,7 @@ def swiglu_grads(g: Array, u: Array, d_out: Array, dtypes) -> tuple[Array, Array
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-@jax.custom_vjp
+@explicit.auto_inside(_LIKE_FIRST)
 def rms_norm(x: Array, scale: Array, epsilon: float) -> Array:
     """x / sqrt(mean(x^2) + epsilon) * scale over the last axis, in f32.
 
@@ -108,6 +112,11 @@ def rms_norm(x: Array, scale: Array, epsilon: float) -> Array:
     Returns:
       f32 array of x's shape. Gradients come back in x's and scale's dtypes.
     """
+    return _rms_norm(x, scale, epsilon)
+
+
+@jax.custom_vjp
+def _rms_norm(x: Array, scale: Array, epsilon: float) -> Array:
     return _rms_norm_fwd(x, scale, epsilon)[0]
 
 
@@ -132,4 +141,4 @@ def _rms_norm_bwd(residuals, d_out: Array):
     return d_x.astype(x.dtype), d_scale.astype(scale.dtype), None
 
 
-rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from mpx.dot.rounded import rounded_dot
 from mpx.ordering import after
+from mpx.sharding import explicit
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -73,6 +74,7 @@ class Dtypes(NamedTuple):
                    jnp.dtype(precision.output_dtype))
 
 
+@explicit.auto_inside(lambda q, *_, **__: explicit.spec_of(q))
 def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtypes, pv: Dtypes,
                       query_block: int = QUERY_BLOCK) -> Array:
     """Grouped-query softmax attention, differentiable, keeping no (T, S) residual.

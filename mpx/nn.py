@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mpx import activations
 from mpx import attention as attention_lib
@@ -43,6 +44,7 @@ from mpx import recipes as recipes_lib
 from mpx.policy import Policy, Precision, preset
 from mpx.scaled import ScaledArray
 from mpx.scales import pad_axis_to
+from mpx.sharding import explicit
 
 Array = jax.Array
 FP8_ALIGNMENT = 16
@@ -332,12 +334,18 @@ class Embed(nn.Module):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"Embed expects integer token ids; got dtype {ids.dtype}")
         emb = self.embedding.astype(self._precision.compute_dtype)
-        return jnp.take(emb, ids, axis=0).astype(self._precision.output_dtype)
+        return _lookup(emb, ids).astype(self._precision.output_dtype)
 
     def attend(self, x: Array) -> Array:
         """Logits x @ embedding^T: (..., D) -> (..., V)."""
         dims = (((x.ndim - 1,), (1,)), ((), ()))
         return contract(self, "attend", _fp8_inputs(x, self._precision), self.embedding, dims, self._precision)
+
+
+@explicit.auto_inside(lambda emb, ids: P(*explicit.spec_of(ids), None))
+def _lookup(emb: Array, ids: Array) -> Array:
+    """Rows `ids` of `emb`, sharded as the ids (then the features, whole)."""
+    return jnp.take(emb, ids, axis=0)
 
 
 class RMSNorm(nn.Module):

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from mpx import formats as formats_lib
 from mpx.formats import Format
+from mpx.sharding import explicit
 from mpx.scales import (  # noqa: F401  (compute_amax ... broadcast_scale: public here too)
     broadcast_scale,
     check_block,
@@ -266,6 +267,12 @@ def quantize(
     return _quantize(x, scale, fmt, block, pow2, margin, scale_format)
 
 
+def _quantized_specs(x, scale, fmt: Format, block: Shape, *_):
+    spec = explicit.spec_of(x)  # data as x; scales as x where the shards hold whole blocks
+    return ScaledArray(spec, explicit.fitted(spec, scale_shape(x.shape, block)), fmt, block)
+
+
+@explicit.auto_inside(_quantized_specs)
 def _quantize(x, scale, fmt: Format, block: Shape, pow2: bool, margin, scale_format: str = "f32") -> ScaledArray:
     if scale is None:
         scale = compute_scale(compute_amax(x, block), fmt, margin=margin, pow2=pow2, scale_format=scale_format)
@@ -287,6 +294,7 @@ def dequantize(q: ScaledArray, dtype=jnp.float32) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
+@explicit.auto_inside(lambda data, *_: explicit.spec_of(data))
 def _dequantize(data: jax.Array, scale: jax.Array, block: Shape, dtype) -> jax.Array:
     return scale_blocks(formats_lib.upcast(data, jnp.float32), scale, block).astype(dtype)
 

@@ -164,6 +164,60 @@ def check_block_scales(out: Path, results: dict) -> None:
     }
 
 
+def _explicit_mesh():
+    """A 4 x 2 mesh with Explicit axes (`jax.make_mesh`'s default): shardings in types."""
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    return jax.make_mesh((4, 2), ("data", "tensor"), axis_types=explicit)
+
+
+def _bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view(np.uint8 if a.dtype.itemsize == 1 else np.uint16 if a.dtype.itemsize == 2 else np.uint32)
+
+
+def check_explicit_axes(out: Path, results: dict) -> None:
+    """The core and the reference model on a mesh with Explicit axes, against one device:
+    block quantization (sharded like its input), an FP8 dot with its gradients (sharded
+    like lax.dot_general's), and a train step's loss and gradients under the fp8 preset,
+    with the mesh in context (`jax.set_mesh`) and only in the arguments' types."""
+    mesh = _explicit_mesh()
+    put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))  # noqa: E731
+    x = jax.random.normal(jax.random.key(7), (64, 512), jnp.bfloat16) * jnp.linspace(0.1, 3.0, 512).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(8), (512, 256)) * 0.05
+    quant = jax.jit(lambda v: mpx.quantize(v, "e4m3", mpx.Blocks((1, 128))))
+    q_ref, q = quant(x), quant(put(x, "data", "tensor"))
+    dims = (((1,), (0,)), ((), ()))
+    dot_loss = lambda a, b: jnp.sum(mpx.dot_general(a, b, dims, recipe="deepseek_v3",  # noqa: E731
+                                                    preferred_element_type=jnp.float32) ** 2)
+    dot_grads = jax.jit(jax.value_and_grad(dot_loss, argnums=(0, 1)))
+    out_spec = jax.jit(lambda a, b: mpx.dot_general(a, b, dims, recipe="deepseek_v3")).lower(
+        put(x, "data"), put(w, None, "tensor")).out_info.sharding.spec
+    (l_ref, g_ref), (l_got, g_got) = dot_grads(x, w), dot_grads(put(x, "data"), put(w, None, "tensor"))
+    results["explicit"] = {
+        "quant_data_equal": bool(np.array_equal(_bits(q_ref.data), _bits(q.data))),
+        "quant_scale_equal": bool(np.array_equal(np.asarray(q_ref.scale), np.asarray(q.scale))),
+        "quant_specs": [str(q.data.sharding.spec), str(q.scale.sharding.spec)],
+        "dot_out_spec": str(out_spec), "dot_loss": [float(l_ref), float(l_got)],
+        "dot_grad_rel": [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / float(jnp.max(jnp.abs(a))))
+                         for a, b in zip(g_ref, g_got)],
+        "dot_grad_specs": [str(g.sharding.spec) for g in g_got],
+    }
+    cfg = model_config.ModelConfig(vocab_size=256, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=256,
+                                   max_seq_len=SEQ)
+    model = transformer.Transformer(cfg, mpx.policy.preset("fp8"))
+    tokens = jax.random.randint(jax.random.key(9), (8, SEQ), 0, cfg.vocab_size)
+    params = model.init(jax.random.key(10), tokens[:1])
+    loss = lambda p, t: jnp.mean(model.apply(p, t)[0].astype(jnp.float32))  # noqa: E731
+    grads = jax.jit(jax.value_and_grad(loss))
+    (l_ref, g_ref) = grads(params, tokens)
+    (l_typed, g_typed) = grads(params, put(tokens, "data"))  # the mesh only in the tokens' type
+    with jax.set_mesh(mesh):
+        (l_ctx, _) = grads(params, put(tokens, "data"))
+    rel = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a))) for a, b in zip(jax.tree.leaves(g_ref),
+                                                                                    jax.tree.leaves(g_typed)))
+    results["explicit"].update({"model_loss": [float(l_ref), float(l_typed), float(l_ctx)], "model_grad_rel": rel})
+
+
 def check_mean_over_replicas(out: Path, results: dict) -> None:
     """bf16 communication, f32 accumulation: equals the f32 mean of bf16-rounded parts, rounded."""
     mesh = sharding.make_mesh({"data": 8})
@@ -243,7 +297,8 @@ def check_reshard_through_loop(out: Path, results: dict) -> None:
 
 GROUPS = {
     # One process each, so two cores work in parallel.
-    "grads": (check_per_tensor_amax, check_block_scales, check_mean_over_replicas, check_cache, check_meshes),
+    "grads": (check_per_tensor_amax, check_block_scales, check_mean_over_replicas, check_cache, check_meshes,
+              check_explicit_axes),
     "loop": (check_reshard_through_loop, check_sharded_generation),
 }
 

@@ -223,6 +223,34 @@ def test_block_scales_need_no_communication_and_live_with_their_blocks(worker):
 
 
 @pytest.mark.slow
+def test_core_and_model_run_on_meshes_with_explicit_axes(worker):
+    res = worker["results"]["explicit"]
+    # Quantization is per row: sharded rows give the same bits, sharded like the input.
+    assert res["quant_data_equal"] and res["quant_scale_equal"]
+    assert res["quant_specs"] == ["P('data', 'tensor')"] * 2
+    # The FP8 dot is typed as lax.dot_general's, and so are its gradients (as their inputs).
+    assert res["dot_out_spec"] == "P('data', 'tensor')"
+    assert res["dot_grad_specs"] == ["P('data', None)", "P(None, 'tensor')"]
+    assert res["dot_loss"][0] == res["dot_loss"][1]
+    assert max(res["dot_grad_rel"]) < 1e-6  # wgrad's token sum is split across shards: f32 order only
+    # A train step's loss and gradients under the fp8 preset, mesh in context or in types.
+    ref, typed, in_context = res["model_loss"]
+    assert typed == in_context and abs(typed - ref) <= 1e-6 * abs(ref)
+    assert res["model_grad_rel"] < BF16_EPS  # a reordered sum may flip a bf16 / E4M3 rounding
+
+
+def test_scales_are_sharded_like_their_data_where_shards_hold_whole_blocks():
+    from mpx.sharding import explicit
+
+    mesh = sharding.abstract_mesh({"data": 4, "tensor": 2})
+    assert explicit.fitted(P("data", "tensor"), (64, 4), mesh) == P("data", "tensor")
+    assert explicit.fitted(P("data", "tensor"), (64, 3), mesh) == P("data", None)
+    assert explicit.fitted(P(("data", "tensor"), None), (8, 5), mesh) == P(("data", "tensor"), None)
+    assert explicit.fitted(P(("data", "tensor"), None), (4, 5), mesh) == P(None, None)
+    assert explicit.fitted(P("data"), (8, 2), mesh) == P("data", None)  # short specs pad with None
+
+
+@pytest.mark.slow
 def test_state_is_sharded_consistently_and_planned_exactly(worker):
     res = worker["results"]["sharded_state"]
     assert res["q_proj"] == res["q_proj_mu"] == "P('fsdp', 'tensor', None)" and res["mu_dtype"] == "bfloat16"

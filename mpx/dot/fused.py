@@ -29,6 +29,7 @@ from mpx import activations
 from mpx import recipes as recipes_lib
 from mpx.dot import backends
 from mpx.dot.general import _Config, _qmatmul_fwd, _setup, dgrad, dot_general, wgrad
+from mpx.sharding import explicit
 from mpx.dot.spec import IMPLS, check_choice, plan, resolve_impl, to_canonical, transposed
 
 
@@ -48,6 +49,8 @@ def recomputes_swiglu(recipe) -> bool:
     return isinstance(recipe, recipes_lib.DeepSeekV3) and recipe.fp8_residuals and recipe.recompute_swiglu
 
 
+@explicit.auto_inside(lambda gate, up, rhs, dimension_numbers, **_: explicit.plain_spec(
+    lambda: jax.lax.dot_general(gate, rhs, dimension_numbers)))
 def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residual_format: str | None = None,
                        preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto"):
     """`dot_general(mpx.activations.swiglu(gate, up, residual_format), rhs, ...)`, whose

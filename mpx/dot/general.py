@@ -36,6 +36,7 @@ from mpx.dot.spec import (
 )
 from mpx.recipes import AmaxHistory
 from mpx.scaled import ScaledArray
+from mpx.sharding import explicit
 from mpx.scales import broadcast_scale, compute_amax, compute_scale
 
 
@@ -229,6 +230,7 @@ def quantized_operands(lhs, rhs, dimension_numbers, *, recipe, state: DotState |
             backends.quantize_operand(rhs_c, p.fprop_rhs, rhs_scale))
 
 
+@explicit.auto_inside(explicit.dot_specs)
 def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | None = None,
                 preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto"):
     """A differentiable quantized `lax.dot_general` with float32 accumulation.
@@ -247,7 +249,8 @@ def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | N
 
     Returns:
       The product in lax.dot_general's layout (batch, lhs free, rhs free) and
-      `preferred_element_type`; `(out, new_state)` when `state` is given.
+      `preferred_element_type`; `(out, new_state)` when `state` is given. On a mesh with
+      Explicit axes it is sharded as lax.dot_general's (`mpx.sharding.explicit`).
 
     Raises:
       ValueError: for mismatched dimension numbers, an unknown recipe, impl or rhs_kind,

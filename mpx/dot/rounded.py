@@ -21,8 +21,10 @@ import numpy as np
 from jax import lax
 
 from mpx.dot.backends import cpu_decode_sized, guarded_dot
+from mpx.sharding import explicit
 
 
+@explicit.auto_inside(explicit.dot_specs)
 def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.float32, *,
                 cotangent_dtype=None) -> jax.Array:
     """`lax.dot_general` of lhs and rhs rounded to `compute_dtype`, accumulated in `accum_dtype`.
