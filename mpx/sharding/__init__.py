@@ -43,7 +43,8 @@ Serving (prefill / decode, written elsewhere) needs only these helpers:
 
 Modules: `mesh` (make_mesh, abstract_mesh), `specs` (logical axes -> PartitionSpecs for
 state trees, batches and the KV cache), `layout` (Layout, gradient reduction, HLO
-collective counts).
+collective counts), `explicit` (the core's entry points on meshes with Explicit axes,
+such as `jax.make_mesh`'s by default).
 
 Example:
     >>> axes = (("*/kernel", ("embed", "mlp")),)            # a model's table
