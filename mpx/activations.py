@@ -26,15 +26,13 @@ from mpx.ordering import after, kept
 from mpx.scaled import Blocks, ScaledArray, dequantize, quantize
 from mpx.sharding import explicit
 
-_LIKE_FIRST = lambda x, *_, **__: explicit.spec_of(x)  # noqa: E731  (results sharded as the first input)
-
 Array = jax.Array
 _F32 = jnp.float32
 # Tile width of SwiGLU inputs kept in FP8 (DeepSeek-V3's activation tiles).
 SWIGLU_TILE = 128
 
 
-@explicit.auto_inside(_LIKE_FIRST)
+@explicit.auto_inside(explicit.like_first)
 def swiglu(gate: Array, up: Array, residual_format: str | None = None) -> Array:
     """silu(gate) * up in f32, from gate and up of one shape (any float dtype).
 
@@ -96,7 +94,7 @@ def swiglu_grads(g: Array, u: Array, d_out: Array, dtypes) -> tuple[Array, Array
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-@explicit.auto_inside(_LIKE_FIRST)
+@explicit.auto_inside(explicit.like_first)
 def rms_norm(x: Array, scale: Array, epsilon: float) -> Array:
     """x / sqrt(mean(x^2) + epsilon) * scale over the last axis, in f32.
 

@@ -74,7 +74,7 @@ class Dtypes(NamedTuple):
                    jnp.dtype(precision.output_dtype))
 
 
-@explicit.auto_inside(lambda q, *_, **__: explicit.spec_of(q))
+@explicit.auto_inside(explicit.like_first)
 def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtypes, pv: Dtypes,
                       query_block: int = QUERY_BLOCK) -> Array:
     """Grouped-query softmax attention, differentiable, keeping no (T, S) residual.

@@ -294,7 +294,7 @@ def dequantize(q: ScaledArray, dtype=jnp.float32) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-@explicit.auto_inside(lambda data, *_: explicit.spec_of(data))
+@explicit.auto_inside(explicit.like_first)
 def _dequantize(data: jax.Array, scale: jax.Array, block: Shape, dtype) -> jax.Array:
     return scale_blocks(formats_lib.upcast(data, jnp.float32), scale, block).astype(dtype)
 

@@ -64,12 +64,14 @@ def fitted(spec: PartitionSpec, shape: tuple[int, ...], mesh=None) -> PartitionS
 
 def plain_spec(fn: Callable[[], jax.Array]) -> PartitionSpec:
     """The sharding jax gives the result of `fn()` (traced only, never run)."""
-    return spec_of_struct(jax.eval_shape(fn))
-
-
-def spec_of_struct(struct: jax.ShapeDtypeStruct) -> PartitionSpec:
-    spec = tuple(getattr(struct.sharding, "spec", None) or ()) if struct.sharding is not None else ()
+    struct = jax.eval_shape(fn)
+    spec = tuple(getattr(struct.sharding, "spec", None) or ())
     return PartitionSpec(*(spec + (None,) * (len(struct.shape) - len(spec))))
+
+
+def like_first(x, *_, **__) -> PartitionSpec:
+    """The first argument's sharding (the `out_specs` of elementwise-shaped functions)."""
+    return spec_of(x)
 
 
 def dot_specs(lhs, rhs, dimension_numbers, *_, state=None, **__):
