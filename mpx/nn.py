@@ -226,19 +226,31 @@ class SwiGLUDense(Dense):
     @nn.compact
     def __call__(self, gate: Array, up: Array) -> Array:
         precision = resolve_precision(self, self.policy)
-        recipe = precision.recipe
-        if (not dot_lib.recomputes_swiglu(recipe) or _stored_kernel(self) or not isinstance(self.features, int)
-                or self.axis not in (-1, gate.ndim - 1)):
+        last_axis = isinstance(self.features, int) and self.axis in (-1, gate.ndim - 1)
+        if not (last_axis and _fuses_swiglu(self, precision)):
             return self._dense(activations.swiglu(gate, up, self.residual_format))
         kernel = _kernel(self, self.kernel_init, (gate.shape[-1], self.features), precision.param_dtype)
         warn_misaligned(module_path(self), {"in": kernel.shape[0], "out": kernel.shape[1]})
         if self.pad_to:  # swiglu(0, 0) == 0: padded gate and up give a zero-padded product
             gate, up = _pad_axis(gate, -1, self.pad_to), _pad_axis(up, -1, self.pad_to)
             kernel = _pad_axis(kernel, 0, self.pad_to)
-        y = dot_lib.swiglu_dot_general(gate, up, kernel, (((gate.ndim - 1,), (0,)), ((), ())), recipe=recipe,
-                                       residual_format=self.residual_format,
-                                       preferred_element_type=_quantized_result_dtype(precision))
-        return self._finish(y.astype(precision.output_dtype), (self.features,), precision)
+        y = _swiglu_down(self, gate, up, kernel, (((gate.ndim - 1,), (0,)), ((), ())), precision)
+        return self._finish(y, (self.features,), precision)
+
+
+def _fuses_swiglu(module: nn.Module, precision: Precision) -> bool:
+    """Whether a SwiGLU-fused down projection runs fused: its recipe recomputes the
+    product (`mpx.dot.recomputes_swiglu`) and its kernel is not stored pre-quantized."""
+    return dot_lib.recomputes_swiglu(precision.recipe) and not _stored_kernel(module)
+
+
+def _swiglu_down(module: nn.Module, gate: Array, up: Array, kernel: Array, dimension_numbers,
+                 precision: Precision) -> Array:
+    """The fused down projection of `gate` and `up`, in `precision.output_dtype`."""
+    y = dot_lib.swiglu_dot_general(gate, up, kernel, dimension_numbers, recipe=precision.recipe,
+                                   residual_format=module.residual_format,
+                                   preferred_element_type=_quantized_result_dtype(precision))
+    return y.astype(precision.output_dtype)
 
 
 # Experts' batched contraction: (E, N, K) x (E, K, F) -> (E, N, F).
@@ -291,13 +303,9 @@ class ExpertSwiGLUDense(ExpertDense):
     @nn.compact
     def __call__(self, gate: Array, up: Array) -> Array:
         precision = resolve_precision(self, self.policy)
-        if not dot_lib.recomputes_swiglu(precision.recipe) or _stored_kernel(self):
+        if not _fuses_swiglu(self, precision):
             return self._dense(activations.swiglu(gate, up, self.residual_format))
-        kernel = self._expert_kernel(gate.shape[-1], precision)
-        y = dot_lib.swiglu_dot_general(gate, up, kernel, EXPERT_DIMS, recipe=precision.recipe,
-                                       residual_format=self.residual_format,
-                                       preferred_element_type=_quantized_result_dtype(precision))
-        return y.astype(precision.output_dtype)
+        return _swiglu_down(self, gate, up, self._expert_kernel(gate.shape[-1], precision), EXPERT_DIMS, precision)
 
 
 LINEAR_TYPES = (DenseGeneral, ExpertDense)
