@@ -246,7 +246,9 @@ def test_scales_are_sharded_like_their_data_where_shards_hold_whole_blocks():
     assert explicit.fitted(P("data", "tensor"), (64, 4), mesh) == P("data", "tensor")
     assert explicit.fitted(P("data", "tensor"), (64, 3), mesh) == P("data", None)
     assert explicit.fitted(P(("data", "tensor"), None), (8, 5), mesh) == P(("data", "tensor"), None)
-    assert explicit.fitted(P(("data", "tensor"), None), (4, 5), mesh) == P(None, None)
+    assert explicit.fitted(P(("data", "tensor"), None), (4, 5), mesh) == P("data", None)  # the prefix that divides
+    assert explicit.fitted(P(("tensor", "data"), None), (6, 5), mesh) == P("tensor", None)
+    assert explicit.fitted(P("data", "tensor"), (2, 3), mesh) == P(None, None)
     assert explicit.fitted(P("data"), (8, 2), mesh) == P("data", None)  # short specs pad with None
 
 

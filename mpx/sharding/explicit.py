@@ -22,6 +22,8 @@ from typing import Any, Callable
 import jax
 from jax.sharding import AxisType, PartitionSpec
 
+from mpx.sharding.specs import logical_to_spec
+
 
 def explicit_mesh(tree: Any):
     """The abstract mesh with Explicit axes that types the arrays in `tree` (or the
@@ -38,35 +40,30 @@ def explicit_mesh(tree: Any):
     return None
 
 
+def _full_spec(typed: Any) -> PartitionSpec:
+    """The PartitionSpec in `typed`'s sharding (an array's type or a ShapeDtypeStruct),
+    one entry per axis (None: not sharded)."""
+    spec = tuple(getattr(getattr(typed, "sharding", None), "spec", None) or ())
+    return PartitionSpec(*(spec + (None,) * (len(typed.shape) - len(spec))))
+
+
 def spec_of(x: Any) -> PartitionSpec:
     """x's sharding as a PartitionSpec with one entry per axis (None: not sharded)."""
-    sharding = getattr(jax.typeof(x), "sharding", None) if isinstance(x, jax.Array) else None
-    spec = tuple(getattr(sharding, "spec", None) or ())
-    return PartitionSpec(*(spec + (None,) * (jax.numpy.ndim(x) - len(spec))))
+    return _full_spec(jax.typeof(x)) if isinstance(x, jax.Array) else PartitionSpec(*(None,) * jax.numpy.ndim(x))
 
 
 def fitted(spec: PartitionSpec, shape: tuple[int, ...], mesh=None) -> PartitionSpec:
-    """`spec` for an array of `shape`: each dimension keeps the mesh axes whose product
-    divides it (an array of block scales is sharded like its data where the shards hold
-    whole blocks, and replicated along the other dimensions). `mesh`: the context's by
-    default."""
+    """`spec` for an array of `shape` (an array of block scales, sharded like its data):
+    each dimension keeps its mesh axes in order while their product divides it, as
+    `mpx.sharding.logical_to_spec` does for named axes. `mesh`: the context's by default."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    out = []
-    for entry, dim in zip(tuple(spec) + (None,) * (len(shape) - len(spec)), shape):
-        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        total = 1
-        for name in names:
-            total *= sizes[name]
-        out.append(entry if names and dim % total == 0 else None)
-    return PartitionSpec(*out)
+    names = [f"dim{i}" for i in range(len(shape))]
+    return logical_to_spec(names, shape, mesh, rules=tuple(zip(names, tuple(spec) + (None,) * len(shape))))
 
 
 def plain_spec(fn: Callable[[], jax.Array]) -> PartitionSpec:
     """The sharding jax gives the result of `fn()` (traced only, never run)."""
-    struct = jax.eval_shape(fn)
-    spec = tuple(getattr(struct.sharding, "spec", None) or ())
-    return PartitionSpec(*(spec + (None,) * (len(struct.shape) - len(spec))))
+    return _full_spec(jax.eval_shape(fn))
 
 
 def like_first(x, *_, **__) -> PartitionSpec:
