@@ -101,7 +101,8 @@ def format_table(result: dict) -> str:
               "| max error / max|y| vs the exact product of the quantized operands",
               f"{'scale':<7}{'forward':>22}{'dgrad':>22}{'wgrad':>22}"]
     for sf, ops in result["dot"].items():
-        cells = "".join(f"{ops[op]['rel_error']:>11.4e} | {ops[op]['exactness']:.1e}" for op in ("forward", "dgrad", "wgrad"))
+        cells = "".join(f"{ops[op]['rel_error']:>11.4e} | {ops[op]['exactness']:.1e}"
+                        for op in ("forward", "dgrad", "wgrad"))
         lines.append(f"{sf:<7}{cells}")
     return "\n".join(lines)
 

@@ -33,8 +33,9 @@ probabilities, their gradient and its bf16 copy, T per query per head, are live 
 time; with an FP8 recipe on QK^T or PV the f32 probabilities and their compute-dtype
 copy are saved per block instead), the attention output and the FFN's gate, up (one
 byte each when the down projection's recipe asks for it, `DeepSeekV3.swiglu_residuals`)
-and hidden (none when the down projection recomputes it, `mpx.dot.recomputes_swiglu`; for MoE: the router's f32 probabilities and top_k routed copies, i.e.
-capacity-style dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
+and hidden (none when the down projection recomputes it, `mpx.dot.recomputes_swiglu`;
+for MoE: the router's f32 probabilities and top_k routed copies, i.e. capacity-style
+dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
 full set while it is recomputed. The final norm and the f32 logits and log-softmax
 (vocabulary on tensor) are added once. It ignores XLA's fusion and buffer reuse, so
 read it as an upper-bound-style estimate within a small factor, not a measurement.

@@ -198,8 +198,8 @@ def check_explicit_axes(out: Path, results: dict) -> None:
         "quant_scale_equal": bool(np.array_equal(np.asarray(q_ref.scale), np.asarray(q.scale))),
         "quant_specs": [str(q.data.sharding.spec), str(q.scale.sharding.spec)],
         "dot_out_spec": str(out_spec), "dot_loss": [float(l_ref), float(l_got)],
-        "dot_grad_rel": [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / float(jnp.max(jnp.abs(a))))
-                         for a, b in zip(g_ref, g_got)],
+        "dot_grad_rel": [float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                         / float(jnp.max(jnp.abs(a))) for a, b in zip(g_ref, g_got)],
         "dot_grad_specs": [str(g.sharding.spec) for g in g_got],
     }
     cfg = model_config.ModelConfig(vocab_size=256, d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=256,

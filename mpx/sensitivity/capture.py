@@ -2,8 +2,8 @@
 
 Works on any Flax model whose matmuls go through `mpx.nn.DenseGeneral` / `Dense` /
 `ExpertDense` (and their SwiGLU-fused down projections, whose input is the SwiGLU
-product: `mpx.nn.linear_input`), through Flax method interception (`flax.linen.intercept_methods`): the
-model's code is not changed. Layers are named by their module path
+product: `mpx.nn.linear_input`), through Flax method interception
+(`flax.linen.intercept_methods`): the model's code is not changed. Layers are named by their module path
 ("layers_3/attn/v_proj"), the path a `Policy` rule matches.
 
 Each layer's operands are viewed in a canonical batched-matmul form: input (G, M, K),
