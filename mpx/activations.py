@@ -77,8 +77,12 @@ def swiglu_inputs(residual_format: str | None, residuals, when: Array) -> tuple[
     """(gate, up) in f32 from SwiGLU's backward residuals (as kept, or dequantized from
     their FP8 tiles), computed once `when` (the incoming gradient) is here: the backward
     pass recomputes them when it reaches this layer, not at its start."""
-    gate, up = residuals if residual_format is None else (dequantize(q) for q in residuals)
-    return after(gate, when).astype(_F32), up.astype(_F32)
+    if residual_format is None:
+        gate, up = residuals
+        return after(gate, when).astype(_F32), up.astype(_F32)
+    # The FP8 data waits, not the dequantized values: XLA may materialize its f32 upcast
+    # for several consumers, and would then compute it at the start of the backward pass.
+    return tuple(dequantize(dataclasses.replace(q, data=after(q.data, when))).astype(_F32) for q in residuals)
 
 
 def swiglu_grads(g: Array, u: Array, d_out: Array, dtypes) -> tuple[Array, Array]:

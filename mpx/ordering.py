@@ -22,20 +22,29 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def after(x: Array, dependency: Array) -> Array:
+def after(x: Array, dependency: Array, *, bitwise: bool = False) -> Array:
     """x, unchanged, but computable only once `dependency` is.
 
     Adds min(|d|, 0) for one element d of `dependency`: exactly 0 for any non-NaN d (a
     NaN gradient is lost anyway), and a data dependence no XLA simplification removes.
-    Costs one elementwise pass over x.
+    Costs one elementwise pass over x. One-byte floats (FP8 data, which has no
+    arithmetic), and 16-bit floats with `bitwise`, get that 0 added to their bit
+    patterns as unsigned integers: XLA on CPU computes a bf16 addition in f32, and may
+    then convert a whole array to f32 ahead of a loop that adds to slices of it.
 
     Args:
       x: a floating array.
       dependency: any non-empty numeric array.
+      bitwise: 16-bit floats through their bit patterns too.
 
     Returns:
       x's values, in x's dtype.
     """
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 1 or (bitwise and size == 2):  # add 0 to the bit patterns
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * size}"))
+        zero = jnp.minimum(jnp.abs(_first(dependency).astype(jnp.float32)), 0.0).astype(bits.dtype)
+        return jax.lax.bitcast_convert_type(bits + zero, x.dtype)
     first = _first(dependency).astype(x.dtype)
     return x + jnp.minimum(jnp.abs(first), jnp.zeros((), x.dtype))
 

@@ -221,6 +221,21 @@ def test_after_returns_x_unchanged_but_depends_on_the_dependency():
     assert any(v is jaxpr.jaxpr.invars[1] for v in used)
 
 
+@pytest.mark.parametrize("dtype,bitwise", [("float8_e4m3fn", False), ("float8_e5m2", False), ("bfloat16", True)])
+def test_after_keeps_the_bits_of_narrow_floats(dtype, bitwise):
+    """FP8 data (and bf16 with bitwise=True) gets 0 added to its bit patterns: every bit
+    stays, NaN and -0 included, and the result still depends on the dependency."""
+    x = jnp.array([jnp.nan, 1.5, -0.0, -448.0, 2.0**-9], jnp.float32).astype(dtype)
+    bits = lambda v: jax.lax.bitcast_convert_type(v, f"uint{8 * v.dtype.itemsize}")  # noqa: E731
+    for dep in (jnp.array([2.0]), jnp.array([-jnp.inf]), jnp.zeros((2, 3), jnp.bfloat16)):
+        got = jax.jit(lambda v, d: ordering.after(v, d, bitwise=bitwise))(x, dep)
+        assert got.dtype == x.dtype
+        np.testing.assert_array_equal(bits(got), bits(x))
+    jaxpr = jax.make_jaxpr(lambda v, d: ordering.after(v, d, bitwise=bitwise))(x, jnp.ones(3))
+    assert any(v is jaxpr.jaxpr.invars[1] for eqn in jaxpr.jaxpr.eqns for v in eqn.invars)
+    assert "add" in {eqn.primitive.name for eqn in jaxpr.jaxpr.eqns}
+
+
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float32"])
 def test_kept_returns_x_bit_for_bit(dtype):
     x = jnp.array([jnp.nan, 1.5, -0.0, -448.0], jnp.float32).astype(dtype)

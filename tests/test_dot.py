@@ -600,3 +600,35 @@ def test_exact_block_scales_match_the_float64_product_of_the_dequantized_operand
     for got, want in ((y, xq @ wq), (d_x, dq(g, (1, 128)) @ wq.T), (d_w, x_w.T @ dq(g, (128, 1)))):
         err = np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want))
         assert err <= 1e-5, err
+
+
+def _deepseek_dot(out_dtype=jnp.float32):
+    """A fresh jitted DeepSeekV3 product (traced anew, so it sees the module constants)."""
+    return jax.jit(lambda a, b: mdot.dot_general(a, b, MK_KN, recipe=recipes.DeepSeekV3(),
+                                                 preferred_element_type=out_dtype))
+
+
+def test_many_rows_run_in_chunks_with_the_same_bits(monkeypatch):
+    """Float block scales over several K groups: rows in chunks (forward, dgrad and
+    wgrad's lhs^T rows) give the bits of one pass."""
+    x, w, g = _normal(46, (512, 256), 2.0), _normal(47, (256, 384), 0.05), _normal(48, (512, 384))
+    fn = _quantized(MK_KN, recipes.DeepSeekV3())
+    monkeypatch.setattr(backends, "ROW_CHUNK", 4096)
+    whole = _value_and_grads(fn, x, w, g)
+    monkeypatch.setattr(backends, "ROW_CHUNK", 128)
+    assert backends._row_chunks(512, 1, (1, 1, 128), 2) == 4
+    chunked = _value_and_grads(fn, x, w, g)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chunked_rows_hold_less_than_one_f32_result(monkeypatch):
+    """Without chunks the running sum and a group's partial sums are two f32 results;
+    in chunks of 256 rows the whole product needs less than one."""
+    m, n = 2048, 512
+    x, w = jnp.ones((m, 256), jnp.bfloat16), jnp.ones((256, n), jnp.float32)
+    temp = lambda: _deepseek_dot(jnp.bfloat16).lower(x, w).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+    monkeypatch.setattr(backends, "ROW_CHUNK", 4096)
+    assert temp() >= 2 * m * n * 4
+    monkeypatch.setattr(backends, "ROW_CHUNK", 256)
+    assert temp() < m * n * 4

@@ -24,7 +24,7 @@ from jax import lax
 
 from mpx import formats as formats_lib
 from mpx.dot.spec import OperandSpec, dims
-from mpx.ordering import after
+from mpx.ordering import after, kept
 from mpx.scaled import ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
 from mpx.scales import broadcast_scale, compute_amax, compute_scale, grid_values, pad_axis_to, scale_shape
 
@@ -106,8 +106,10 @@ def is_f8(x: jax.Array) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 1
 
 
-def dot(a: Prepared, b: Prepared, dimension_numbers, guard: bool, blocks=(None, None)) -> jax.Array:
-    """float32 (a_values . b_values) * a_scalar * b_scalar, block scales per K group.
+def dot(a: Prepared, b: Prepared, dimension_numbers, guard: bool, blocks=(None, None),
+        out_dtype=jnp.float32) -> jax.Array:
+    """(a_values . b_values) * a_scalar * b_scalar in float32, block scales per K group,
+    returned in `out_dtype` (one rounding of the f32 result).
 
     Operands are canonical: a (B?, M, K) contracts its last axis, b is (B?, K, N) or
     (B?, N, K) as `dimension_numbers` say. When an operand carries block scales
@@ -119,11 +121,11 @@ def dot(a: Prepared, b: Prepared, dimension_numbers, guard: bool, blocks=(None, 
     """
     (xa, sa, ba), (xb, sb, bb) = a, b
     if ba is not None or bb is not None:
-        out = grouped_product((xa, ba), (xb, bb), dimension_numbers, guard, blocks)
+        out = grouped_product((xa, ba), (xb, bb), dimension_numbers, guard, blocks, out_dtype)
     else:
         out = _plain_dot(xa, xb, dimension_numbers, guard)
     scalars = [s for s in (sa, sb) if s is not None]
-    return out * math.prod(scalars) if scalars else out
+    return (out * math.prod(scalars) if scalars else out).astype(out_dtype)
 
 
 def _plain_dot(xa: jax.Array, xb: jax.Array, dimension_numbers, guard: bool) -> jax.Array:
@@ -152,15 +154,19 @@ def guarded_dot(xa: jax.Array, xb: jax.Array, dimension_numbers, guard: bool, *,
     return lax.optimization_barrier(out) if guard else out
 
 
-def grouped_product(a, b, dimension_numbers, guard: bool, blocks) -> jax.Array:
-    """sum_g (a_g . b_g) * scale_a_g * scale_b_g over K groups, in f32.
+def grouped_product(a, b, dimension_numbers, guard: bool, blocks, out_dtype=jnp.float32) -> jax.Array:
+    """sum_g (a_g . b_g) * scale_a_g * scale_b_g over K groups, in f32, returned in
+    `out_dtype`.
 
     Each K group is one GEMM of exact grid values (bf16 x bf16 products are exact in
     f32, accumulated in f32) whose partial sums are scaled and added to an f32
     accumulator, as DeepSeek-V3's block-scaled GEMM promotes its partial sums every 128
     elements: exact up to f32 rounding. The groups run in a `lax.scan` of 2-D GEMMs: on
     CPU one batched GEMM over the groups is 4x slower, and it would hold every group's
-    partial sums at once.
+    partial sums at once. A product of many rows runs in chunks of rows
+    (`ROW_CHUNK`): XLA has no GEMM that adds into its output, so the running sum and one
+    group's partial sums are two f32 buffers of the chunk's size, not of the whole
+    result's (the FFN's projections: 2 x 12.6 MB at 4096 x 768).
 
     Args:
       a: (values (B?, M, K), scales or None), scales of shape ceil(shape / block).
@@ -188,10 +194,16 @@ def grouped_product(a, b, dimension_numbers, guard: bool, blocks) -> jax.Array:
         raise ValueError(f"K groups of the two operands differ: blocks {ba} and {bb}")
     bsz, m, k = xa.shape
     ng = -(-k // group)
+    chunks = _row_chunks(m, bsz, ba, ng)
+    if chunks > 1:
+        batched_dims = (((2,), (2 if k_last else 1,)), ((0,), (0,)))
+        out = _by_rows(lambda xa_, sa_: grouped_product((xa_, sa_), (xb, sb), batched_dims, guard, blocks, out_dtype),
+                       xa, sa, chunks, xb.shape[1] if k_last else xb.shape[2], out_dtype)
+        return out if batched else out[0]
     if ng > MAX_SCANNED_GROUPS:  # many small GEMMs: dequantize into f32 operands instead
         fa = xa.astype(jnp.float32) if sa is None else xa.astype(jnp.float32) * broadcast_scale(sa, xa.shape, ba)
         fb = xb.astype(jnp.float32) if sb is None else xb.astype(jnp.float32) * broadcast_scale(sb, xb.shape, bb)
-        out = _plain_dot(fa, fb, (((2,), (2 if k_last else 1,)), ((0,), (0,))), guard)
+        out = _plain_dot(fa, fb, (((2,), (2 if k_last else 1,)), ((0,), (0,))), guard).astype(out_dtype)
         return out if batched else out[0]
     xa, xb = pad_axis_to(xa, 2, ng * group), pad_axis_to(xb, 2 if k_last else 1, ng * group)
     n = xb.shape[1] if k_last else xb.shape[2]
@@ -215,9 +227,48 @@ def grouped_product(a, b, dimension_numbers, guard: bool, blocks) -> jax.Array:
         rest = jax.tree.map(lambda x: None if x is None else x[1:], xs)
         # Each group's GEMM waits for the running sum (`after`): otherwise XLA on CPU runs
         # the GEMMs of an unrolled scan first and holds all their partial sums at once.
-        out, _ = lax.scan(lambda acc, group_xs: (acc + scaled_partial((after(group_xs[0], acc), *group_xs[1:])), None),
+        out, _ = lax.scan(lambda acc, group_xs: (acc + scaled_partial((after(group_xs[0], acc, bitwise=True), *group_xs[1:])), None),
                           out, rest)
+    out = out.astype(out_dtype)
     return out if batched else out[0]
+
+
+# Rows per chunk of a block-scaled product with several K groups (`grouped_product`).
+ROW_CHUNK = 1024
+
+
+def _row_chunks(m: int, bsz: int, block, ng: int) -> int:
+    """How many chunks of rows `grouped_product` splits m rows into: 1 (no split) for a
+    single K group, a batch (its chunks would need a transposed copy), or rows that do
+    not split evenly into whole scale blocks of at least 128 rows each."""
+    if ng < 2 or bsz != 1 or m <= ROW_CHUNK or ng > MAX_SCANNED_GROUPS:
+        return 1
+    rows_per_scale = 1 if block is None else block[1]
+    for n in range(-(-m // ROW_CHUNK), m // 128 + 1):
+        if m % n == 0 and (m // n) % rows_per_scale == 0:
+            return n
+    return 1
+
+
+def _by_rows(product, xa: jax.Array, sa: jax.Array | None, chunks: int, n: int, out_dtype) -> jax.Array:
+    """product(rows of xa, their scales) -> (1, rows, n), over `chunks` equal chunks of
+    rows one at a time, written into one (1, M, n) result. xa is (1, M, K), sa
+    (1, M / bm, nG) or None.
+
+    The result buffer starts from zeros that depend on xa (`after`): a loop's output
+    that depends on nothing is allocated by XLA on CPU at the start of the program, for
+    every layer at once."""
+    m = xa.shape[1]
+    rows = m // chunks
+    per_scale = 1 if sa is None else m // sa.shape[1]
+    xa = kept(xa)  # a buffer in xa's dtype: XLA would carry the f32 it was made from into the loop
+
+    def chunk(i, out):
+        xa_i = lax.dynamic_slice_in_dim(xa, i * rows, rows, axis=1)
+        sa_i = None if sa is None else lax.dynamic_slice_in_dim(sa, i * (rows // per_scale), rows // per_scale, axis=1)
+        return lax.dynamic_update_slice_in_dim(out, product(xa_i, sa_i), i * rows, axis=1)
+
+    return lax.fori_loop(0, chunks, chunk, after(jnp.zeros((1, m, n), out_dtype), xa))
 
 
 def _groups_first(x: jax.Array, ng: int, axis: int) -> jax.Array:

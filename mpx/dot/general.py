@@ -65,7 +65,7 @@ def _qmatmul_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
     rhs_q = backends.quantize_parts(rhs, p.fprop_rhs, rhs_scale)
     a, b = backends.from_grid(*lhs_q, p.fprop_lhs, impl), backends.from_grid(*rhs_q, p.fprop_rhs, impl)
     blocks = (backends.block_of(p.fprop_lhs, lhs.shape), backends.block_of(p.fprop_rhs, rhs.shape))
-    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard, blocks).astype(cfg.out_dtype)
+    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard, blocks, cfg.out_dtype)
     if cfg.fp8_residuals:
         # The FP8 operands (E4M3 data + f32 scales) instead of the inputs: 1 byte per
         # element. The rhs is kept unquantized when dgrad groups it differently.
@@ -126,7 +126,7 @@ def wgrad(cfg: _Config, lhs_t, dy, g, rhs_shape) -> jax.Array:
     """f32 d_rhs = lhs^T . dY from wgrad's prepared lhs^T (K, M), dgrad's prepared dY
     (reused when wgrad groups it the same way) and the incoming gradient g."""
     p, impl = cfg.plan, cfg.impl
-    dy_w = dy if p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
+    dy_w = dy if dy is not None and p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
     lhs_t_shape = g.shape[:-2] + (rhs_shape[-2], g.shape[-2])
     blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
     return backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
