@@ -3,8 +3,10 @@
 Reads XLA's optimized HLO text (`jax.jit(f).lower(...).compile().as_text()`) and sorts
 every executed instruction into matmuls, elementwise (fusions and other compute ops),
 layout copies (copy, transpose) and collectives. Bytes are each instruction's operands
-plus its result, a memory-traffic estimate; instructions inside a while loop count once
-per known trip. Free instructions (parameters, tuples, bitcasts) are skipped.
+plus its result, a memory-traffic estimate (a loop that updates a slice of a buffer
+in place counts the whole buffer each trip); instructions inside a while loop count once
+per known trip of every loop around them. Free instructions (parameters, tuples,
+bitcasts) are skipped.
 
     python -m benchmarks.train_step --model small --ops   # the table per preset
 """
@@ -125,17 +127,23 @@ def op_table(hlo: str) -> dict[str, dict[str, float]]:
 
 
 def _trip_counts(comps: dict[str, list[str]]) -> dict[str, int]:
-    """Loop bodies with a known trip count (`known_trip_count` in the while's config)."""
-    trips = {}
-    for lines in comps.values():
+    """Loop bodies with a known trip count (`known_trip_count` in the while's config),
+    times the trips of the loops they run in."""
+    loops = {}  # body -> (trip count, the computation that runs the loop)
+    for comp, lines in comps.items():
         for line in lines:
             if " while(" not in line:
                 continue
             body = re.search(r"body=%?([\w.\-]+)", line)
             count = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
             if body:
-                trips[body.group(1)] = int(count.group(1)) if count else 1
-    return trips
+                loops[body.group(1)] = (int(count.group(1)) if count else 1, comp)
+
+    def total(body: str, depth: int = 0) -> int:
+        count, parent = loops[body]
+        return count * (total(parent, depth + 1) if parent in loops and depth < 16 else 1)
+
+    return {body: total(body) for body in loops}
 
 
 def format_table(tables: dict[str, dict[str, dict[str, float]]]) -> str:

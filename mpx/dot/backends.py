@@ -227,8 +227,12 @@ def grouped_product(a, b, dimension_numbers, guard: bool, blocks, out_dtype=jnp.
         rest = jax.tree.map(lambda x: None if x is None else x[1:], xs)
         # Each group's GEMM waits for the running sum (`after`): otherwise XLA on CPU runs
         # the GEMMs of an unrolled scan first and holds all their partial sums at once.
-        out, _ = lax.scan(lambda acc, group_xs: (acc + scaled_partial((after(group_xs[0], acc, bitwise=True), *group_xs[1:])), None),
-                          out, rest)
+        # The wait adds 0 to the bf16 bit patterns: an f32 addition would let XLA convert
+        # every group to f32 ahead of the loop.
+        def add_group(acc, group_xs):
+            return acc + scaled_partial((after(group_xs[0], acc, bitwise=True), *group_xs[1:])), None
+
+        out, _ = lax.scan(add_group, out, rest)
     out = out.astype(out_dtype)
     return out if batched else out[0]
 
