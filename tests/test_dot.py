@@ -632,3 +632,44 @@ def test_chunked_rows_hold_less_than_one_f32_result(monkeypatch):
     assert temp() >= 2 * m * n * 4
     monkeypatch.setattr(backends, "ROW_CHUNK", 256)
     assert temp() < m * n * 4
+
+
+def _wgrad_fn(x, g):
+    """d_w of a DeepSeekV3 product with bf16 output, as a function of w."""
+
+    def wgrad(w):
+        _, vjp = jax.vjp(lambda w: mdot.dot_general(x, w, MK_KN, recipe=recipes.DeepSeekV3(),
+                                                     preferred_element_type=jnp.bfloat16), w)
+        return vjp(g)[0]
+
+    return jax.jit(wgrad)
+
+
+def test_wgrad_over_many_token_groups_runs_in_column_chunks_with_the_same_bits(monkeypatch):
+    """Past MAX_SCANNED_GROUPS token groups wgrad is one f32 GEMM of dequantized operands;
+    dY's columns in chunks give its bits, exact to f32 rounding."""
+    t, k, n = 128 * (backends.MAX_SCANNED_GROUPS + 1), 256, 512
+    x, w, g = _normal(49, (t, k), 2.0), _normal(50, (k, n), 0.05), _normal(51, (t, n)).astype(jnp.bfloat16)
+    monkeypatch.setattr(backends, "COL_CHUNK", 1 << 20)
+    whole = _wgrad_fn(x, g)(w)
+    monkeypatch.setattr(backends, "COL_CHUNK", 128)
+    chunked = _wgrad_fn(x, g)(w)
+    np.testing.assert_array_equal(np.asarray(whole), np.asarray(chunked))
+    def dq(v, block):
+        return np.asarray(mpx.dequantize(mpx.quantize(v, "e4m3", mpx.Blocks(block))), np.float64)
+
+    x_w = dq(jnp.asarray(dq(x, (1, 128)), jnp.float32), (128, 1))  # wgrad requantizes the stored operand
+    want = x_w.T @ dq(g.astype(jnp.float32), (128, 1))
+    assert np.max(np.abs(np.asarray(chunked, np.float64) - want)) / np.max(np.abs(want)) <= 1e-5
+
+
+def test_wgrad_column_chunks_hold_less_than_the_whole_f32_gradient(monkeypatch):
+    """Whole, wgrad dequantizes all of dY into f32; in chunks of 256 columns the whole
+    backward pass needs less than that one buffer."""
+    t, k, n = 128 * (backends.MAX_SCANNED_GROUPS + 1), 256, 4096
+    x, w, g = jnp.ones((t, k), jnp.bfloat16), jnp.ones((k, n), jnp.float32), jnp.ones((t, n), jnp.bfloat16)
+    temp = lambda: _wgrad_fn(x, g).lower(w).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+    monkeypatch.setattr(backends, "COL_CHUNK", 1 << 20)
+    assert temp() >= t * n * 4
+    monkeypatch.setattr(backends, "COL_CHUNK", 256)
+    assert temp() < t * n * 4

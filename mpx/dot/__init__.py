@@ -57,9 +57,10 @@ Implementations of the quantized matmul (`impl`):
   with f32 accumulation; per-tensor scales multiply the f32 result. Block scales are
   folded into the operands when that is exact (power-of-two scales, `scale_format=
   "ue8m0"`), else they multiply f32 partial sums per K group (a scan of per-group GEMMs,
-  or one f32 GEMM of dequantized operands past `backends.MAX_SCANNED_GROUPS` groups), as
-  DeepSeek-V3's GEMM does: the result is the dequantized operands' product up to f32
-  rounding. The default on CPU.
+  in chunks of rows for many rows; past `backends.MAX_SCANNED_GROUPS` groups, f32 GEMMs
+  of dequantized operands, in chunks of the rhs's columns), as DeepSeek-V3's GEMM does:
+  the result is the dequantized operands' product up to f32 rounding. The default on
+  CPU.
 * "fold_bf16": block scales folded into bf16 operands whatever they are: one GEMM, but
   each operand value gains up to 2^-9 relative error (about 2.7e-3 of max|y| against
   the exact product at 1024-wide shapes; E4M3 itself has 2^-4).

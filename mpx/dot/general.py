@@ -1,7 +1,9 @@
 """The differentiable quantized `dot_general`: a custom VJP over canonical operands.
 
 Forward `lhs (B, M, K) . rhs (B, K, N)`; backward dgrad `dY . rhs^T` and wgrad
-`lhs^T . dY`, each operand quantized as `mpx.dot.plan` says. Per-tensor forward scales
+`lhs^T . dY`, each operand quantized as `mpx.dot.plan` says. When the two group dY
+differently (DeepSeekV3), wgrad runs first and dgrad waits for it, so their operands are
+never alive together. Per-tensor forward scales
 (current, delayed, static scaling) are computed outside the VJP, so scale state never
 gets a gradient.
 """
@@ -95,8 +97,12 @@ def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
 
 def _qmatmul_bwd(cfg: _Config, residuals, g):
     keep_lhs, keep_rhs = residuals
-    d_lhs, dy, rhs_shape = dgrad(cfg, keep_rhs, g)
-    d_rhs = wgrad(cfg, _wgrad_lhs(cfg, keep_lhs, g), dy, g, rhs_shape)
+    if cfg.plan.wgrad_dy == cfg.plan.dgrad_dy:  # one prepared dY for both
+        d_lhs, dy, rhs_shape = dgrad(cfg, keep_rhs, g)
+        d_rhs = wgrad(cfg, _wgrad_lhs(cfg, keep_lhs, g), dy, g, rhs_shape)
+    else:  # wgrad first, then dgrad: their operands are never alive together
+        d_rhs = wgrad(cfg, _wgrad_lhs(cfg, keep_lhs, g), None, g, _rhs_shape(cfg, keep_rhs))
+        d_lhs, _, _ = dgrad(cfg, keep_rhs, after(g, d_rhs))
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
 
 
