@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mpx  # noqa: E402
 import mpx.sharding  # noqa: E402
+from mpx.dot import backends  # noqa: E402
 from models import config as model_config  # noqa: E402
 from models import plan as plan_lib  # noqa: E402
 from models import sharding  # noqa: E402
@@ -161,6 +162,36 @@ def check_block_scales(out: Path, results: dict) -> None:
         "collectives": len(sharding.collectives(quant.lower(ws).compile().as_text())),
         "scale_equal": bool(np.array_equal(np.asarray(ref.scale), np.asarray(got.scale))),
         "data_equal": bool(np.array_equal(np.asarray(ref.data).view(np.uint8), np.asarray(got.data).view(np.uint8))),
+    }
+
+
+def check_chunked_products(out: Path, results: dict) -> None:
+    """DeepSeekV3 products split into row chunks (forward, dgrad) and wgrad's column
+    chunks, on a (data=4, tensor=2) mesh: the chunks move no data between devices and
+    give the bits of the unchunked products."""
+    mesh = sharding.make_mesh({"data": 4, "tensor": 2})
+    put = lambda v, *spec: jax.device_put(v, NamedSharding(mesh, P(*spec)))  # noqa: E731
+    keys = jax.random.split(jax.random.key(5), 3)
+    x = put(jax.random.normal(keys[0], (4096, 256)).astype(jnp.bfloat16), "data", None)
+    w = put(jax.random.normal(keys[1], (256, 1024)) * 0.05, None, "tensor")
+    g = put(jax.random.normal(keys[2], (4096, 1024)).astype(jnp.bfloat16), "data", "tensor")
+
+    def step(x, w, g):
+        y, vjp = jax.vjp(lambda x, w: mpx.dot_general(x, w, (((1,), (0,)), ((), ())), recipe="deepseek_v3",
+                                                      preferred_element_type=jnp.bfloat16), x, w)
+        return (y, *vjp(g))
+
+    saved, runs = (backends.ROW_CHUNK, backends.COL_CHUNK), {}
+    for name, sizes in (("whole", (1 << 30, 1 << 30)), ("chunked", saved)):
+        backends.ROW_CHUNK, backends.COL_CHUNK = sizes
+        fn = jax.jit(lambda *a: step(*a))  # traced anew: the chunk sizes are read while tracing
+        moved = sharding.collectives(fn.lower(x, w, g).compile().as_text())
+        runs[name] = ({f"{op} {dtype}": n for (op, dtype), n in moved.items() if op != "all-reduce"},
+                      [np.asarray(v) for v in fn(x, w, g)])
+    backends.ROW_CHUNK, backends.COL_CHUNK = saved
+    results["chunked_products"] = {
+        "movement_whole": runs["whole"][0], "movement_chunked": runs["chunked"][0],
+        "same_bits": all(np.array_equal(_bits(a), _bits(b)) for a, b in zip(runs["whole"][1], runs["chunked"][1])),
     }
 
 
@@ -298,7 +329,7 @@ def check_reshard_through_loop(out: Path, results: dict) -> None:
 GROUPS = {
     # One process each, so two cores work in parallel.
     "grads": (check_per_tensor_amax, check_block_scales, check_mean_over_replicas, check_cache, check_meshes,
-              check_explicit_axes),
+              check_explicit_axes, check_chunked_products),
     "loop": (check_reshard_through_loop, check_sharded_generation),
 }
 

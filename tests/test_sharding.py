@@ -223,6 +223,14 @@ def test_block_scales_need_no_communication_and_live_with_their_blocks(worker):
 
 
 @pytest.mark.slow
+def test_chunked_fp8_products_move_no_data_between_devices(worker):
+    """Row and column chunks interleave rows and columns, so on a mesh that shards them
+    in contiguous blocks each device computes its own share of every chunk."""
+    res = worker["results"]["chunked_products"]
+    assert res["movement_chunked"] == res["movement_whole"] and res["same_bits"]
+
+
+@pytest.mark.slow
 def test_core_and_model_run_on_meshes_with_explicit_axes(worker):
     res = worker["results"]["explicit"]
     # Quantization is per row: sharded rows give the same bits, sharded like the input.

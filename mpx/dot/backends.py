@@ -236,25 +236,36 @@ def grouped_product(a, b, dimension_numbers, guard: bool, blocks, out_dtype=jnp.
 
 
 def _dequantized_product(a, b, k_last: bool, guard: bool, out_dtype) -> jax.Array:
-    """(B, M, N) = dequantized a . dequantized b in f32 GEMMs, b's columns in chunks of
-    `COL_CHUNK` one after another where they split evenly into whole scale blocks: only
-    one chunk of b is dequantized into f32 at a time (wgrad's dY: 12.6 MB at 4096 x 768)."""
+    """(B, M, N) = dequantized a . dequantized b in f32 GEMMs, over chunks of about
+    `COL_CHUNK` of b's columns one after another where each column has scales of its
+    own: only one chunk of b is dequantized into f32 at a time (wgrad's dY: 12.6 MB at
+    4096 x 768).
+
+    Chunk c holds columns c, c + chunks, ... (interleaved, as `_by_rows` interleaves
+    rows): on a mesh that shards the columns in contiguous blocks every device holds its
+    share of every chunk. The chunks are unrolled: as a loop over dynamic slices, XLA
+    on CPU converted the whole operand to f32 ahead of the loop."""
     (xa, sa, ba), (xb, sb, bb) = a, b
     fa = xa.astype(jnp.float32) if sa is None else xa.astype(jnp.float32) * broadcast_scale(sa, xa.shape, ba)
     axis = 1 if k_last else 2
-    n, per_scale = xb.shape[axis], 1 if bb is None else bb[axis]
-    chunks = n // COL_CHUNK if n > COL_CHUNK and n % COL_CHUNK == 0 and COL_CHUNK % per_scale == 0 else 1
-    cols, outs = n // chunks, []
+    gdims = (((2,), (2 if k_last else 1,)), ((0,), (0,)))
+    n = xb.shape[axis]
+    chunks = n // COL_CHUNK if n % COL_CHUNK == 0 and (bb is None or bb[axis] == 1) else 1
+    if chunks <= 1:
+        fb = xb.astype(jnp.float32) if sb is None else xb.astype(jnp.float32) * broadcast_scale(sb, xb.shape, bb)
+        return _plain_dot(fa, fb, gdims, guard).astype(out_dtype)
+    split = lambda x: x.reshape(*x.shape[:axis], n // chunks, chunks, *x.shape[axis + 1:])  # noqa: E731
+    xb, sb, outs = split(xb), None if sb is None else split(sb), []
     for c in range(chunks):
-        xb_c = lax.slice_in_dim(xb, c * cols, (c + 1) * cols, axis=axis)
-        lo, hi = c * cols // per_scale, (c + 1) * cols // per_scale
-        sb_c = None if sb is None else lax.slice_in_dim(sb, lo, hi, axis=axis)
+        xb_c = lax.index_in_dim(xb, c, axis=axis + 1, keepdims=False)
         if outs:  # after the previous chunk's GEMM, or XLA runs them all at once
             xb_c = after(xb_c, outs[-1], bitwise=True)
-        fb = xb_c.astype(jnp.float32) if sb_c is None else xb_c.astype(jnp.float32) * broadcast_scale(
-            sb_c, xb_c.shape, bb)
-        outs.append(_plain_dot(fa, fb, (((2,), (2 if k_last else 1,)), ((0,), (0,))), guard).astype(out_dtype))
-    return outs[0] if chunks == 1 else jnp.concatenate(outs, axis=2)
+        fb = xb_c.astype(jnp.float32)
+        if sb is not None:
+            fb = fb * broadcast_scale(lax.index_in_dim(sb, c, axis=axis + 1, keepdims=False), xb_c.shape, bb)
+        outs.append(_plain_dot(fa, fb, gdims, guard).astype(out_dtype))
+    out = jnp.stack(outs, axis=-1)  # (B, M, N / chunks, chunks): column j * chunks + c
+    return out.reshape(*out.shape[:2], n)
 
 
 # Columns of b per f32 GEMM in `_dequantized_product`.
@@ -267,36 +278,41 @@ ROW_CHUNK = 1024
 
 def _row_chunks(m: int, bsz: int, block, ng: int) -> int:
     """How many chunks of rows `grouped_product` splits m rows into: 1 (no split) for a
-    single K group, a batch (its chunks would need a transposed copy), or rows that do
-    not split evenly into whole scale blocks of at least 128 rows each."""
-    if ng < 2 or bsz != 1 or m <= ROW_CHUNK or ng > MAX_SCANNED_GROUPS:
+    single K group, a batch (its chunks would need a transposed copy), scales shared by
+    several rows (the chunks interleave rows), or rows that do not split evenly into
+    chunks of at least 128 rows."""
+    if ng < 2 or bsz != 1 or m <= ROW_CHUNK or ng > MAX_SCANNED_GROUPS or (block is not None and block[1] != 1):
         return 1
-    rows_per_scale = 1 if block is None else block[1]
     for n in range(-(-m // ROW_CHUNK), m // 128 + 1):
-        if m % n == 0 and (m // n) % rows_per_scale == 0:
+        if m % n == 0:
             return n
     return 1
 
 
 def _by_rows(product, xa: jax.Array, sa: jax.Array | None, chunks: int, n: int, out_dtype) -> jax.Array:
-    """product(rows of xa, their scales) -> (1, rows, n), over `chunks` equal chunks of
-    rows one at a time, written into one (1, M, n) result. xa is (1, M, K), sa
-    (1, M / bm, nG) or None.
+    """product(rows of xa, their scales) -> (1, rows, n), over `chunks` chunks of rows one
+    at a time, written into one (1, M, n) result. xa is (1, M, K), sa (1, M, nG) (a scale
+    per row) or None.
 
-    The result buffer starts from zeros that depend on xa (`after`): a loop's output
-    that depends on nothing is allocated by XLA on CPU at the start of the program, for
-    every layer at once."""
+    Chunk c holds rows c, c + chunks, c + 2 chunks, ...: on a mesh that shards the rows
+    in contiguous blocks, every device holds its share of every chunk, so the loop moves
+    no data between devices (contiguous chunks would gather each one). The result buffer
+    starts from zeros that depend on xa (`after`): a loop's output that depends on
+    nothing is allocated by XLA on CPU at the start of the program, for every layer at
+    once."""
     m = xa.shape[1]
     rows = m // chunks
-    per_scale = 1 if sa is None else m // sa.shape[1]
-    xa = kept(xa)  # a buffer in xa's dtype: XLA would carry the f32 it was made from into the loop
+    interleaved = lambda x: x.reshape(1, rows, chunks, *x.shape[2:])  # noqa: E731 (row r * chunks + c)
+    xa = interleaved(kept(xa))  # a buffer in xa's dtype: XLA would carry the f32 it was made from into the loop
+    sa = None if sa is None else interleaved(sa)
 
     def chunk(i, out):
-        xa_i = lax.dynamic_slice_in_dim(xa, i * rows, rows, axis=1)
-        sa_i = None if sa is None else lax.dynamic_slice_in_dim(sa, i * (rows // per_scale), rows // per_scale, axis=1)
-        return lax.dynamic_update_slice_in_dim(out, product(xa_i, sa_i), i * rows, axis=1)
+        xa_i = lax.dynamic_index_in_dim(xa, i, axis=2, keepdims=False)
+        sa_i = None if sa is None else lax.dynamic_index_in_dim(sa, i, axis=2, keepdims=False)
+        return lax.dynamic_update_index_in_dim(out, product(xa_i, sa_i), i, axis=2)
 
-    return lax.fori_loop(0, chunks, chunk, after(jnp.zeros((1, m, n), out_dtype), xa))
+    out = lax.fori_loop(0, chunks, chunk, after(jnp.zeros((1, rows, chunks, n), out_dtype), xa))
+    return out.reshape(1, m, n)
 
 
 def _groups_first(x: jax.Array, ng: int, axis: int) -> jax.Array:
