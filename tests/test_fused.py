@@ -90,3 +90,41 @@ def test_gate_and_up_of_different_shapes_fail():
     gate, up, w, _ = _inputs()
     with pytest.raises(ValueError, match="one shape"):
         mdot.swiglu_dot_general(gate, up[:, :256], w, DIMS, recipe=recipes.DeepSeekV3())
+
+
+def _ffn_stack_temp_bytes(layers: int, n=1024, d=256, f=512) -> float:
+    """Compiled temp bytes per (n, f) element of the gradient of a residual stack of FP8
+    FFNs (gate, up, fused SwiGLU + down projection with FP8 SwiGLU tiles)."""
+    keys = jax.random.split(jax.random.key(0), 3 * layers + 1)
+    x = jax.random.normal(keys[0], (n, d)).astype(jnp.bfloat16)
+    ws = [(jax.random.normal(keys[3 * i + 1], (d, f)) * d**-0.5, jax.random.normal(keys[3 * i + 2], (d, f)) * d**-0.5,
+           jax.random.normal(keys[3 * i + 3], (f, d)) * f**-0.5) for i in range(layers)]
+    dims, recipe = (((1,), (0,)), ((), ())), recipes.DeepSeekV3()
+
+    def loss(x, ws):
+        for w_gate, w_up, w_down in ws:
+            gate = mdot.dot_general(x, w_gate, dims, recipe=recipe, preferred_element_type=jnp.bfloat16)
+            up = mdot.dot_general(x, w_up, dims, recipe=recipe, preferred_element_type=jnp.bfloat16)
+            x = x + mdot.swiglu_dot_general(gate, up, w_down, dims, recipe=recipe, residual_format="e4m3",
+                                            preferred_element_type=jnp.bfloat16)
+        return jnp.sum(x.astype(jnp.float32) ** 2)
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, ws).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / (n * f)
+
+
+def test_each_ffn_adds_its_fp8_swiglu_tiles_not_their_f32_dequantization(monkeypatch):
+    """Per extra layer the backward pass holds the FP8 gate and up tiles (2 bytes per
+    element, plus the small rest); with `after` on the dequantized values instead of the
+    FP8 data, XLA dequantizes every layer's tiles into f32 at the start of the backward
+    pass (8 more bytes per element)."""
+    per_layer = lambda: (_ffn_stack_temp_bytes(4) - _ffn_stack_temp_bytes(1)) / 3  # noqa: E731
+    assert 2 <= per_layer() < 4
+    late = activations.after
+
+    def dequantized_then_after(residual_format, residuals, when):
+        gate, up = (mpx.dequantize(q) for q in residuals)
+        return late(gate, when).astype(jnp.float32), up.astype(jnp.float32)
+
+    monkeypatch.setattr(activations, "swiglu_inputs", dequantized_then_after)
+    assert per_layer() >= 8
