@@ -120,11 +120,12 @@ def dot(a: Prepared, b: Prepared, dimension_numbers, guard: bool, blocks=(None, 
     chosen its kernel, and its fallback kernel rejects bf16 x bf16 -> f32 (jax 0.10).
     """
     (xa, sa, ba), (xb, sb, bb) = a, b
-    if ba is not None or bb is not None:
-        out = grouped_product((xa, ba), (xb, bb), dimension_numbers, guard, blocks, out_dtype)
+    scalars = [s for s in (sa, sb) if s is not None]
+    if ba is not None or bb is not None:  # rounded to out_dtype inside unless scalars follow
+        out = grouped_product((xa, ba), (xb, bb), dimension_numbers, guard, blocks,
+                              jnp.float32 if scalars else out_dtype)
     else:
         out = _plain_dot(xa, xb, dimension_numbers, guard)
-    scalars = [s for s in (sa, sb) if s is not None]
     return (out * math.prod(scalars) if scalars else out).astype(out_dtype)
 
 
@@ -246,26 +247,27 @@ def _dequantized_product(a, b, k_last: bool, guard: bool, out_dtype) -> jax.Arra
     share of every chunk. The chunks are unrolled: as a loop over dynamic slices, XLA
     on CPU converted the whole operand to f32 ahead of the loop."""
     (xa, sa, ba), (xb, sb, bb) = a, b
-    fa = xa.astype(jnp.float32) if sa is None else xa.astype(jnp.float32) * broadcast_scale(sa, xa.shape, ba)
+    fa = _dequantized(xa, sa, ba)
     axis = 1 if k_last else 2
-    gdims = (((2,), (2 if k_last else 1,)), ((0,), (0,)))
     n = xb.shape[axis]
-    chunks = n // COL_CHUNK if n % COL_CHUNK == 0 and (bb is None or bb[axis] == 1) else 1
-    if chunks <= 1:
-        fb = xb.astype(jnp.float32) if sb is None else xb.astype(jnp.float32) * broadcast_scale(sb, xb.shape, bb)
-        return _plain_dot(fa, fb, gdims, guard).astype(out_dtype)
-    split = lambda x: x.reshape(*x.shape[:axis], n // chunks, chunks, *x.shape[axis + 1:])  # noqa: E731
+    chunks = n // COL_CHUNK if n >= COL_CHUNK and n % COL_CHUNK == 0 and (bb is None or bb[axis] == 1) else 1
+    split = lambda x: x.reshape(*x.shape[:axis], -1, chunks, *x.shape[axis + 1:])  # noqa: E731
     xb, sb, outs = split(xb), None if sb is None else split(sb), []
     for c in range(chunks):
         xb_c = lax.index_in_dim(xb, c, axis=axis + 1, keepdims=False)
         if outs:  # after the previous chunk's GEMM, or XLA runs them all at once
             xb_c = after(xb_c, outs[-1], bitwise=True)
-        fb = xb_c.astype(jnp.float32)
-        if sb is not None:
-            fb = fb * broadcast_scale(lax.index_in_dim(sb, c, axis=axis + 1, keepdims=False), xb_c.shape, bb)
-        outs.append(_plain_dot(fa, fb, gdims, guard).astype(out_dtype))
+        sb_c = None if sb is None else lax.index_in_dim(sb, c, axis=axis + 1, keepdims=False)
+        fb = _dequantized(xb_c, sb_c, bb)
+        outs.append(_plain_dot(fa, fb, (((2,), (2 if k_last else 1,)), ((0,), (0,))), guard).astype(out_dtype))
     out = jnp.stack(outs, axis=-1)  # (B, M, N / chunks, chunks): column j * chunks + c
     return out.reshape(*out.shape[:2], n)
+
+
+def _dequantized(x: jax.Array, scale: jax.Array | None, block) -> jax.Array:
+    """Grid values x times their block scales (if any), in f32."""
+    x = x.astype(jnp.float32)
+    return x if scale is None else x * broadcast_scale(scale, x.shape, block)
 
 
 # Columns of b per f32 GEMM in `_dequantized_product`.

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 from mpx import activations
 from mpx import recipes as recipes_lib
 from mpx.dot import backends
-from mpx.dot.general import _Config, _qmatmul_fwd, _rhs_shape, _setup, dgrad, dot_general, wgrad
-from mpx.ordering import after
+from mpx.dot.general import _Config, _qmatmul_fwd, _setup, dot_general, grads
 from mpx.sharding import explicit
 from mpx.dot.spec import IMPLS, check_choice, plan, resolve_impl, to_canonical, transposed
 
@@ -106,8 +105,7 @@ def _swiglu_qmatmul_bwd(cfg: _FusedConfig, residuals, g):
     gate, up = activations.swiglu_inputs(cfg.residual_format, swiglu_residuals, g)
     hidden_t = jnp.swapaxes(jax.nn.silu(gate) * up, -1, -2)  # recomputed, transposed while quantized
     lhs_t = backends.prepare(hidden_t, transposed(cfg.dot.plan.wgrad_lhs), cfg.dot.impl)
-    d_rhs = wgrad(cfg.dot, lhs_t, None, g, _rhs_shape(cfg.dot, keep_rhs))
-    d_hidden, _, _ = dgrad(cfg.dot, keep_rhs, after(g, d_rhs))
+    d_hidden, d_rhs = grads(cfg.dot, lhs_t, keep_rhs, g)  # wgrad first (DeepSeekV3)
     gate, up = activations.swiglu_inputs(cfg.residual_format, swiglu_residuals, d_hidden)  # again, not kept alive
     d_gate, d_up = activations.swiglu_grads(gate, up, d_hidden, cfg.dtypes)
     return d_gate, d_up, d_rhs.astype(cfg.dot.rhs_dtype)

@@ -1,11 +1,9 @@
 """The differentiable quantized `dot_general`: a custom VJP over canonical operands.
 
 Forward `lhs (B, M, K) . rhs (B, K, N)`; backward dgrad `dY . rhs^T` and wgrad
-`lhs^T . dY`, each operand quantized as `mpx.dot.plan` says. When the two group dY
-differently (DeepSeekV3), wgrad runs first and dgrad waits for it, so their operands are
-never alive together. Per-tensor forward scales
-(current, delayed, static scaling) are computed outside the VJP, so scale state never
-gets a gradient.
+`lhs^T . dY`, each operand quantized as `mpx.dot.plan` says (`grads`: in which order).
+Per-tensor forward scales (current, delayed, static scaling) are computed outside the
+VJP, so scale state never gets a gradient.
 """
 
 from __future__ import annotations
@@ -97,13 +95,20 @@ def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
 
 def _qmatmul_bwd(cfg: _Config, residuals, g):
     keep_lhs, keep_rhs = residuals
-    if cfg.plan.wgrad_dy == cfg.plan.dgrad_dy:  # one prepared dY for both
-        d_lhs, dy, rhs_shape = dgrad(cfg, keep_rhs, g)
-        d_rhs = wgrad(cfg, _wgrad_lhs(cfg, keep_lhs, g), dy, g, rhs_shape)
-    else:  # wgrad first, then dgrad: their operands are never alive together
-        d_rhs = wgrad(cfg, _wgrad_lhs(cfg, keep_lhs, g), None, g, _rhs_shape(cfg, keep_rhs))
-        d_lhs, _, _ = dgrad(cfg, keep_rhs, after(g, d_rhs))
+    d_lhs, d_rhs = grads(cfg, _wgrad_lhs(cfg, keep_lhs, g), keep_rhs, g)
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
+
+
+def grads(cfg: _Config, lhs_t, keep_rhs, g) -> tuple[jax.Array, jax.Array]:
+    """(f32 d_lhs, f32 d_rhs) from wgrad's prepared lhs^T, the forward's kept rhs and the
+    incoming gradient g. When dgrad and wgrad group dY alike they share its prepared
+    form; otherwise (DeepSeekV3: 1x128 and 128x1 tiles) wgrad runs first and dgrad waits
+    for its result, so their operands are never alive together."""
+    if cfg.plan.wgrad_dy == cfg.plan.dgrad_dy:
+        d_lhs, dy, rhs_shape = dgrad(cfg, keep_rhs, g)
+        return d_lhs, wgrad(cfg, lhs_t, dy, g, rhs_shape)
+    d_rhs = wgrad(cfg, lhs_t, None, g, _rhs_shape(cfg, keep_rhs))
+    return dgrad(cfg, keep_rhs, after(g, d_rhs))[0], d_rhs
 
 
 def dgrad(cfg: _Config, keep_rhs, g):
@@ -130,9 +135,9 @@ def _dgrad_rhs(cfg: _Config, keep_rhs, g):
 
 def wgrad(cfg: _Config, lhs_t, dy, g, rhs_shape) -> jax.Array:
     """f32 d_rhs = lhs^T . dY from wgrad's prepared lhs^T (K, M), dgrad's prepared dY
-    (reused when wgrad groups it the same way) and the incoming gradient g."""
+    (reused when wgrad groups it the same way; None otherwise) and the incoming gradient g."""
     p, impl = cfg.plan, cfg.impl
-    dy_w = dy if dy is not None and p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
+    dy_w = dy if p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
     lhs_t_shape = g.shape[:-2] + (rhs_shape[-2], g.shape[-2])
     blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
     return backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
