@@ -3,11 +3,46 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 from mpx import config as config_io
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
+REMATS = ("none", "full", "non_fp8")
+
+
+class FieldError(config_io.ConfigError):
+    """A `ModelConfig` or `RopeScaling` value out of range; `fields` names every field at
+    fault (`key` is the field when there is one, else "": the constraint joins several)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message, fields[0] if len(fields) == 1 else "")
+        self.fields = fields
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an Integral: `n_layers: true` must not pass for 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(field: str, value: Any, ok: bool, requirement: str) -> None:
+    """Raises FieldError `<field> must be <requirement>; got <value>` unless `ok`."""
+    if not ok:
+        raise FieldError(f"{field} must be {requirement}; got {value!r}", field)
+
+
+def _check_int(field: str, value: Any, low: int) -> None:
+    _check(field, value, _is_int(value) and value >= low, f"an integer >= {low}")
+
+
+def _check_positive(field: str, value: Any) -> None:
+    _check(field, value, _is_finite(value) and value > 0, "a finite number > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +56,10 @@ class RopeScaling:
         original_max_len / high_freq_factor kept, a smooth blend between).
       factor: the context extension factor.
       low_freq_factor, high_freq_factor, original_max_len: the llama3 band edges.
+
+    Raises (on construction):
+      FieldError: an unknown kind, a factor that is not a finite number > 0,
+        original_max_len < 1, or llama3 band edges out of order.
     """
 
     kind: str = "none"
@@ -30,12 +69,19 @@ class RopeScaling:
     original_max_len: int = 8192
 
     def __post_init__(self):
-        config_io.check_choice("rope_scaling kind", self.kind, ROPE_SCALINGS)
-        if self.factor <= 0:
-            raise ValueError(f"rope_scaling factor must be > 0; got {self.factor}")
-        if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
-            raise ValueError(f"llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor; got "
-                             f"{self.low_freq_factor}, {self.high_freq_factor}")
+        _check("kind", self.kind, self.kind in ROPE_SCALINGS, f"one of {', '.join(map(repr, ROPE_SCALINGS))}")
+        for field in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_positive(field, getattr(self, field))
+        _check_int("original_max_len", self.original_max_len, 1)
+        if self.kind == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+            raise FieldError(f"llama3 rope_scaling needs low_freq_factor < high_freq_factor; got "
+                             f"{self.low_freq_factor}, {self.high_freq_factor}", "low_freq_factor", "high_freq_factor")
+
+
+# Lower bounds of the integer sizes; every one is an int (not a bool).
+SIZES = {"vocab_size": 1, "d_model": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 1,
+         "max_seq_len": 1, "n_experts": 0, "top_k": 1, "moe_every": 1}
+FLAGS = ("tie_embeddings", "embed_scale", "qkv_bias", "qk_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +117,14 @@ class ModelConfig:
       init_from: a Hugging Face model directory to start training from: its
         config.json sets the shape (every field above but max_seq_len and remat) and
         its weights the initial params (store.hf.resolve_init_from, init_params).
+
+    Raises (on construction):
+      FieldError: a field of the wrong type or out of range (integer sizes >= 1,
+        n_experts >= 0, rope_theta and norm_eps finite and > 0, head_dim_override an
+        even integer >= 2, sliding_window >= 1, a known remat), or fields that do not
+        fit together (n_heads dividing d_model without head_dim_override, n_kv_heads
+        dividing n_heads, an even head_dim, top_k <= n_experts and moe_every <= n_layers
+        for MoE). `fields` names the fields at fault.
     """
 
     vocab_size: int = 256
@@ -96,21 +150,54 @@ class ModelConfig:
     init_from: str | None = None
 
     def __post_init__(self):
-        if self.head_dim_override is None and self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
-                             "(or set head_dim_override)")
-        if self.head_dim_override is not None and self.head_dim_override < 2:
-            raise ValueError(f"head_dim_override must be >= 2; got {self.head_dim_override}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1 or None; got {self.sliding_window}")
-        if self.remat not in ("none", "full", "non_fp8"):
-            raise ValueError(f"remat must be one of 'none', 'full', 'non_fp8'; got {self.remat!r}")
-        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+        self._check_fields()
+        self._check_shape()
+
+    def _check_fields(self):
+        for field, low in SIZES.items():
+            _check_int(field, getattr(self, field), low)
+        _check_positive("rope_theta", self.rope_theta)
+        _check_positive("norm_eps", self.norm_eps)
+        for field in FLAGS:
+            _check(field, getattr(self, field), isinstance(getattr(self, field), bool), "true or false")
+        _check("remat", self.remat, self.remat in REMATS, f"one of {', '.join(map(repr, REMATS))}")
+        override, window = self.head_dim_override, self.sliding_window
+        _check("head_dim_override", override, override is None or (_is_int(override) and override >= 2
+                                                                    and override % 2 == 0),
+               "an even integer >= 2 (RoPE rotates pairs), or null")
+        _check("sliding_window", window, window is None or (_is_int(window) and window >= 1),
+               "an integer >= 1, or null")
+        _check("rope_scaling", self.rope_scaling, isinstance(self.rope_scaling, RopeScaling), "a RopeScaling")
+        _check("init_from", self.init_from, self.init_from is None or (isinstance(self.init_from, str)
+                                                                       and self.init_from != ""),
+               "a model directory, or null")
+
+    def _check_shape(self):
+        d, h, g = self.d_model, self.n_heads, self.n_kv_heads
+        if self.head_dim_override is None and d % h:
+            raise FieldError(f"d_model={d} must be divisible by n_heads={h} (or set head_dim_override)",
+                             "d_model", "n_heads")
+        if self.head_dim_override is None and (d // h) % 2:
+            raise FieldError(f"head_dim = d_model // n_heads = {d // h} must be even for RoPE (d_model={d}, "
+                             f"n_heads={h})", "d_model", "n_heads")
+        if h % g:
+            raise FieldError(f"n_heads={h} must be divisible by n_kv_heads={g}", "n_heads", "n_kv_heads")
+        if self.n_experts and self.top_k > self.n_experts:
+            raise FieldError(f"top_k={self.top_k} must be in [1, n_experts={self.n_experts}]", "top_k", "n_experts")
+        if self.n_experts and self.moe_every > self.n_layers:
+            raise FieldError(f"moe_every={self.moe_every} exceeds n_layers={self.n_layers}: no block would have "
+                             f"the MoE FFN of n_experts={self.n_experts}", "moe_every", "n_layers")
+
+    def check_vocab(self, ids: int, tokenizer: str) -> None:
+        """Checks that the embedding has a row for every id of a tokenizer of `ids` ids.
+
+        Raises:
+          ValueError: naming `tokenizer`, its id count and vocab_size.
+        """
+        if ids > self.vocab_size:
+            raise ValueError(f"tokenizer {tokenizer} has {ids} ids but the model's vocab_size is "
+                             f"{self.vocab_size}: ids {self.vocab_size}..{ids - 1} have no embedding; use the "
+                             "model's own tokenizer")
 
     @property
     def head_dim(self) -> int:
@@ -140,7 +227,7 @@ def preset(name: str) -> ModelConfig:
     Raises:
       ValueError: naming the unknown preset and the known ones.
     """
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 

@@ -294,15 +294,30 @@ def load_model_config(spec: str) -> model_config.ModelConfig:
         known = list(model_config.PRESETS) + sorted(p.stem for p in MODELS_DIR.glob("*.yaml"))
         raise ValueError(f"unknown model {spec!r}; known: {', '.join(known)} (or a .yaml path)")
     raw, _ = config_io.read_tree(path)
-    base = config_io.to_dict(model_config.preset(raw.pop("preset"))) if "preset" in raw else {}
     try:
+        base = _preset_fields(raw.pop("preset")) if "preset" in raw else {}
         return config_io.from_dict(model_config.ModelConfig, {**base, **raw})
     except config_io.ConfigError as e:
         raise config_io.ConfigError(f"{path}: {e}", e.key) from None
 
 
+def _preset_fields(name) -> dict:
+    try:
+        return config_io.to_dict(model_config.preset(name))
+    except ValueError as e:
+        raise config_io.ConfigError(f"preset: {e}", "preset") from None
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line with exit status 2 (as
+    store.cli's, which models/ may not import)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
 def _parse(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m models.plan", description=__doc__.splitlines()[0])
+    parser = _ArgumentParser(prog="python -m models.plan", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="preset (tiny, small, 1b, ...), configs/models name or YAML")
     parser.add_argument("--mesh", default="data=1", help="axis sizes, e.g. data=8,fsdp=32,tensor=8")
     parser.add_argument("--devices", type=int, help="device count (resolves a -1 axis)")

@@ -178,7 +178,8 @@ def from_dict(cls: type, d: Any, where: str = "") -> Any:
 
     Raises:
       ConfigError: an unknown key (with the closest allowed one), a wrong type (naming
-        the key, the value and the expected type), or a value `cls` rejects.
+        the key, the value and the expected type), or a value `cls` rejects (its key
+        is the field's when `cls` raised a ConfigError keyed by it, else `where`).
     """
     if not isinstance(d, collections.abc.Mapping):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping of keys to values, "
@@ -190,7 +191,9 @@ def from_dict(cls: type, d: Any, where: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where or cls.__name__}: {e}", where) from None
+        # A ConfigError naming one field of `cls` (its key) is at that field's dotted key.
+        key = _join(where, e.key) if isinstance(e, ConfigError) and e.key else where
+        raise ConfigError(f"{where or cls.__name__}: {e}", key) from None
 
 
 def _plain(value: Any) -> Any:

@@ -98,10 +98,15 @@ def load_for_serving(path: str | Path, spec: q.ServeSpec, *, expect_model: Model
       serves; `checkpoint.config` is the model's shape.
 
     Raises:
-      ServeError: see `load_checkpoint`; a missing tokenizer.
+      ServeError: see `load_checkpoint`; a missing tokenizer, or one with more ids than
+        the model's vocabulary.
     """
     ckpt = load_checkpoint(path, spec, expect_model=expect_model, skip_incomplete=skip_incomplete)
     tok = q.load_tokenizer(tokenizer or ckpt.tokenizer_spec)
+    try:
+        ckpt.config.check_vocab(tok.vocab_size, repr(tokenizer or ckpt.tokenizer_spec))
+    except ValueError as err:
+        raise q.ServeError(str(err)) from None
     model, variables = q.prepare(ckpt, spec)
     return model, variables, tok, ckpt
 

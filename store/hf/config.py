@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from models import config as model_config
 from models.config import ModelConfig, RopeScaling
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -65,29 +66,87 @@ def architecture(cfg: dict) -> str:
     return names[0]
 
 
-def _rope(cfg: dict) -> tuple[float, RopeScaling]:
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = dict(cfg.get("rope_scaling") or params)
-    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind not in ROPE_TYPES:
-        raise HFError(f"unsupported rope scaling {kind!r}; supported: {', '.join(ROPE_TYPES)}")
-    if ROPE_TYPES[kind] == "none":
-        return theta, RopeScaling()
-    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise HFError("partial rotary embeddings (partial_rotary_factor != 1) are not supported")
-    fields = dict(kind=ROPE_TYPES[kind], factor=float(scaling.get("factor", 1.0)))
+# The config.json key each ModelConfig / RopeScaling field is read from, for errors.
+FIELD_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+              "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size",
+              "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
+              "head_dim_override": "head_dim", "tie_embeddings": "tie_word_embeddings",
+              "sliding_window": "sliding_window"}
+ROPE_KEYS = {"kind": "rope_type", "factor": "factor", "low_freq_factor": "low_freq_factor",
+             "high_freq_factor": "high_freq_factor", "original_max_len": "original_max_position_embeddings"}
+_REQUIRED = object()
+_KINDS = {  # what a JSON value of each kind is, and how to say it
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _get(cfg: dict, key: str, kind: str, source: str, default=_REQUIRED, name: str | None = None):
+    """cfg[key] checked to be a JSON value of `kind`; `default` when absent or null.
+
+    Raises:
+      HFError: a required key is absent, or the value has another type (naming
+        `source`, the key as `name` and the value).
+    """
+    name = name or key
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise HFError(f"{source} lacks {name!r}")
+        return default
+    ok, what = _KINDS[kind]
+    if not ok(value):
+        raise HFError(f"{source}: {name} must be {what}; got {value!r}")
+    return value
+
+
+def _invalid(err: model_config.FieldError, keys: dict, source: str, prefix: str = "") -> HFError:
+    """The HFError of a value ModelConfig or RopeScaling rejects, naming its config.json keys."""
+    names = ", ".join(prefix + keys.get(field, field) for field in err.fields) or "config"
+    return HFError(f"{source}: {names}: {err}")
+
+
+def _rope_scaling(scaling: dict, kind: str, source: str, section: str) -> RopeScaling:
+    get = lambda key, default: _get(scaling, key, "number", source, default, f"{section}.{key}")  # noqa: E731
+    if get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFError(f"{source}: partial rotary embeddings ({section}.partial_rotary_factor != 1) are not supported")
+    fields = dict(kind=ROPE_TYPES[kind], factor=get("factor", 1.0))
     if kind == "llama3":
-        fields.update(low_freq_factor=float(scaling["low_freq_factor"]),
-                      high_freq_factor=float(scaling["high_freq_factor"]),
-                      original_max_len=int(scaling["original_max_position_embeddings"]))
-    return theta, RopeScaling(**fields)
+        fields.update(low_freq_factor=get("low_freq_factor", _REQUIRED), high_freq_factor=get("high_freq_factor",
+                                                                                               _REQUIRED),
+                      original_max_len=_get(scaling, "original_max_position_embeddings", "int", source, _REQUIRED,
+                                            f"{section}.original_max_position_embeddings"))
+    try:
+        return RopeScaling(**fields)
+    except model_config.FieldError as err:
+        raise _invalid(err, ROPE_KEYS, source, f"{section}.") from None
 
 
-def _check_supported(arch: str, cfg: dict) -> None:
+def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling]:
+    for section in ("rope_parameters", "rope_scaling"):
+        if not isinstance(cfg.get(section) or {}, dict):
+            raise HFError(f"{source}: {section} must be a JSON object or null; got {cfg[section]!r}")
+    params = dict(cfg.get("rope_parameters") or {})
+    section = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    scaling = dict(cfg.get("rope_scaling") or params)
+    if cfg.get("rope_theta") is not None:
+        theta = _get(cfg, "rope_theta", "number", source)
+    else:
+        theta = _get(params, "rope_theta", "number", source, 10000.0, "rope_parameters.rope_theta")
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if not isinstance(kind, str) or kind not in ROPE_TYPES:
+        raise HFError(f"{source}: unsupported rope scaling {kind!r} ({section}.rope_type); supported: "
+                      f"{', '.join(ROPE_TYPES)}")
+    if ROPE_TYPES[kind] == "none":
+        return float(theta), RopeScaling()
+    return float(theta), _rope_scaling(scaling, kind, source, section)
+
+
+def _check_supported(arch: str, cfg: dict, source: str) -> None:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise HFError(f"unsupported hidden_act {act!r}; supported: 'silu' (SwiGLU)")
+        raise HFError(f"{source}: unsupported hidden_act {act!r}; supported: 'silu' (SwiGLU)")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag) and arch != "Qwen2ForCausalLM":
             raise HFError(f"{arch} with {flag}: true is not supported (biases on o_proj/FFN)")
@@ -95,37 +154,48 @@ def _check_supported(arch: str, cfg: dict) -> None:
         raise HFError(f"{arch} with use_sliding_window: true is not supported")
 
 
-def to_model_config(cfg: dict, max_seq_len: int | None = None) -> ModelConfig:
+def _shape(cfg: dict, source: str) -> dict:
+    """The ModelConfig fields of config.json's sizes, each of the JSON type it must have."""
+    get = lambda key, kind, default=_REQUIRED: _get(cfg, key, kind, source, default)  # noqa: E731
+    hidden, heads = get("hidden_size", "int"), get("num_attention_heads", "int")
+    # 0 or null: d_model // n_heads, as transformers does (n_heads < 1 is refused below).
+    head_dim = get("head_dim", "int", 0) or (hidden // heads if heads > 0 else 0)
+    return dict(vocab_size=get("vocab_size", "int"), d_model=hidden, n_layers=get("num_hidden_layers", "int"),
+                n_heads=heads, n_kv_heads=get("num_key_value_heads", "int", heads),
+                d_ff=get("intermediate_size", "int"), norm_eps=get("rms_norm_eps", "number", 1e-6),
+                tie_embeddings=get("tie_word_embeddings", "bool", False),
+                head_dim_override=None if head_dim * heads == hidden else head_dim)
+
+
+def to_model_config(cfg: dict, max_seq_len: int | None = None, source: str = "config.json") -> ModelConfig:
     """The `ModelConfig` of a supported config.json.
 
     Args:
       cfg: config.json as a dict.
       max_seq_len: the serving context (KV cache length); default
         min(max_position_embeddings, DEFAULT_MAX_SEQ_LEN).
+      source: the file `cfg` was read from, for errors.
 
     Raises:
-      HFError: an unsupported architecture or option, or a missing or invalid field.
+      HFError: an unsupported architecture, activation or RoPE type; a missing field,
+        or one of the wrong JSON type or out of range (naming `source`, the config.json
+        key, the value and what is allowed).
     """
     arch = architecture(cfg)
-    _check_supported(arch, cfg)
+    _check_supported(arch, cfg, source)
+    shape = _shape(cfg, source)
+    theta, scaling = _rope(cfg, source)
+    positions = _get(cfg, "max_position_embeddings", "int", source, 2048)
+    if positions < 1:
+        raise HFError(f"{source}: max_position_embeddings must be an integer >= 1; got {positions}")
+    window = _get(cfg, "sliding_window", "int", source, None) if arch == "MistralForCausalLM" else None
     try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
-        theta, scaling = _rope(cfg)
-        positions = int(cfg.get("max_position_embeddings", 2048))
         return ModelConfig(
-            vocab_size=int(cfg["vocab_size"]), d_model=hidden, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or heads), d_ff=int(cfg["intermediate_size"]),
-            max_seq_len=max_seq_len or min(positions, DEFAULT_MAX_SEQ_LEN), rope_theta=theta,
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            head_dim_override=None if head_dim * heads == hidden else head_dim, embed_scale=False,
-            qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=cfg.get("sliding_window") if arch == "MistralForCausalLM" else None,
-            rope_scaling=scaling)
-    except KeyError as err:
-        raise HFError(f"config.json lacks {err.args[0]!r}") from None
-    except (TypeError, ValueError) as err:
-        raise HFError(f"config.json: {err}") from None
+            **shape, max_seq_len=max_seq_len or min(positions, DEFAULT_MAX_SEQ_LEN), rope_theta=theta,
+            embed_scale=False, qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=window, rope_scaling=scaling)
+    except model_config.FieldError as err:
+        raise _invalid(err, FIELD_KEYS, source) from None
 
 
 def architecture_of(config: ModelConfig) -> str:

@@ -30,8 +30,9 @@ def resolve_init_from(config: ModelConfig) -> ModelConfig:
     """
     if not config.init_from:
         return config
-    hf_config = read_json(Path(config.init_from) / "config.json", "model.init_from needs a Hugging Face directory")
-    shape = to_model_config(hf_config, config.max_seq_len)
+    file = Path(config.init_from) / "config.json"
+    hf_config = read_json(file, "model.init_from needs a Hugging Face directory")
+    shape = to_model_config(hf_config, config.max_seq_len, str(file))
     return dataclasses.replace(shape, remat=config.remat, init_from=config.init_from)
 
 

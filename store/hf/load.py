@@ -166,7 +166,8 @@ def read_config(path: str | Path, max_seq_len: int | None = None) -> ModelConfig
     path = Path(path)
     if not path.is_dir():
         raise HFError(f"{path}: no such model directory")
-    return to_model_config(read_json(path / "config.json", "a Hugging Face model directory needs one"), max_seq_len)
+    file = path / "config.json"
+    return to_model_config(read_json(file, "a Hugging Face model directory needs one"), max_seq_len, str(file))
 
 
 def load(path: str | Path, convert: Convert | None = None, *, max_seq_len: int | None = None,
