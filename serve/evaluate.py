@@ -165,7 +165,7 @@ def evaluate(ckpt: q.Checkpoint, variants: list[Variant], data: Data, calibratio
     hists = None
     if any(v.spec.activations == "static" and v.spec.precision == "fp8" for v in variants):
         hists = q.calibrate(ckpt.config, ckpt.params, q.calibration_batches(ckpt, calibration_batches))
-    fp32_bytes = q.weight_bytes(ckpt.params)
+    fp32_bytes = sources.fp32_bytes(ckpt)
     rows = []
     for variant in variants:
         log(f"measuring {variant.label} ...")
@@ -206,7 +206,7 @@ def to_markdown(rows: list[dict], extra: dict, ckpt: q.Checkpoint, data: Data) -
     tokens = sum(t.size for t in data.targets)
     lines = [f"# Precision report: {ckpt.name} (step {ckpt.step})", "",
              f"Model {ckpt.config.d_model}d x {ckpt.config.n_layers} layers, "
-             f"{sum(int(x.size) for x in jax.tree_util.tree_leaves(ckpt.params)):,} parameters. Held-out text: "
+             f"{sources.param_count(ckpt):,} parameters. Held-out text: "
              f"{tokens:,} tokens; greedy agreement over {len(data.prompts)} prompts x {data.new_tokens} new "
              f"tokens; decode tokens/s on {jax.default_backend()} ({len(data.prompts)} rows, warm, median of 3; "
              "benchmarks/generate.py measures speed round-robin). "

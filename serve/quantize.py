@@ -245,18 +245,20 @@ def _float_dtype(module: str, spec: ServeSpec):
     return jnp.bfloat16
 
 
-def convert_leaf(module: str, name: str, leaf, spec: ServeSpec, fp8: dict[str, KernelForm]):
+def convert_leaf(module: str, name: str, leaf, spec: ServeSpec, fp8: dict[str, KernelForm],
+                 shape: tuple[int, ...] | None = None):
     """One serving param under `spec` from a float master or a block-FP8 ScaledArray.
 
-    `fp8` is `fp8_forms(config, spec)`. A ScaledArray (from a block-FP8 checkpoint)
-    serves as it is where its layer wants 128x128 blocks of its format, and is
-    dequantized first everywhere else.
+    `fp8` is `fp8_forms(config, spec)`. A ScaledArray (from a block-FP8 checkpoint,
+    held in its kernel's 2-D (K, N) view, ragged last blocks included) serves as it is
+    where its layer wants 128x128 blocks of its format, and is dequantized first
+    everywhere else, into `shape`: the param's shape in the model ((D, H, K) for q_proj).
     """
     form = fp8.get(module) if name == "kernel" else None
     if isinstance(leaf, ScaledArray):
         if form is not None and _keeps(leaf, form):
             return leaf
-        leaf = mpx.dequantize(leaf)
+        leaf = mpx.dequantize(leaf).reshape(leaf.shape if shape is None else shape)
     if form is not None:
         return _quantize_kernel(jnp.asarray(leaf, jnp.float32), form)
     return jnp.asarray(leaf, _float_dtype(module, spec))
@@ -277,9 +279,21 @@ def quantize_params(params, config: ModelConfig, spec: ServeSpec):
     Raises:
       ServeError: a policy recipe serving cannot apply.
     """
-    fp8 = fp8_forms(config, spec)
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: convert_leaf(*_path_of(path), leaf, spec, fp8),
-                                            params, is_leaf=lambda x: isinstance(x, ScaledArray))
+    fp8, shapes = fp8_forms(config, spec), param_shapes(config)
+
+    def convert(path, leaf):
+        module, name = _path_of(path)
+        return convert_leaf(module, name, leaf, spec, fp8, shapes.get(f"{module}/{name}"))
+
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=lambda x: isinstance(x, ScaledArray))
+
+
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{"layers_0/attn/q_proj/kernel": shape} of the reference transformer's params under `config`."""
+    model = transformer.Transformer(config)
+    tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # --------------------------------------------------------------------------- memory

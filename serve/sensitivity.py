@@ -256,7 +256,8 @@ def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoi
         raise ValueError(f"--seq {args.seq} exceeds the model's max_seq_len {ckpt.config.max_seq_len}")
     calib, heldout = windows(ckpt, args.data, args.seq, args.calibration, args.heldout, args.rows)
     model = transformer.Transformer(ckpt.config, mpx.policy.preset("fp32"))
-    variables = {"params": ckpt.params}
+    # float32 masters of the model's shape (a block-FP8 checkpoint's kernels dequantized)
+    variables = {"params": q.quantize_params(ckpt.params, ckpt.config, q.ServeSpec("fp32"))}
     progress = Progress(not args.json or sys.stderr.isatty())
     s = sens_lib.analyze(lambda v, b: model.apply(v, b)[0], variables, calib, candidates=args.candidates,
                          exact_pairs=args.exact, smooth_alpha=args.smooth_alpha or None, progress=progress)

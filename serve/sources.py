@@ -33,7 +33,7 @@ def _converter(config: ModelConfig, spec: q.ServeSpec):
     fp8 = q.fp8_forms(config, spec)
 
     def convert(entry: hf_weights.Entry, value):
-        return q.convert_leaf(entry.module, entry.path[-1], value, spec, fp8)
+        return q.convert_leaf(entry.module, entry.path[-1], value, spec, fp8, entry.shape)
 
     return convert
 
@@ -79,7 +79,12 @@ def load_checkpoint(path: str | Path, spec: q.ServeSpec | None = None, *, expect
 
 def fp32_bytes(ckpt: q.Checkpoint) -> int:
     """Bytes of the model's float32 weights (whatever form `ckpt.params` holds)."""
-    return 4 * transformer.param_count_estimate(ckpt.config)
+    return 4 * param_count(ckpt)
+
+
+def param_count(ckpt: q.Checkpoint) -> int:
+    """The model's number of parameters (block-FP8 kernels count their elements, not their scales)."""
+    return transformer.param_count_estimate(ckpt.config)
 
 
 def load_for_serving(path: str | Path, spec: q.ServeSpec, *, expect_model: ModelConfig | None = None,

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -17,6 +18,7 @@ from mpx import config as mpx_config
 from serve import export
 from store import checkpoint as ckpt_lib
 from store import hf
+from store.hf import save as save_lib
 from store.hf import tensors
 from store.hf import weights as W
 
@@ -110,7 +112,7 @@ def test_bf16_export_is_plain_bf16(tmp_path):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     ref = np.load(FIXTURES / "llama3" / "reference.npz")
     m = hf.load(out)
-    logits = transformer.Transformer(m.config).apply({"params": m.params}, jnp.asarray(ref["tokens"]))[0]
+    logits = jax.jit(transformer.Transformer(m.config).apply)({"params": m.params}, jnp.asarray(ref["tokens"]))[0]
     err = float(np.abs(np.asarray(logits) - ref["logits"]).max() / np.abs(ref["logits"]).max())
     eps = float(np.finfo(ml_dtypes.bfloat16).eps)
     assert eps / 16 <= err <= 4 * eps  # bf16-rounded weights, f32 compute
@@ -136,8 +138,8 @@ def test_an_mpx_training_run_exports_and_computes_the_same_function(tmp_path):
     model = hf.load(out)
     assert not model.config.embed_scale and not model.config.tie_embeddings  # sqrt(D) folded into the table
     tokens = jnp.asarray([list(b"hello world, hello mpx")], jnp.int32)
-    want = transformer.Transformer(config).apply({"params": params}, tokens)[0]
-    got = transformer.Transformer(model.config).apply({"params": model.params}, tokens)[0]
+    want = jax.jit(transformer.Transformer(config).apply)({"params": params}, tokens)[0]
+    got = jax.jit(transformer.Transformer(model.config).apply)({"params": model.params}, tokens)[0]
     err = float(jnp.abs(got - want).max() / jnp.abs(want).max())
     assert err <= 4 * float(np.finfo(ml_dtypes.bfloat16).eps)
     from store.tokenizer import ModelTokenizer
@@ -173,3 +175,88 @@ def test_cli_bad_source_writes_nothing(tmp_path, capsys):
     assert _cli("--checkpoint", src, "--out", tmp_path / "x") == 2
     assert "no config.json" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# --------------------------------------------------------------------------- shapes that are not multiples of 128
+
+# Every architecture mpx reads, at a hidden size of 200 (a ragged second 128-block), 5
+# heads of 40 (a head_dim that does not divide 128), one KV head and an FFN of 136.
+RAGGED = dict(hidden_size=200, num_attention_heads=5, head_dim=40, num_key_value_heads=1, intermediate_size=136,
+              num_hidden_layers=1, layer_types=["full_attention"])
+ARCHITECTURES = ("llama3", "mistral", "qwen2", "qwen3")
+
+
+def _ragged_fp8_dir(root: Path, name: str) -> tuple[Path, ModelConfig]:
+    """A random bf16 Hugging Face directory of fixture `name`'s architecture with RAGGED's
+    shapes, exported by `serve.export --precision fp8`."""
+    base = {**json.loads((FIXTURES / name / "config.json").read_text()), **RAGGED}
+    config = hf.to_model_config(base)
+    rng, params = np.random.default_rng(0), {}
+    for entry in W.entries(config):
+        fan_in = math.prod(entry.shape[:entry.n_in]) if entry.n_in else 1
+        W.put(params, entry.path, (rng.standard_normal(entry.shape) / math.sqrt(fan_in)).astype(np.float32))
+    src, out = root / f"{name}-bf16", root / f"{name}-fp8"
+    save_lib.save(src, config, params, precision="bf16", base_config=base,
+            extra_files=save_lib.tokenizer_files(FIXTURES / name))
+    assert _cli("--checkpoint", src, "--precision", "fp8", "--out", out) == 0
+    return out, config
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ragged")
+    return {name: _ragged_fp8_dir(root, name) for name in ARCHITECTURES}
+
+
+def _dequantized(directory: Path, name: str) -> np.ndarray:
+    """weight * weight_scale_inv of a block-FP8 tensor, computed here in numpy (ragged blocks cut off)."""
+    arrays = _tensors(directory)
+    weight, scale = arrays[name].astype(np.float32), arrays[name + "_scale_inv"]
+    return weight * np.repeat(np.repeat(scale, 128, 0), 128, 1)[:weight.shape[0], :weight.shape[1]]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_ragged_block_fp8_reloads_at_every_precision(ragged, name):
+    from serve import quantize as q
+    from serve import sources
+    directory, config = ragged[name]
+    assert _tensors(directory)["model.layers.0.self_attn.q_proj.weight_scale_inv"].shape == (2, 2)  # 128 + 72
+    want = _dequantized(directory, "model.layers.0.self_attn.q_proj.weight").T.reshape(200, 5, 40)
+    # Converted as loaded (serve.generate) and converted after loading (serve.evaluate, serve.sensitivity).
+    _, served, _, _ = sources.load_for_serving(directory, q.ServeSpec("fp32"))
+    np.testing.assert_array_equal(np.asarray(served["params"]["layers_0"]["attn"]["q_proj"]["kernel"]), want)
+    ckpt = sources.load_checkpoint(directory)
+    shapes = q.param_shapes(config)
+    for precision in ("fp32", "bf16", "fp8"):
+        model, variables = q.prepare(ckpt, q.ServeSpec(precision))
+        flat = jax.tree_util.tree_flatten_with_path(variables["params"], is_leaf=lambda x: isinstance(x, mpx.ScaledArray))[0]
+        got = {"/".join(k.key for k in path): leaf for path, leaf in flat}
+        assert got.keys() == shapes.keys()
+        for key, leaf in got.items():  # FP8 kernels in their 2-D (K, N) view, the rest in the model's shape
+            assert (math.prod(leaf.shape), leaf.ndim) == (math.prod(shapes[key]), 2 if isinstance(
+                leaf, mpx.ScaledArray) else len(shapes[key])), key
+        kernel = got["layers_0/attn/q_proj/kernel"]
+        if precision == "fp8":  # kept as stored: E4M3 data and its ragged 128x128 block scales
+            assert isinstance(kernel, mpx.ScaledArray) and kernel.scale.shape == (2, 2)
+            kernel = kernel.dequantize().reshape(want.shape)
+        np.testing.assert_array_equal(np.asarray(kernel, np.float32), want.astype(jnp.dtype(kernel.dtype)))
+
+
+def test_ragged_block_fp8_serves_at_every_precision(ragged):
+    from serve import quantize as q
+    from serve import sources
+    ckpt = sources.load_checkpoint(ragged["llama3"][0])
+    tokens = jnp.asarray([[1, 5, 9, 17, 33, 65, 127, 2]], jnp.int32)
+    logits = {}
+    for precision in ("fp32", "bf16", "fp8"):
+        model, variables = q.prepare(ckpt, q.ServeSpec(precision))
+        logits[precision] = np.asarray(jax.jit(model.apply)(variables, tokens)[0])
+    err = np.abs(logits["fp8"] - logits["fp32"]).max() / np.abs(logits["fp32"]).max()
+    assert err <= 2.5 * float(np.finfo(ml_dtypes.float8_e4m3fn).eps)  # activations quantized on top
+    assert np.abs(logits["bf16"] - logits["fp32"]).max() / np.abs(logits["fp32"]).max() < err
+
+
+def test_ragged_block_fp8_reexports_bit_identically(ragged, tmp_path):
+    directory, _ = ragged["qwen3"]
+    assert _cli("--checkpoint", directory, "--out", tmp_path / "again") == 0
+    assert _same_files(directory, tmp_path / "again")
