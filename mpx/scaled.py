@@ -342,14 +342,23 @@ def nonfinite_counts(x: jax.Array) -> dict[str, jax.Array]:
     return {"nan": jnp.sum(jnp.isnan(x), dtype=jnp.int32), "inf": jnp.sum(jnp.isinf(x), dtype=jnp.int32)}
 
 
-def check_finite(x: jax.Array, what: str = "input") -> None:
-    """Raises ValueError if x holds NaN or inf, saying how many and where the first is.
+def check_finite(x: Any, what: str = "input") -> None:
+    """Raises ValueError if an array, or any floating leaf of a pytree of arrays (a params
+    dict, ScaledArrays included), holds NaN or inf, saying which leaf, how many and where
+    the first is. Integer, boolean and PRNG key leaves are finite by construction.
 
     Eager only (it reads values): call it on data before it enters a jitted step.
     """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(x)[0]:
+        dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.inexact):
+            _check_finite_array(jnp.asarray(leaf), what + jax.tree_util.keystr(path))
+
+
+def _check_finite_array(x: jax.Array, what: str) -> None:
     counts = {k: int(v) for k, v in nonfinite_counts(x).items()}
     if counts["nan"] or counts["inf"]:
-        where = tuple(int(i) for i in _first_nonfinite(jnp.asarray(x)))
+        where = tuple(int(i) for i in _first_nonfinite(x))
         raise ValueError(
             f"{what} has {counts['nan']} NaN and {counts['inf']} inf values "
             f"(shape {tuple(x.shape)}, first at index {where}); quantizing it would not be meaningful"

@@ -268,7 +268,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m serve.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
     p.add_argument("--skip-incomplete", action="store_true",
-                   help="if the newest step is incomplete, load the newest complete one (printed)")
+                   help="if the newest step is incomplete or corrupt, load the newest intact one (printed)")
     p.add_argument("--out", help="output directory (default runs/<run name>/eval)")
     p.add_argument("--eval-batches", type=cli.positive_int, default=4, help="held-out batches of 8 sequences")
     p.add_argument("--calibration-batches", type=cli.positive_int, default=8,

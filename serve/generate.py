@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS,
                    help=f"run dir, checkpoints dir or step dir (default {q.TRAIN_CHECKPOINTS})")
     p.add_argument("--skip-incomplete", action="store_true",
-                   help="if the newest step is incomplete, load the newest complete one (printed)")
+                   help="if the newest step is incomplete or corrupt, load the newest intact one (printed)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="append", default=[], type=cli.non_empty,
                    help="a user turn through the checkpoint's chat template (repeat for turns)")
@@ -136,9 +136,27 @@ def loaded(ckpt: q.Checkpoint) -> str:
     return f"step {ckpt.step} of {ckpt.path}{note}"
 
 
-def _summary(stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec, ckpt: q.Checkpoint) -> str:
+def reply_tokens(tokenizer, output: engine_lib.Generation, stop) -> int:
+    """The tokens of a generation up to and including the one that completes its first stop
+    string (the end of the reply: a --stop string or the end-of-sequence token's text); all
+    of them for a row that ran to its length or the context.
+
+    The engine decodes in chunks, so a row that stopped holds the rest of its chunk too.
+    """
+    stop = [s for s in stop if s]
+    if output.finish != "stop" or not stop:
+        return len(output.tokens)
+    for n in range(1, len(output.tokens) + 1):
+        text = tokenizer.decode(output.tokens[:n])
+        if any(s in text for s in stop):
+            return n
+    return len(output.tokens)
+
+
+def _summary(new_tokens: int, stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec,
+             ckpt: q.Checkpoint) -> str:
     weights, fp32_bytes = q.weight_bytes(engine.variables["params"]), sources.fp32_bytes(ckpt)
-    return (f"[{loaded(ckpt)}; {spec.label}, {engine.kv_cache} KV cache] {stats.new_tokens} new tokens; prefill "
+    return (f"[{loaded(ckpt)}; {spec.label}, {engine.kv_cache} KV cache] {new_tokens} new tokens; prefill "
             f"{stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s "
             f"(compiled beforehand); weight memory {weights / 2**20:.2f} MiB ({weights / fp32_bytes:.1%} of fp32)")
 
@@ -178,14 +196,15 @@ def _generate(args: argparse.Namespace):
     texts, outputs, stats = engine_lib.generate_text(
         engine, tokenizer, args.prompt, max_new_tokens=args.max_tokens, sampler=sampler, seed=args.seed,
         stop=stop, stream=stream)
-    return engine, spec, ckpt, stream, texts, outputs, stats
+    new_tokens = sum(reply_tokens(tokenizer, out, stop) for out in outputs)
+    return engine, spec, ckpt, stream, texts, outputs, stats, new_tokens
 
 
 def _chat(args, engine, tokenizer, sampler, spec, ckpt):
     """Each --chat turn rendered with the replies so far, generated and streamed in turn."""
     template = getattr(tokenizer, "chat_template", None)
     specials = getattr(tokenizer, "special_tokens", {})
-    replies, stream = [], (lambda text: print(text, end="", flush=True))
+    replies, stream, new_tokens = [], (lambda text: print(text, end="", flush=True)), 0
     for i, turn in enumerate(args.chat):
         prompt = chat_lib.render_chat(template, chat_lib.conversation(args.chat[:i + 1], replies, args.system),
                                       specials)
@@ -196,13 +215,14 @@ def _chat(args, engine, tokenizer, sampler, spec, ckpt):
             stop=_stops(args, tokenizer), stream=stream)
         print()
         replies.append(texts[0])
-    return engine, spec, ckpt, None, [], [], stats
+        new_tokens += reply_tokens(tokenizer, outputs[0], _stops(args, tokenizer))
+    return engine, spec, ckpt, None, [], [], stats, new_tokens
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        engine, spec, ckpt, stream, texts, outputs, stats = _generate(args)
+        engine, spec, ckpt, stream, texts, outputs, stats, new_tokens = _generate(args)
     except (q.ServeError, config_io.ConfigError, ValueError, FileNotFoundError) as err:
         return cli.fail(err)
     if stream is None and not args.chat:
@@ -210,7 +230,7 @@ def main(argv=None) -> int:
             print(f"--- prompt {i + 1} (ended by {FINISH[out.finish]})\n{prompt}{text}")
     elif not args.chat:
         print()
-    print(_summary(stats, engine, spec, ckpt), file=sys.stderr)
+    print(_summary(new_tokens, stats, engine, spec, ckpt), file=sys.stderr)
     return 0
 
 

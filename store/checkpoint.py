@@ -12,9 +12,11 @@ bytes in its data files, so `save` writes the manifest after orbax has finished 
 missing or unexpected file is a `CheckpointError`, never a silently wrong state. A step
 without a readable manifest (a save interrupted before it was written, or a deleted
 manifest) is incomplete: `restore` refuses it by name, and when it is the newest step,
-`latest_step` (so `restore` without a step) refuses too, unless the caller asks with
-`skip_incomplete=True` to fall back to the newest complete step. `set_aside` renames an
-incomplete step out of the way (`<step>.incomplete`) so that a resumed run can save.
+`latest_step` refuses too. `restore` without a step takes `newest_usable`: the newest
+step whose files all verify; a newest step that is incomplete or corrupt is refused with
+what to do, unless the caller asks with `skip_incomplete=True` to fall back to the
+newest intact step. `set_aside` renames a step that fails verification out of the way
+(`<step>.incomplete` or `<step>.corrupt`) so that a resumed run can save.
 
 Typed PRNG keys (`jax.random.key`) are stored as their `key_data` and re-wrapped on
 restore with their recorded implementation. Saves are synchronous; steps must increase.
@@ -99,17 +101,52 @@ def latest_step(directory: str | Path, *, skip_incomplete: bool = False) -> int 
     return complete[-1] if complete else None
 
 
-def set_aside(directory: str | Path, step: int) -> Path:
-    """Renames step `step`'s directory to `<step>.incomplete` (no longer a step); returns it.
+def newest_usable(directory: str | Path, *, skip_incomplete: bool = False) -> tuple[int, list[int]]:
+    """The newest step whose files all match its manifest, verified, and the newer steps passed over.
+
+    A newest step that is incomplete (no valid manifest) or corrupt (a file missing,
+    truncated or changed) is refused, naming what to do, unless `skip_incomplete`: then
+    older steps are tried, newest first.
+
+    Returns:
+      (step, [newer steps that failed verification, newest first]).
 
     Raises:
-      CheckpointError: the step has a valid manifest (complete steps are never moved).
+      CheckpointError: no steps; the newest step fails verification (without
+        `skip_incomplete`: the message says to delete it or pass --skip-incomplete,
+        naming the older step that would be tried); no step verifies.
     """
-    if _has_manifest(directory, step):
-        raise CheckpointError(f"checkpoint {_step_dir(directory, step)} is complete; not moving it")
-    target = Path(directory) / f"{step}.incomplete"
-    os.replace(_step_dir(directory, step), target)
-    return target
+    steps, skipped = all_steps(directory), []
+    for step in reversed(steps):
+        try:
+            verify(directory, step)
+            return step, skipped
+        except CheckpointError as err:
+            if not skip_incomplete:
+                older = [s for s in steps if s < step]
+                fallback = f"step {older[-1]}" if older else "an older step (there is none)"
+                raise CheckpointError(f"{err}; delete it (or move it away), or pass --skip-incomplete to "
+                                      f"use {fallback}") from None
+            skipped.append(step)
+    detail = f"steps {steps} fail verification against their {MANIFEST}" if steps else "it is empty"
+    raise CheckpointError(f"no complete checkpoint in {directory}: {detail}")
+
+
+def set_aside(directory: str | Path, step: int) -> Path:
+    """Renames a step that fails verification to `<step>.incomplete` (no valid manifest) or
+    `<step>.corrupt` (files that differ from it), so it is no longer a step; returns it.
+
+    Raises:
+      CheckpointError: the step verifies (intact steps are never moved).
+    """
+    try:
+        verify(directory, step)
+    except CheckpointError:
+        kind = "corrupt" if _has_manifest(directory, step) else "incomplete"
+        target = Path(directory) / f"{step}.{kind}"
+        os.replace(_step_dir(directory, step), target)
+        return target
+    raise CheckpointError(f"checkpoint {_step_dir(directory, step)} is complete; not moving it")
 
 
 def _sha256(path: Path) -> str:
@@ -136,7 +173,7 @@ def _write_manifest(step_dir: Path) -> None:
 def _read_manifest(step_dir: Path) -> dict:
     path = step_dir / MANIFEST
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {step_dir} is incomplete: no {MANIFEST} (the save "
+        raise CheckpointError(f"checkpoint {step_dir} is incomplete (no {MANIFEST}: the save "
                               "was interrupted, or the file was deleted)")
     try:
         files = json.loads(path.read_text())["files"]
@@ -247,17 +284,16 @@ def save(directory: str | Path, step: int, state: Any, metadata: dict | None = N
     return step_dir
 
 
-def _resolve_step(directory: str | Path, step: int | None, skip_incomplete: bool = False) -> int:
+def _verified_step(directory: str | Path, step: int | None, skip_incomplete: bool = False) -> int:
+    """`step` (default: `newest_usable`), its files verified against its manifest."""
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
-    steps = all_steps(directory)
     if step is None:
-        step = latest_step(directory, skip_incomplete=skip_incomplete)
-        if step is None:
-            detail = f"steps {steps} have no valid {MANIFEST}" if steps else "it is empty"
-            raise CheckpointError(f"no complete checkpoint in {directory}: {detail}")
-    elif step not in steps:
+        return newest_usable(directory, skip_incomplete=skip_incomplete)[0]
+    steps = all_steps(directory)
+    if step not in steps:
         raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {steps}")
+    verify(directory, step)
     return step
 
 
@@ -311,8 +347,7 @@ def read_metadata(directory: str | Path, step: int | None = None, *,
     Raises:
       CheckpointError: as `restore`.
     """
-    step = _resolve_step(directory, step, skip_incomplete)
-    verify(directory, step)
+    step = _verified_step(directory, step, skip_incomplete)
     with _quiet_orbax(), _manager(directory, read_only=True) as manager:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     return step, meta["metadata"]
@@ -331,8 +366,8 @@ def restore(directory: str | Path, step: int | None = None, target: Any = None, 
         saved ones. Without it, arrays come back as saved (dicts for NamedTuples).
       expect: key/value pairs (nested dicts compared key by key) the saved metadata
         must contain, e.g. {"model": to_dict(model_config)}.
-      skip_incomplete: with `step=None`, fall back past newer incomplete steps instead
-        of refusing (see `latest_step`).
+      skip_incomplete: with `step=None`, fall back past newer incomplete or corrupt
+        steps instead of refusing (see `newest_usable`).
 
     Returns:
       (state, metadata).
@@ -343,9 +378,8 @@ def restore(directory: str | Path, step: int | None = None, target: Any = None, 
         corrupt file; metadata differing from `expect` (naming the keys); a target
         whose structure, shapes or dtypes differ from the checkpoint.
     """
-    step = _resolve_step(directory, step, skip_incomplete)
+    step = _verified_step(directory, step, skip_incomplete)
     step_dir = _step_dir(directory, step)
-    verify(directory, step)
     with _quiet_orbax(), _manager(directory, read_only=True) as manager:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if expect:

@@ -304,3 +304,19 @@ def test_target_decides_between_typed_keys_and_raw_key_data(tmp_path):
     ckpt.save(tmp_path / "raw", 1, {"rng": jax.random.key_data(key)})
     with pytest.raises(CheckpointError, match=r"asks for PRNG keys at \['rng'\], saved as raw"):
         ckpt.restore(tmp_path / "raw", target={"rng": key})
+
+
+def test_a_corrupt_newest_step_says_what_to_do_and_can_be_skipped(fresh):
+    directory, _, state = fresh
+    ckpt.save(directory, 2, {**state, "data": {**state["data"], "epoch": jnp.int32(2)}})
+    path = largest_data_file(directory / "2")
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))  # manifest intact, data not
+    for load in (ckpt.read_metadata, ckpt.restore):
+        with pytest.raises(CheckpointError, match=r"2: file .* is corrupt.*delete it .*--skip-incomplete to use step 1"
+                           ):
+            load(directory)
+    assert ckpt.read_metadata(directory, skip_incomplete=True) == (1, {"note": "fresh"})
+    restored, _ = ckpt.restore(directory, skip_incomplete=True)
+    assert int(restored["data"]["epoch"]) == 1
+    assert ckpt.newest_usable(directory, skip_incomplete=True) == (1, [2])
+    assert ckpt.set_aside(directory, 2).name == "2.corrupt" and ckpt.all_steps(directory) == [1]

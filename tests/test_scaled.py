@@ -347,6 +347,15 @@ def test_check_finite_names_the_counts():
     mpx.check_finite(np.ones((3, 4), np.float32))  # finite: no error
 
 
+def test_check_finite_takes_any_pytree_and_names_the_leaf():
+    tree = {"w": np.ones((2, 3), np.float32), "q": mpx.quantize(jnp.ones((4, 4)), "e4m3", mpx.PerTensor()),
+            "step": np.int32(3), "key": jax.random.key(0), "lr": 0.1}
+    mpx.check_finite(tree, "params")  # ints, keys and Python floats pass
+    tree["layers"] = [{"b": np.array([1.0, np.inf], np.float32)}]
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[0\]\['b'\] has 0 NaN and 1 inf .*\(1,\)"):
+        mpx.check_finite(tree, "params")
+
+
 @pytest.mark.parametrize("name, pow2", [("e4m3", False), ("e5m2", True), ("e2m1", True), ("e4m4", False)])
 def test_nan_and_inf_surface_in_their_block_scale(name, pow2):
     x = np.ones((4, 64), np.float32)

@@ -252,6 +252,16 @@ def test_generate_cli_streams_and_reports_speed_and_memory(capsys, ckpt):
     assert "tok/s" in err and "weight memory" in err
 
 
+def test_generate_cli_counts_the_reply_up_to_its_stop_not_the_rest_of_the_chunk(capsys, ckpt):
+    argv = ["--checkpoint", str(ckpt.path), "--prompt", "The ", "--max-tokens", "24", "--precision", "fp32"]
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0 and "24 new tokens" in err
+    reply = out[len("The "):].rstrip("\n")
+    stop = reply[2]  # bytes tokenizer: one token per character of this reply
+    code, out, err = _cli(capsys, *argv, "--stop", stop)
+    assert code == 0 and f"] {reply.index(stop) + 1} new tokens" in err, (reply, err)
+
+
 def test_generate_cli_as_a_program_has_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "serve.generate", "--checkpoint", str(tmp_path), "--prompt", "x"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)

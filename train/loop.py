@@ -205,21 +205,22 @@ def check_run_dir(cfg: config_lib.TrainConfig, resume_run: bool) -> None:
 def resume(run: Run, template, skip_incomplete: bool = False, say=print) -> tuple[step_lib.TrainState, data_lib.DataState]:
     """The latest checkpoint of this run, checked against the config, onto `template`.
 
-    With `skip_incomplete`, newer incomplete steps are set aside (`<step>.incomplete`)
-    and the newest complete one is used; `say` reports what was loaded and moved.
+    With `skip_incomplete`, newer incomplete or corrupt steps are set aside
+    (`<step>.incomplete`, `<step>.corrupt`) and the newest intact one is used; `say`
+    reports what was loaded and moved.
 
     Raises:
-      CheckpointError: no usable checkpoint, an incomplete newest step (without
-        `skip_incomplete`), or one incompatible with the config.
+      CheckpointError: no usable checkpoint, an incomplete or corrupt newest step
+        (without `skip_incomplete`), or one incompatible with the config.
       ConfigError: the checkpoint is past `cfg.steps`.
     """
     directory = run.cfg.checkpoint_dir
-    skipped = ckpt.incomplete_steps(directory) if skip_incomplete else []
     state, meta = ckpt.restore(directory, target=template, expect=compatibility(run.cfg),
                                skip_incomplete=skip_incomplete)
-    for step in skipped:
-        say(f"set aside incomplete checkpoint step {step} as {ckpt.set_aside(directory, step)}")
     step = int(state.step)
+    for newer in (s for s in ckpt.all_steps(directory) if s > step):  # all failed verification
+        moved = ckpt.set_aside(directory, newer)
+        say(f"set aside {moved.suffix[1:]} checkpoint step {newer} as {moved}")
     if step > run.cfg.steps:
         raise config_lib.ConfigError(f"checkpoint step {step} in {directory} is past steps={run.cfg.steps}; "
                                      f"raise steps to continue, or use a new run_dir", "steps")

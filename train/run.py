@@ -32,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override a config value, e.g. --set steps=50 --set optimizer.learning_rate=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
     parser.add_argument("--skip-incomplete", action="store_true",
-                        help="with --resume: set aside newer incomplete checkpoints and continue from the "
-                             "newest complete one (printed)")
+                        help="with --resume: set aside newer incomplete or corrupt checkpoints and continue from the "
+                             "newest intact one (printed)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     group = parser.add_argument_group("multi-process (default: MPX_* environment variables)")
     group.add_argument("--coordinator", help="host:port of process 0's coordinator (MPX_COORDINATOR)")
