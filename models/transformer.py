@@ -41,9 +41,9 @@ from mpx.dot import upcast
 from mpx.scaled import ScaledArray, quantize
 
 Array = jax.Array
-# Per layer: {"k": (B, S_max, G, K), "v": (B, S_max, G, K)}, each an array (bf16, f32) or
-# an FP8 ScaledArray with one scale per (token, head): scale (B, S_max, G, 1), block
-# (1, 1, 1, K); serve/kv_cache.py builds both kinds.
+# Per layer: {"k": (N, S_max, G, K), "v": (N, S_max, G, K)}, each an array (bf16, f32) or
+# an FP8 ScaledArray with one scale per (token, head): scale (N, S_max, G, 1), block
+# (1, 1, 1, K); serve/kv_cache.py builds both kinds. N >= B cache rows: a batch uses B of them.
 Cache = dict
 ACTIVATION_AXES = ("batch", "seq", "act_embed")  # logical axes of the residual stream
 LOGITS_AXES = ("batch", "seq", "vocab")
@@ -101,9 +101,10 @@ def init_cache(config: ModelConfig, batch: int, dtype=jnp.bfloat16, length: int 
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
 
 
-def _write_cache(cache: Cache, k: Array, v: Array, positions: Array) -> Cache:
-    """Writes k, v (B, T, G, K) at their positions (B, T) into the cache."""
-    rows = jnp.arange(k.shape[0])[:, None]
+def _write_cache(cache: Cache, k: Array, v: Array, positions: Array, rows: Array | None) -> Cache:
+    """Writes k, v (B, T, G, K) at their positions (B, T) into cache rows `rows` (B,)
+    (None: the first B rows)."""
+    rows = (jnp.arange(k.shape[0]) if rows is None else rows)[:, None]
     return {"k": _write_slot(cache["k"], k, rows, positions), "v": _write_slot(cache["v"], v, rows, positions)}
 
 
@@ -121,7 +122,14 @@ def _as_bytes(x: Array) -> Array:
     return jax.lax.bitcast_convert_type(x, jnp.uint8)
 
 
-def _read_slot(slot) -> Array:
+def _read_slot(slot, batch: int, rows: Array | None, length: int | None) -> Array:
+    """The keys or values attended: the first `length` slots (None: all) of cache rows
+    `rows` (None: the first `batch` rows), dequantized."""
+    length = slot.shape[1] if length is None else length
+    if rows is None:
+        slot = jax.tree.map(lambda x: x[:batch, :length], slot)
+    else:
+        slot = jax.tree.map(lambda x: jnp.take(x[:, :length], rows, axis=0), slot)
     if isinstance(slot, ScaledArray):  # scale (B, S, G, 1) broadcasts over each head vector
         return upcast(slot.data, jnp.float32) * slot.scale
     return slot
@@ -137,13 +145,23 @@ def attention_mask(query_pos: Array, key_pos: Array, window: int | None) -> Arra
 
 
 class SelfAttention(nn.Module):
-    """Grouped-query self-attention with RoPE; optional KV cache for generation."""
+    """Grouped-query self-attention with RoPE; optional KV cache for generation.
+
+    With a cache, the new keys and values are written at their positions into cache rows
+    `cache_rows` (B,) (None: the first B rows), and the queries attend over the first
+    `cache_len` slots of those rows (None: every slot), so attention costs what the
+    filled part of the cache holds, not its capacity. Every query must sit below
+    `cache_len` to see its own key; slots at or past a query's position are masked, so
+    any `cache_len` above the last query's position gives the same result.
+    """
 
     config: ModelConfig
     policy: Policy | None = None
+    cache_len: int | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: Cache | None) -> tuple[Array, Cache | None]:
+    def __call__(self, x: Array, positions: Array, cache: Cache | None,
+                 cache_rows: Array | None = None) -> tuple[Array, Cache | None]:
         c = self.config
         dense = lambda feats, name: mnn.DenseGeneral(feats, use_bias=c.qkv_bias, policy=self.policy,  # noqa: E731
                                                      name=name)
@@ -157,8 +175,8 @@ class SelfAttention(nn.Module):
         if cache is None:
             key_pos = query_pos = jnp.arange(x.shape[1])[None, :]  # (1, T)
         else:
-            cache = _write_cache(cache, k, v, positions)
-            k, v = _read_slot(cache["k"]), _read_slot(cache["v"])  # (B, S_max, G, K)
+            cache = _write_cache(cache, k, v, positions, cache_rows)
+            k, v = (_read_slot(cache[n], x.shape[0], cache_rows, self.cache_len) for n in ("k", "v"))  # (B, S, G, K)
             # Later slots are empty or stale: the causal mask hides them too.
             key_pos, query_pos = jnp.arange(k.shape[1])[None, :], positions  # (1, S), (B, T)
         mask = attention_mask(query_pos, key_pos, c.sliding_window)  # (B or 1, 1, T, S)
@@ -249,12 +267,14 @@ class Block(nn.Module):
     config: ModelConfig
     use_moe: bool = False
     policy: Policy | None = None
+    cache_len: int | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, cache: Cache | None):
+    def __call__(self, x: Array, positions: Array, cache: Cache | None, cache_rows: Array | None = None):
         c = self.config
         h = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="attn_norm")(x)
-        attn, cache = SelfAttention(c, policy=self.policy, name="attn")(h, positions, cache)
+        attn, cache = SelfAttention(c, policy=self.policy, cache_len=self.cache_len, name="attn")(
+            h, positions, cache, cache_rows)
         x = x + attn.astype(jnp.float32)
         h = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="mlp_norm")(x)
         if self.use_moe:
@@ -268,6 +288,11 @@ class Transformer(nn.Module):
     """Decoder-only LM: tokens (B, T) -> (logits (B, T, V) f32, aux).
 
     aux = {"cache": updated KV cache or None, "moe_loss": mean MoE balance loss}.
+
+    With a cache, `cache_len` (a static int) and `cache_rows` ((B,) int) choose what
+    attention reads and writes (see `SelfAttention`): generation passes the smallest
+    bucket of slots that holds every position of the call, so its cost follows the
+    sequence's length, not the cache's capacity.
 
     `constrain(x, logical_axes)`, when given (e.g. `mpx.sharding.Layout.constrain`), pins
     the sharding of the residual stream ("batch", "seq", "act_embed") at every block
@@ -292,7 +317,8 @@ class Transformer(nn.Module):
         return False
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None, cache: list[Cache] | None = None):
+    def __call__(self, tokens: Array, positions: Array | None = None, cache: list[Cache] | None = None, *,
+                 cache_len: int | None = None, cache_rows: Array | None = None):
         c = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be (batch, seq) ids; got shape {tokens.shape}")
@@ -310,8 +336,9 @@ class Transformer(nn.Module):
         new_cache, moe_losses = [], []
         for i in range(c.n_layers):
             block_cls = nn.remat(Block) if self._remat(i) else Block
-            block = block_cls(c, use_moe=self.config.is_moe_layer(i), policy=self.policy, name=f"layers_{i}")
-            x, layer_cache, aux = block(x, positions, None if cache is None else cache[i])
+            block = block_cls(c, use_moe=self.config.is_moe_layer(i), policy=self.policy, cache_len=cache_len,
+                              name=f"layers_{i}")
+            x, layer_cache, aux = block(x, positions, None if cache is None else cache[i], cache_rows)
             x = self._pin(x, ACTIVATION_AXES)
             new_cache.append(layer_cache)
             moe_losses.append(aux)

@@ -9,7 +9,15 @@ own positions: row b's prompt fills positions 0 .. L_b - 1, its first new token 
 to position L_b, and the causal mask (keys at or before the query's position) never lets
 a real token see a pad; a pad slot in the cache is overwritten before any query can
 reach it. So the prefill compiles once per (rows, length) bucket and the decode step
-once per rows bucket, never per token.
+once per (rows, steps, span) bucket, never per token.
+
+Span. The cache holds `max_seq_len` slots per row, but a call attends only over its first
+`span` slots: the prefill over its padded prompt length, each decode call over the next
+power of two (at least 8, at most the context) above the last position any unfinished
+row reaches in the call, chosen on the host. So attention costs what the sequence holds,
+not the cache's capacity, a sequence compiles at most log2(context / 8) spans, and the
+same sequence gives the same tokens in a cache of any capacity: the span depends on
+the positions only (slots past a query's position are masked anyway).
 
 Decode runs up to `chunk` tokens per call in a `lax.scan` (one compiled program, no host
 round trip per token); the host then checks limits and stop conditions, and streams.
@@ -26,7 +34,7 @@ bf16 and fp32 weights decode at the same speed within noise (benchmarks/generate
 Streaming then prints in pieces of up to 64 tokens.
 
 `traces` counts how often each step function was traced (compiled): tests use it to
-prove that decoding never recompiles.
+prove that decoding never recompiles per token.
 """
 
 from __future__ import annotations
@@ -117,7 +125,7 @@ class Engine:
         self.kv_cache, self.chunk, self.logit_scale = kv_cache_lib.check_kind(kv_cache), chunk, logit_scale
         self.traces: collections.Counter = collections.Counter()
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("sampler",))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("sampler", "steps"), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("sampler", "steps", "span"), donate_argnums=(1,))
         self._recompute = jax.jit(self._recompute_fn, static_argnames=("sampler", "steps"))
 
     # ---------------------------------------------------------------- compiled steps
@@ -136,19 +144,20 @@ class Engine:
         b, t = tokens.shape
         cache = kv_cache_lib.init(self.config, b, self.kv_cache)
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        logits, aux = self.model.apply(variables, tokens, positions, self._pin_cache(cache))
+        logits, aux = self.model.apply(variables, tokens, positions, self._pin_cache(cache), cache_len=t)
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
         return self._sample(sampler, last, key, 0), lengths + 0, self._pin_cache(aux["cache"]), last
 
-    def _decode_fn(self, variables, cache, tokens, positions, key, start, sampler, steps):
-        """`steps` tokens per row: feeds tokens (B,) at positions (B,), samples the next."""
+    def _decode_fn(self, variables, cache, tokens, positions, key, start, sampler, steps, span):
+        """`steps` tokens per row: feeds tokens (B,) at positions (B,), samples the next;
+        attends over the first `span` cache slots (see the module docstring)."""
         self.traces["decode"] += 1
         last_slot = self.config.max_seq_len - 1
 
         def step(carry, i):
             cache, tokens, positions = carry
             pos = jnp.minimum(positions, last_slot)[:, None]  # past the end: outputs are discarded
-            logits, aux = self.model.apply(variables, tokens[:, None], pos, cache)
+            logits, aux = self.model.apply(variables, tokens[:, None], pos, cache, cache_len=span)
             new = self._sample(sampler, logits[:, 0], key, start + i)
             return (self._pin_cache(aux["cache"]), new, positions + 1), new
 
@@ -227,15 +236,51 @@ class Engine:
             self._run_recompute(run, tokens, lengths, key, sampler)
         return run.outputs, run.stats
 
-    def warm_up(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> None:
-        """Compiles what `generate(prompts, max_new_tokens=..., **kwargs)` runs (its
-        prefill and decode shapes) by generating the fewest tokens that need them, so that
-        timings of the real call are of warm steps."""
-        self.generate(prompts, max_new_tokens=min(max_new_tokens, self.chunk + 1), **kwargs)
+    def warm_up(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                sampler: sampling.Sampler = sampling.Greedy(), use_cache: bool = True, **kwargs) -> None:
+        """Compiles what `generate(prompts, max_new_tokens=..., ...)` runs (its prefill
+        shape and every decode span it reaches when no row stops early), so that timings
+        of the real call are of warm steps.
+
+        It generates the fewest tokens that compile the prefill and the first decode
+        call, then runs one decode call on that cache at each later span."""
+        self.generate(prompts, max_new_tokens=min(max_new_tokens, self.chunk + 1), sampler=sampler,
+                      use_cache=use_cache, **kwargs)
+        if not use_cache:
+            return
+        self.check_prompts(prompts)
+        tokens, lengths = self._batch(prompts)
+        run = _Run(self, prompts, lengths, max_new_tokens, None, None)
+        spans = sorted(set(self._spans(run, lengths)))[1:]
+        if not spans:
+            return
+        key = jax.random.key(0)
+        current, positions, cache, _ = self._prefill(self.variables, tokens, lengths, key, sampler=sampler)
+        for span in spans:
+            _, cache, current, positions = self._decode(self.variables, cache, current, positions, key, 1,
+                                                        sampler=sampler, steps=self._steps(run), span=span)
 
     def _steps(self, run: "_Run") -> int:
         """Steps per decode call: `chunk`, or the tokens still wanted rounded up."""
         return min(self.chunk, bucket(run.remaining(), minimum=MIN_STEPS))
+
+    def _span(self, run: "_Run", lengths: np.ndarray, done: Sequence[bool], produced: int, steps: int) -> int:
+        """Cache slots a decode call attends over: above the last position an unfinished
+        row feeds in the call for a token it keeps (from length + produced - 1 on, `steps`
+        tokens, the last kept one sampled after position length + limit - 2)."""
+        reach = max(min(int(n) + produced - 1 + steps, int(n) + limit - 1)
+                    for n, limit, d in zip(lengths, run.limits, done) if not d)
+        return bucket(reach, self.config.max_seq_len)
+
+    def _spans(self, run: "_Run", lengths: np.ndarray) -> list[int]:
+        """The span of every decode call of a run in which no row stops early."""
+        steps, produced, spans = self._steps(run), 1, []
+        longest = max(run.limits)
+        while produced < longest:
+            done = [produced >= limit for limit in run.limits]
+            spans.append(self._span(run, lengths, done, produced, steps))
+            produced += steps
+        return spans
 
     def _run_cached(self, run: "_Run", tokens, lengths, key, sampler) -> None:
         t0 = time.perf_counter()
@@ -246,8 +291,9 @@ class Engine:
         t0 = time.perf_counter()
         steps = self._steps(run)
         while not run.finished():
+            span = self._span(run, lengths, run.done, produced, steps)
             new, cache, current, positions = self._decode(self.variables, cache, current, positions, key, produced,
-                                                          sampler=sampler, steps=steps)
+                                                          sampler=sampler, steps=steps, span=span)
             run.add(np.asarray(new))
             produced += steps
             run.stats.decode_steps += steps

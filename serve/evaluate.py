@@ -103,7 +103,9 @@ def _forward(model, kv_cache: str):
 
     @jax.jit
     def forward(variables, tokens):
-        cache = kv_cache_lib.init(model.config, tokens.shape[0], kv_cache) if kv_cache == "fp8" else None
+        # A cache of the window's length: attention reads what the window fills, not the context.
+        rows, length = tokens.shape
+        cache = kv_cache_lib.init(model.config, rows, kv_cache, length) if kv_cache == "fp8" else None
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return model.apply(variables, tokens, positions, cache)[0]
 

@@ -53,6 +53,10 @@ CASES = [
     ("train.run", _train("run_dir={holds_run}"), "already holds a run (checkpoints up to step 300"),
     ("train.run", _train() + ["--skip-incomplete"], "--skip-incomplete applies only with --resume"),
     ("train.run", _train() + ["--num-processes", "0"], "argument --num-processes"),
+    ("train.run", _train("precision.policy_file=nosuch.yaml"), "precision.policy_file 'nosuch.yaml': no such file"),
+    ("train.run", _train("precision.policy_file={broken_policy}"), "broken_policy.yaml: invalid YAML"),
+    ("train.run", _train("precision.policy_file={unknown_key_policy}"), "unknown key 'rulez'"),
+    ("serve.generate", ["--checkpoint", "{corrupt}", "--prompt", "hi"], "--skip-incomplete to use step 1"),
     ("serve.generate", ["--checkpoint", "nowhere", "--prompt", "hi"], "no checkpoint at 'nowhere'"),
     ("serve.generate", ["--checkpoint", "{incomplete}", "--prompt", "hi"], "300 is incomplete"),
     ("serve.generate", ["--checkpoint", "{incomplete}/300", "--prompt", "hi"], "300 is incomplete"),
@@ -122,7 +126,23 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "holds_run" / "checkpoints" / "300" / "state").mkdir(parents=True)
     paths.update(incomplete=str(root / "incomplete"), holds_run=str(root / "holds_run"),
                  complete=str(root / "incomplete"))
+    # Policy files that do not parse or name an unknown key; checkpoints whose newest step is corrupt.
+    (root / "broken_policy.yaml").write_text("name: x\nrules: [\n")
+    (root / "unknown_key_policy.yaml").write_text("name: x\nbase: bf16\nrulez: []\n")
+    paths.update(broken_policy=str(root / "broken_policy.yaml"),
+                 unknown_key_policy=str(root / "unknown_key_policy.yaml"), corrupt=_corrupt_checkpoints(root / "corrupt"))
     return paths
+
+
+def _corrupt_checkpoints(directory: Path) -> str:
+    """Steps 1 and 2 of a one-array state, step 2's data changed after its manifest was written."""
+    import numpy as np
+    from store import checkpoint as ckpt
+    for step in (1, 2):
+        ckpt.save(directory, step, {"w": np.arange(4, dtype=np.float32)})
+    data = max((p for p in (directory / "2" / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:-1] + b"\x00")
+    return str(directory)
 
 
 def _listing(folder: Path) -> list[str]:
@@ -150,20 +170,22 @@ def test_bad_input_is_one_line_and_exit_status_2(module, argv, fragment, files, 
     assert _listing(tmp_path) == [], "a rejected command wrote files"
 
 
-def _program(*argv: str) -> subprocess.CompletedProcess:
+def _program(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m argv` as a real process in `cwd` (never the repository: runs/ there may hold anything)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)
 
 
-def test_a_real_program_run_reports_bad_data_in_one_line(files):
-    result = _program("train.run", *_train(f"data.source={files['binary']}"))
+def test_a_real_program_run_reports_bad_data_in_one_line(files, tmp_path):
+    result = _program("train.run", *_train(f"data.source={files['binary']}"), cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "not UTF-8 text" in result.stderr
+    assert _listing(tmp_path) == []
 
 
-def test_hardware_report_runs_without_warnings():
-    result = _program("mpx.hardware")
+def test_hardware_report_runs_without_warnings(tmp_path):
+    result = _program("mpx.hardware", cwd=tmp_path)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
 
 

@@ -3,6 +3,7 @@
 One micro model is trained for a few steps (module fixture) and served in every test.
 """
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -129,9 +130,36 @@ def engine(fp32):
 
 def test_decoding_never_recompiles_per_token(engine):
     engine.traces.clear()
-    engine.generate([[5, 6, 7]], max_new_tokens=21)  # 1 prefill token + 5 decode calls
+    engine.generate([[5, 6, 7]], max_new_tokens=21)  # 1 prefill token + 5 decode calls over spans 8, 16, 32
+    assert dict(engine.traces) == {"prefill": 1, "decode": 3}
     engine.generate([[1, 2, 3, 4, 5, 6]], max_new_tokens=13)  # same buckets: nothing new
-    assert dict(engine.traces) == {"prefill": 1, "decode": 1}
+    assert dict(engine.traces) == {"prefill": 1, "decode": 3}
+    engine.generate([[5, 6, 7]], max_new_tokens=60)  # the whole context: one more span (64), at most log2(64 / 8) + 1
+    assert dict(engine.traces) == {"prefill": 1, "decode": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fingerprint:
+    """A "sampler" whose token is a checksum of every logit's bits: a difference in the
+    last bit of any logit changes the token, and so every later step."""
+
+    def __call__(self, logits, key):
+        return (jnp.sum(jax.lax.bitcast_convert_type(logits, jnp.int32), axis=-1) % logits.shape[-1]).astype(jnp.int32)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8"])
+def test_generation_is_bit_identical_whatever_the_cache_capacity(fp32, kind):
+    """A decode call attends over the filled part of the cache only, so a 4096-slot cache
+    gives the bits of a 64-slot one (attending over all 4096 slots changes the f32 sums)."""
+    model, variables = fp32
+    prompts = [[5, 6, 7, 8, 9], [3, 1]]
+    outputs = []
+    for capacity in (64, 4096):
+        big = model.clone(config=dataclasses.replace(model.config, max_seq_len=capacity))
+        eng = engine_lib.Engine(big, variables, kv_cache=kind, chunk=16)
+        outputs.append([o.tokens for o in eng.generate(prompts, max_new_tokens=40, sampler=_Fingerprint())[0]])
+        assert dict(eng.traces) == {"prefill": 1, "decode": 2}  # spans 32 and 64 at either capacity
+    assert outputs[0] == outputs[1] and len(set(outputs[0][0])) > 10
 
 
 def test_decode_calls_run_chunk_steps_or_the_wanted_tokens_rounded_up(fp32):
