@@ -58,10 +58,20 @@ class Run:
 
 
 def load_policy(precision: config_lib.PrecisionConfig) -> mpx.Policy:
-    """The policy a precision section names (a preset or a policy YAML file)."""
-    if precision.policy_file is not None:
+    """The policy a precision section names (a preset or a policy YAML file).
+
+    Raises:
+      ConfigError: a missing or invalid policy file (naming it and the fault).
+    """
+    if precision.policy_file is None:
+        return mpx.policy.preset(precision.preset)
+    try:
         return mpx.policy.load(precision.policy_file)
-    return mpx.policy.preset(precision.preset)
+    except FileNotFoundError:
+        raise config_lib.ConfigError(f"precision.policy_file {precision.policy_file!r}: no such file",
+                                     "precision.policy_file") from None
+    except ValueError as err:
+        raise config_lib.ConfigError(f"precision.policy_file: {err}", "precision.policy_file") from None
 
 
 def make_loss_scale(name: str):

@@ -159,8 +159,14 @@ def _load(path: str, seen: frozenset[str]) -> Policy:
     key = os.path.abspath(path)
     if key in seen:
         raise ValueError(f"{path}: base cycle through {sorted(seen)}")
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if data is not None and not isinstance(data, Mapping):
+        raise ValueError(f"{path}: a policy file holds a mapping (name, base, default, rules); "
+                         f"got {type(data).__name__}")
     return from_dict(data if data is not None else {}, source=path, _seen=seen | {key})
 
 
