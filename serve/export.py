@@ -49,10 +49,12 @@ def _mpx_run(path: str) -> tuple:
     spec = ckpt.tokenizer_spec
     if spec == "bytes":
         files = {"tokenizer.json": tokenizer_lib.byte_tokenizer_json().encode()}
-    else:
-        if not Path(spec).is_file():
-            raise q.ServeError(f"the run's tokenizer {spec!r} is not there to copy")
+    elif Path(spec).is_dir() and (Path(spec) / "tokenizer.json").is_file():  # the run's copy, chat template and all
+        files = tokenizer_lib.tokenizer_files(spec)
+    elif Path(spec).is_file():
         files = {"tokenizer.json": Path(spec).read_bytes()}
+    else:
+        raise q.ServeError(f"the run's tokenizer {spec!r} is not there to copy")
     return ckpt.config, ckpt.params, None, files
 
 

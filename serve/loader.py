@@ -24,6 +24,7 @@ from models.config import ModelConfig
 from mpx import config as config_lib
 from store import checkpoint as ckpt
 from store import data as data_lib
+from store import tokenizer as tokenizer_lib
 
 TRAIN_COMMAND = "python -m train.run --config configs/tiny.yaml"
 TRAIN_CHECKPOINTS = "runs/tiny/checkpoints"
@@ -58,7 +59,13 @@ class Checkpoint:
 
     @property
     def tokenizer_spec(self) -> str:
-        return self.train_config.get("data", {}).get("tokenizer", "bytes")
+        """The run's copy of its tokenizer's files (`store.tokenizer.carry_tokenizer`: with
+        its chat template and stop ids) where there is one, else the config's data.tokenizer."""
+        spec = self.train_config.get("data", {}).get("tokenizer", "bytes")
+        carried = self.path.parent / tokenizer_lib.RUN_TOKENIZER
+        if spec != "bytes" and self.path.name == "checkpoints" and (carried / "tokenizer.json").is_file():
+            return str(carried)
+        return spec
 
 
 def missing_checkpoint_message(path: str | Path) -> str:

@@ -38,7 +38,8 @@ def render_chat(template: str | None, messages: list[dict], special_tokens: dict
       ChatError: no template, or the template fails or raises.
     """
     if not template:
-        raise ChatError("this checkpoint has no chat_template (tokenizer_config.json); use --prompt instead")
+        raise ChatError("this checkpoint's tokenizer has no chat_template (tokenizer_config.json); pass "
+                        "--tokenizer DIR (a model directory whose tokenizer_config.json has one), or use --prompt")
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -100,6 +100,40 @@ def make_tokenizer(spec: str) -> Tokenizer:
     return HFTokenizer(spec)
 
 
+# Files of a model directory that describe its tokenizer (what `ModelTokenizer.from_dir` reads).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "tokenizer.model")
+# Where a training run keeps a copy of its tokenizer's files (`carry_tokenizer`).
+RUN_TOKENIZER = "tokenizer"
+
+
+def tokenizer_files(directory: str | Path) -> dict[str, bytes]:
+    """{name: bytes} of the tokenizer and generation files present in a model directory."""
+    directory = Path(directory)
+    return {n: (directory / n).read_bytes() for n in TOKENIZER_FILES if (directory / n).is_file()}
+
+
+def carry_tokenizer(spec: str, run_dir: str | Path) -> Path | None:
+    """Copies the tokenizer of data spec `spec` into `<run_dir>/tokenizer/`, so the run's
+    checkpoints serve with its special tokens, stop ids and chat template wherever the
+    source directory goes (None for "bytes", which needs no files).
+
+    `spec` is a model directory or a tokenizer.json; beside a tokenizer.json, the
+    directory's tokenizer_config.json, generation_config.json, ... describe it.
+    """
+    if spec == "bytes":
+        return None
+    source = Path(spec)
+    files = tokenizer_files(source if source.is_dir() else source.parent)
+    if not source.is_dir():
+        files["tokenizer.json"] = source.read_bytes()
+    out = Path(run_dir) / RUN_TOKENIZER
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return out
+
+
 # A model directory's tokenizer: special tokens, stop ids, chat template.
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")

@@ -138,3 +138,38 @@ def test_generate_without_a_template_says_so(capsys, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     code, _, err = _generate(capsys, "--checkpoint", d, "--precision", "fp32", "--chat", "hi")
     assert code == 2 and "no chat_template" in err and err.count("\n") == 1
+
+
+def _fine_tuned_run(tmp_path: Path, source: Path) -> Path:
+    """A training run's directory as `train.run` leaves it for a run started from `source`
+    (`model.init_from`) with `data.tokenizer: SOURCE/tokenizer.json`: a checkpoint of the
+    model and the tokenizer's files carried into the run."""
+    from mpx import config as mpx_config
+    from store import checkpoint as ckpt
+    from store import hf
+    from store.tokenizer import carry_tokenizer
+
+    model = hf.load(source)
+    run = tmp_path / "run"
+    metadata = {"config": {"model": mpx_config.to_dict(model.config),
+                           "data": {"tokenizer": str(source / "tokenizer.json")}}}
+    ckpt.save(run / "checkpoints", 1, {"params": model.params}, metadata)
+    carry_tokenizer(str(source / "tokenizer.json"), run)
+    return run
+
+
+def test_a_fine_tuned_run_keeps_its_models_chat_template(capsys, tmp_path):
+    source = tmp_path / "qwen2"
+    shutil.copytree(FIXTURES / "qwen2", source)
+    run = _fine_tuned_run(tmp_path, source)
+    shutil.rmtree(source)  # the run needs nothing of the directory it started from
+    code, out, err = _generate(capsys, "--checkpoint", run, "--precision", "fp32", "--max-tokens", "3", "--chat", "hi")
+    assert code == 0 and out.startswith("user: hi\nassistant: "), err
+
+
+def test_without_a_template_the_refusal_points_to_the_tokenizer_option(capsys, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(FIXTURES / "qwen2", d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    code, _, err = _generate(capsys, "--checkpoint", _fine_tuned_run(tmp_path, d), "--chat", "hi")
+    assert code == 2 and "--tokenizer DIR" in err and err.count("\n") == 1

@@ -229,7 +229,8 @@ def test_ragged_block_fp8_reloads_at_every_precision(ragged, name):
     shapes = q.param_shapes(config)
     for precision in ("fp32", "bf16", "fp8"):
         model, variables = q.prepare(ckpt, q.ServeSpec(precision))
-        flat = jax.tree_util.tree_flatten_with_path(variables["params"], is_leaf=lambda x: isinstance(x, mpx.ScaledArray))[0]
+        is_leaf = lambda x: isinstance(x, mpx.ScaledArray)  # noqa: E731
+        flat = jax.tree_util.tree_flatten_with_path(variables["params"], is_leaf=is_leaf)[0]
         got = {"/".join(k.key for k in path): leaf for path, leaf in flat}
         assert got.keys() == shapes.keys()
         for key, leaf in got.items():  # FP8 kernels in their 2-D (K, N) view, the rest in the model's shape

@@ -261,6 +261,9 @@ def test_a_run_starts_from_a_hugging_face_directory(tmp_path):
         assert got.dtype == jnp.float32 and np.array_equal(np.asarray(got), np.asarray(want))
     summary = loop.train(cfg, quiet=True)
     assert summary["final_step"] == 3 and np.all(np.isfinite(summary["losses"]))
+    from store.tokenizer import ModelTokenizer  # the tokenizer's files, chat template included, carried into the run
+    carried = ModelTokenizer.from_dir(tmp_path / "run" / "tokenizer")
+    assert carried.chat_template and carried.chat_template == ModelTokenizer.from_dir(directory).chat_template
     yaml_path.write_text(yaml_path.read_text().replace(str(directory), str(tmp_path / "nowhere")))
     with pytest.raises(config_lib.ConfigError, match="model.init_from"):
         config_lib.load(yaml_path)

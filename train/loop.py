@@ -37,6 +37,7 @@ from models import sharding
 from store import checkpoint as ckpt
 from store import data as data_lib
 from store import hf
+from store import tokenizer as tokenizer_lib
 from train import config as config_lib
 from train import metrics_log
 from train import step as step_lib
@@ -306,6 +307,9 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         config_lib.dump(cfg, run_dir / "config.yaml")  # the resolved config, for the record
+        # The tokenizer's files (chat template, stop ids) travel with the run: its checkpoints
+        # serve with them even when the directory it was read from moves.
+        tokenizer_lib.carry_tokenizer(cfg.data.tokenizer, run_dir)
     if not quiet:
         print(f"mpx: {transformer.count_params(state.params):,} parameters, precision "
               f"{run.policy.name}, {jax.device_count()} {jax.default_backend()} device(s) in "

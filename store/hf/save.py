@@ -39,11 +39,10 @@ from models.config import ModelConfig
 from store.hf import weights as W
 from store.hf.config import HFError, from_model_config
 from store.hf.tensors import write
+from store.tokenizer import TOKENIZER_FILES, tokenizer_files  # noqa: F401 (re-exported)
 
 PRECISIONS = ("fp8", "bf16")
 SCALE_FORMATS = ("float32", "ue8m0")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "tokenizer.model")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -176,9 +175,3 @@ def save(out: str | Path, config: ModelConfig, params, *, precision: str = "fp8"
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def tokenizer_files(directory: str | Path) -> dict[str, bytes]:
-    """{name: bytes} of the tokenizer and generation files present in a model directory."""
-    directory = Path(directory)
-    return {n: (directory / n).read_bytes() for n in TOKENIZER_FILES if (directory / n).is_file()}
