@@ -18,7 +18,9 @@ The loop, one iteration at a time:
    its new tokens, and free the slots of requests that are finished or cancelled.
 
 A request finishes at `max_tokens` ("length"), at the end of its slot's context
-("length"), at an end-of-sequence id or a stop string ("stop"). Text is produced on this
+("length"), at an end-of-sequence id or a stop string ("stop"), or when a drain's grace
+runs out ("shutdown": `drain` refuses new requests, lets those in flight run for its
+grace, then ends them with their text so far). Text is produced on this
 thread as UTF-8-safe deltas that never include (part of) a stop string, so callers only
 forward them. Callbacks run on this thread: they must be quick and thread-safe (the
 HTTP server's hands each event to its asyncio loop).
@@ -42,6 +44,10 @@ class QueueFull(RuntimeError):
     """Raised by `Batcher.submit` when `max_queue` requests are already waiting."""
 
 
+class Draining(RuntimeError):
+    """Raised by `Batcher.submit` once `Batcher.drain` was called (the server is stopping)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TextDelta:
     """New text of a request and the new token ids behind it. The text may be empty
@@ -54,7 +60,7 @@ class TextDelta:
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    """The end of a request: reason "stop", "length" or "cancelled"; token counts."""
+    """The end of a request: reason "stop", "length", "cancelled" or "shutdown"; token counts."""
 
     reason: str
     prompt_tokens: int
@@ -163,6 +169,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._deadline: float | None = None  # set by drain: when requests in flight are ended
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self.steps_run = collections.Counter()  # "prefill" / "decode" calls, for tests and logs
@@ -174,11 +181,14 @@ class Batcher:
         """Queues a request for the next free slot.
 
         Raises:
+          Draining: `drain` was called.
           QueueFull: every slot is taken and `max_queue` requests are already waiting.
           ValueError: an empty prompt, one that leaves no room in the context, or
             max_tokens < 1.
         """
         self.check(request.prompt, request.max_tokens)
+        if self._deadline is not None:
+            raise Draining("the server is shutting down; retry on another server")
         with self._lock:
             free = self.slots.max_batch - len(self._running)
             if len(self._waiting) >= self.max_queue + free:
@@ -213,6 +223,14 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="mpx-engine", daemon=True)
         self._thread.start()
 
+    def drain(self, grace: float) -> None:
+        """Refuses new requests from now on; those in flight (running or waiting) may run
+        for `grace` seconds more, then finish with reason "shutdown" (thread-safe; a
+        later call keeps the first deadline)."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + grace
+        self._wake.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Cancels what is left and joins the engine thread (at most `timeout` s)."""
         self._stopping = True
@@ -224,6 +242,8 @@ class Batcher:
 
     def _loop(self) -> None:
         while not self._stopping:
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self._end_all("shutdown")
             self._admit()
             self._drop_cancelled()
             if not self._running:
@@ -232,12 +252,17 @@ class Batcher:
                 continue
             self._prefill_some()
             self._decode_all()
+        self._end_all("cancelled")
+
+    def _end_all(self, reason: str) -> None:
+        """Finishes every running and waiting request with `reason`."""
         for run in list(self._running.values()):
-            self._finish(run, "cancelled")
+            self._finish(run, reason)
         with self._lock:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for request in waiting:
-            request.on_event(Finished("cancelled", len(request.prompt), 0))
+            self.finished[reason] += 1
+            request.on_event(Finished(reason, len(request.prompt), 0))
 
     def _admit(self) -> None:
         free = [s for s in range(self.slots.max_batch) if s not in self._running]

@@ -13,9 +13,17 @@ max_tokens past the context is capped there (finish_reason "length").
 FastAPI routes on uvicorn; one engine thread (`serve.batching.Batcher`) owns the model
 and batches requests continuously (`serve.slots`); each request's events reach its
 handler through the asyncio loop. Bad requests get HTTP 400 with OpenAI's error body,
-a full queue 429. A client that goes away mid-stream frees its slot at the next step.
-Ctrl-C or SIGTERM stops accepting, lets streams in flight finish for up to
-`--grace` seconds, then exits.
+a model name other than the one served 404 (`model_not_found`), a full queue 429. A
+client that goes away mid-stream frees its slot at the next step. Ctrl-C or SIGTERM
+stops accepting and lets requests in flight finish for up to `--grace` seconds; then
+the engine ends what is left (finish_reason "length", the final chunk and `[DONE]`),
+so every stream ends properly, and the server exits.
+
+Sizes. `--max-seq-len` defaults to the model's context and `--max-batch` to 16 slots, or
+fewer when 16 slots of that context would take more than a quarter of the machine's
+available memory (`default_max_batch`). Both cost memory only: a decode step runs the
+slots that hold requests and attends over the positions they fill (`serve.slots`). The
+port is taken before the model loads, so a port in use fails at once.
 
 `--checkpoint` is an mpx run or a Hugging Face model directory (its tokenizer, chat
 template and stop ids come along); `--policy FILE` decides per layer which weights are
@@ -29,7 +37,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -51,6 +61,10 @@ from serve import sources
 from store import chat as chat_lib
 from store import cli
 from store import tokenizer as tokenizer_lib
+
+DEFAULT_MAX_BATCH = 16
+MEMORY_SHARE = 0.25  # of the available memory, the most the default slots' KV cache takes
+DRAIN_MARGIN_S = 5.0  # uvicorn waits this much longer than --grace: the engine ends the streams first
 
 
 @dataclasses.dataclass
@@ -131,8 +145,17 @@ async def _json(request: fastapi.Request):
         raise api.ApiError(f"the request body is not valid JSON: {err}", None, code="invalid_json") from None
 
 
+def check_model(service: Service, name: str | None) -> None:
+    """Raises ApiError (HTTP 404, OpenAI's `model_not_found`) unless `name` is None or
+    the model this server serves."""
+    if name is not None and name != service.model_name:
+        raise api.ApiError(f"the model {name!r} does not exist; this server serves {service.model_name!r} "
+                           "(GET /v1/models)", "model", status=404, code="model_not_found")
+
+
 def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.Request, asyncio.Queue]:
     """Queues the request; its events arrive on the returned asyncio queue."""
+    check_model(service, params.model)
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
     def on_event(event):
@@ -146,6 +169,8 @@ def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.
                                top_k=params.top_k, top_p=params.top_p, seed=seed, stop=params.stop)
     try:
         service.batcher.submit(request)
+    except batching.Draining as err:
+        raise api.ApiError(str(err), None, status=503, kind="server_error", code="shutting_down") from None
     except batching.QueueFull as err:
         raise api.ApiError(str(err), None, status=429, kind="rate_limit_error", code="rate_limit_exceeded") from None
     except ValueError as err:  # an empty prompt or one that fills the context
@@ -238,7 +263,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=cli.non_negative_int, default=8000, help="0 picks a free port")
-    p.add_argument("--max-batch", type=cli.positive_int, default=16, help="requests decoded together (slots)")
+    p.add_argument("--max-batch", type=cli.positive_int,
+                   help=f"slots: the most requests decoded together (default {DEFAULT_MAX_BATCH}, fewer if their KV "
+                   f"cache would take over {MEMORY_SHARE:.0%} of the available memory)")
     p.add_argument("--max-seq-len", type=cli.positive_int, help="positions per slot (default: the model's context)")
     p.add_argument("--max-queue", type=cli.non_negative_int, default=64,
                    help="requests waiting while every slot is busy, before 429")
@@ -247,7 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="most requests one prefill call takes (at most --max-batch)")
     p.add_argument("--decode-steps", type=cli.positive_int, default=1, help="decode steps per compiled call")
     p.add_argument("--grace", type=cli.non_negative_float, default=10.0,
-                   help="seconds streams in flight may finish after Ctrl-C / SIGTERM")
+                   help="seconds requests in flight may run after Ctrl-C / SIGTERM before they are ended")
     p.add_argument("--tokenizer", help="tokenizer instead of the checkpoint's: bytes, a tokenizer.json, or a "
                    "Hugging Face model directory (its chat template and stop ids too)")
     return p.parse_args(argv)
@@ -263,15 +290,44 @@ def build(args: argparse.Namespace) -> Service:
     spec = q.policy_spec(args.policy) if args.policy else q.ServeSpec(args.precision, activations=args.activations)
     model, variables, tokenizer, ckpt = sources.load_for_serving(args.checkpoint, spec, tokenizer=args.tokenizer,
                                                                  skip_incomplete=args.skip_incomplete)
-    slots = slots_lib.SlotModel(model, variables, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+    max_seq_len = args.max_seq_len or model.config.max_seq_len
+    max_batch = args.max_batch or default_max_batch(model.config, args.kv_cache, max_seq_len)
+    slots = slots_lib.SlotModel(model, variables, max_batch=max_batch, max_seq_len=max_seq_len,
                                 kv_cache=args.kv_cache, prefill_chunk=args.prefill_chunk,
-                                prefill_rows=min(args.prefill_rows, args.max_batch), steps=args.decode_steps)
+                                prefill_rows=min(args.prefill_rows, max_batch), steps=args.decode_steps)
     slots.warm_up()
     batcher = batching.Batcher(slots, tokenizer, max_queue=args.max_queue, stop_ids=_eos_ids(tokenizer))
-    info = {"precision": spec.label, "policy": args.policy, "kv_cache": args.kv_cache, "max_batch": args.max_batch,
-            "max_seq_len": slots.max_seq_len}
+    info = {"precision": spec.label, "policy": args.policy, "kv_cache": args.kv_cache, "max_batch": max_batch,
+            "max_seq_len": slots.max_seq_len, "context": model.config.max_seq_len}
     render, stops = chat_renderer(tokenizer)
     return Service(batcher, tokenizer, ckpt.name, render, stops, info)
+
+
+def default_max_batch(config, kv_cache: str, max_seq_len: int, available: int | None = None) -> int:
+    """`DEFAULT_MAX_BATCH` slots, or as many as fit in `MEMORY_SHARE` of the available memory.
+
+    Args:
+      config: the model's shape.
+      kv_cache: the cache kind.
+      max_seq_len: positions per slot (the cache allocates the next power of two).
+      available: bytes of memory available (default: what the machine reports free).
+
+    Returns:
+      A slot count in [1, DEFAULT_MAX_BATCH].
+    """
+    available = _available_memory() if available is None else available
+    per_slot = kv_cache_lib.bytes_per_token(config, kv_cache) * slots_lib.bucket(max_seq_len, minimum=1)
+    if available is None:
+        return DEFAULT_MAX_BATCH
+    return int(max(1, min(DEFAULT_MAX_BATCH, MEMORY_SHARE * available // per_slot)))
+
+
+def _available_memory() -> int | None:
+    """Bytes of physical memory available now (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def chat_renderer(tokenizer) -> tuple[Callable[[list[dict]], str], tuple[str, ...]]:
@@ -312,6 +368,47 @@ def _eos_ids(tokenizer) -> tuple[int, ...]:
     return ()
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server whose Ctrl-C / SIGTERM also starts the engine's drain: requests
+    in flight run for up to `grace` seconds, then the engine ends them, so each stream
+    gets its final chunk and `[DONE]` before uvicorn's own deadline (`DRAIN_MARGIN_S`
+    later) would cut it."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, grace: float):
+        super().__init__(config)
+        self.service, self.grace = service, grace
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service.batcher.drain(self.grace)
+        super().handle_exit(sig, frame)
+
+
+def make_server(service: Service, host: str, port: int, grace: float) -> Server:
+    """The uvicorn server of `service` (quiet: warnings and errors only)."""
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=grace + DRAIN_MARGIN_S)
+    return Server(config, service, grace)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), as uvicorn binds it.
+
+    Raises:
+      OSError: the port is in use or the address is not this machine's (one line).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}; stop what uses it or pick another "
+                      "--port (0 picks a free one)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _announce(server: uvicorn.Server, host: str) -> None:
     """Prints the URL once uvicorn listens (the real port when --port 0)."""
     while not server.started and not server.should_exit:
@@ -326,14 +423,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs read-only restores as warnings
     try:
+        sock = listen(args.host, args.port)  # before loading: a port in use fails at once
+    except OSError as err:
+        return cli.fail(err)
+    try:
         service = build(args)
     except (q.ServeError, config_io.ConfigError, ValueError, FileNotFoundError) as err:
+        sock.close()
         return cli.fail(err)
-    config = uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.grace)
-    server = uvicorn.Server(config)
+    server = make_server(service, args.host, args.port, args.grace)
     threading.Thread(target=_announce, args=(server, args.host), daemon=True).start()
-    server.run()  # handles SIGINT / SIGTERM: stops accepting, waits for streams up to --grace
+    server.run(sockets=[sock])  # Ctrl-C / SIGTERM: stops accepting, drains (Server.handle_exit)
     return 0
 
 

@@ -208,7 +208,9 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
+    """OpenAI's finish_reason: "length" for a reply cut short (max_tokens, the context, a
+    server drain ending it: "shutdown"), "stop" otherwise."""
+    return None if reason is None else ("length" if reason in ("length", "shutdown") else "stop")
 
 
 def completion_body(rid: str, model: str, text: str, reason: str, use: dict) -> dict:

@@ -7,24 +7,37 @@
 The cache holds `max_batch` rows ("slots") of `max_seq_len` positions each. A request
 owns one slot from its first prefill chunk to its last token; every slot has its own
 position, so requests of any lengths decode together in one step. The reference model
-already takes positions (B, T) and writes keys/values at them row by row
-(`models.transformer`), so no model change is needed:
+takes positions (B, T), the cache rows of the batch and the number of leading slots to
+attend over (`models.transformer`), and writes keys/values at those positions:
 
-* prefill writes prompt chunks of up to `prefill_rows` requests into their slots: the
-  slots' rows are gathered from the cache, run through the model at positions
-  start .. start + C - 1 (each row its own start) and scattered back; C is bucketed
-  (powers of two from 8 up to `prefill_chunk`) and the rows are 1 or `prefill_rows`
-  (spare rows repeat the first one: same slot, same values, so the scatter is exact).
+* prefill writes prompt chunks of up to `prefill_rows` requests straight into their
+  slots (the model scatters into the cache rows it is given), at positions
+  start .. start + C - 1 (each row its own start); C is bucketed (powers of two from 8 up
+  to `prefill_chunk`) and the rows are 1 or `prefill_rows` (spare rows repeat the first
+  one: same slot, same values, so the scatter is exact).
 * decode feeds one token per slot at the slot's own position and samples the next,
-  `steps` times in a `lax.scan`. Slots without a decoding request sit at the last
-  position (`max_seq_len - 1`): no prompt token ever lives there, and whatever is
-  written at a position is overwritten by its owner before any query can read it (a
-  step writes its key/value before attending), so idle rows never disturb live ones.
+  `steps` times in a `lax.scan`, over the first R slots only: R is the next power of two
+  above the highest slot with a decoding request (the batcher gives new requests the
+  lowest free slot, so R follows the number of requests). Slots below R without a
+  decoding request sit at the last position (`max_seq_len - 1`): no prompt token ever
+  lives there, and whatever is written at a position is overwritten by its owner before
+  any query can read it (a step writes its key/value before attending), so idle rows
+  never disturb live ones.
 
-Shapes never depend on how many requests run: decode always runs `max_batch` rows and
-prefill 1 or `prefill_rows` rows of a bucketed length, so after `warm_up` nothing is
-compiled again
-(`traces` counts compilations; tests check it).
+Span. Each call attends over the first `span` positions of its rows only, the next power
+of two (at least `min_span`) above the last position a live row reaches in the call, so
+attention costs what the requests hold, not `max_seq_len`. Both buckets are pure
+functions of the requests' slots and positions: the cache allocates powers of two (rows,
+and positions, at least `min_span`) so that no bucket is ever cut at `max_batch` or
+`max_seq_len`, and a request gets the same bits whatever those settings are. (What the bits do depend on is
+R, the rows decoded together: XLA's CPU matrix products round a row's sums differently
+for different row counts, so a greedy near-tie may resolve differently alone and in a
+crowd.)
+
+Compilations are bounded: decode once per (R, span) pair, prefill once per (rows,
+length, span); `warm_up` compiles every R and prefill shape at the smallest span, and a
+longer span compiles when a request first reaches it, never per token (`traces` counts
+compilations; tests check it).
 
 Sampling is per row inside the compiled step: temperature (0 = greedy), top-k (0 = off)
 and top-p arrays of shape (B,), and a key per row from the request's seed folded with
@@ -44,9 +57,11 @@ from jax import lax
 
 from serve import kv_cache as kv_cache_lib
 from serve import sampling
+from serve.engine import bucket
 
 Array = jax.Array
 MIN_CHUNK = 8
+MIN_SPAN = 256  # cache positions attended at least: few spans to compile, little extra work
 
 
 @jax.tree_util.register_dataclass
@@ -104,14 +119,6 @@ def sample_rows(logits: Array, params: RowParams) -> Array:
     return jnp.where(hot, sampled, greedy)
 
 
-def _take_rows(cache, slots: Array):
-    return jax.tree.map(lambda x: jnp.take(x, slots, axis=0), cache)
-
-
-def _put_rows(cache, rows, slots: Array):
-    return jax.tree.map(lambda full, part: full.at[slots].set(part), cache, rows)
-
-
 class SlotModel:
     """The serving model with a `max_batch`-slot KV cache (see the module docstring).
 
@@ -126,29 +133,37 @@ class SlotModel:
       prefill_rows: the most requests one prefill call takes.
       steps: decode steps per compiled call.
       logit_scale: multiplies logits before sampling (FP8 temperature correction).
+      min_span: the fewest cache positions a call attends over (a power of two; see the
+        module docstring).
+      sample: (logits (B, V), `RowParams`) -> (B,) ids, inside the compiled steps;
+        `sample_rows` by default.
 
     Raises:
       ValueError: a bad kv_cache kind, max_batch < 1, steps < 1, prefill_rows outside
-        [1, max_batch], prefill_chunk not a power of two >= 8, or max_seq_len outside
-        [2, the model's context].
+        [1, max_batch], prefill_chunk or min_span not a power of two >= 8, or max_seq_len
+        outside [2, the model's context].
     """
 
     def __init__(self, model, variables, *, max_batch: int = 16, max_seq_len: int | None = None,
                  kv_cache: str = "bf16", prefill_chunk: int = 64, prefill_rows: int = 4, steps: int = 1,
-                 logit_scale: float = 1.0):
+                 logit_scale: float = 1.0, min_span: int = MIN_SPAN, sample=None):
         context = model.config.max_seq_len
         self.max_seq_len = context if max_seq_len is None else max_seq_len
         _check_sizes(max_batch, self.max_seq_len, context, prefill_chunk, steps)
+        _check_power_of_two("min_span", min_span)
         if not 1 <= prefill_rows <= max_batch:
             raise ValueError(f"prefill_rows must be in [1, max_batch={max_batch}]; got {prefill_rows}")
         self.model, self.variables = model, variables
         self.max_batch, self.steps = max_batch, steps
         self.prefill_chunk, self.prefill_rows = prefill_chunk, prefill_rows
-        self.logit_scale = logit_scale
-        self.cache = kv_cache_lib.init(model.config, max_batch, kv_cache_lib.check_kind(kv_cache), self.max_seq_len)
+        self.logit_scale, self.min_span = logit_scale, min_span
+        self.sample = sample_rows if sample is None else sample
+        # Powers of two, so that no row or span bucket is cut at max_batch or max_seq_len.
+        self.rows, self.length = bucket(max_batch, minimum=1), bucket(self.max_seq_len, minimum=min_span)
+        self.cache = kv_cache_lib.init(model.config, self.rows, kv_cache_lib.check_kind(kv_cache), self.length)
         self.traces: collections.Counter = collections.Counter()
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("span",))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("span",))
 
     @property
     def idle_position(self) -> int:
@@ -160,36 +175,50 @@ class SlotModel:
         return [MIN_CHUNK << i for i in range((self.prefill_chunk // MIN_CHUNK).bit_length())]
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        """Every (rows, length) shape prefill compiles."""
+        """Every (rows, length) shape prefill compiles (once per span it meets)."""
         return [(rows, size) for rows in sorted({1, self.prefill_rows}) for size in self.chunk_sizes()]
+
+    def decode_rows(self) -> list[int]:
+        """Every row count R decode compiles (once per span it meets): 1, 2, 4, ..."""
+        return [1 << i for i in range(self.rows.bit_length())]
+
+    def spans(self) -> list[int]:
+        """Every span a call may attend over: min_span, 2 min_span, ... (powers of two)."""
+        return sorted({self.span(1 << i) for i in range(self.length.bit_length())})
+
+    def span(self, reach: int) -> int:
+        """The span of a call whose rows use positions below `reach` (a function of the
+        positions only: the cache holds at least `min_span` positions)."""
+        return bucket(min(reach, self.max_seq_len), minimum=self.min_span)
 
     # ---------------------------------------------------------------- compiled steps
 
     def _sample(self, logits: Array, params: RowParams) -> Array:
-        return sample_rows(sampling.scale_logits(logits, self.logit_scale), params)
+        return self.sample(sampling.scale_logits(logits, self.logit_scale), params)
 
-    def _prefill_fn(self, variables, cache, slots, tokens, starts, lasts, params):
+    def _prefill_fn(self, variables, cache, slots, tokens, starts, lasts, params, span):
         """tokens (P, C) at positions starts.. into `slots` (P,); samples after `lasts` (P,)."""
         self.traces["prefill"] += 1
         positions = jnp.minimum(starts[:, None] + jnp.arange(tokens.shape[1]), self.idle_position)  # (P, C)
-        logits, aux = self.model.apply(variables, tokens, positions, _take_rows(cache, slots))
+        logits, aux = self.model.apply(variables, tokens, positions, cache, cache_len=span, cache_rows=slots)
         last = jnp.take_along_axis(logits, lasts[:, None, None], axis=1)[:, 0]  # (P, V)
-        return self._sample(last, params), _put_rows(cache, aux["cache"], slots)
+        return self._sample(last, params), aux["cache"]
 
-    def _decode_fn(self, variables, cache, tokens, positions, params):
-        """`steps` tokens per slot: feeds tokens (B,) at positions (B,), samples the next."""
+    def _decode_fn(self, variables, cache, tokens, positions, params, span):
+        """`steps` tokens for each of the first R slots: feeds tokens (R,) at positions
+        (R,), samples the next; attends over the first `span` positions."""
         self.traces["decode"] += 1
 
         def step(carry, i):
             cache, tokens = carry
             pos = jnp.minimum(positions + i, self.idle_position)[:, None]
-            logits, aux = self.model.apply(variables, tokens[:, None], pos, cache)
+            logits, aux = self.model.apply(variables, tokens[:, None], pos, cache, cache_len=span)
             row = dataclasses.replace(params, counter=params.counter + i)
             new = self._sample(logits[:, 0], row)
             return (aux["cache"], new), new
 
         (cache, _), out = lax.scan(step, (cache, tokens), jnp.arange(self.steps))
-        return out.T, cache  # (B, steps)
+        return out.T, cache  # (R, steps)
 
     # ---------------------------------------------------------------- host calls
 
@@ -217,8 +246,10 @@ class SlotModel:
             tokens[row, :len(chunks[i])] = chunks[i]
         pick = lambda values, dtype: np.asarray([values[i] for i in order], dtype)  # noqa: E731
         params = jax.tree.map(lambda x: x[np.asarray(order)], params)
+        span = self.span(max(start + len(chunk) for start, chunk in zip(starts, chunks)))
         new, self.cache = self._prefill(self.variables, self.cache, pick(slots, np.int32), tokens,
-                                        pick(starts, np.int32), pick([len(c) - 1 for c in chunks], np.int32), params)
+                                        pick(starts, np.int32), pick([len(c) - 1 for c in chunks], np.int32), params,
+                                        span=span)
         return [int(t) for t in np.asarray(new)[:count]]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, params: RowParams) -> np.ndarray:
@@ -231,18 +262,31 @@ class SlotModel:
           params: `RowParams` of max_batch rows; counter: the index of each row's next token.
 
         Returns:
-          (max_batch, steps) int32 new ids.
+          (max_batch, steps) int32 new ids (zeros for slots without a decoding request).
         """
-        new, self.cache = self._decode(self.variables, self.cache, tokens, positions, params)
-        return np.asarray(new)
+        live = np.flatnonzero(np.asarray(positions) != self.idle_position)
+        rows = bucket(int(live.max()) + 1 if live.size else 1, minimum=1)
+        span = self.span(int(np.max(positions[live])) + self.steps if live.size else 1)
+        pad = lambda x, fill: np.concatenate([x, np.full(self.rows - len(x), fill, x.dtype)])[:rows]  # noqa: E731
+        fills = RowParams.fill(1)
+        params = jax.tree.map(lambda x, f: pad(np.asarray(x), f[0]), params, fills)
+        new, self.cache = self._decode(self.variables, self.cache, pad(np.asarray(tokens, np.int32), 0),
+                                       pad(np.asarray(positions, np.int32), self.idle_position), params, span=span)
+        out = np.zeros((self.max_batch, self.steps), np.int32)
+        count = min(rows, self.max_batch)
+        out[:count] = np.asarray(new)[:count]
+        return out
 
     def warm_up(self) -> None:
-        """Compiles decode and every prefill shape, so serving never compiles."""
+        """Compiles every prefill shape and every decode row count at the smallest span,
+        so short requests never compile."""
         for rows, size in self.prefill_shapes():
             count = min(rows, 2)  # 1 row, or 2 requests padded to prefill_rows
             self.prefill(list(range(count)), [np.zeros(size, np.int32)] * count, [0] * count, RowParams.fill(count))
-        idle = np.full(self.max_batch, self.idle_position, np.int32)
-        self.decode(np.zeros(self.max_batch, np.int32), idle, RowParams.fill(self.max_batch))
+        for rows in self.decode_rows():
+            positions = np.full(self.max_batch, self.idle_position, np.int32)
+            positions[min(rows, self.max_batch) - 1] = 0  # the highest live slot decides R
+            self.decode(np.zeros(self.max_batch, np.int32), positions, RowParams.fill(self.max_batch))
 
 
 def _check_sizes(max_batch: int, max_seq_len: int, context: int, prefill_chunk: int, steps: int) -> None:
@@ -252,5 +296,9 @@ def _check_sizes(max_batch: int, max_seq_len: int, context: int, prefill_chunk: 
         raise ValueError(f"decode steps per call must be >= 1; got {steps}")
     if not 2 <= max_seq_len <= context:
         raise ValueError(f"max_seq_len must be in [2, {context}] (the model's context); got {max_seq_len}")
-    if prefill_chunk < MIN_CHUNK or prefill_chunk & (prefill_chunk - 1):
-        raise ValueError(f"prefill_chunk must be a power of two >= {MIN_CHUNK}; got {prefill_chunk}")
+    _check_power_of_two("prefill_chunk", prefill_chunk)
+
+
+def _check_power_of_two(name: str, value: int) -> None:
+    if value < MIN_CHUNK or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_CHUNK}; got {value}")

@@ -5,6 +5,7 @@ that greedy continuations depend on every earlier token: a token written at a wr
 position or into a wrong slot changes the output.
 """
 
+import dataclasses
 import threading
 
 import jax
@@ -133,7 +134,7 @@ def test_batched_requests_get_the_tokens_each_gets_alone(slots, batcher, referen
         assert out.end == batching.Finished("length", len(prompt), min(12, CONFIG.max_seq_len - len(prompt)))
     assert batcher.steps_run["prefill_chunks"] == sum(-(-len(p) // CHUNK) for p in PROMPTS)  # chunked prefill
     assert batcher.steps_run["prefill"] < batcher.steps_run["prefill_chunks"]  # several requests per call
-    assert dict(slots.traces) == traces == {"prefill": len(slots.prefill_shapes()), "decode": 1}
+    assert dict(slots.traces) == traces == {"prefill": len(slots.prefill_shapes()), "decode": len(slots.decode_rows())}
 
 
 def test_sampled_requests_repeat_under_a_seed_whatever_runs_beside_them(batcher):
@@ -179,6 +180,32 @@ def test_a_full_queue_refuses_and_bad_requests_are_value_errors(slots):
         batcher.check([1], 0)
     with pytest.raises(ValueError, match="empty"):
         batcher.check([], 4)
+
+
+def _fingerprint(logits, params):
+    """A "sampler" whose token is a checksum of every logit's bits: a difference in the
+    last bit of any logit changes the token, and so every later step."""
+    return jnp.sum(jax.lax.bitcast_convert_type(logits, jnp.int32), axis=-1) % logits.shape[-1]
+
+
+def test_a_request_gets_the_same_bits_whatever_max_batch_and_max_seq_len(model_and_variables):
+    """Decode runs the slots that hold requests and attends over the positions they fill,
+    so --max-batch and --max-seq-len (here 1 x 48 and 6 x 4096) change no bit; steps
+    compile per (rows, span) bucket, never per token."""
+    model, variables = model_and_variables
+    big = model.clone(config=dataclasses.replace(CONFIG, max_seq_len=4096))
+    outs = []
+    for max_batch, max_seq_len in ((1, 48), (6, 4096)):
+        slots = slots_lib.SlotModel(big, variables, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache="fp32",
+                                    prefill_chunk=8, prefill_rows=1, min_span=16, sample=_fingerprint)
+        batcher = batching.Batcher(slots, data_lib.ByteTokenizer())
+        batcher.start()
+        try:
+            outs.append(_run(batcher, [PROMPTS[0]], max_tokens=24)[0].ids)
+        finally:
+            batcher.stop()
+        assert dict(slots.traces) == {"prefill": 1, "decode": 3}  # both chunks at span 16; decode at 16, 32, 64
+    assert outs[0] == outs[1] and len(set(outs[0])) > 10
 
 
 @pytest.mark.parametrize("kwargs, match", [

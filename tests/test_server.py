@@ -9,7 +9,9 @@ depend on the whole prompt.
 import concurrent.futures
 import contextlib
 import json
+import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,7 +43,7 @@ MAX_QUEUE = 2
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     params = transformer.Transformer(CONFIG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    path = tmp_path_factory.mktemp("micro") / "checkpoints"
+    path = tmp_path_factory.mktemp("runs") / "micro" / "checkpoints"  # served as "micro"
     ckpt_lib.save(path, 1, {"params": jax.tree.map(lambda x: 3 * x, params)},
                   {"config": {"model": config_lib.to_dict(CONFIG)}})
     return path
@@ -55,11 +57,9 @@ def service(checkpoint):
 
 
 @contextlib.contextmanager
-def _serving(service):
+def _serving(service, grace=20.0):
     """(uvicorn server, its URL): in-process on a free loopback port, stopped on exit."""
-    config = uvicorn.Config(server.create_app(service), host="127.0.0.1", port=0, log_level="warning",
-                            timeout_graceful_shutdown=20)
-    uv = uvicorn.Server(config)
+    uv = server.make_server(service, "127.0.0.1", 0, grace)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -154,9 +154,9 @@ def test_seeded_sampling_repeats(client):
 
 
 def test_stop_string_is_honoured(client):
-    full = client.completions.create(model="m", prompt="ROMEO:", max_tokens=24, temperature=0).choices[0].text
+    full = client.completions.create(model="micro", prompt="ROMEO:", max_tokens=24, temperature=0).choices[0].text
     stop = next(full[i:i + 2] for i in range(3, len(full) - 1) if "\ufffd" not in full[i:i + 2])
-    cut = client.completions.create(model="m", prompt="ROMEO:", max_tokens=24, temperature=0, stop=stop)
+    cut = client.completions.create(model="micro", prompt="ROMEO:", max_tokens=24, temperature=0, stop=stop)
     assert cut.choices[0].text == full[:full.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
@@ -237,12 +237,46 @@ def test_bad_chat_messages_get_400(url):
         assert response.status_code == 400 and response.json()["error"]["param"].startswith("messages")
 
 
+def test_an_unknown_model_gets_404_model_not_found(url, service):
+    assert service.model_name == "micro"
+    for path, body in (("completions", {"prompt": "x"}), ("chat/completions", {"messages": [{"role": "user",
+                                                                                               "content": "x"}]})):
+        response = httpx.post(f"{url}/v1/{path}", json={**body, "model": "gpt-4o", "max_tokens": 2})
+        error = response.json()["error"]
+        assert response.status_code == 404 and "gpt-4o" in error["message"] and "micro" in error["message"]
+        assert {k: v for k, v in error.items() if k != "message"} == {
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "model": "micro", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_a_port_in_use_fails_in_one_line_before_loading(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()  # the checkpoint does not exist: the port is checked first
+        assert server.main(["--checkpoint", str(tmp_path / "nothing"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1, err
+    assert time.monotonic() - start < 2
+
+
+def test_default_slots_follow_the_memory_the_machine_has():
+    per_slot = server.kv_cache_lib.bytes_per_token(CONFIG, "bf16") * CONFIG.max_seq_len
+    assert server.default_max_batch(CONFIG, "bf16", 512, available=10**12) == server.DEFAULT_MAX_BATCH
+    assert server.default_max_batch(CONFIG, "bf16", 512, available=int(3 * per_slot / server.MEMORY_SHARE)) == 3
+    assert server.default_max_batch(CONFIG, "bf16", 300, available=int(3 * per_slot / server.MEMORY_SHARE)) == 3
+    assert server.default_max_batch(CONFIG, "bf16", 512, available=0) == 1
+    assert server.default_max_batch(CONFIG, "fp32", 512, available=int(3 * per_slot / server.MEMORY_SHARE)) == 1
+
+
 def test_the_server_survives_a_burst_of_bad_requests(url, client):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda i: httpx.post(f"{url}/v1/completions", content=BAD[i % len(BAD)][0]).status_code,
                               range(24)))
     assert set(codes) == {400}
-    assert client.completions.create(model="m", prompt="ok", max_tokens=4).usage.completion_tokens == 4
+    assert client.completions.create(model="micro", prompt="ok", max_tokens=4).usage.completion_tokens == 4
 
 
 def _hold(batcher, count):
@@ -279,9 +313,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service):
 
 
 def test_nothing_compiles_after_warm_up(service, client):
-    client.completions.create(model="m", prompt="y" * 40, max_tokens=3)  # a chunked prefill
+    client.completions.create(model="micro", prompt="y" * 40, max_tokens=3)  # a chunked prefill
     slots = service.batcher.slots
-    assert dict(slots.traces) == {"prefill": len(slots.prefill_shapes()), "decode": 1}
+    assert dict(slots.traces) == {"prefill": len(slots.prefill_shapes()), "decode": len(slots.decode_rows())}
 
 
 def test_cli_mistakes_exit_2_with_one_line(checkpoint, tmp_path, capsys):
@@ -296,17 +330,39 @@ def test_cli_mistakes_exit_2_with_one_line(checkpoint, tmp_path, capsys):
         assert exit_info.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1
 
 
-def test_shutdown_lets_a_stream_in_flight_finish(running, service):
-    """Last in this file: it stops the module's server (what Ctrl-C / SIGTERM do)."""
+class _Errors(logging.Handler):
+    """Keeps the records uvicorn logs at ERROR or above."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_sigterm_drains_a_stream_in_flight_with_a_final_chunk_and_done(running, service):
+    """Last in this file: it stops the module's server, as SIGTERM does (`Server.handle_exit`).
+    The stream outlives the grace: the engine ends it ("length", [DONE]) before uvicorn's
+    deadline, so nothing is cut and nothing is logged as an error."""
     uv, url = running
-    body = {"prompt": "a long story", "max_tokens": 80, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith("data: {"))
-        uv.should_exit = True
-        rest = [line for line in lines if line]
+    uv.grace = 0.2
+    errors = _Errors()
+    logging.getLogger("uvicorn.error").addHandler(errors)
+    body = {"prompt": "a long story", "max_tokens": 480, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            first = next(line for line in lines if line.startswith("data: {"))
+            uv.handle_exit(signal.SIGTERM, None)
+            rest = [line for line in lines if line]
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
     chunks = [json.loads(line[len("data: "):]) for line in [first] + rest[:-1]]
-    assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert rest[-1] == "data: [DONE]" and chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] < 480  # ended by the drain, not by max_tokens
+    assert service.batcher.finished["shutdown"] == 1 and not errors.records
     deadline = time.monotonic() + 30
     while service.batcher.alive() and time.monotonic() < deadline:  # the lifespan stops the engine
         time.sleep(0.05)
@@ -316,21 +372,23 @@ def test_shutdown_lets_a_stream_in_flight_finish(running, service):
 
 
 @pytest.mark.slow
-def test_the_command_prints_its_url_and_sigterm_lets_a_stream_finish(checkpoint):
+def test_the_command_prints_its_url_and_sigterm_ends_a_stream_properly(checkpoint):
     cmd = [sys.executable, "-m", "serve.server", "--checkpoint", str(checkpoint), "--precision", "fp32", "--port", "0",
-           "--max-batch", "2", "--prefill-chunk", "8", "--prefill-rows", "1"]
+           "--max-batch", "2", "--prefill-chunk", "8", "--prefill-rows", "1", "--grace", "0.5"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving on http://127.0.0.1:"), line + proc.stderr.read()
-        body = {"prompt": "a long story", "max_tokens": 200, "temperature": 0, "stream": True}
+        body = {"prompt": "a long story", "max_tokens": 480, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{line.split()[-1]}/v1/completions", json=body, timeout=60) as response:
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
             proc.send_signal(signal.SIGTERM)
-            assert [line for line in lines if line][-1] == "data: [DONE]"
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][len("data: "):])["choices"][0]["finish_reason"]
         # uvicorn re-raises the signal once it has shut down: a terminated process's status
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "ERROR" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
