@@ -24,11 +24,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # mpx.hardware loads on first use: importing it here would make `python -m mpx.hardware`
-    # find its own module already imported (runpy's RuntimeWarning).
-    if name == "hardware":
-        import importlib
-        return importlib.import_module("mpx.hardware")
+    # Every other submodule (mpx.nn, mpx.sensitivity, mpx.hardware, ...) loads on first use,
+    # so `import mpx` stays free of Flax, and `python -m mpx.hardware` does not find its own
+    # module already imported (runpy's RuntimeWarning).
+    import importlib
+    import importlib.util
+
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mpx' has no attribute {name!r}")
 
 __all__ = [

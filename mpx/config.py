@@ -29,6 +29,7 @@ import collections.abc
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -272,14 +273,33 @@ def merge(base: dict, update: dict, origins: dict, source: str,
             _record(origins, dotted, value, source)
 
 
+SHIPPED = "configs"  # mpx's own config files: a directory of the clone, a package once installed
+
+
+def locate(path: str | Path) -> Path:
+    """Where config file `path` is: `path` itself where it exists; else, for a relative path
+    whose first part is configs/ (how the README and mpx's own files name them), the copy
+    installed with mpx, so that those names work outside a clone too."""
+    path = Path(path)
+    if path.exists() or path.is_absolute() or not path.parts or path.parts[0] != SHIPPED:
+        return path
+    spec = importlib.util.find_spec(SHIPPED)
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (shipped := Path(root).joinpath(*path.parts[1:])).exists():
+            return shipped
+    return path
+
+
 def read_yaml(path: str | Path) -> dict:
     """Reads one YAML file whose top level is a mapping (an empty file is `{}`).
+
+    `path` goes through `locate` (configs/... names the files mpx ships).
 
     Raises:
       FileNotFoundError: `path` is not a file.
       ConfigError: invalid YAML or a top level that is not a mapping.
     """
-    path = Path(path)
+    path = locate(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     try:
@@ -301,7 +321,7 @@ def read_tree(path: str | Path, replaces_whole: Callable[[str, Any], bool] = _ne
       FileNotFoundError: `path` or a file it extends does not exist.
       ConfigError: invalid YAML, a non-string `extends`, or an `extends` cycle.
     """
-    path = Path(path)
+    path = locate(path)
     if path.resolve() in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path.resolve()))
         raise ConfigError(f"extends cycle: {cycle}")
@@ -310,7 +330,9 @@ def read_tree(path: str | Path, replaces_whole: Callable[[str, Any], bool] = _ne
     if parent is None:
         base, origins = {}, {}
     elif isinstance(parent, str):
-        base, origins = read_tree(path.parent / parent, replaces_whole, (*chain, path.resolve()))
+        beside = path.parent / parent  # relative to the file; else configs/... as `locate` finds it
+        base, origins = read_tree(beside if beside.exists() else locate(parent), replaces_whole,
+                                  (*chain, path.resolve()))
     else:
         raise ConfigError(f"{path}: extends must be a path string, got {parent!r}", "extends")
     merge(base, raw, origins, str(path), replaces_whole)

@@ -281,7 +281,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(calibrate_lib.METHODS),
                    help="calibration methods to compare (comma-separated; empty for none)")
     p.add_argument("--data", help="evaluate on this .txt/.jsonl file with the checkpoint's tokenizer")
-    p.add_argument("--seq-len", type=cli.positive_int, default=256, help="--data window length (default 256)")
+    p.add_argument("--seq-len", type=cli.positive_int,
+                   help="--data window length (default 256, or the model's context where that is shorter)")
     p.add_argument("--windows", type=cli.positive_int, default=16, help="--data windows (default 16)")
     p.add_argument("--variants", help="comma-separated variant names (fp32, bf16, fp8, fp8-weight-only, fp8-kv, "
                    "policy, ...)")

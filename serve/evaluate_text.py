@@ -29,6 +29,8 @@ VARIANT_NAMES = ("fp32", "bf16", "fp8", "fp8-channel", "fp8-tensor", "fp8-weight
                  *(f"fp8-static-{m}" for m in calibrate_lib.METHODS), "policy")
 
 
+DEFAULT_SEQ_LEN = 256  # --seq-len when not given (capped at the model's context)
+
 def variant_named(name: str, policy: str | None = None) -> ev.Variant:
     """The variant of a --variants name (see VARIANT_NAMES); "policy" is the --policy file's.
 
@@ -144,21 +146,20 @@ def json_rows(rows: list[dict]) -> dict:
     return {"variants": [{k: row[k] for k in keys} for row in rows]}
 
 
-def run(checkpoint: str, data: str, *, seq_len: int = 256, windows: int = 16, variants: str | None = None,
-        tokenizer: str | None = None, skip_incomplete: bool = False, policy: str | None = None,
-        log=print) -> tuple[list[dict], str]:
-    """Evaluates a checkpoint (mpx run or Hugging Face directory) on a text file.
+def inputs(checkpoint: str, data: str, *, seq_len: int | None = None, windows: int = 16,
+           variants: str | None = None, tokenizer: str | None = None, skip_incomplete: bool = False,
+           policy: str | None = None) -> tuple[q.Checkpoint, list, np.ndarray]:
+    """(checkpoint, [(name, Variant)], token windows) of `run`'s arguments, checked.
 
-    `policy`: a precision policy YAML, the variant named "policy".
-
-    Returns:
-      (rows, Markdown report).
+    `seq_len`: the window length (default DEFAULT_SEQ_LEN, or the model's context where
+    that is shorter).
 
     Raises:
       ServeError: a bad checkpoint, data file, variant name or window size.
     """
     named = parse_variants(variants, policy)
     ckpt = sources.load_checkpoint(checkpoint, skip_incomplete=skip_incomplete)
+    seq_len = seq_len or min(DEFAULT_SEQ_LEN, ckpt.config.max_seq_len)
     if seq_len > ckpt.config.max_seq_len:
         raise q.ServeError(f"--seq-len {seq_len} exceeds the model's context {ckpt.config.max_seq_len}")
     tok = q.load_tokenizer(tokenizer or ckpt.tokenizer_spec)
@@ -166,5 +167,23 @@ def run(checkpoint: str, data: str, *, seq_len: int = 256, windows: int = 16, va
     if int(cut.max()) >= ckpt.config.vocab_size:
         raise q.ServeError(f"the tokenizer yields id {int(cut.max())} beyond the model's vocabulary "
                            f"({ckpt.config.vocab_size}); pass the checkpoint's own --tokenizer")
+    return ckpt, named, cut
+
+
+def run(checkpoint: str, data: str, *, seq_len: int | None = None, windows: int = 16, variants: str | None = None,
+        tokenizer: str | None = None, skip_incomplete: bool = False, policy: str | None = None,
+        log=print) -> tuple[list[dict], str]:
+    """Evaluates a checkpoint (mpx run or Hugging Face directory) on a text file.
+
+    `policy`: a precision policy YAML, the variant named "policy"; the rest as `inputs`.
+
+    Returns:
+      (rows, Markdown report).
+
+    Raises:
+      ServeError: a bad checkpoint, data file, variant name or window size.
+    """
+    ckpt, named, cut = inputs(checkpoint, data, seq_len=seq_len, windows=windows, variants=variants,
+                              tokenizer=tokenizer, skip_incomplete=skip_incomplete, policy=policy)
     rows = evaluate_text(ckpt, named, cut, log=log)
     return rows, text_markdown(rows, ckpt, cut, data)

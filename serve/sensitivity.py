@@ -47,6 +47,9 @@ from store import cli
 from store import data as data_lib
 
 
+DEFAULT_SEQ = 256  # --seq when not given (capped at the model's context)
+
+
 class Progress:
     """A one-line progress bar per phase on stderr."""
 
@@ -225,8 +228,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "all (simulated formats too) or a comma-separated list")
     p.add_argument("--calibration", type=cli.positive_int, default=8, help="calibration windows")
     p.add_argument("--heldout", type=cli.positive_int, default=8, help="held-out windows for the real measurement")
-    p.add_argument("--seq", type=cli.positive_int, default=256,
-                   help="tokens per window (at most the model's max_seq_len)")
+    p.add_argument("--seq", type=cli.positive_int,
+                   help=f"tokens per window (at most the model's max_seq_len; default {DEFAULT_SEQ}, or "
+                        "max_seq_len where that is shorter)")
     p.add_argument("--rows", type=cli.positive_int, default=4, help="windows per batch")
     p.add_argument("--exact", type=cli.non_negative_int, default=12,
                    help="(layer, format) pairs measured exactly to check the estimate (0: none)")
@@ -248,13 +252,24 @@ def _smooth_alpha(text: str) -> float:
     return value
 
 
+def inputs(args) -> tuple[q.Checkpoint, list, list]:
+    """(checkpoint, calibration batches, held-out batches) of parsed `args`; `args.seq`
+    resolved (default DEFAULT_SEQ, or the model's max_seq_len where that is shorter).
+
+    Raises:
+      ServeError, ValueError: a bad checkpoint, data file or window size.
+    """
+    ckpt = sources.load_checkpoint(args.checkpoint)
+    args.seq = args.seq or min(DEFAULT_SEQ, ckpt.config.max_seq_len)
+    if args.seq > ckpt.config.max_seq_len:
+        raise ValueError(f"--seq {args.seq} exceeds the model's max_seq_len {ckpt.config.max_seq_len}")
+    return (ckpt, *windows(ckpt, args.data, args.seq, args.calibration, args.heldout, args.rows))
+
+
 def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoint, float]:
     """Loads, analyses and searches (see the module doc); returns the results and seconds."""
     t0 = time.perf_counter()
-    ckpt = sources.load_checkpoint(args.checkpoint)
-    if args.seq > ckpt.config.max_seq_len:
-        raise ValueError(f"--seq {args.seq} exceeds the model's max_seq_len {ckpt.config.max_seq_len}")
-    calib, heldout = windows(ckpt, args.data, args.seq, args.calibration, args.heldout, args.rows)
+    ckpt, calib, heldout = inputs(args)
     model = transformer.Transformer(ckpt.config, mpx.policy.preset("fp32"))
     # float32 masters of the model's shape (a block-FP8 checkpoint's kernels dequantized)
     variables = {"params": q.quantize_params(ckpt.params, ckpt.config, q.ServeSpec("fp32"))}

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from mpx import config as config_lib
 from mpx import recipes as recipes_lib
 from mpx.policy.precision import _FIELDS, Precision, _changed_fields, dtype_name, parse_dtype
 from mpx.policy.presets import PRESETS, preset
@@ -147,7 +148,7 @@ def get(spec: str) -> Policy:
     if spec in PRESETS:
         return preset(spec)
     if spec.endswith((".yaml", ".yml")):
-        if not os.path.isfile(spec):
+        if not config_lib.locate(spec).is_file():
             raise ValueError(f"no policy file {spec!r}")
         return load(spec)
     raise ValueError(f"unknown policy {spec!r}: give a preset ({', '.join(PRESETS)}) or a .yaml policy file")
@@ -156,6 +157,7 @@ def get(spec: str) -> Policy:
 def _load(path: str, seen: frozenset[str]) -> Policy:
     import yaml  # only the YAML edge needs it
 
+    path = os.fspath(config_lib.locate(path))  # configs/... names the policies mpx ships
     key = os.path.abspath(path)
     if key in seen:
         raise ValueError(f"{path}: base cycle through {sorted(seen)}")
