@@ -11,6 +11,7 @@ few cases that depend on the interpreter's start-up run as real subprocesses.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -57,6 +58,22 @@ CASES = [
     ("train.run", _train("precision.policy_file={broken_policy}"), "broken_policy.yaml: invalid YAML"),
     ("train.run", _train("precision.policy_file={unknown_key_policy}"), "unknown key 'rulez'"),
     ("serve.generate", ["--checkpoint", "{corrupt}", "--prompt", "hi"], "--skip-incomplete to use step 1"),
+    ("train.run", _train("model.d_model=-128"), "d_model must be an integer >= 1; got -128"),
+    ("train.run", ["--config", "{bad_model_train}", "--quiet"], "d_model must be an integer >= 1; got -128"),
+    ("train.run", _train("model.n_kv_heads=3"), "n_heads=4 must be divisible by n_kv_heads=3"),
+    ("train.run", _train("model.d_model=100"), "head_dim = d_model // n_heads = 25 must be even"),
+    ("train.run", _train("model.n_layers=0"), "n_layers must be an integer >= 1; got 0"),
+    ("train.run", _train("model.d_ff=true"), "model.d_ff: expected int, got True"),
+    ("train.run", _train("model.rope_theta=-1"), "rope_theta must be a finite number > 0; got -1.0"),
+    ("train.run", _train("model.norm_eps=nan"), "norm_eps must be a finite number > 0; got nan"),
+    ("train.run", _train("model.sliding_window=0"), "sliding_window must be an integer >= 1, or null; got 0"),
+    ("train.run", _train("model.head_dim_override=7"), "head_dim_override must be an even integer >= 2"),
+    ("train.run", _train("model.n_experts=2", "model.top_k=3"), "top_k=3 must be in [1, n_experts=2]"),
+    ("train.run", _train("model.rope_scaling.kind=yarn"), "kind must be one of 'none', 'linear', 'llama3'"),
+    ("train.run", _train("model.rope_scaling.factor=0"), "factor must be a finite number > 0; got 0.0"),
+    ("train.run", _train("model.rope_scaling.original_max_len=0"), "original_max_len must be an integer >= 1"),
+    ("train.run", _train("model.vocab_size=100"), "bytes tokenizer needs model.vocab_size >= 256; got 100"),
+    ("train.run", _train("model.init_from={bad_hf}"), "bad_hf/config.json: hidden_size: d_model must be"),
     ("serve.generate", ["--checkpoint", "nowhere", "--prompt", "hi"], "no checkpoint at 'nowhere'"),
     ("serve.generate", ["--checkpoint", "{incomplete}", "--prompt", "hi"], "300 is incomplete"),
     ("serve.generate", ["--checkpoint", "{incomplete}/300", "--prompt", "hi"], "300 is incomplete"),
@@ -75,6 +92,11 @@ CASES = [
     ("serve.generate", _gen("--precision", "fp4"), "argument --precision: invalid choice: 'fp4'"),
     ("serve.generate", _gen("--config", "nope.yaml"), "nope.yaml"),
     ("serve.generate", ["--checkpoint", "{complete}"], "--prompt"),
+    ("serve.generate", _gen("--config", "{bad_model_train}"), "model: d_model must be an integer >= 1; got -128"),
+    ("serve.generate", ["--checkpoint", "{bad_hf}", "--prompt", "hi"],
+     "bad_hf/config.json: hidden_size: d_model must be an integer >= 1; got -32"),
+    ("serve.generate", ["--checkpoint", str(ROOT / "tests/fixtures/hf/llama3"), "--prompt", "hi", "--precision", "fp32",
+                        "--tokenizer", "bytes"], "tokenizer 'bytes' has 256 ids but the model's vocab_size is 128"),
     ("serve.evaluate", ["--checkpoint", "nowhere"], "no checkpoint at 'nowhere'"),
     ("serve.evaluate", ["--eval-batches", "0"], "argument --eval-batches"),
     ("serve.evaluate", ["--methods", "max,entropy"], "--methods: unknown calibration method 'entropy'"),
@@ -82,6 +104,7 @@ CASES = [
     ("benchmarks.generate", ["--repeats", "3"], "unrecognized arguments: --repeats"),
     ("benchmarks.optimizer", ["--size", "3"], "unrecognized arguments: --size"),
     ("serve.server", ["--checkpoint", "nowhere"], "no checkpoint at 'nowhere'"),
+    ("serve.server", ["--checkpoint", "{bad_hf}"], "bad_hf/config.json: hidden_size: d_model must be"),
     ("serve.export", ["--checkpoint", "nowhere", "--out", "exported"], "nowhere"),
     ("serve.sensitivity", ["--checkpoint", "nowhere", "--data", "{empty}", "--budget", "1", "--out", "s"], "nowhere"),
     ("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "-1", "--out", "s"],
@@ -104,6 +127,8 @@ CASES = [
     (PLAN, ["--model", "tiny", "--mesh", "data=3,fsdp=2", "--devices", "6", "--batch", "7"], "--batch"),
     (PLAN, ["--model", "tiny", "--seq", "0"], "--seq"),
     (PLAN, ["--model", "nosuch"], "nosuch"),
+    (PLAN, ["--model", "{bad_model}"], "ModelConfig: d_model must be an integer >= 1; got -128"),
+    (PLAN, ["--model", "tiny", "--remat", "some"], "argument --remat: invalid choice: 'some'"),
 ]
 
 
@@ -131,6 +156,14 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "unknown_key_policy.yaml").write_text("name: x\nbase: bf16\nrulez: []\n")
     paths.update(broken_policy=str(root / "broken_policy.yaml"),
                  unknown_key_policy=str(root / "unknown_key_policy.yaml"), corrupt=_corrupt_checkpoints(root / "corrupt"))
+    # Model settings out of range: a training config, a model file, a Hugging Face config.json.
+    (root / "bad_model_train.yaml").write_text(f"extends: {TINY}\nmodel: {{preset: tiny, d_model: -128}}\n")
+    (root / "bad_model.yaml").write_text("preset: tiny\nd_model: -128\n")
+    hf_config = json.loads((ROOT / "tests/fixtures/hf/llama3/config.json").read_text())
+    (root / "bad_hf").mkdir()
+    (root / "bad_hf" / "config.json").write_text(json.dumps({**hf_config, "hidden_size": -32}))
+    paths.update(bad_model_train=str(root / "bad_model_train.yaml"), bad_model=str(root / "bad_model.yaml"),
+                 bad_hf=str(root / "bad_hf"))
     return paths
 
 

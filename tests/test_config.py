@@ -296,3 +296,120 @@ def test_model_section_resolves_the_same_for_training_and_serving():
 def test_non_finite_numbers_are_rejected(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(CONFIGS / "tiny.yaml", [override])
+
+
+# --------------------------------------------------------------------------- the model section
+
+
+@pytest.mark.parametrize("fields, message, at_fault", [
+    ({"vocab_size": 0}, "vocab_size must be an integer >= 1; got 0", None),
+    ({"d_model": -128}, "d_model must be an integer >= 1; got -128", None),
+    ({"n_layers": 0}, "n_layers must be an integer >= 1; got 0", None),
+    ({"n_heads": 0}, "n_heads must be an integer >= 1; got 0", None),
+    ({"n_kv_heads": -2}, "n_kv_heads must be an integer >= 1; got -2", None),
+    ({"d_ff": 0}, "d_ff must be an integer >= 1; got 0", None),
+    ({"max_seq_len": 0}, "max_seq_len must be an integer >= 1; got 0", None),
+    ({"n_experts": -1}, "n_experts must be an integer >= 0; got -1", None),
+    ({"top_k": 0}, "top_k must be an integer >= 1; got 0", None),
+    ({"moe_every": 0}, "moe_every must be an integer >= 1; got 0", None),
+    ({"n_layers": True}, "n_layers must be an integer >= 1; got True", None),  # bools are not ints
+    ({"d_ff": 96.0}, "d_ff must be an integer >= 1; got 96.0", None),
+    ({"d_model": "128"}, "d_model must be an integer >= 1; got '128'", None),
+    ({"rope_theta": 0.0}, "rope_theta must be a finite number > 0; got 0.0", None),
+    ({"rope_theta": float("inf")}, "rope_theta must be a finite number > 0; got inf", None),
+    ({"norm_eps": -1e-6}, "norm_eps must be a finite number > 0; got -1e-06", None),
+    ({"norm_eps": float("nan")}, "norm_eps must be a finite number > 0; got nan", None),
+    ({"tie_embeddings": 1}, "tie_embeddings must be true or false; got 1", None),
+    ({"qk_norm": "yes"}, "qk_norm must be true or false; got 'yes'", None),
+    ({"remat": "some"}, "remat must be one of 'none', 'full', 'non_fp8'; got 'some'", None),
+    ({"head_dim_override": 0}, "head_dim_override must be an even integer >= 2 (RoPE rotates pairs), or null; got 0",
+     None),
+    ({"head_dim_override": 7}, "head_dim_override must be an even integer >= 2", None),
+    ({"sliding_window": 0}, "sliding_window must be an integer >= 1, or null; got 0", None),
+    ({"rope_scaling": {"kind": "linear"}}, "rope_scaling must be a RopeScaling", None),
+    ({"init_from": ""}, "init_from must be a model directory, or null; got ''", None),
+    ({"d_model": 130}, "d_model=130 must be divisible by n_heads=4 (or set head_dim_override)", ("d_model", "n_heads")),
+    ({"d_model": 100}, "head_dim = d_model // n_heads = 25 must be even for RoPE", ("d_model", "n_heads")),
+    ({"n_kv_heads": 3}, "n_heads=4 must be divisible by n_kv_heads=3", ("n_heads", "n_kv_heads")),
+    ({"n_experts": 2, "top_k": 3}, "top_k=3 must be in [1, n_experts=2]", ("top_k", "n_experts")),
+    ({"n_experts": 2, "moe_every": 3}, "moe_every=3 exceeds n_layers=2: no block would have the MoE FFN",
+     ("moe_every", "n_layers")),
+])
+def test_model_config_names_the_bad_field_its_value_and_what_is_allowed(fields, message, at_fault):
+    from models import config as model_config
+
+    with pytest.raises(model_config.FieldError) as info:
+        model_config.ModelConfig(**fields)
+    assert message in str(info.value)
+    assert info.value.fields == (at_fault or tuple(fields))
+    assert info.value.key == (info.value.fields[0] if len(info.value.fields) == 1 else "")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"kind": "yarn"}, "kind must be one of 'none', 'linear', 'llama3'; got 'yarn'"),
+    ({"kind": "linear", "factor": 0.0}, "factor must be a finite number > 0; got 0.0"),
+    ({"factor": float("nan")}, "factor must be a finite number > 0; got nan"),
+    ({"low_freq_factor": 0}, "low_freq_factor must be a finite number > 0; got 0"),
+    ({"high_freq_factor": True}, "high_freq_factor must be a finite number > 0; got True"),
+    ({"original_max_len": 0}, "original_max_len must be an integer >= 1; got 0"),
+    ({"original_max_len": 8192.0}, "original_max_len must be an integer >= 1; got 8192.0"),
+    ({"kind": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 4.0},
+     "llama3 rope_scaling needs low_freq_factor < high_freq_factor; got 4.0, 4.0"),
+])
+def test_rope_scaling_names_the_bad_field(fields, message):
+    from models import config as model_config
+
+    with pytest.raises(model_config.FieldError, match=re.escape(message)):
+        model_config.RopeScaling(**fields)
+
+
+def test_every_model_preset_and_default_is_valid():
+    from models import config as model_config
+
+    for preset in PRESETS.values():
+        assert dataclasses.replace(preset) == preset  # __post_init__ runs again
+    assert model_config.ModelConfig(rope_theta=10000, norm_eps=1) == model_config.ModelConfig(rope_theta=1e4,
+                                                                                              norm_eps=1.0)
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("model.d_model=-128", "model.d_model", "model: d_model must be an integer >= 1; got -128"),
+    ("model.rope_scaling.factor=0", "model.rope_scaling.factor",
+     "model.rope_scaling: factor must be a finite number > 0; got 0.0"),
+    ("model.rope_scaling.kind=yarn", "model.rope_scaling.kind",
+     "model.rope_scaling: kind must be one of 'none', 'linear', 'llama3'; got 'yarn'"),
+    ("model.sliding_window=0", "model.sliding_window", "model: sliding_window must be an integer >= 1, or null; got 0"),
+    ("model.norm_eps=-1", "model.norm_eps", "model: norm_eps must be a finite number > 0; got -1.0"),
+])
+def test_a_bad_model_field_is_named_with_the_one_setting_that_set_it(override, key, message):
+    with pytest.raises(ConfigError) as info:
+        load(CONFIGS / "tiny.yaml", [override])
+    assert info.value.key == key
+    assert str(info.value) == f"{message} (set in --set {override})"
+
+
+def test_a_model_constraint_names_every_setting_of_the_section(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load(CONFIGS / "tiny.yaml", ["model.n_kv_heads=3"])
+    assert info.value.key == "model" and "n_heads=4 must be divisible by n_kv_heads=3" in str(info.value)
+    assert f"set in {CONFIGS / 'tiny.yaml'}, --set model.n_kv_heads=3" in str(info.value)
+    path = write(tmp_path, "c.yaml", f"extends: {CONFIGS / 'tiny.yaml'}\nmodel: {{preset: tiny, d_model: -128}}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"d_model must be an integer >= 1; got -128 (set in {path})")):
+        load(path)
+
+
+def test_serving_with_a_bad_model_section_names_the_field(tmp_path):
+    from serve import generate
+
+    path = write(tmp_path, "c.yaml", "model: {preset: small, n_heads: 0}\n")
+    with pytest.raises(ConfigError, match="model: n_heads must be an integer >= 1; got 0"):
+        generate.expected_model(str(path))
+
+
+def test_check_vocab_names_the_tokenizer_and_both_sizes():
+    from models import config as model_config
+
+    tiny = model_config.ModelConfig(vocab_size=128)
+    tiny.check_vocab(128, "'t.json'")
+    with pytest.raises(ValueError, match=re.escape("tokenizer 'bytes' has 256 ids but the model's vocab_size is 128")):
+        tiny.check_vocab(256, "'bytes'")

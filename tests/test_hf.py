@@ -192,6 +192,46 @@ def test_bad_directories_raise_one_clear_error(tmp_path):
     assert "no such model directory" in _error(tmp_path / "absent")
 
 
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+
+@pytest.mark.parametrize("updates, message", [
+    ({"hidden_size": -32}, "hidden_size: d_model must be an integer >= 1; got -32"),
+    ({"num_attention_heads": 0}, "num_attention_heads: n_heads must be an integer >= 1; got 0"),
+    ({"num_key_value_heads": 3}, "num_attention_heads, num_key_value_heads: n_heads=4 must be divisible by "
+                                 "n_kv_heads=3"),
+    ({"head_dim": 7}, "head_dim: head_dim_override must be an even integer >= 2"),
+    ({"intermediate_size": 0}, "intermediate_size: d_ff must be an integer >= 1; got 0"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers must be an integer; got '2'"),
+    ({"vocab_size": True}, "vocab_size must be an integer; got True"),
+    ({"vocab_size": None}, "lacks 'vocab_size'"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be an integer >= 1; got 0"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps: norm_eps must be a finite number > 0; got 0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false; got 'false'"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'; supported: 'silu'"),
+    ({"rope_parameters": {**_LLAMA3_ROPE, "rope_type": "yarn"}}, "unsupported rope scaling 'yarn'"),
+    ({"rope_parameters": {**_LLAMA3_ROPE, "rope_theta": -1}},
+     "rope_parameters.rope_theta: rope_theta must be a finite number > 0"),
+    ({"rope_theta": 0}, "json: rope_theta: rope_theta must be a finite number > 0; got 0.0"),
+    ({"rope_parameters": {**_LLAMA3_ROPE, "factor": 0}}, "rope_parameters.factor: factor must be a finite number > 0"),
+    ({"rope_parameters": {**_LLAMA3_ROPE, "original_max_position_embeddings": 0}},
+     "rope_parameters.original_max_position_embeddings: original_max_len must be an integer >= 1; got 0"),
+    ({"rope_parameters": {**_LLAMA3_ROPE, "low_freq_factor": 4.0}},
+     "rope_parameters.low_freq_factor, rope_parameters.high_freq_factor: llama3 rope_scaling needs"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": -2.0}},
+     "rope_scaling.factor: factor must be a finite number > 0; got -2.0"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 0},
+     "sliding_window: sliding_window must be an integer >= 1, or null; got 0"),
+])
+def test_a_bad_config_json_value_names_the_file_and_its_key(tmp_path, updates, message):
+    cfg = {**json.loads((FIXTURES / "llama3" / "config.json").read_text()), **updates}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(hf.HFError) as err:
+        hf.read_config(tmp_path)  # no weights read
+    assert str(err.value).startswith(str(tmp_path / "config.json")) and message in str(err.value), err.value
+
+
 def test_bad_tensors_are_named(tmp_path):
     d = _copy("qwen2", tmp_path)
     _rewrite(d, lambda a: a.pop("model.layers.1.self_attn.k_proj.bias"))

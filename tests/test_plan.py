@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,25 @@ def test_model_yaml_rejects_unknown_fields(tmp_path):
     path.write_text("preset: tiny\nn_layers: 3\n")
     assert plan_lib.load_model_config(str(path)).n_layers == 3
     assert math.isclose(plan_lib.load_model_config("tiny").d_model, 128)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("preset: tiny\nd_model: -128\n", "m.yaml: ModelConfig: d_model must be an integer >= 1; got -128"),
+    ("preset: tiny\nn_kv_heads: 3\n", "n_heads=4 must be divisible by n_kv_heads=3"),
+    ("n_experts: 4\ntop_k: 5\n", "top_k=5 must be in [1, n_experts=4]"),
+    ("rope_scaling: {kind: yarn}\n", "rope_scaling: kind must be one of 'none', 'linear', 'llama3'; got 'yarn'"),
+    ("preset: [tiny]\n", "m.yaml: preset: unknown model preset ['tiny']"),
+])
+def test_model_yaml_values_are_checked_before_planning(tmp_path, text, message, capsys):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan_lib.load_model_config(str(path))
+    assert plan_lib.main(["--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_every_model_file_is_a_valid_config():
+    for path in plan_lib.MODELS_DIR.glob("*.yaml"):
+        assert plan_lib.load_model_config(str(path)).n_layers >= 1
