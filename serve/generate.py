@@ -129,10 +129,12 @@ def build(args: argparse.Namespace):
     return engine, tokenizer, sampler, spec, ckpt
 
 
-def loaded(ckpt: q.Checkpoint) -> str:
-    """`step N of DIR`, naming newer incomplete steps that were skipped."""
-    skipped = ckpt_lib.incomplete_steps(ckpt.path)
-    note = f" (skipped incomplete step {', '.join(map(str, skipped))})" if skipped else ""
+def loaded(ckpt: q.Checkpoint, skip_incomplete: bool = False) -> str:
+    """`step N of DIR`, naming newer steps that were skipped: incomplete ones, and with
+    `skip_incomplete` (the newest intact step loaded) corrupt ones too."""
+    skipped = ([s for s in ckpt_lib.all_steps(ckpt.path) if s > ckpt.step] if skip_incomplete
+               else ckpt_lib.incomplete_steps(ckpt.path))
+    note = f" (skipped incomplete or corrupt step {', '.join(map(str, skipped))})" if skipped else ""
     return f"step {ckpt.step} of {ckpt.path}{note}"
 
 
@@ -154,9 +156,9 @@ def reply_tokens(tokenizer, output: engine_lib.Generation, stop) -> int:
 
 
 def _summary(new_tokens: int, stats: engine_lib.Stats, engine: engine_lib.Engine, spec: q.ServeSpec,
-             ckpt: q.Checkpoint) -> str:
+             ckpt: q.Checkpoint, skip_incomplete: bool = False) -> str:
     weights, fp32_bytes = q.weight_bytes(engine.variables["params"]), sources.fp32_bytes(ckpt)
-    return (f"[{loaded(ckpt)}; {spec.label}, {engine.kv_cache} KV cache] {new_tokens} new tokens; prefill "
+    return (f"[{loaded(ckpt, skip_incomplete)}; {spec.label}, {engine.kv_cache} KV cache] {new_tokens} new tokens; prefill "
             f"{stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s "
             f"(compiled beforehand); weight memory {weights / 2**20:.2f} MiB ({weights / fp32_bytes:.1%} of fp32)")
 
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
             print(f"--- prompt {i + 1} (ended by {FINISH[out.finish]})\n{prompt}{text}")
     elif not args.chat:
         print()
-    print(_summary(new_tokens, stats, engine, spec, ckpt), file=sys.stderr)
+    print(_summary(new_tokens, stats, engine, spec, ckpt, args.skip_incomplete), file=sys.stderr)
     return 0
 
 
