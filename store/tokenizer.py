@@ -60,8 +60,8 @@ _EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 class HFTokenizer:
     """A Hugging Face `tokenizers` tokenizer loaded from a tokenizer.json file."""
 
-    def __init__(self, path: str | Path):
-        """Loads `path`.
+    def __init__(self, path):
+        """Loads `path` (or takes a built `tokenizers.Tokenizer`, e.g. a GGUF file's).
 
         Raises:
           ImportError: the `tokenizers` package is not installed.
@@ -72,9 +72,12 @@ class HFTokenizer:
         except ImportError:
             raise ImportError(f"tokenizer {str(path)!r} needs the Hugging Face tokenizers "
                               "package: pip install tokenizers (or use tokenizer: bytes)") from None
-        if not Path(path).is_file():
+        if isinstance(path, tokenizers.Tokenizer):
+            self._tok = path
+        elif not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} not found")
-        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        else:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eos = [self._tok.token_to_id(t) for t in _EOS_TOKENS]
         eos = [i for i in eos if i is not None]
@@ -91,12 +94,16 @@ class HFTokenizer:
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
-    """`ByteTokenizer()` for "bytes", a `ModelTokenizer` for a model directory, else an
-    `HFTokenizer` of the tokenizer.json `spec`."""
+    """`ByteTokenizer()` for "bytes", a `ModelTokenizer` for a model directory or a GGUF
+    file, else an `HFTokenizer` of the tokenizer.json `spec`."""
     if spec == "bytes":
         return ByteTokenizer()
     if Path(spec).is_dir():
         return ModelTokenizer.from_dir(spec)
+    from store import gguf
+
+    if gguf.is_gguf(spec):  # the tokenizer in a GGUF file's metadata
+        return gguf.tokenizer.model_tokenizer(spec)
     return HFTokenizer(spec)
 
 
@@ -108,7 +115,12 @@ RUN_TOKENIZER = "tokenizer"
 
 
 def tokenizer_files(directory: str | Path) -> dict[str, bytes]:
-    """{name: bytes} of the tokenizer and generation files present in a model directory."""
+    """{name: bytes} of the tokenizer and generation files present in a model directory
+    (for a GGUF file, the ones its metadata describes)."""
+    from store import gguf
+
+    if gguf.is_gguf(directory):
+        return gguf.tokenizer.tokenizer_files(directory)
     directory = Path(directory)
     return {n: (directory / n).read_bytes() for n in TOKENIZER_FILES if (directory / n).is_file()}
 
@@ -124,8 +136,11 @@ def carry_tokenizer(spec: str, run_dir: str | Path) -> Path | None:
     if spec == "bytes":
         return None
     source = Path(spec)
-    files = tokenizer_files(source if source.is_dir() else source.parent)
-    if not source.is_dir():
+    from store import gguf
+
+    whole = source.is_dir() or gguf.is_gguf(source)  # a GGUF file describes its tokenizer in full
+    files = tokenizer_files(source if whole else source.parent)
+    if not whole:
         files["tokenizer.json"] = source.read_bytes()
     out = Path(run_dir) / RUN_TOKENIZER
     out.mkdir(parents=True, exist_ok=True)

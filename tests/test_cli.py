@@ -106,6 +106,14 @@ CASES = [
     ("serve.server", ["--checkpoint", "nowhere"], "no checkpoint at 'nowhere'"),
     ("serve.server", ["--checkpoint", "{bad_hf}"], "bad_hf/config.json: hidden_size: d_model must be"),
     ("serve.export", ["--checkpoint", "nowhere", "--out", "exported"], "nowhere"),
+    ("serve.generate", ["--checkpoint", "{truncated_gguf}", "--prompt", "hi"],
+     "truncated.gguf: unreadable GGUF file (truncated or corrupt"),
+    ("serve.evaluate", ["--checkpoint", "{mamba_gguf}"], "mamba.gguf: unsupported architecture 'mamba'; supported: llama"),
+    ("serve.export", ["--checkpoint", "{int_gguf}", "--out", "exported"],
+     "int.gguf: tensor token_embd.weight has type I32, which mpx cannot read; supported: F32"),
+    ("serve.server", ["--checkpoint", "{untokenized_gguf}"],
+     "untokenized.gguf: no tokenizer in the metadata (tokenizer.ggml.model missing)"),
+    ("train.run", _train("model.init_from={mamba_gguf}"), "mamba.gguf: unsupported architecture 'mamba'"),
     ("serve.sensitivity", ["--checkpoint", "nowhere", "--data", "{empty}", "--budget", "1", "--out", "s"], "nowhere"),
     ("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "-1", "--out", "s"],
      "--budget"),
@@ -163,7 +171,32 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "bad_hf").mkdir()
     (root / "bad_hf" / "config.json").write_text(json.dumps({**hf_config, "hidden_size": -32}))
     paths.update(bad_model_train=str(root / "bad_model_train.yaml"), bad_model=str(root / "bad_model.yaml"),
-                 bad_hf=str(root / "bad_hf"))
+                 bad_hf=str(root / "bad_hf"), **_bad_ggufs(root))
+    return paths
+
+
+def _bad_ggufs(root: Path) -> dict[str, str]:
+    """GGUF files cut short, of an unknown architecture, with an I32 weight, without tokenizer metadata."""
+    import gguf
+    import numpy as np
+    good = (ROOT / "tests/fixtures/gguf/llama.gguf").read_bytes()
+    (root / "truncated.gguf").write_bytes(good[:len(good) // 2])
+    paths = {"truncated_gguf": str(root / "truncated.gguf")}
+    for name, arch, dtype, tokenizer in (("mamba", "mamba", np.float32, True), ("int", "llama", np.int32, True),
+                                         ("untokenized", "llama", np.float32, False)):
+        writer = gguf.GGUFWriter(str(root / f"{name}.gguf"), arch)
+        for add, value in ((writer.add_embedding_length, 8), (writer.add_block_count, 1), (writer.add_head_count, 2),
+                           (writer.add_feed_forward_length, 16)):
+            add(value)
+        if tokenizer:
+            writer.add_tokenizer_model("gpt2")
+            writer.add_token_list([chr(65 + i) for i in range(16)])
+        writer.add_tensor("token_embd.weight", np.ones((16, 8), dtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths[f"{name}_gguf"] = str(root / f"{name}.gguf")
     return paths
 
 

@@ -1,4 +1,4 @@
-"""Starting a training run from a Hugging Face model directory (`model.init_from: DIR`).
+"""Starting a training run from a Hugging Face model directory or GGUF file (`model.init_from: DIR`).
 
     config = resolve_init_from(cfg.model)   # the directory's shape, the run's max_seq_len/remat
     params = init_params(config)            # float32 masters (block-FP8 weights dequantized)
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 import mpx
 from models.config import ModelConfig
+from store import gguf as gguf_lib
 from store.hf.config import HFError, read_json, to_model_config
 from store.hf.load import load
 
@@ -30,9 +31,12 @@ def resolve_init_from(config: ModelConfig) -> ModelConfig:
     """
     if not config.init_from:
         return config
-    file = Path(config.init_from) / "config.json"
-    hf_config = read_json(file, "model.init_from needs a Hugging Face directory")
-    shape = to_model_config(hf_config, config.max_seq_len, str(file))
+    if gguf_lib.is_gguf(config.init_from):  # a GGUF file: its metadata is the config
+        shape = to_model_config(gguf_lib.read_hf_config(config.init_from), config.max_seq_len, config.init_from)
+    else:
+        file = Path(config.init_from) / "config.json"
+        hf_config = read_json(file, "model.init_from needs a Hugging Face directory")
+        shape = to_model_config(hf_config, config.max_seq_len, str(file))
     return dataclasses.replace(shape, remat=config.remat, init_from=config.init_from)
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
+from store import gguf as gguf_lib
 from store.hf import weights as W
 from store.hf.config import HFError, read_json, to_model_config
 from store.hf.tensors import SafetensorsFile, TensorFileError
@@ -66,6 +67,8 @@ def is_hf_dir(path: str | Path) -> bool:
     """Whether `path` is a directory that looks like a Hugging Face model (config.json,
     safetensors files or a tokenizer.json in it), rather than an mpx training run."""
     path = Path(path)
+    if gguf_lib.is_gguf(path):  # a GGUF file reads as a directory would (store/gguf)
+        return True
     if not path.is_dir() or (path / "checkpoints").is_dir():
         return False
     return any((path / n).is_file() for n in ("config.json", INDEX, "tokenizer.json")) or any(path.glob("*.safetensors"))
@@ -73,6 +76,8 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def _open_files(path: Path) -> dict[str, SafetensorsFile]:
     """{tensor name: the open file holding it}."""
+    if gguf_lib.is_gguf(path):
+        return gguf_lib.open_tensors(path)
     if (path / INDEX).is_file():
         weight_map = read_json(path / INDEX, "the shard index").get("weight_map") or {}
         files = {f: path / f for f in sorted(set(weight_map.values()))}
@@ -164,6 +169,8 @@ def read_config(path: str | Path, max_seq_len: int | None = None) -> ModelConfig
       HFError: no such directory, no config.json, an unsupported architecture.
     """
     path = Path(path)
+    if gguf_lib.is_gguf(path):
+        return to_model_config(gguf_lib.read_hf_config(path), max_seq_len, str(path))
     if not path.is_dir():
         raise HFError(f"{path}: no such model directory")
     file = path / "config.json"
@@ -191,6 +198,9 @@ def load(path: str | Path, convert: Convert | None = None, *, max_seq_len: int |
     """
     path = Path(path)
     config = read_config(path, max_seq_len)
+    if gguf_lib.is_gguf(path):
+        configs = gguf_lib.read_configs(path, need_tokenizer)  # a bad tokenizer fails before the weights load
+        return HFModel(config, load_params(path, config, convert), path, *configs)
     hf_config = read_json(path / "config.json", "")
     _check_quantization(hf_config)
     if need_tokenizer and not (path / "tokenizer.json").is_file():
