@@ -11,6 +11,10 @@ from mpx import config as config_io
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
 REMATS = ("none", "full", "non_fp8")
+# Hugging Face's names for what a layer's attention sees (Gemma 3's `layer_types`).
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gated FFN's: SwiGLU, GeGLU (tanh-approximated GELU)
+EMBED_SCALE_DTYPES = ("float32", "embedding")
 
 
 class FieldError(config_io.ConfigError):
@@ -81,12 +85,12 @@ class RopeScaling:
 # Lower bounds of the integer sizes; every one is an int (not a bool).
 SIZES = {"vocab_size": 1, "d_model": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 1,
          "max_seq_len": 1, "n_experts": 0, "top_k": 1, "moe_every": 1}
-FLAGS = ("tie_embeddings", "embed_scale", "qkv_bias", "qk_norm")
+FLAGS = ("tie_embeddings", "embed_scale", "qkv_bias", "qk_norm", "norm_unit_offset", "post_norms")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a decoder-only transformer (RMSNorm, RoPE, SwiGLU, GQA, optional MoE).
+    """Shape of a decoder-only transformer (RMSNorm, RoPE, SwiGLU or GeGLU, GQA, optional MoE).
 
     Attributes:
       vocab_size: number of token ids (256 for the byte-level tokenizer).
@@ -113,7 +117,24 @@ class ModelConfig:
       qk_norm: RMSNorm over each query and key head before RoPE (Qwen3).
       sliding_window: each query sees at most this many keys, itself included
         (Mistral); None: the whole causal past.
-      rope_scaling: RoPE context extension (Llama 3.1's "llama3", "linear").
+      rope_scaling: RoPE context extension (Llama 3.1's "llama3", "linear"); of the
+        full-attention layers only when layer_types is given.
+      layer_types: per block, "full_attention" (the whole causal past) or
+        "sliding_attention" (the last sliding_window keys), Gemma 3 style; None: every
+        block sees sliding_window (Mistral: all, or the whole past when it is None).
+      rope_local_theta: RoPE base of the "sliding_attention" blocks, which get no
+        rope_scaling (Gemma 3's rope_local_base_freq); None: rope_theta.
+      activation: the gated FFN's activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU
+        with the tanh-approximated GELU, Gemma).
+      norm_unit_offset: every RMSNorm multiplies by (1 + scale), its scale initialized
+        to zeros (Gemma; the param holds Hugging Face's weight as stored).
+      post_norms: RMSNorm of the attention and FFN outputs before each residual add
+        (Gemma 2/3's post_attention_layernorm and post_feedforward_layernorm).
+      query_pre_attn_scalar: attention logits are scaled by this ** -0.5 (Gemma);
+        None: head_dim ** -0.5.
+      embed_scale_dtype: where embed_scale's sqrt(d_model) multiplies: "float32" (the
+        f32 lookup) or "embedding" (the embedding's compute dtype, sqrt(d_model)
+        rounded to it, as transformers' Gemma does).
       init_from: a Hugging Face model directory to start training from: its
         config.json sets the shape (every field above but max_seq_len and remat) and
         its weights the initial params (store.hf.resolve_init_from, init_params).
@@ -121,10 +142,13 @@ class ModelConfig:
     Raises (on construction):
       FieldError: a field of the wrong type or out of range (integer sizes >= 1,
         n_experts >= 0, rope_theta and norm_eps finite and > 0, head_dim_override an
-        even integer >= 2, sliding_window >= 1, a known remat), or fields that do not
-        fit together (n_heads dividing d_model without head_dim_override, n_kv_heads
-        dividing n_heads, an even head_dim, top_k <= n_experts and moe_every <= n_layers
-        for MoE). `fields` names the fields at fault.
+        even integer >= 2, sliding_window >= 1, a known remat, activation or
+        embed_scale_dtype, rope_local_theta and query_pre_attn_scalar finite and > 0 or
+        null, layer_types a list of known names), or fields that do not fit together
+        (n_heads dividing d_model without head_dim_override, n_kv_heads dividing
+        n_heads, an even head_dim, top_k <= n_experts and moe_every <= n_layers for MoE,
+        one layer type per layer, a sliding_window for "sliding_attention" layers).
+        `fields` names the fields at fault.
     """
 
     vocab_size: int = 256
@@ -147,10 +171,20 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     rope_scaling: RopeScaling = RopeScaling()
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    activation: str = "silu"
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    embed_scale_dtype: str = "float32"
     init_from: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.layer_types, list):  # hashable: the config is a static jit argument
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self._check_fields()
+        self._check_gemma_fields()
         self._check_shape()
 
     def _check_fields(self):
@@ -171,6 +205,25 @@ class ModelConfig:
         _check("init_from", self.init_from, self.init_from is None or (isinstance(self.init_from, str)
                                                                        and self.init_from != ""),
                "a model directory, or null")
+
+    def _check_gemma_fields(self):
+        for field in ("rope_local_theta", "query_pre_attn_scalar"):
+            value = getattr(self, field)
+            _check(field, value, value is None or (_is_finite(value) and value > 0), "a finite number > 0, or null")
+        _check("activation", self.activation, self.activation in ACTIVATIONS,
+               f"one of {', '.join(map(repr, ACTIVATIONS))}")
+        _check("embed_scale_dtype", self.embed_scale_dtype, self.embed_scale_dtype in EMBED_SCALE_DTYPES,
+               f"one of {', '.join(map(repr, EMBED_SCALE_DTYPES))}")
+        types = self.layer_types
+        _check("layer_types", types, types is None or (isinstance(types, tuple) and all(
+            isinstance(t, str) and t in LAYER_TYPES for t in types)),
+               f"a list of {' or '.join(map(repr, LAYER_TYPES))}, one per layer, or null")
+        if types is not None and len(types) != self.n_layers:
+            raise FieldError(f"layer_types names {len(types)} layers; n_layers={self.n_layers}", "layer_types",
+                             "n_layers")
+        if types is not None and "sliding_attention" in types and self.sliding_window is None:
+            raise FieldError("layer_types has 'sliding_attention' layers but sliding_window is null",
+                             "layer_types", "sliding_window")
 
     def _check_shape(self):
         d, h, g = self.d_model, self.n_heads, self.n_kv_heads
@@ -202,6 +255,25 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.d_model // self.n_heads
+
+    def window(self, layer: int) -> int | None:
+        """How many keys (itself included) a query of block `layer` sees; None: all."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
+
+    def rope(self, layer: int) -> tuple[float, RopeScaling]:
+        """(RoPE base, RopeScaling) of block `layer`: a "sliding_attention" block of a
+        config with rope_local_theta gets that base and no scaling."""
+        if self.layer_types is not None and self.layer_types[layer] == "sliding_attention" and \
+                self.rope_local_theta is not None:
+            return self.rope_local_theta, RopeScaling()
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor of the attention logits: query_pre_attn_scalar (or head_dim) ** -0.5."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` has the MoE FFN (every `moe_every`-th block, counting from 1)."""

@@ -35,7 +35,8 @@ copy are saved per block instead), the attention output and the FFN's gate, up (
 byte each when the down projection's recipe asks for it, `DeepSeekV3.swiglu_residuals`)
 and hidden (none when the down projection recomputes it, `mpx.dot.recomputes_swiglu`;
 for MoE: the router's f32 probabilities and top_k routed copies, i.e. capacity-style
-dispatch). Remat: a rematerialized block keeps only its f32 input, plus one block's
+dispatch). q/k norms (Qwen3, Gemma) keep q and k as projected, post-norms (Gemma) the
+attention and FFN outputs; GeGLU keeps what SwiGLU does. Remat: a rematerialized block keeps only its f32 input, plus one block's
 full set while it is recomputed. The final norm and the f32 logits and log-softmax
 (vocabulary on tensor) are added once. It ignores XLA's fusion and buffer reuse, so
 read it as an upper-bound-style estimate within a small factor, not a measurement.
@@ -142,6 +143,10 @@ def block_bytes_per_token(config, policy, layer: int, seq: int, tensor: int, moe
     hidden = (2 * _swiglu_input(down, up.output_dtype) + down_input) * c.d_ff / tensor
     if moe:
         hidden = c.top_k * (hidden + d * _saved_input(up, at("mlp_norm").output_dtype)) + 2 * c.n_experts * 4
+    if c.qk_norm:  # each norm keeps its input: q and k as projected
+        attn += (h * k / tensor + _divide(g * k, tensor)) * _bytes(at("attn/q_proj").output_dtype)
+    if c.post_norms:  # and the post-norms the attention and FFN outputs
+        norms += d * (_bytes(at("attn/o_proj").output_dtype) + _bytes(down.output_dtype))
     return residual + norms + attn + hidden
 
 

@@ -1,13 +1,17 @@
 """The reference decoder-only transformer LM, built from mpx.nn layers.
 
-RMSNorm (pre-norm), RoPE, grouped-query attention, SwiGLU FFN or a top-k MoE FFN, a tied
-or untied LM head. Every layer takes its precision from the policy by its module path:
+RMSNorm (pre-norm), RoPE, grouped-query attention, SwiGLU or GeGLU FFN or a top-k MoE FFN,
+a tied or untied LM head; Gemma 3's additions as config fields (per-layer sliding or full
+attention with their own RoPE bases, post-norms, (1 + w) RMSNorm, query_pre_attn_scalar).
+Every layer takes its precision from the policy by its module path:
 
     embed                                   token embedding (attend() = tied LM head)
     layers_{i}/attn_norm, layers_{i}/mlp_norm, final_norm
+    layers_{i}/attn_post_norm, layers_{i}/mlp_post_norm   post-norms (Gemma)
+    layers_{i}/attn/{q_norm,k_norm}                 per-head q/k RMSNorm (Qwen3, Gemma)
     layers_{i}/attn/{q_proj,k_proj,v_proj,o_proj}   projections
     layers_{i}/attn/qk, layers_{i}/attn/pv          QK^T and PV contractions
-    layers_{i}/mlp/{gate,up,down}                   SwiGLU FFN
+    layers_{i}/mlp/{gate,up,down}                   SwiGLU or GeGLU FFN
     layers_{i}/moe/router                           MoE router (f32 in every preset)
     layers_{i}/moe/experts/{gate,up,down}           per-expert FP8 weights
     lm_head                                 untied LM head
@@ -153,11 +157,15 @@ class SelfAttention(nn.Module):
     filled part of the cache holds, not its capacity. Every query must sit below
     `cache_len` to see its own key; slots at or past a query's position are masked, so
     any `cache_len` above the last query's position gives the same result.
+
+    Block `layer`'s window and RoPE come from the config (`ModelConfig.window`, `.rope`):
+    a sliding layer's mask hides keys more than its window behind, in the cache too.
     """
 
     config: ModelConfig
     policy: Policy | None = None
     cache_len: int | None = None
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: Cache | None,
@@ -168,10 +176,11 @@ class SelfAttention(nn.Module):
         q = dense((c.n_heads, c.head_dim), "q_proj")(x)  # (B, T, H, K)
         k = dense((c.n_kv_heads, c.head_dim), "k_proj")(x)  # (B, T, G, K)
         v = dense((c.n_kv_heads, c.head_dim), "v_proj")(x)  # (B, T, G, K)
-        if c.qk_norm:  # Qwen3: per-head RMSNorm of queries and keys, before RoPE
-            q = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="q_norm")(q)
-            k = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="k_norm")(k)
-        q, k = rope(q, positions, c.rope_theta, c.rope_scaling), rope(k, positions, c.rope_theta, c.rope_scaling)
+        if c.qk_norm:  # Qwen3, Gemma 3: per-head RMSNorm of queries and keys, before RoPE
+            q = mnn.RMSNorm(c.norm_eps, policy=self.policy, unit_offset=c.norm_unit_offset, name="q_norm")(q)
+            k = mnn.RMSNorm(c.norm_eps, policy=self.policy, unit_offset=c.norm_unit_offset, name="k_norm")(k)
+        theta, scaling = c.rope(self.layer)
+        q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
         if cache is None:
             key_pos = query_pos = jnp.arange(x.shape[1])[None, :]  # (1, T)
         else:
@@ -179,8 +188,8 @@ class SelfAttention(nn.Module):
             k, v = (_read_slot(cache[n], x.shape[0], cache_rows, self.cache_len) for n in ("k", "v"))  # (B, S, G, K)
             # Later slots are empty or stale: the causal mask hides them too.
             key_pos, query_pos = jnp.arange(k.shape[1])[None, :], positions  # (1, S), (B, T)
-        mask = attention_mask(query_pos, key_pos, c.sliding_window)  # (B or 1, 1, T, S)
-        out = mnn.grouped_attention(self, self.policy, q, k, v, mask)  # (B, T, H, K)
+        mask = attention_mask(query_pos, key_pos, c.window(self.layer))  # (B or 1, 1, T, S)
+        out = mnn.grouped_attention(self, self.policy, q, k, v, mask, c.attn_scale)  # (B, T, H, K)
         out = mnn.DenseGeneral(c.d_model, axis=(-2, -1), policy=self.policy, name="o_proj",
                                kernel_init=residual_init(c.n_layers))(out)
         return out, cache
@@ -200,18 +209,21 @@ def swiglu_residuals(module: nn.Module, policy: Policy | None) -> str | None:
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)); the product is formed in f32."""
+    """down(act(gate(x)) * up(x)), act silu (SwiGLU) or gelu_tanh (GeGLU); the product is
+    formed in f32, and under FP8 the down projection recomputes it in the backward pass
+    whatever the activation (`mpx.nn.SwiGLUDense`)."""
 
     d_ff: int
     n_layers: int = 1
     policy: Policy | None = None
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         gate = mnn.Dense(self.d_ff, policy=self.policy, name="gate")(x)
         up = mnn.Dense(self.d_ff, policy=self.policy, name="up")(x)
         return mnn.SwiGLUDense(x.shape[-1], policy=self.policy, name="down", kernel_init=residual_init(self.n_layers),
-                               residual_format=swiglu_residuals(self, self.policy))(gate, up)
+                               residual_format=swiglu_residuals(self, self.policy), activation=self.activation)(gate, up)
 
 
 class Experts(nn.Module):
@@ -220,12 +232,13 @@ class Experts(nn.Module):
     n_experts: int
     d_ff: int
     policy: Policy | None = None
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         expert = lambda feats, name: mnn.ExpertDense(self.n_experts, feats, policy=self.policy, name=name)  # noqa: E731
         down = mnn.ExpertSwiGLUDense(self.n_experts, x.shape[-1], policy=self.policy, name="down",
-                                     residual_format=swiglu_residuals(self, self.policy))
+                                     residual_format=swiglu_residuals(self, self.policy), activation=self.activation)
         return down(expert(self.d_ff, "gate")(x), expert(self.d_ff, "up")(x))
 
 
@@ -242,6 +255,7 @@ class MoE(nn.Module):
     top_k: int
     d_ff: int
     policy: Policy | None = None
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
@@ -252,7 +266,8 @@ class MoE(nn.Module):
         top_p, top_i = jax.lax.top_k(probs, self.top_k)  # (N, k)
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
         gates = jnp.sum(jax.nn.one_hot(top_i, self.n_experts) * top_p[..., None], axis=1)  # (N, E)
-        expert_out = Experts(self.n_experts, self.d_ff, policy=self.policy, name="experts")(
+        expert_out = Experts(self.n_experts, self.d_ff, policy=self.policy, activation=self.activation,
+                             name="experts")(
             jnp.broadcast_to(tokens, (self.n_experts, b * t, d))
         )  # (E, N, D)
         out = jnp.einsum("ne,end->nd", gates, expert_out.astype(jnp.float32))
@@ -261,26 +276,41 @@ class MoE(nn.Module):
         return out.reshape(b, t, d), aux
 
 
+def norm(config: ModelConfig, policy: Policy | None, name: str) -> mnn.RMSNorm:
+    """The config's RMSNorm ((1 + w) for Gemma) named `name`."""
+    return mnn.RMSNorm(config.norm_eps, policy=policy, unit_offset=config.norm_unit_offset, name=name)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)); f32 residual."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x)); f32 residual.
+
+    With `post_norms` (Gemma 2/3) each sublayer's output is normalized again before the
+    add: x + attn_post_norm(attn(attn_norm(x))), x + mlp_post_norm(ffn(mlp_norm(x))).
+    """
 
     config: ModelConfig
     use_moe: bool = False
     policy: Policy | None = None
     cache_len: int | None = None
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: Cache | None, cache_rows: Array | None = None):
         c = self.config
-        h = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="attn_norm")(x)
-        attn, cache = SelfAttention(c, policy=self.policy, cache_len=self.cache_len, name="attn")(
+        h = norm(c, self.policy, "attn_norm")(x)
+        attn, cache = SelfAttention(c, policy=self.policy, cache_len=self.cache_len, layer=self.layer, name="attn")(
             h, positions, cache, cache_rows)
+        if c.post_norms:
+            attn = norm(c, self.policy, "attn_post_norm")(attn)
         x = x + attn.astype(jnp.float32)
-        h = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="mlp_norm")(x)
+        h = norm(c, self.policy, "mlp_norm")(x)
         if self.use_moe:
-            ffn, aux = MoE(c.n_experts, c.top_k, c.d_ff, policy=self.policy, name="moe")(h)
+            ffn, aux = MoE(c.n_experts, c.top_k, c.d_ff, policy=self.policy, activation=c.activation, name="moe")(h)
         else:
-            ffn, aux = SwiGLU(c.d_ff, c.n_layers, policy=self.policy, name="mlp")(h), jnp.zeros((), jnp.float32)
+            ffn = SwiGLU(c.d_ff, c.n_layers, policy=self.policy, activation=c.activation, name="mlp")(h)
+            aux = jnp.zeros((), jnp.float32)
+        if c.post_norms:
+            ffn = norm(c, self.policy, "mlp_post_norm")(ffn)
         return x + ffn.astype(jnp.float32), cache, aux
 
 
@@ -326,23 +356,25 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         # Gemma-style: rows of RMS D**-0.5 keep tied-head logits O(1); the lookup is scaled
         # by sqrt(D) so the residual stream starts at unit RMS, on a par with the blocks
-        # (unless embed_scale is off, as in Hugging Face's Llama family).
+        # (unless embed_scale is off, as in Hugging Face's Llama family). Gemma's
+        # checkpoints scale in the embedding's dtype (embed_scale_dtype "embedding").
         embed = mnn.Embed(c.vocab_size, c.d_model, policy=self.policy, name="embed",
                           embedding_init=nn.initializers.normal(stddev=c.d_model**-0.5))
-        x = embed(tokens).astype(jnp.float32)  # (B, T, D) f32 residual
-        if c.embed_scale:
+        in_embedding = c.embed_scale and c.embed_scale_dtype == "embedding"
+        x = embed(tokens, c.d_model**0.5 if in_embedding else None).astype(jnp.float32)  # (B, T, D) f32 residual
+        if c.embed_scale and not in_embedding:
             x = x * jnp.float32(c.d_model**0.5)
         x = self._pin(x, ACTIVATION_AXES)
         new_cache, moe_losses = [], []
         for i in range(c.n_layers):
             block_cls = nn.remat(Block) if self._remat(i) else Block
             block = block_cls(c, use_moe=self.config.is_moe_layer(i), policy=self.policy, cache_len=cache_len,
-                              name=f"layers_{i}")
+                              layer=i, name=f"layers_{i}")
             x, layer_cache, aux = block(x, positions, None if cache is None else cache[i], cache_rows)
             x = self._pin(x, ACTIVATION_AXES)
             new_cache.append(layer_cache)
             moe_losses.append(aux)
-        x = mnn.RMSNorm(c.norm_eps, policy=self.policy, name="final_norm")(x)
+        x = norm(c, self.policy, "final_norm")(x)
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -367,5 +399,5 @@ def param_count_estimate(config: ModelConfig) -> int:
     total = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2) + c.d_model  # + final norm
     for i in range(c.n_layers):
         is_moe = c.n_experts > 0 and i % c.moe_every == c.moe_every - 1
-        total += attn + (moe_ffn if is_moe else dense_ffn) + 2 * c.d_model
+        total += attn + (moe_ffn if is_moe else dense_ffn) + (4 if c.post_norms else 2) * c.d_model
     return total

@@ -1,4 +1,4 @@
-"""SwiGLU and RMSNorm with backward passes that keep their inputs, not f32 intermediates.
+"""SwiGLU, GeGLU and RMSNorm with backward passes that keep their inputs, not f32 intermediates.
 
 `swiglu(gate, up) = silu(gate) * up`, formed in f32 from gate and up as the FFN's
 projections return them (bf16 under the bf16 and FP8 presets). Autodiff of that
@@ -12,11 +12,16 @@ backward pass, where XLA fuses it with the gradient into one elementwise pass:
 
 Values and gradients are the same f32 arithmetic autodiff would do, up to the order of
 the operations in d_gate (a few f32 ulps).
+
+`glu(gate, up, activation=...)` is the same operator over another activation of the
+gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU with the tanh-approximated GELU, Gemma's
+`gelu_pytorch_tanh`), whose derivative the backward pass recomputes the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import jax
@@ -32,12 +37,41 @@ _F32 = jnp.float32
 SWIGLU_TILE = 128
 
 
-@explicit.auto_inside(explicit.like_first)
+_GELU_C = math.sqrt(2.0 / math.pi)
+ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def activate(activation: str, g: Array) -> Array:
+    """The gated FFN's activation of f32 `g`: silu, or the tanh-approximated GELU."""
+    if activation == "silu":
+        return jax.nn.silu(g)
+    if activation == "gelu_tanh":
+        return jax.nn.gelu(g, approximate=True)
+    raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+
+
+def _activation_grad(activation: str, g: Array) -> tuple[Array, Array]:
+    """(act(g), act'(g)) of f32 `g`, from expressions other than the forward's, so XLA
+    cannot merge the two and keep the forward's f32 intermediates alive until here."""
+    if activation == "silu":  # sigmoid as 0.5 + 0.5 tanh(g / 2)
+        s = 0.5 + 0.5 * jnp.tanh(0.5 * g)
+        return g * s, s * (1.0 + g * (1.0 - s))
+    t = jnp.tanh(_GELU_C * (g + 0.044715 * g * g * g))
+    return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * g * g)
+
+
 def swiglu(gate: Array, up: Array, residual_format: str | None = None) -> Array:
-    """silu(gate) * up in f32, from gate and up of one shape (any float dtype).
+    """silu(gate) * up in f32: `glu` with the "silu" activation."""
+    return glu(gate, up, residual_format, "silu")
+
+
+@explicit.auto_inside(explicit.like_first)
+def glu(gate: Array, up: Array, residual_format: str | None = None, activation: str = "silu") -> Array:
+    """act(gate) * up in f32, from gate and up of one shape (any float dtype).
 
     Args:
       gate, up: the FFN's two projections.
+      activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
       residual_format: None keeps gate and up for the backward pass as they came; an
         FP8 format name ("e4m3") keeps them quantized in 1x128 tiles along the last
         axis, one f32 scale per tile (DeepSeek-V3 report, 3.3: "we cache the inputs of
@@ -47,17 +81,21 @@ def swiglu(gate: Array, up: Array, residual_format: str | None = None) -> Array:
 
     Returns:
       f32 array of their shape. Gradients come back in gate's and up's dtypes.
+
+    Raises:
+      ValueError: an unknown activation.
     """
-    return _swiglu(residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)), gate, up)
+    activate(activation, jnp.zeros((), _F32))  # names a bad activation before tracing
+    return _glu(residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)), activation, gate, up)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _swiglu(residual_format, dtypes, gate: Array, up: Array) -> Array:
-    return jax.nn.silu(gate.astype(_F32)) * up.astype(_F32)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _glu(residual_format, dtypes, activation: str, gate: Array, up: Array) -> Array:
+    return activate(activation, gate.astype(_F32)) * up.astype(_F32)
 
 
-def _swiglu_fwd(residual_format, dtypes, gate: Array, up: Array):
-    out = _swiglu(residual_format, dtypes, gate, up)
+def _glu_fwd(residual_format, dtypes, activation: str, gate: Array, up: Array):
+    out = _glu(residual_format, dtypes, activation, gate, up)
     if residual_format is None:
         return out, (gate, up)
     return out, (_tiles(gate, residual_format), _tiles(up, residual_format))
@@ -69,8 +107,8 @@ def _tiles(x: Array, fmt: str) -> ScaledArray:
     return dataclasses.replace(q, data=kept(q.data))
 
 
-def _swiglu_bwd(residual_format, dtypes, residuals, d_out: Array):
-    return swiglu_grads(*swiglu_inputs(residual_format, residuals, d_out), d_out, dtypes)
+def _glu_bwd(residual_format, dtypes, activation: str, residuals, d_out: Array):
+    return swiglu_grads(*swiglu_inputs(residual_format, residuals, d_out), d_out, dtypes, activation)
 
 
 def swiglu_inputs(residual_format: str | None, residuals, when: Array) -> tuple[Array, Array]:
@@ -85,17 +123,14 @@ def swiglu_inputs(residual_format: str | None, residuals, when: Array) -> tuple[
     return tuple(dequantize(dataclasses.replace(q, data=after(q.data, when))).astype(_F32) for q in residuals)
 
 
-def swiglu_grads(g: Array, u: Array, d_out: Array, dtypes) -> tuple[Array, Array]:
-    """(d_gate, d_up) in `dtypes` of silu(g) * u for f32 inputs g, u."""
+def swiglu_grads(g: Array, u: Array, d_out: Array, dtypes, activation: str = "silu") -> tuple[Array, Array]:
+    """(d_gate, d_up) in `dtypes` (gate's, up's) of act(g) * u for f32 inputs g, u."""
     d = d_out.astype(_F32)
-    # sigmoid as 0.5 + 0.5 tanh(g / 2): a different expression from the forward's, so XLA
-    # cannot merge the two and keep the forward's f32 sigmoid alive until here.
-    s = 0.5 + 0.5 * jnp.tanh(0.5 * g)
-    d_gate = d * u * s * (1.0 + g * (1.0 - s))
-    return d_gate.astype(dtypes[0]), (d * g * s).astype(dtypes[1])
+    act, d_act = _activation_grad(activation, g)
+    return (d * u * d_act).astype(dtypes[0]), (d * act).astype(dtypes[1])
 
 
-_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_glu.defvjp(_glu_fwd, _glu_bwd)
 
 
 @explicit.auto_inside(explicit.like_first)

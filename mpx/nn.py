@@ -217,21 +217,26 @@ class SwiGLUDense(Dense):
     recomputes the SwiGLU product from what SwiGLU keeps instead of keeping an FP8 copy
     of it (`mpx.dot.swiglu_dot_general`, DeepSeek-V3 report 3.3).
 
+    With `activation="gelu_tanh"` it is the down projection of a GeGLU FFN (Gemma),
+    fused and recomputed the same way.
+
     Attributes:
       residual_format: SwiGLU's residuals, as in `mpx.activations.swiglu`.
+      activation: the gate's activation, as in `mpx.activations.glu`.
     """
 
     residual_format: str | None = None
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, gate: Array, up: Array) -> Array:
         precision = resolve_precision(self, self.policy)
         last_axis = isinstance(self.features, int) and self.axis in (-1, gate.ndim - 1)
         if not (last_axis and _fuses_swiglu(self, precision)):
-            return self._dense(activations.swiglu(gate, up, self.residual_format))
+            return self._dense(activations.glu(gate, up, self.residual_format, self.activation))
         kernel = _kernel(self, self.kernel_init, (gate.shape[-1], self.features), precision.param_dtype)
         warn_misaligned(module_path(self), {"in": kernel.shape[0], "out": kernel.shape[1]})
-        if self.pad_to:  # swiglu(0, 0) == 0: padded gate and up give a zero-padded product
+        if self.pad_to:  # act(0) * 0 == 0: padded gate and up give a zero-padded product
             gate, up = _pad_axis(gate, -1, self.pad_to), _pad_axis(up, -1, self.pad_to)
             kernel = _pad_axis(kernel, 0, self.pad_to)
         y = _swiglu_down(self, gate, up, kernel, (((gate.ndim - 1,), (0,)), ((), ())), precision)
@@ -249,7 +254,8 @@ def _swiglu_down(module: nn.Module, gate: Array, up: Array, kernel: Array, dimen
     """The fused down projection of `gate` and `up`, in `precision.output_dtype`."""
     y = dot_lib.swiglu_dot_general(gate, up, kernel, dimension_numbers, recipe=precision.recipe,
                                    residual_format=module.residual_format,
-                                   preferred_element_type=_quantized_result_dtype(precision))
+                                   preferred_element_type=_quantized_result_dtype(precision),
+                                   activation=module.activation)
     return y.astype(precision.output_dtype)
 
 
@@ -296,15 +302,17 @@ class ExpertSwiGLUDense(ExpertDense):
 
     Attributes:
       residual_format: SwiGLU's residuals, as in `mpx.activations.swiglu`.
+      activation: the gate's activation, as in `mpx.activations.glu`.
     """
 
     residual_format: str | None = None
+    activation: str = "silu"
 
     @nn.compact
     def __call__(self, gate: Array, up: Array) -> Array:
         precision = resolve_precision(self, self.policy)
         if not _fuses_swiglu(self, precision):
-            return self._dense(activations.swiglu(gate, up, self.residual_format))
+            return self._dense(activations.glu(gate, up, self.residual_format, self.activation))
         return _swiglu_down(self, gate, up, self._expert_kernel(gate.shape[-1], precision), EXPERT_DIMS, precision)
 
 
@@ -314,9 +322,9 @@ LINEAR_TYPES = (DenseGeneral, ExpertDense)
 def linear_input(module: nn.Module, args: tuple) -> Array:
     """The input of a linear layer's map, from the arguments of its `__call__` (what
     method interceptors tap: calibration, sensitivity): the SwiGLU product for the
-    SwiGLU-fused down projections, else the first argument."""
+    SwiGLU-fused down projections (GeGLU's for a "gelu_tanh" one), else the first argument."""
     if isinstance(module, (SwiGLUDense, ExpertSwiGLUDense)):
-        return activations.swiglu(*args[:2])
+        return activations.glu(*args[:2], activation=module.activation)
     return args[0]
 
 
@@ -338,11 +346,16 @@ class Embed(nn.Module):
             "embedding", self.embedding_init, (self.num_embeddings, self.features), self._precision.param_dtype
         )
 
-    def __call__(self, ids: Array) -> Array:
+    def __call__(self, ids: Array, scale: float | None = None) -> Array:
+        """Rows `ids`, times `scale` (rounded to the compute dtype, multiplied in it, as
+        transformers' Gemma scales its embeddings) when given."""
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(f"Embed expects integer token ids; got dtype {ids.dtype}")
-        emb = self.embedding.astype(self._precision.compute_dtype)
-        return _lookup(emb, ids).astype(self._precision.output_dtype)
+        compute = self._precision.compute_dtype
+        rows = _lookup(self.embedding.astype(compute), ids)
+        if scale is not None:
+            rows = rows * jnp.asarray(scale, compute)
+        return rows.astype(self._precision.output_dtype)
 
     def attend(self, x: Array) -> Array:
         """Logits x @ embedding^T: (..., D) -> (..., V)."""
@@ -357,15 +370,26 @@ def _lookup(emb: Array, ids: Array) -> Array:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square normalization, always in float32 (output dtype per policy)."""
+    """Root-mean-square normalization, always in float32 (output dtype per policy).
+
+    Attributes:
+      epsilon: added to the mean square.
+      policy: precision policy; None means fp32.
+      unit_offset: multiply by (1 + scale) in f32, the scale initialized to zeros
+        (Gemma's RMSNorm); else by the scale, initialized to ones.
+    """
 
     epsilon: float = 1e-6
     policy: Policy | None = None
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         precision = resolve_precision(self, self.policy)
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), precision.param_dtype)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), precision.param_dtype)
+        if self.unit_offset:
+            scale = 1.0 + scale.astype(jnp.float32)
         # keeps x and its inverse RMS for the backward pass, not the normalized x in f32
         return activations.rms_norm(x, scale, float(self.epsilon)).astype(precision.output_dtype)
 
@@ -402,7 +426,7 @@ def attention_weights(logits: Array, mask: Array | None) -> Array:
 
 
 def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Array, v: Array,
-                      mask: Array | None) -> Array:
+                      mask: Array | None, scale: float | None = None) -> Array:
     """Grouped-query attention core with QK^T and PV at their own precisions.
 
     The contractions resolve `<module path>/qk` and `<module path>/pv` in the policy (bf16
@@ -414,6 +438,7 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
       policy: the precision policy.
       q: (B, T, H, D) queries; k, v: (B, S, G, D) keys and values, H a multiple of G.
       mask: bool or int8, broadcastable to (B, 1, T, S), or None.
+      scale: the factor of the logits QK^T (None: 1/sqrt(D)), applied to the queries.
 
     Returns:
       (B, T, H, D) in the pv precision's output dtype.
@@ -421,7 +446,8 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
     b, t, h, d = q.shape
     g = k.shape[2]
     # (B, T, G, R, D) -> (B, G, R, T, D); the 1/sqrt(D) is a power of two for D = 4**n.
-    qg = jnp.transpose(q.reshape(b, t, g, h // g, d), (0, 2, 3, 1, 4)) * (1.0 / math.sqrt(d))
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qg = jnp.transpose(q.reshape(b, t, g, h // g, d), (0, 2, 3, 1, 4)) * scale
     kt = jnp.transpose(k, (0, 2, 1, 3))  # (B, G, S, D)
     vt = jnp.transpose(v, (0, 2, 1, 3))  # (B, G, S, D)
     qk = resolve_precision(module, policy, "qk")

@@ -21,12 +21,13 @@ from models import transformer
 from models.config import ModelConfig
 from serve import quantize as q
 from store import hf
+from store.hf import config as hf_config
 from store.hf import save as save_lib
 from store.hf import tensors
 from store.hf import weights as W
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
-NAMES = ("llama3", "tinyllama", "mistral", "qwen2", "qwen3")
+NAMES = ("llama3", "tinyllama", "mistral", "qwen2", "qwen3", "gemma3")
 BF16_EPS = float(np.finfo(ml_dtypes.bfloat16).eps)  # 2^-7
 E4M3_EPS = float(np.finfo(ml_dtypes.float8_e4m3fn).eps)  # 2^-3
 
@@ -60,7 +61,7 @@ def test_fp32_logits_match_transformers(loaded, name):
     assert err <= 1e-4  # measured about 1e-6: f32 rounding only
 
 
-@pytest.mark.parametrize("name", ["tinyllama", "qwen3"])  # bf16 weights; ragged 128-blocks; q/k norms
+@pytest.mark.parametrize("name", ["tinyllama", "qwen3", "gemma3"])  # bf16 weights; ragged 128-blocks; q/k norms
 def test_bf16_and_fp8_logits_stay_within_their_format_bounds(loaded, name):
     ref = _reference(name)
     bf16 = _rel_err(_logits(loaded[name], q.ServeSpec("bf16"), ref["tokens"]), ref["logits"])
@@ -87,7 +88,40 @@ def test_configs_map_each_architecture(loaded):
     assert c["mistral"].sliding_window == 5
     assert c["qwen2"].qkv_bias and not c["qwen2"].qk_norm
     assert c["qwen3"].qk_norm and c["qwen3"].head_dim == 16 and c["qwen3"].d_model == 32
-    assert not any(cfg.embed_scale for cfg in c.values())
+    assert not any(cfg.embed_scale for name, cfg in c.items() if name != "gemma3")
+    g = c["gemma3"]
+    assert g.layer_types == ("sliding_attention",) * 3 + ("full_attention",) and g.sliding_window == 4
+    assert [g.window(i) for i in range(4)] == [4, 4, 4, None] and g.query_pre_attn_scalar == 24
+    assert (g.rope_theta, g.rope_local_theta) == (10000.0, 10.0) and g.rope(0)[0] == 10.0 and g.rope(3)[0] == 10000.0
+    assert g.qk_norm and g.post_norms and g.norm_unit_offset and g.activation == "gelu_tanh" and g.head_dim == 32
+    assert g.embed_scale and g.embed_scale_dtype == "embedding" and g.tie_embeddings and not g.qkv_bias
+
+
+@pytest.mark.parametrize("change", [dict(layer_types=("full_attention",) * 4), dict(rope_local_theta=None),
+                                    dict(query_pre_attn_scalar=None)], ids=["no_window", "one_rope", "head_dim_scale"])
+def test_gemma3_features_each_change_the_logits(loaded, change):
+    """The fixture exercises each: without it, the logits leave the reference."""
+    ref, m = _reference("gemma3"), loaded["gemma3"]
+    other = dataclasses.replace(m, config=dataclasses.replace(m.config, **change))
+    assert _rel_err(_logits(other, q.ServeSpec("fp32"), ref["tokens"]), ref["logits"]) > 1e-3
+
+
+def test_gemma3_reads_transformers_4_configs_and_writes_one_back(loaded):
+    cfg = json.loads((FIXTURES / "gemma3" / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    v4 = {**cfg, "rope_theta": rope["full_attention"]["rope_theta"],
+          "rope_local_base_freq": rope["sliding_attention"]["rope_theta"]}
+    config = loaded["gemma3"].config
+    assert hf.to_model_config(v4) == config
+    v4.pop("layer_types")
+    assert hf.to_model_config({**v4, "sliding_window_pattern": 4}) == config  # before layer_types
+    assert hf.to_model_config({**v4, "sliding_window_pattern": 2}).layer_types == ("sliding_attention",
+                                                                                 "full_attention") * 2
+    written = hf_config.from_model_config(config, cfg)
+    assert written["model_type"] == "gemma3_text" and written["hidden_activation"] == "gelu_pytorch_tanh"
+    assert "rope_parameters" not in written and hf.to_model_config(written) == config
+    with pytest.raises(hf.HFError, match="Gemma3ForCausalLM needs"):
+        hf_config.from_model_config(dataclasses.replace(config, qk_norm=False))
 
 
 def test_transformers_4_style_rope_keys_give_the_same_config(loaded):
@@ -229,6 +263,37 @@ def test_a_bad_config_json_value_names_the_file_and_its_key(tmp_path, updates, m
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(hf.HFError) as err:
         hf.read_config(tmp_path)  # no weights read
+    assert str(err.value).startswith(str(tmp_path / "config.json")) and message in str(err.value), err.value
+
+
+_GEMMA3_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0}}
+
+
+@pytest.mark.parametrize("updates, message", [
+    ({"hidden_activation": "gelu"}, "unsupported hidden_activation 'gelu'; supported: 'gelu_pytorch_tanh'"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0 is not supported"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention: true is not supported"),
+    ({"layer_types": ["full_attention"]}, "layer_types, num_hidden_layers: layer_types names 1 layers; n_layers=4"),
+    ({"layer_types": ["local"] * 4}, "layer_types: layer_types must be a list of 'full_attention' or"),
+    ({"layer_types": "sliding_attention"}, "layer_types must be a list; got 'sliding_attention'"),
+    ({"layer_types": None, "sliding_window_pattern": 0}, "sliding_window_pattern must be an integer >= 1; got 0"),
+    ({"sliding_window": 0}, "sliding_window: sliding_window must be an integer >= 1, or null; got 0"),
+    ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar: query_pre_attn_scalar must be a finite number > 0"),
+    ({"rope_parameters": {**_GEMMA3_ROPE, "full_attention": {"rope_theta": 0}}},
+     "rope_parameters.full_attention.rope_theta: rope_theta must be a finite number > 0; got 0.0"),
+    ({"rope_parameters": {**_GEMMA3_ROPE, "sliding_attention": {"rope_theta": -1}}},
+     "rope_parameters.sliding_attention.rope_theta: rope_local_theta must be a finite number > 0"),
+    ({"rope_parameters": {**_GEMMA3_ROPE, "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "rope scaling of the sliding layers (rope_parameters.sliding_attention) is not supported"),
+    ({"rope_parameters": None, "rope_theta": 1e6, "rope_local_base_freq": "x"},
+     "rope_local_base_freq must be a number; got 'x'"),
+])
+def test_a_bad_gemma3_config_json_value_names_its_key(tmp_path, updates, message):
+    cfg = {**json.loads((FIXTURES / "gemma3" / "config.json").read_text()), **updates}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(hf.HFError) as err:
+        hf.read_config(tmp_path)
     assert str(err.value).startswith(str(tmp_path / "config.json")) and message in str(err.value), err.value
 
 
@@ -391,3 +456,31 @@ def test_export_with_a_policy_writes_only_its_fp8_layers_and_reimports_bit_exact
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     with pytest.raises(hf.HFError, match="--policy .*--precision bf16"):
         export.export(str(FIXTURES / "qwen3"), str(tmp_path / "c"), precision="bf16", policy=str(policy))
+
+
+def test_gemma3_cached_greedy_generation_equals_recomputing_past_the_window(loaded):
+    from serve import engine as engine_lib
+
+    m, spec = loaded["gemma3"], q.ServeSpec("fp32")
+    engine = engine_lib.Engine(transformer.Transformer(m.config, spec.policy()),
+                               {"params": q.quantize_params(m.params, m.config, spec)}, kv_cache="fp32", chunk=8)
+    tokens = _reference("gemma3")["tokens"]
+    prompts = [tokens[0, :9].tolist(), tokens[1, :6].tolist()]  # longer than the window of 4
+    cached, _ = engine.generate(prompts, max_new_tokens=8)
+    recomputed, _ = engine.generate(prompts, max_new_tokens=8, use_cache=False)
+    assert [g.tokens for g in cached] == [g.tokens for g in recomputed] and len(cached[0].tokens) == 8
+
+
+def test_gemma3_exports_and_reloads_as_gemma3(loaded, tmp_path):
+    from serve import export
+
+    out = export.export(str(FIXTURES / "gemma3"), str(tmp_path / "bf16"), precision="bf16")
+    again, m = hf.load(out), loaded["gemma3"]
+    written = json.loads((out / "config.json").read_text())
+    assert again.config == m.config and written["architectures"] == ["Gemma3ForCausalLM"]
+    names = set(tensors.SafetensorsFile(out / "model.safetensors").names())
+    assert "lm_head.weight" not in names and "model.layers.0.post_feedforward_layernorm.weight" in names
+    for entry in W.entries(m.config):  # bf16 weights: exported as they are
+        np.testing.assert_array_equal(W.get(again.params, entry.path), W.get(m.params, entry.path))
+    fp8 = hf.load(export.export(str(out), str(tmp_path / "fp8"), precision="fp8"))
+    assert fp8.config == m.config and isinstance(W.get(fp8.params, ("layers_3", "mlp", "down", "kernel")), mpx.ScaledArray)

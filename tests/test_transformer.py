@@ -182,3 +182,61 @@ def test_fp8_residuals_keep_each_fp8_operand_once_as_e4m3():
     assert saved["bf16_swiglu"]["bfloat16"] - saved["fp8"].get("bfloat16", 0) == TINY.n_layers * swiglu * 2
     assert "float8_e4m3fn" not in saved["input"] and "float8_e4m3fn" not in saved["bf16"]
     assert saved["fp8"]["total"] < 0.85 * saved["input"]["total"] and saved["fp8"]["total"] < saved["bf16"]["total"]
+
+
+# Gemma 3's features on the tiny model: sliding and full layers with their own RoPE bases,
+# a window shorter than the sequence, post-norms, (1 + w) norms, GeGLU, q/k norms.
+GEMMA = dataclasses.replace(TINY, layer_types=("sliding_attention", "full_attention"), sliding_window=3,
+                            rope_local_theta=100.0, query_pre_attn_scalar=24.0, activation="gelu_tanh",
+                            norm_unit_offset=True, post_norms=True, qk_norm=True, embed_scale_dtype="embedding")
+
+
+def test_geglu_values_and_gradients_are_autodiffs_of_the_plain_expression():
+    key = jax.random.split(jax.random.key(1), 3)
+    gate, up, d = (2 * jax.random.normal(k, (4, 64)) for k in key)
+    plain = lambda g, u: jax.nn.gelu(g, approximate=True) * u  # noqa: E731
+    glu = lambda g, u: mpx.activations.glu(g, u, activation="gelu_tanh")  # noqa: E731
+    run = jax.jit(lambda f, *a: (lambda out, vjp: (out, *vjp(d)))(*jax.vjp(f, *a)), static_argnums=0)
+    for got, want in zip(run(glu, gate, up), run(plain, gate, up)):  # value, d_gate, d_up
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        mpx.activations.glu(gate, up, activation="relu")
+
+
+def test_a_gemma_style_model_has_post_norms_zero_norm_scales_and_its_estimated_param_count():
+    params = jax.eval_shape(transformer.Transformer(GEMMA).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    params = params["params"]
+    assert transformer.count_params(params) == transformer.param_count_estimate(GEMMA)
+    assert {"attn_post_norm", "mlp_post_norm"} <= set(params["layers_0"]) and "q_norm" in params["layers_1"]["attn"]
+    norm = transformer.norm(GEMMA, None, "n")
+    x = jnp.arange(8.0).reshape(2, 4)
+    scale, = jax.tree.leaves(norm.init(jax.random.key(0), x))
+    assert not scale.any()  # (1 + 0): the plain RMSNorm at initialization
+    np.testing.assert_allclose(norm.apply({"params": {"scale": scale + 1.0}}, x),
+                               2 * mpx.nn.RMSNorm(GEMMA.norm_eps).apply({"params": {"scale": jnp.ones(4)}}, x))
+
+
+def test_geglu_fp8_down_projection_recomputes_like_the_composition():
+    """The fused FP8 down projection (recomputing GeGLU) gives the composition's value
+    bit for bit and its gate/up gradients to bf16 rounding."""
+    key = jax.random.split(jax.random.key(2), 4)
+    gate, up = ((2 * jax.random.normal(k, (128, 128))).astype(jnp.bfloat16) for k in key[:2])
+    w, g = 0.05 * jax.random.normal(key[2], (128, 128)), jax.random.normal(key[3], (128, 128)).astype(jnp.bfloat16)
+    dims, recipe = (((1,), (0,)), ((), ())), mpx.recipes.DeepSeekV3()
+    fused = lambda a, b, c: mpx.dot.swiglu_dot_general(a, b, c, dims, recipe=recipe, activation="gelu_tanh",  # noqa: E731
+                                                       preferred_element_type=jnp.bfloat16)
+    composed = lambda a, b, c: mpx.dot.dot_general(mpx.activations.glu(a, b, activation="gelu_tanh"), c, dims,  # noqa: E731
+                                                   recipe=recipe, preferred_element_type=jnp.bfloat16)
+    silu = lambda a, b, c: mpx.dot.swiglu_dot_general(a, b, c, dims, recipe=recipe)  # noqa: E731
+    assert mpx.dot.recomputes_swiglu(recipe)
+
+    @jax.jit
+    def run(gate, up, w, g):
+        (out, vjp), (want, want_vjp) = jax.vjp(fused, gate, up, w), jax.vjp(composed, gate, up, w)
+        return out, want, vjp(g)[:2], want_vjp(g)[:2], silu(gate, up, w)
+
+    out, want, grads, want_grads, silu_out = jax.tree.map(lambda a: np.asarray(a, np.float32), run(gate, up, w, g))
+    np.testing.assert_array_equal(out, want)
+    for got, ref in zip(grads, want_grads):
+        np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
+    assert not np.allclose(silu_out, out, atol=1e-2)  # the activation is GeGLU's, not SwiGLU's

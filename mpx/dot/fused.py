@@ -1,4 +1,4 @@
-"""An FFN's down projection fused with the SwiGLU that feeds it.
+"""An FFN's down projection fused with the SwiGLU (or GeGLU) that feeds it.
 
 `swiglu_dot_general(gate, up, w, ...)` is `dot_general(swiglu(gate, up), w, ...)` whose
 backward pass recomputes `swiglu(gate, up)` from what SwiGLU keeps anyway (gate and up,
@@ -17,7 +17,7 @@ at the small model's peak).
 
 Fused for `DeepSeekV3` with `fp8_residuals` and `recompute_swiglu` (its defaults); any
 other recipe, or none, is the plain composition of `mpx.activations.swiglu` and
-`dot_general`.
+`dot_general`. `activation="gelu_tanh"` does the same for GeGLU (`mpx.activations.glu`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class _FusedConfig:
     dot: _Config
     residual_format: str | None  # SwiGLU's residuals: None (as they came) or an FP8 format
     dtypes: tuple  # gate's and up's dtypes (their gradients')
+    activation: str = "silu"  # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
 
 
 def recomputes_swiglu(recipe) -> bool:
@@ -55,7 +56,8 @@ def recomputes_swiglu(recipe) -> bool:
 @explicit.auto_inside(lambda gate, up, rhs, dimension_numbers, **_: explicit.plain_spec(
     lambda: jax.lax.dot_general(gate, rhs, dimension_numbers)))
 def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residual_format: str | None = None,
-                       preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto"):
+                       preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto",
+                       activation: str = "silu"):
     """`dot_general(mpx.activations.swiglu(gate, up, residual_format), rhs, ...)`, whose
     backward pass recomputes the SwiGLU product instead of keeping it (module docstring).
 
@@ -64,18 +66,19 @@ def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residua
       rhs, dimension_numbers, recipe, preferred_element_type, rhs_kind, impl: as in
         `dot_general`, with the SwiGLU product as lhs.
       residual_format: as in `mpx.activations.swiglu`.
+      activation: the gate's, as in `mpx.activations.glu` ("silu": SwiGLU).
 
     Returns:
       As `dot_general` (stateless recipes only: no state).
 
     Raises:
-      ValueError: as `dot_general`; gate and up of different shapes.
+      ValueError: as `dot_general`; gate and up of different shapes; an unknown activation.
     """
     check_choice("impl", impl, IMPLS)
     if jnp.shape(gate) != jnp.shape(up):
         raise ValueError(f"gate and up must have one shape; got {jnp.shape(gate)} and {jnp.shape(up)}")
     if not recomputes_swiglu(recipe):
-        hidden = activations.swiglu(gate, up, residual_format)
+        hidden = activations.glu(gate, up, residual_format, activation)
         return dot_general(hidden, rhs, dimension_numbers, recipe=recipe, preferred_element_type=preferred_element_type,
                            rhs_kind=rhs_kind, impl=impl)
     recipe, gate, rhs, lay = _setup(gate, rhs, dimension_numbers, recipe, None, rhs_kind)
@@ -83,7 +86,8 @@ def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residua
     out_dtype = jnp.result_type(jnp.float32, rhs) if preferred_element_type is None else preferred_element_type
     cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, jnp.dtype(jnp.float32), rhs.dtype,
                   jnp.dtype(out_dtype), jax.default_backend() == "cpu", True)
-    fused = _FusedConfig(cfg, residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)))
+    activations.activate(activation, jnp.zeros((), jnp.float32))  # names a bad activation
+    fused = _FusedConfig(cfg, residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)), activation)
     gate_c, up_c = (to_canonical(v, lay.lhs_perm, lay.lhs_shape) for v in (gate, up))
     out = _swiglu_qmatmul(fused, gate_c, up_c, to_canonical(rhs, lay.rhs_perm, lay.rhs_shape))
     return out.reshape(lay.out_shape)
@@ -95,7 +99,7 @@ def _swiglu_qmatmul(cfg: _FusedConfig, gate, up, rhs):
 
 
 def _swiglu_qmatmul_fwd(cfg: _FusedConfig, gate, up, rhs):
-    hidden, swiglu_residuals = activations._swiglu_fwd(cfg.residual_format, cfg.dtypes, gate, up)
+    hidden, swiglu_residuals = activations._glu_fwd(cfg.residual_format, cfg.dtypes, cfg.activation, gate, up)
     out, (_, keep_rhs) = _qmatmul_fwd(cfg.dot, hidden, rhs, None, None)  # its FP8 copy of hidden: dropped
     return out, (swiglu_residuals, keep_rhs)
 
@@ -103,11 +107,11 @@ def _swiglu_qmatmul_fwd(cfg: _FusedConfig, gate, up, rhs):
 def _swiglu_qmatmul_bwd(cfg: _FusedConfig, residuals, g):
     swiglu_residuals, keep_rhs = residuals
     gate, up = activations.swiglu_inputs(cfg.residual_format, swiglu_residuals, g)
-    hidden_t = jnp.swapaxes(jax.nn.silu(gate) * up, -1, -2)  # recomputed, transposed while quantized
+    hidden_t = jnp.swapaxes(activations.activate(cfg.activation, gate) * up, -1, -2)  # recomputed, transposed while quantized
     lhs_t = backends.prepare(hidden_t, transposed(cfg.dot.plan.wgrad_lhs), cfg.dot.impl)
     d_hidden, d_rhs = grads(cfg.dot, lhs_t, keep_rhs, g)  # wgrad first (DeepSeekV3)
     gate, up = activations.swiglu_inputs(cfg.residual_format, swiglu_residuals, d_hidden)  # again, not kept alive
-    d_gate, d_up = activations.swiglu_grads(gate, up, d_hidden, cfg.dtypes)
+    d_gate, d_up = activations.swiglu_grads(gate, up, d_hidden, cfg.dtypes, cfg.activation)
     return d_gate, d_up, d_rhs.astype(cfg.dot.rhs_dtype)
 
 

@@ -1,4 +1,4 @@
-"""Hugging Face config.json <-> `models.config.ModelConfig`, for the Llama family.
+"""Hugging Face config.json <-> `models.config.ModelConfig`, for the Llama family and Gemma 3.
 
 Supported architectures and what each adds to Llama's (RMSNorm, RoPE in the "rotate
 half" layout, grouped-query attention, SwiGLU, no embedding scaling):
@@ -9,9 +9,15 @@ half" layout, grouped-query attention, SwiGLU, no embedding scaling):
   included; null: the whole past).
 * Qwen2ForCausalLM: biases on the Q, K and V projections.
 * Qwen3ForCausalLM: per-head RMSNorm of queries and keys; an explicit head_dim.
+* Gemma3ForCausalLM (model_type gemma3_text, Gemma 3's text model): `layer_types`
+  (sliding or full attention, each with its own RoPE base), q/k RMSNorm, four norms a
+  block, RMSNorm by (1 + w), GeGLU (gelu_pytorch_tanh), `query_pre_attn_scalar`,
+  embeddings scaled by sqrt(hidden_size) in their dtype; no logit soft-capping.
 
 Both config styles are read: `rope_theta` + `rope_scaling` ({"type"/"rope_type", ...};
-transformers 4) and `rope_parameters` (transformers 5).
+transformers 4; Gemma 3 adds `rope_local_base_freq` and, before `layer_types`,
+`sliding_window_pattern`) and `rope_parameters` (transformers 5; Gemma 3's holds
+"full_attention" and "sliding_attention" sections).
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ from pathlib import Path
 from models import config as model_config
 from models.config import ModelConfig, RopeScaling
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3"}
+               "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text"}
+GEMMA3 = "Gemma3ForCausalLM"
+# transformers' defaults for keys a Gemma 3 config.json may leave out.
+GEMMA3_DEFAULTS = {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window_pattern": 6,
+                   "query_pre_attn_scalar": 256, "sliding_window": 4096}
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 # KV caches are sized by max_seq_len; models that allow 128K positions would allocate
 # gigabytes per sequence, so serving caps it unless asked for more.
@@ -71,7 +81,8 @@ FIELD_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": 
               "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "d_ff": "intermediate_size",
               "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps",
               "head_dim_override": "head_dim", "tie_embeddings": "tie_word_embeddings",
-              "sliding_window": "sliding_window"}
+              "sliding_window": "sliding_window", "layer_types": "layer_types",
+              "query_pre_attn_scalar": "query_pre_attn_scalar", "rope_local_theta": "rope_local_base_freq"}
 ROPE_KEYS = {"kind": "rope_type", "factor": "factor", "low_freq_factor": "low_freq_factor",
              "high_freq_factor": "high_freq_factor", "original_max_len": "original_max_position_embeddings"}
 _REQUIRED = object()
@@ -123,27 +134,28 @@ def _rope_scaling(scaling: dict, kind: str, source: str, section: str) -> RopeSc
         raise _invalid(err, ROPE_KEYS, source, f"{section}.") from None
 
 
-def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling]:
+def _rope(cfg: dict, source: str) -> tuple[float, str, RopeScaling]:
+    """(rope_theta, the key it was read from, RopeScaling) of either config style."""
     for section in ("rope_parameters", "rope_scaling"):
         if not isinstance(cfg.get(section) or {}, dict):
             raise HFError(f"{source}: {section} must be a JSON object or null; got {cfg[section]!r}")
     params = dict(cfg.get("rope_parameters") or {})
     section = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     scaling = dict(cfg.get("rope_scaling") or params)
-    if cfg.get("rope_theta") is not None:
-        theta = _get(cfg, "rope_theta", "number", source)
-    else:
-        theta = _get(params, "rope_theta", "number", source, 10000.0, "rope_parameters.rope_theta")
+    theta_key = "rope_theta" if cfg.get("rope_theta") is not None else "rope_parameters.rope_theta"
+    theta = _get(cfg if theta_key == "rope_theta" else params, "rope_theta", "number", source, 10000.0, theta_key)
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if not isinstance(kind, str) or kind not in ROPE_TYPES:
         raise HFError(f"{source}: unsupported rope scaling {kind!r} ({section}.rope_type); supported: "
                       f"{', '.join(ROPE_TYPES)}")
     if ROPE_TYPES[kind] == "none":
-        return float(theta), RopeScaling()
-    return float(theta), _rope_scaling(scaling, kind, source, section)
+        return float(theta), theta_key, RopeScaling()
+    return float(theta), theta_key, _rope_scaling(scaling, kind, source, section)
 
 
 def _check_supported(arch: str, cfg: dict, source: str) -> None:
+    if arch == GEMMA3:
+        return _check_gemma3(cfg, source)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise HFError(f"{source}: unsupported hidden_act {act!r}; supported: 'silu' (SwiGLU)")
@@ -152,6 +164,82 @@ def _check_supported(arch: str, cfg: dict, source: str) -> None:
             raise HFError(f"{arch} with {flag}: true is not supported (biases on o_proj/FFN)")
     if cfg.get("use_sliding_window") and arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         raise HFError(f"{arch} with use_sliding_window: true is not supported")
+
+
+def _check_gemma3(cfg: dict, source: str) -> None:
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise HFError(f"{source}: unsupported hidden_activation {act!r}; supported: 'gelu_pytorch_tanh' (GeGLU)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise HFError(f"{source}: {key} {cfg[key]!r} is not supported (Gemma 3 has null)")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if cfg.get(key):
+            raise HFError(f"{source}: {GEMMA3} with {key}: true is not supported")
+
+
+def _section(cfg: dict, key: str, source: str) -> dict:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise HFError(f"{source}: {key} must be a JSON object or null; got {value!r}")
+    return value
+
+
+def _scaling_of(section: dict, name: str, source: str) -> RopeScaling:
+    """The RopeScaling of one rope_parameters-style section called `name`, for errors."""
+    kind = section.get("rope_type") or section.get("type") or "default"
+    if not isinstance(kind, str) or kind not in ROPE_TYPES:
+        raise HFError(f"{source}: unsupported rope scaling {kind!r} ({name}.rope_type); supported: "
+                      f"{', '.join(ROPE_TYPES)}")
+    return RopeScaling() if ROPE_TYPES[kind] == "none" else _rope_scaling(section, kind, source, name)
+
+
+def _gemma3_rope(cfg: dict, source: str) -> tuple[dict, dict]:
+    """(ModelConfig fields of Gemma 3's RoPE, {field: the config.json key it came from})."""
+    params = _section(cfg, "rope_parameters", source)
+    if "full_attention" in params or "sliding_attention" in params:  # transformers 5
+        full_key, local_key = "rope_parameters.full_attention", "rope_parameters.sliding_attention"
+        full, local = _section(params, "full_attention", source), _section(params, "sliding_attention", source)
+        theta = _get(full, "rope_theta", "number", source, GEMMA3_DEFAULTS["rope_theta"], full_key + ".rope_theta")
+        local_theta = _get(local, "rope_theta", "number", source, GEMMA3_DEFAULTS["rope_local_base_freq"],
+                           local_key + ".rope_theta")
+        scaling, keys = _scaling_of(full, full_key, source), (full_key + ".rope_theta", local_key + ".rope_theta")
+        if _scaling_of(local, local_key, source) != RopeScaling():
+            raise HFError(f"{source}: rope scaling of the sliding layers ({local_key}) is not supported")
+    else:  # transformers 4: rope_theta (+ rope_scaling) for the full layers
+        theta, theta_key, scaling = _rope({**cfg, "rope_theta": cfg.get("rope_theta", GEMMA3_DEFAULTS["rope_theta"])},
+                                          source)
+        local_theta = _get(cfg, "rope_local_base_freq", "number", source, GEMMA3_DEFAULTS["rope_local_base_freq"])
+        keys = (theta_key, "rope_local_base_freq")
+    fields = dict(rope_theta=float(theta), rope_local_theta=float(local_theta), rope_scaling=scaling)
+    return fields, dict(zip(("rope_theta", "rope_local_theta"), keys))
+
+
+def _gemma3_layer_types(cfg: dict, n_layers: int, source: str) -> tuple:
+    """`layer_types`, or those of transformers 4's `sliding_window_pattern` (every n-th full)."""
+    types = cfg.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list):
+            raise HFError(f"{source}: layer_types must be a list; got {types!r}")
+        return tuple(types)
+    key = "sliding_window_pattern" if "sliding_window_pattern" in cfg else "_sliding_window_pattern"
+    pattern = _get(cfg, key, "int", source, GEMMA3_DEFAULTS["sliding_window_pattern"])
+    if pattern < 1:
+        raise HFError(f"{source}: {key} must be an integer >= 1; got {pattern}")
+    return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(max(n_layers, 0)))
+
+
+def _gemma3_fields(cfg: dict, shape: dict, source: str) -> tuple[dict, dict]:
+    """(ModelConfig fields Gemma 3 adds, {field: config.json key} for errors)."""
+    fields, keys = _gemma3_rope(cfg, source)
+    fields.update(
+        layer_types=_gemma3_layer_types(cfg, shape["n_layers"], source),
+        sliding_window=_get(cfg, "sliding_window", "int", source, GEMMA3_DEFAULTS["sliding_window"]),
+        query_pre_attn_scalar=float(_get(cfg, "query_pre_attn_scalar", "number", source,
+                                         GEMMA3_DEFAULTS["query_pre_attn_scalar"])),
+        embed_scale=True, embed_scale_dtype="embedding", qk_norm=True, norm_unit_offset=True, post_norms=True,
+        activation="gelu_tanh", tie_embeddings=_get(cfg, "tie_word_embeddings", "bool", source, True))
+    return fields, keys
 
 
 def _shape(cfg: dict, source: str) -> dict:
@@ -184,18 +272,22 @@ def to_model_config(cfg: dict, max_seq_len: int | None = None, source: str = "co
     arch = architecture(cfg)
     _check_supported(arch, cfg, source)
     shape = _shape(cfg, source)
-    theta, scaling = _rope(cfg, source)
     positions = _get(cfg, "max_position_embeddings", "int", source, 2048)
     if positions < 1:
         raise HFError(f"{source}: max_position_embeddings must be an integer >= 1; got {positions}")
-    window = _get(cfg, "sliding_window", "int", source, None) if arch == "MistralForCausalLM" else None
+    if arch == GEMMA3:
+        fields, field_keys = _gemma3_fields(cfg, shape, source)
+    else:
+        theta, theta_key, scaling = _rope(cfg, source)
+        window = _get(cfg, "sliding_window", "int", source, None) if arch == "MistralForCausalLM" else None
+        fields = dict(rope_theta=theta, embed_scale=False, qkv_bias=arch == "Qwen2ForCausalLM",
+                      qk_norm=arch == "Qwen3ForCausalLM", sliding_window=window, rope_scaling=scaling)
+        field_keys = {"rope_theta": theta_key}
     try:
-        return ModelConfig(
-            **shape, max_seq_len=max_seq_len or min(positions, DEFAULT_MAX_SEQ_LEN), rope_theta=theta,
-            embed_scale=False, qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=window, rope_scaling=scaling)
+        return ModelConfig(**{**shape, **fields}, max_seq_len=max_seq_len or min(positions, DEFAULT_MAX_SEQ_LEN))
     except model_config.FieldError as err:
-        raise _invalid(err, FIELD_KEYS, source) from None
+        keys = {**FIELD_KEYS, **field_keys, **({"max_seq_len": "max_seq_len"} if max_seq_len else {})}
+        raise _invalid(err, keys, source) from None
 
 
 def architecture_of(config: ModelConfig) -> str:
@@ -207,11 +299,42 @@ def architecture_of(config: ModelConfig) -> str:
     """
     if config.n_experts:
         raise HFError("mixture-of-experts models cannot be exported as a Llama-family checkpoint")
+    if _gemma3_like(config):
+        return _check_gemma3_config(config)
     features = [a for a, on in (("Qwen3ForCausalLM", config.qk_norm), ("Qwen2ForCausalLM", config.qkv_bias),
                                 ("MistralForCausalLM", config.sliding_window is not None)) if on]
     if len(features) > 1:
         raise HFError(f"no supported architecture has the features of both {features[0]} and {features[1]}")
     return features[0] if features else "LlamaForCausalLM"
+
+
+# What a config must hold to be Gemma 3's (ModelConfig field: value).
+_GEMMA3_FIELDS = {"activation": "gelu_tanh", "norm_unit_offset": True, "post_norms": True, "qk_norm": True,
+                  "embed_scale": True, "embed_scale_dtype": "embedding", "qkv_bias": False}
+
+
+def _gemma3_like(config: ModelConfig) -> bool:
+    return config.activation != "silu" or config.norm_unit_offset or config.post_norms or \
+        config.layer_types is not None or config.embed_scale_dtype != "float32"
+
+
+def _check_gemma3_config(config: ModelConfig) -> str:
+    off = [f"{k}={getattr(config, k)!r}" for k, v in _GEMMA3_FIELDS.items() if getattr(config, k) != v]
+    if off or config.layer_types is None:
+        off += [] if config.layer_types is not None else ["layer_types=None"]
+        raise HFError(f"no supported architecture computes this config: {GEMMA3} needs "
+                      f"{', '.join(f'{k}={v!r}' for k, v in _GEMMA3_FIELDS.items())} and layer_types; got "
+                      f"{', '.join(off)}")
+    return GEMMA3
+
+
+def _gemma3_json(config: ModelConfig) -> dict:
+    """Gemma 3's keys (transformers 4 style, which transformers 5 reads as well)."""
+    out = dict(hidden_activation="gelu_pytorch_tanh", layer_types=list(config.layer_types),
+               sliding_window=config.sliding_window, query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
+               rope_local_base_freq=config.rope_local_theta or config.rope_theta, final_logit_softcapping=None,
+               attn_logit_softcapping=None)
+    return out
 
 
 def _rope_json(config: ModelConfig) -> dict:
@@ -231,13 +354,18 @@ def from_model_config(config: ModelConfig, base: dict | None = None) -> dict:
     The transformers-4 style (rope_theta, rope_scaling) that every version reads.
     """
     arch = architecture_of(config)
-    out = {k: v for k, v in (base or {}).items() if k not in ("rope_parameters", "rope_scaling")}
+    dropped = ("rope_parameters", "rope_scaling", "sliding_window_pattern", "_sliding_window_pattern", "hidden_act")
+    out = {k: v for k, v in (base or {}).items() if k not in dropped}
     out.update(architectures=[arch], model_type=MODEL_TYPES[arch], vocab_size=config.vocab_size,
                hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=config.n_layers,
                num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim,
-               hidden_act="silu", rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+               rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
                tie_word_embeddings=config.tie_embeddings, **_rope_json(config))
     out.setdefault("max_position_embeddings", config.max_seq_len)
+    if arch == GEMMA3:
+        out.update(_gemma3_json(config))
+    else:
+        out["hidden_act"] = "silu"
     if arch == "MistralForCausalLM":
         out["sliding_window"] = config.sliding_window
     return out

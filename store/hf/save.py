@@ -53,8 +53,9 @@ def quantization_config(scale_format: str) -> dict:
 
 
 def export_config(config: ModelConfig) -> ModelConfig:
-    """The config the written checkpoint has: no embedding scaling (folded into the table)."""
-    if not config.embed_scale:
+    """The config the written checkpoint has: no embedding scaling (folded into the table),
+    unless its architecture scales them itself (Gemma: embed_scale_dtype "embedding")."""
+    if not config.embed_scale or config.embed_scale_dtype == "embedding":
         return config
     return dataclasses.replace(config, embed_scale=False, tie_embeddings=False)
 
@@ -88,7 +89,7 @@ def _source_param(entry: W.Entry, params, config: ModelConfig):
     if entry.path == ("lm_head", "kernel") and config.tie_embeddings:
         return np.asarray(W.get(params, ("embed", "embedding")), np.float32).T
     value = W.get(params, entry.path)
-    if entry.path == ("embed", "embedding") and config.embed_scale:
+    if entry.path == ("embed", "embedding") and export_config(config).embed_scale != config.embed_scale:
         return np.asarray(value, np.float32) * np.float32(config.d_model**0.5)
     return value
 

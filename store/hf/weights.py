@@ -14,6 +14,16 @@ transpose into an `mpx.ScaledArray` without requantizing.
     model.layers.{i}.mlp.{gate,up,down}_proj   layers_{i}/mlp/{gate,up,down}
     model.norm.weight                          final_norm/scale
     lm_head.weight                             lm_head/kernel             (untied)
+
+Gemma 3 (`post_norms`) names its four norms a block differently; each RMSNorm's scale
+holds the stored weight w, the model multiplies by (1 + w) (`norm_unit_offset`; GGUF
+files store 1 + w):
+
+    model.layers.{i}.input_layernorm           layers_{i}/attn_norm/scale
+    model.layers.{i}.post_attention_layernorm  layers_{i}/attn_post_norm/scale
+    model.layers.{i}.pre_feedforward_layernorm layers_{i}/mlp_norm/scale
+    model.layers.{i}.post_feedforward_layernorm layers_{i}/mlp_post_norm/scale
+    model.layers.{i}.self_attn.{q,k}_norm      layers_{i}/attn/{q,k}_norm/scale
 """
 
 from __future__ import annotations
@@ -67,10 +77,15 @@ def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _layer_entries(i: int) -> list[Entry]:
+# HF norm name -> mpx module, for blocks with post-norms (Gemma 2/3) and without.
+_NORMS = {False: {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"},
+          True: {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_post_norm",
+                 "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_post_norm"}}
+
+
+def _layer_entries(i: int, post_norms: bool = False) -> list[Entry]:
     pre, at = f"model.layers.{i}.", ("layers_" + str(i),)
-    out = [Entry(pre + "input_layernorm.weight", at + ("attn_norm", "scale"), ()),
-           Entry(pre + "post_attention_layernorm.weight", at + ("mlp_norm", "scale"), ())]
+    out = [Entry(f"{pre}{hf}.weight", at + (name, "scale"), ()) for hf, name in _NORMS[post_norms].items()]
     for hf, name in _ATTN.items():
         out.append(Entry(f"{pre}self_attn.{hf}.weight", at + ("attn", name, "kernel"), (), 2 if hf == "o_proj" else 1))
         out.append(Entry(f"{pre}self_attn.{hf}.bias", at + ("attn", name, "bias"), ()))
@@ -91,7 +106,7 @@ def entries(config: ModelConfig) -> list[Entry]:
     shapes = param_shapes(config)
     candidates = [Entry("model.embed_tokens.weight", ("embed", "embedding"), ())]
     for i in range(config.n_layers):
-        candidates += _layer_entries(i)
+        candidates += _layer_entries(i, config.post_norms)
     candidates += [Entry("model.norm.weight", ("final_norm", "scale"), ()),
                    Entry("lm_head.weight", ("lm_head", "kernel"), (), 1)]
     return [dataclasses.replace(e, shape=shapes[e.path]) for e in candidates if e.path in shapes]
