@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ def checkpoint(path: str | None, context: int) -> q.Checkpoint:
         config = preset("tiny")
         model = transformer.Transformer(config)
         params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-        ckpt = q.Checkpoint(config, params, {}, 0, q.Path("random-init"))
+        ckpt = q.Checkpoint(config, params, {}, 0, Path("random-init"))
     config = dataclasses.replace(ckpt.config, max_seq_len=max(ckpt.config.max_seq_len, context))
     return dataclasses.replace(ckpt, config=config)
 

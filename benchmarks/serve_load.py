@@ -126,10 +126,14 @@ def measure(urls: list[str], levels: list[int], requests: int, max_tokens: int, 
 # --------------------------------------------------------------------------- servers
 
 
-def start_server(checkpoint: str, precision: str, max_batch: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    """Starts `python -m serve.server` on a free loopback port; returns it and its URL."""
-    cmd = [sys.executable, "-m", "serve.server", "--checkpoint", checkpoint, "--precision", precision,
-           "--port", "0", "--max-batch", str(max_batch), *extra]
+def start_server(checkpoint: str, precision: str | None, max_batch: int | None,
+                 extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """Starts `python -m serve.server` on a free loopback port (its own default precision
+    and slots where None); returns it and its URL."""
+    cmd = [sys.executable, "-m", "serve.server", "--checkpoint", checkpoint, "--port", "0"]
+    cmd += ["--precision", precision] if precision else []
+    cmd += ["--max-batch", str(max_batch)] if max_batch else []
+    cmd += extra
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -139,7 +143,7 @@ def start_server(checkpoint: str, precision: str, max_batch: int, extra: list[st
         if time.monotonic() > deadline:
             break
     proc.kill()
-    raise SystemExit(cli.fail(f"the {precision} server did not start (exit status {proc.wait()})"))
+    raise SystemExit(cli.fail(f"the {precision or 'default'} server did not start (exit status {proc.wait()})"))
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -16,8 +16,10 @@ and `constrain` (its shardings under a mesh layout). The attention layer
 (`models.transformer`) writes the keys and values of each new token at its position; an FP8
 cache quantizes each head's K-vector with its own scale as it is written (a 1 x K tile,
 like DeepSeek-V3's 1x128 activation tiles), so no calibration is needed and no later
-token can overflow an earlier token's scale. Attention dequantizes on read. Slots past a
-row's position are stale or empty and masked out by position.
+token can overflow an earlier token's scale. Attention dequantizes on read, and reads
+only the first `cache_len` slots of its rows (a power-of-two span above the positions in
+use, chosen by `serve.engine` and `serve.slots`), so a large capacity costs memory, not
+time. Slots past a row's position are stale or empty and masked out by position.
 
 Memory per element: bf16 2 bytes; FP8 1 + 4 / K bytes (1.125 for K = 32).
 """
