@@ -330,11 +330,12 @@ def _check_gemma3_config(config: ModelConfig) -> str:
 
 def _gemma3_json(config: ModelConfig) -> dict:
     """Gemma 3's keys (transformers 4 style, which transformers 5 reads as well)."""
-    out = dict(hidden_activation="gelu_pytorch_tanh", layer_types=list(config.layer_types),
-               sliding_window=config.sliding_window, query_pre_attn_scalar=config.query_pre_attn_scalar or config.head_dim,
-               rope_local_base_freq=config.rope_local_theta or config.rope_theta, final_logit_softcapping=None,
-               attn_logit_softcapping=None)
-    return out
+    scalar = config.query_pre_attn_scalar or config.head_dim
+    return dict(hidden_activation="gelu_pytorch_tanh", layer_types=list(config.layer_types),
+                sliding_window=config.sliding_window,
+                query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,  # transformers 5: an int
+                rope_local_base_freq=config.rope_local_theta or config.rope_theta, final_logit_softcapping=None,
+                attn_logit_softcapping=None)
 
 
 def _rope_json(config: ModelConfig) -> dict:
