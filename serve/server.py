@@ -265,7 +265,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=cli.non_negative_int, default=8000, help="0 picks a free port")
     p.add_argument("--max-batch", type=cli.positive_int,
                    help=f"slots: the most requests decoded together (default {DEFAULT_MAX_BATCH}, fewer if their KV "
-                   f"cache would take over {MEMORY_SHARE:.0%} of the available memory)")
+                   f"cache would take over {MEMORY_SHARE * 100:.0f}%% of the available memory)")
     p.add_argument("--max-seq-len", type=cli.positive_int, help="positions per slot (default: the model's context)")
     p.add_argument("--max-queue", type=cli.non_negative_int, default=64,
                    help="requests waiting while every slot is busy, before 429")
