@@ -11,6 +11,7 @@ import shutil
 import tracemalloc
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -43,7 +44,7 @@ def _rel_err(logits, ref) -> float:
 def _logits(model_hf, spec, tokens):
     model = transformer.Transformer(model_hf.config, spec.policy())
     params = q.quantize_params(model_hf.params, model_hf.config, spec)
-    return model.apply({"params": params}, jnp.asarray(tokens))[0]
+    return jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))[0]  # compiled: a few times faster
 
 
 @pytest.fixture(scope="module")
