@@ -13,13 +13,19 @@
    fp8-flops: the FP8 share of matmul work) within --budget percent perplexity, among
    --search candidates (default native: bf16, E4M3, E5M2, which hardware multiplies as
    is; "all" adds the simulated FP9/FP6/FP4 formats),
-   measured for real (the model under the policy, through mpx.nn) on the held-out
-   windows and tightened until the measurement fits.
+   decided by measured loss: each measurement runs the model under a policy (through
+   mpx.nn) on the held-out windows, and the search bisects the efficiency order of
+   lowering moves on it (at most --max-measurements policies; default
+   ceil(log2(moves + 1)) + 4). The chosen policy is the cheapest one measured within
+   the budget.
 
 Writes sensitivity.md, sensitivity.png (layers x formats heatmap) and policy.yaml (use it
 with `train.run` as `precision: {policy_file: FILE}`). With --json the last line is one
 JSON object: policy, budget_pct, predicted_ppl_change_pct, measured_ppl_change_pct,
-fp8_weight_fraction, weight_bytes, seconds. Changes are against the fp32 model.
+fp8_weight_fraction, weight_bytes, seconds, measure_seconds, peak_rss_bytes, moves,
+measurements, max_measurements and rounds (every measured policy: step, moves,
+predicted and measured change, FP8 share, weight bytes, seconds). Changes are against
+the fp32 model.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import sys
 import time
 from pathlib import Path
@@ -147,8 +154,14 @@ def _search_section(s, result, args) -> list[str]:
              f"Objective {args.objective}, candidates {args.search}, budget {args.budget}% perplexity. {check}",
              "", f"Weight bytes of the linear layers: {result.weight_bytes:,.0f} of {result.base_weight_bytes:,.0f} "
              f"in fp32; FP8 share of weight elements {result.fp8_weight_fraction:.1%}.", ""]
-    rounds = [[str(i + 1), _pct(p), "-" if m is None else _pct(m)] for i, (p, m) in enumerate(result.rounds)]
-    lines += _table(["round", "predicted %", "measured % (held-out)"], rounds) + [""]
+    lines += [f"Policies measured on the held-out windows: {result.measurements} (at most "
+              f"{result.max_measurements}) over an order of {result.moves} moves; the chosen one is the cheapest "
+              "measured within the budget.", ""]
+    rounds = [[str(i + 1), r.step, str(r.moves), _pct(r.predicted_nats),
+               "-" if r.measured_nats is None else _pct(r.measured_nats), f"{r.fp8_weight_fraction:.1%}",
+               f"{r.seconds:.1f}"] for i, r in enumerate(result.rounds)]
+    lines += _table(["round", "step", "moves", "predicted %", "measured % (held-out)", "FP8 share", "seconds"],
+                    rounds) + [""]
     lines += ["Rules:", "", "```yaml", yaml.safe_dump(mpx.policy.to_dict(result.policy), sort_keys=False).strip(),
               "```", ""]
     return lines
@@ -235,6 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact", type=cli.non_negative_int, default=12,
                    help="(layer, format) pairs measured exactly to check the estimate (0: none)")
     p.add_argument("--smooth-alpha", type=_smooth_alpha, default=0.5, help="SmoothQuant alpha in [0, 1] (0: none)")
+    p.add_argument("--max-measurements", type=cli.positive_int,
+                   help="most policies measured on the held-out windows (default ceil(log2(moves + 1)) + 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     try:  # before the analysis runs: the names it will be searched for must be analysed
@@ -286,8 +301,14 @@ def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoi
         return loss(policy) - base
 
     result = mpx.policy.search(s, args.budget, args.objective, measure=measure, candidates=args.search,
-                               name="sensitivity")
+                               max_measurements=args.max_measurements, name="sensitivity")
     return s, result, ckpt, time.perf_counter() - t0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes (getrusage; Linux counts KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def main(argv=None) -> int:
@@ -302,14 +323,19 @@ def main(argv=None) -> int:
     (out / "sensitivity.md").write_text(to_markdown(s, result, args, ckpt))
     plot(s, result, out / "sensitivity.png")
     print(f"wrote {out / 'sensitivity.md'}, {out / 'sensitivity.png'} and {out / 'policy.yaml'}")
+    peak = peak_rss_bytes()
     print(f"predicted {result.predicted_ppl_change_pct:+.3f}%, measured {result.measured_ppl_change_pct:+.3f}% "
-          f"(budget {args.budget}%), FP8 weight share {result.fp8_weight_fraction:.1%}, {seconds:.0f} s")
+          f"(budget {args.budget}%), FP8 weight share {result.fp8_weight_fraction:.1%}, {result.measurements} "
+          f"policies measured, {seconds:.0f} s, peak RSS {peak / 2**20:,.0f} MiB")
     if args.json:
         print(json.dumps({"policy": str(out / "policy.yaml"), "budget_pct": args.budget,
                           "predicted_ppl_change_pct": result.predicted_ppl_change_pct,
                           "measured_ppl_change_pct": result.measured_ppl_change_pct,
                           "fp8_weight_fraction": result.fp8_weight_fraction, "weight_bytes": result.weight_bytes,
-                          "seconds": seconds}))
+                          "seconds": seconds, "measure_seconds": sum(r.seconds for r in result.rounds),
+                          "peak_rss_bytes": peak, "moves": result.moves, "measurements": result.measurements,
+                          "max_measurements": result.max_measurements,
+                          "rounds": [r.to_dict() for r in result.rounds]}))
     return 0
 
 

@@ -1,10 +1,12 @@
 """Tests for mpx.policy: dtypes, rule matching, presets, explain, YAML round trips."""
 
 import glob
+import math
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import yaml
 from flax.core import FrozenDict
@@ -454,3 +456,97 @@ def test_get_takes_a_preset_name_or_a_policy_file(tmp_path):
         P.get(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="unknown policy 'fp7': give a preset \\(fp32, bf16"):
         P.get("fp7")
+
+
+# --------------------------------------------------------------------------- search on measured loss
+# A synthetic sensitivity: 32 equal layers, one candidate (E4M3 blocks), predicted increases
+# 2e-4 * (i + 1) nats, so the efficiency order is layers_0, layers_1, ...; `measure` sums the
+# predictions of the lowered layers times a per-layer interaction factor.
+
+N_LAYERS = 32
+BUDGET = 1.0  # % perplexity: ln(1.01) = 0.00995 nats
+
+
+def _synthetic():
+    from mpx import sensitivity as S
+
+    layers = tuple(S.Layer(f"layers_{i}/mlp/up", (1, 128, 128), (1, 8, 128), jnp.float32) for i in range(N_LAYERS))
+    pred = 2e-4 * np.arange(1, N_LAYERS + 1, dtype=float)[:, None]
+    return S.Sensitivity(layers, tuple(S.get_candidates("e4m3_block")), pred, pred, None, {}, 3.0, {}, {}, {})
+
+
+def _measure(sens, factor, calls=None):
+    """policy -> sum over its FP8 layers of prediction x factor[i]; counts calls in `calls`."""
+    def measure(policy):
+        if calls is not None:
+            calls.append(policy)
+        lowered = np.array([policy.resolve(p).recipe is not None for p in sens.paths])
+        return float((sens.estimate[:, 0] * factor)[lowered].sum())
+    return measure
+
+
+def _shrinking_search(sens, budget, measure):
+    """The search this replaced: predicted budget shrunk by measured/target until it fits."""
+    from mpx.policy import auto
+
+    costs, pred, _ = auto._tables(sens, P.preset("fp32"), "bytes", ["e4m3_block"])
+    target = inner = math.log1p(budget / 100)
+    for _ in range(6):
+        choice = auto.solve(costs, pred, inner)
+        measured = measure(auto._policy(sens, ["e4m3_block"], choice, P.preset("fp32"), "old"))
+        if measured <= target:
+            return measured
+        inner *= min(0.8, target / measured)
+    return 0.0
+
+
+def test_measured_search_spends_the_budget_the_shrinking_search_left_unused():
+    sens, target = _synthetic(), math.log1p(BUDGET / 100)
+    factor = np.ones(N_LAYERS)
+    factor[3] = 30.0  # one layer hurts 30x its prediction (an interaction the estimate misses)
+    measure = _measure(sens, factor)
+    assert _shrinking_search(sens, BUDGET, measure) < 0.2 * target
+    result = P.search(sens, BUDGET, measure=measure)
+    assert 0.5 * target <= result.measured_nats <= target
+    assert result.measured_nats == measure(result.policy) and result.assignment["layers_3/mlp/up"] == "base"
+    assert result.rounds[0].step == "all" and result.rounds[-1].measured_nats == result.measured_nats
+    # Everywhere 3x the prediction: still within [0.5, 1] x budget, FP8 on as many layers as fit.
+    uniform = P.search(sens, BUDGET, measure=_measure(sens, np.full(N_LAYERS, 3.0)))
+    assert 0.5 * target <= uniform.measured_nats <= target
+    fits = np.searchsorted(np.cumsum(3 * sens.estimate[:, 0]), target, side="right")
+    assert sum(v != "base" for v in uniform.assignment.values()) == fits
+    for r in uniform.rounds:  # predicted and measured of every measured policy
+        assert r.measured_nats == pytest.approx(3 * r.predicted_nats) and 0 <= r.fp8_weight_fraction <= 1
+
+
+def test_measured_search_never_returns_an_over_budget_policy_when_one_fits():
+    sens, target = _synthetic(), math.log1p(BUDGET / 100)
+    rng = np.random.default_rng(0)
+    for trial in range(20):  # not monotone in prefix length: some layers help (negative factors)
+        factor = rng.uniform(-20, 40, N_LAYERS)
+        result = P.search(sens, BUDGET, measure=_measure(sens, factor))
+        feasible = [r for r in result.rounds if r.measured_nats <= target]
+        assert result.measured_nats <= target
+        assert all(result.weight_bytes <= r.weight_bytes for r in feasible)  # the cheapest measured within
+        if not feasible:
+            assert result.policy.rules == () and result.measured_nats == 0.0
+    hopeless = P.search(sens, BUDGET, measure=lambda policy: 1.0)  # nothing fits: the base
+    assert set(hopeless.assignment.values()) == {"base"} and hopeless.measured_nats == 0.0
+
+
+def test_measurements_are_bounded_and_edge_budgets_measure_little():
+    sens = _synthetic()
+    factor = np.full(N_LAYERS, 5.0)
+    calls = []
+    result = P.search(sens, BUDGET, measure=_measure(sens, factor, calls))
+    assert len(calls) == result.measurements == len(result.rounds) <= result.max_measurements == 10  # log2(33) + 4
+    calls.clear()
+    capped = P.search(sens, BUDGET, measure=_measure(sens, factor, calls), max_measurements=3)
+    assert len(calls) == 3 == capped.max_measurements
+    calls.clear()
+    none = P.search(sens, 0, measure=_measure(sens, factor, calls))
+    assert calls == [] and set(none.assignment.values()) == {"base"} and none.measured_nats == 0.0
+    every = P.search(sens, BUDGET, measure=_measure(sens, np.full(N_LAYERS, 0.01), calls))
+    assert len(calls) == 1 and every.fp8_weight_fraction == 1.0 and every.rounds[0].step == "all"
+    with pytest.raises(ValueError, match="max_measurements must be an integer >= 1; got 0"):
+        P.search(sens, BUDGET, measure=lambda policy: 0.0, max_measurements=0)

@@ -81,8 +81,8 @@ def test_estimate_ranks_layers_like_exact_measurement(sens):
 
 def test_searched_policy_meets_its_budget_on_held_out_batches(trained, sens):
     measure = _measure(trained)
-    result = mpx.policy.search(sens, 0.5, measure=measure)
-    assert any(c != "base" for c in result.assignment.values())
+    result = mpx.policy.search(sens, 0.5, measure=measure, max_measurements=4)
+    assert any(c != "base" for c in result.assignment.values()) and result.measurements <= 4
     assert set(result.assignment.values()) != {"e2m1_b32"}  # not simply the cheapest everywhere
     assert result.measured_nats is not None and result.measured_nats <= math.log1p(0.005)
     assert abs(measure(result.policy) - result.measured_nats) < 1e-6  # the policy, for real
@@ -197,12 +197,19 @@ def test_cli_writes_the_report_policy_and_json(trained, tmp_path, capsys):
     assert cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(record) == {"policy", "budget_pct", "predicted_ppl_change_pct", "measured_ppl_change_pct",
-                           "fp8_weight_fraction", "weight_bytes", "seconds"}
+                           "fp8_weight_fraction", "weight_bytes", "seconds", "measure_seconds", "peak_rss_bytes",
+                           "moves", "measurements", "max_measurements", "rounds"}
     assert record["measured_ppl_change_pct"] <= 20 and record["fp8_weight_fraction"] == 1.0  # e4m3 everywhere
+    # e4m3 everywhere fits: one measurement, of the whole order (14 moves)
+    assert record["moves"] == 14 and record["measurements"] == 1 and record["max_measurements"] == 8
+    (only,) = record["rounds"]
+    assert only["step"] == "all" and only["measured_ppl_change_pct"] == record["measured_ppl_change_pct"]
+    assert 0 < record["measure_seconds"] <= record["seconds"] and record["peak_rss_bytes"] > 100 * 2**20
     policy = mpx.policy.load(out / "policy.yaml")
     assert transformer.Transformer(CFG, policy).apply(variables, jnp.zeros((1, 8), jnp.int32))[0].shape == (1, 8, 256)
     report = (out / "sensitivity.md").read_text()
     assert "Spearman" in report and "layers_1/mlp/down" in report and (out / "sensitivity.png").stat().st_size > 0
+    assert "Policies measured on the held-out windows: 1 (at most 8) over an order of 14 moves" in report
     for bad, message in ((argv[:5] + ["-1"] + argv[6:], "argument --budget: must be a finite number >= 0"),
                          (argv[:9] + ["e4m3_block,fp7"] + argv[10:], "unknown candidate format(s) 'fp7'"),
                          (argv + ["--search", "e3m2"], "argument --search: candidate 'e3m2' was not analysed"),
