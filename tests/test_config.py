@@ -328,6 +328,17 @@ def test_non_finite_numbers_are_rejected(override, message):
     ({"sliding_window": 0}, "sliding_window must be an integer >= 1, or null; got 0", None),
     ({"rope_scaling": {"kind": "linear"}}, "rope_scaling must be a RopeScaling", None),
     ({"init_from": ""}, "init_from must be a model directory, or null; got ''", None),
+    ({"layer_types": ("full_attention", "local")}, "layer_types must be a list of 'full_attention' or "
+     "'sliding_attention', one per layer, or null", None),
+    ({"layer_types": ("full_attention",)}, "layer_types names 1 layers; n_layers=2", ("layer_types", "n_layers")),
+    ({"layer_types": ("sliding_attention",) * 2}, "layer_types has 'sliding_attention' layers but sliding_window "
+     "is null", ("layer_types", "sliding_window")),
+    ({"rope_local_theta": 0.0}, "rope_local_theta must be a finite number > 0, or null; got 0.0", None),
+    ({"query_pre_attn_scalar": -1}, "query_pre_attn_scalar must be a finite number > 0, or null; got -1", None),
+    ({"activation": "gelu"}, "activation must be one of 'silu', 'gelu_tanh'; got 'gelu'", None),
+    ({"norm_unit_offset": 1}, "norm_unit_offset must be true or false; got 1", None),
+    ({"post_norms": "yes"}, "post_norms must be true or false; got 'yes'", None),
+    ({"embed_scale_dtype": "bf16"}, "embed_scale_dtype must be one of 'float32', 'embedding'; got 'bf16'", None),
     ({"d_model": 130}, "d_model=130 must be divisible by n_heads=4 (or set head_dim_override)", ("d_model", "n_heads")),
     ({"d_model": 100}, "head_dim = d_model // n_heads = 25 must be even for RoPE", ("d_model", "n_heads")),
     ({"n_kv_heads": 3}, "n_heads=4 must be divisible by n_kv_heads=3", ("n_heads", "n_kv_heads")),
@@ -380,6 +391,7 @@ def test_every_model_preset_and_default_is_valid():
      "model.rope_scaling: kind must be one of 'none', 'linear', 'llama3'; got 'yarn'"),
     ("model.sliding_window=0", "model.sliding_window", "model: sliding_window must be an integer >= 1, or null; got 0"),
     ("model.norm_eps=-1", "model.norm_eps", "model: norm_eps must be a finite number > 0; got -1.0"),
+    ("model.activation=relu", "model.activation", "model: activation must be one of 'silu', 'gelu_tanh'; got 'relu'"),
 ])
 def test_a_bad_model_field_is_named_with_the_one_setting_that_set_it(override, key, message):
     with pytest.raises(ConfigError) as info:
