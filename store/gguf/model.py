@@ -87,7 +87,7 @@ def hf_config(file: GGUFFile) -> dict:
     missing = [f"{arch}.{k}" for k in _REQUIRED if not file.has(f"{arch}.{k}")]
     if missing:
         raise GGUFError(f"{file.path}: the metadata lacks {', '.join(missing)}")
-    cfg = {"architectures": [ARCHITECTURES[arch]], "model_type": arch}
+    cfg = {"architectures": [ARCHITECTURES[arch]], "model_type": "gemma3_text" if arch == "gemma3" else arch}
     cfg.update({hf: file.get(f"{arch}.{key}") for key, hf in _CONFIG_KEYS.items() if file.has(f"{arch}.{key}")})
     cfg.update({hf: file.get(key) for key, hf in _TOKEN_IDS.items() if file.has(key)})
     if "vocab_size" not in cfg:
