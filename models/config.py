@@ -273,7 +273,7 @@ class ModelConfig:
     @property
     def attn_scale(self) -> float:
         """The factor of the attention logits: query_pre_attn_scalar (or head_dim) ** -0.5."""
-        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)  # as mpx.nn.grouped_attention's default
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` has the MoE FFN (every `moe_every`-th block, counting from 1)."""
