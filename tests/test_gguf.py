@@ -175,3 +175,17 @@ def test_a_tensor_of_an_unsupported_type_is_refused(tmp_path):
     with pytest.raises(gguf_lib.GGUFError, match=r"i.gguf: tensor token_embd.weight has type I8"):
         gguf_lib.open_file(path).dequantize("token_embd.weight")
     assert "Q4_K" in gguf_lib.supported_types() and "I8" not in gguf_lib.supported_types()
+
+
+@pytest.mark.parametrize("pre, split", [("qwen2", True), ("llama-bpe", False), (None, False)])
+def test_byte_level_pre_tokenizer_follows_tokenizer_ggml_pre(pre, split, tmp_path):
+    spelling = tokenizer_lib._bytes_to_unicode()
+    tokens = [spelling[b] for b in range(256)] + ["12", "<|x|>", "<|u|>"]
+    meta = dict(tokenizer_model="gpt2", token_list=tokens, token_merges=["1 2"],
+                token_types=[1] * 257 + [3, 4], embedding_length=8, block_count=1, head_count=2,
+                feed_forward_length=16, **({"tokenizer_pre": pre} if pre else {}))
+    path = _write(tmp_path / "b.gguf", "qwen2", {"token_embd.weight": np.ones((len(tokens), 8), np.float32)}, **meta)
+    tok = tokenizer_lib.make_tokenizer(str(path))
+    # Qwen2's split isolates each digit; llama3's keeps up to 3 digits, GPT-2's a run of them.
+    assert tok.encode("12") == ([ord("1"), ord("2")] if split else [256])
+    assert tok.encode("a<|x|>b<|u|>") == [ord("a"), 257, ord("b"), 258]  # control and user-defined tokens whole
