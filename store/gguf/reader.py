@@ -76,11 +76,18 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: unreadable GGUF file (truncated or corrupt: "
                             f"{type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
         self._tensors = {t.name: t for t in self._reader.tensors}
+        self._values: dict[str, Any] = {}
 
     def get(self, key: str, default: Any = None) -> Any:
-        """The metadata value under `key` (a str, number, bool or list), or `default`."""
-        field = self._reader.get_field(key)
-        return default if field is None else field.contents()
+        """The metadata value under `key` (a str, number, bool or list), or `default`.
+
+        Values are parsed once (a vocabulary's token list is long); do not modify them.
+        """
+        if key not in self._values:
+            field = self._reader.get_field(key)
+            self._values[key] = None if field is None else field.contents()
+        value = self._values[key]
+        return default if value is None else value
 
     def has(self, key: str) -> bool:
         return self._reader.get_field(key) is not None
