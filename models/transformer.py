@@ -119,6 +119,10 @@ def _write_slot(slot, x: Array, rows: Array, positions: Array):
         data = _as_bytes(slot.data).at[rows, positions].set(_as_bytes(q.data))
         return ScaledArray(jax.lax.bitcast_convert_type(data, slot.data.dtype),
                            slot.scale.at[rows, positions].set(q.scale), slot.fmt, slot.block)
+    if slot.dtype == jnp.bfloat16:  # as uint16: XLA on CPU scatters into bf16 arrays at a cost of their size
+        bits = jax.lax.bitcast_convert_type(slot, jnp.uint16).at[rows, positions].set(
+            jax.lax.bitcast_convert_type(x.astype(slot.dtype), jnp.uint16))
+        return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
     return slot.at[rows, positions].set(x.astype(slot.dtype))
 
 
