@@ -100,9 +100,31 @@ def residual_init(n_layers: int):
 
 
 def init_cache(config: ModelConfig, batch: int, dtype=jnp.bfloat16, length: int | None = None) -> list[Cache]:
-    """An empty KV cache: one {"k", "v"} dict of (B, S_max, G, K) zeros per layer."""
+    """An empty KV cache: one {"k", "v"} dict of (B, S_max, G, K) zeros per layer, bf16 as
+    its bit patterns (see `as_bits`)."""
     shape = (batch, length or config.max_seq_len, config.n_kv_heads, config.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layers)]
+    return [{"k": as_bits(jnp.zeros(shape, dtype)), "v": as_bits(jnp.zeros(shape, dtype))}
+            for _ in range(config.n_layers)]
+
+
+# A cache slot of 1- or 2-byte floats is stored as its unsigned-integer bit patterns: XLA on
+# CPU rewrites a whole bf16 or float8 array when a token is scattered into it (and a
+# bitcast of the whole array costs as much), so decode would pay for the cache's capacity,
+# not its filled part; into unsigned integers it scatters in place. Reads reinterpret only
+# the slots they attend.
+_BITS = {1: jnp.uint8, 2: jnp.uint16}
+_FLOATS = {jnp.dtype(jnp.uint16): jnp.bfloat16}  # what a plain uint16 slot holds
+
+
+def as_bits(x: Array) -> Array:
+    """The bit patterns of a bf16 or float8 array (uint16 / uint8); other arrays as they are."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize in _BITS:
+        return jax.lax.bitcast_convert_type(x, _BITS[x.dtype.itemsize])
+    return x
+
+
+def _from_bits(x: Array, dtype) -> Array:
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
 def _write_cache(cache: Cache, k: Array, v: Array, positions: Array, rows: Array | None) -> Cache:
@@ -115,19 +137,10 @@ def _write_cache(cache: Cache, k: Array, v: Array, positions: Array, rows: Array
 def _write_slot(slot, x: Array, rows: Array, positions: Array):
     if isinstance(slot, ScaledArray):  # FP8: each (token, head) vector gets its own scale as it is written
         q = quantize(x, slot.fmt, slot.block)
-        # Scattered as uint8: XLA on CPU scatters float8 arrays about 20x slower.
-        data = _as_bytes(slot.data).at[rows, positions].set(_as_bytes(q.data))
-        return ScaledArray(jax.lax.bitcast_convert_type(data, slot.data.dtype),
+        return ScaledArray(as_bits(slot.data).at[rows, positions].set(as_bits(q.data)),
                            slot.scale.at[rows, positions].set(q.scale), slot.fmt, slot.block)
-    if slot.dtype == jnp.bfloat16:  # as uint16: XLA on CPU scatters into bf16 arrays at a cost of their size
-        bits = jax.lax.bitcast_convert_type(slot, jnp.uint16).at[rows, positions].set(
-            jax.lax.bitcast_convert_type(x.astype(slot.dtype), jnp.uint16))
-        return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
-    return slot.at[rows, positions].set(x.astype(slot.dtype))
-
-
-def _as_bytes(x: Array) -> Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint8)
+    dtype = _FLOATS.get(slot.dtype, slot.dtype)
+    return as_bits(slot).at[rows, positions].set(as_bits(x.astype(dtype)))
 
 
 def _read_slot(slot, batch: int, rows: Array | None, length: int | None) -> Array:
@@ -139,8 +152,8 @@ def _read_slot(slot, batch: int, rows: Array | None, length: int | None) -> Arra
     else:
         slot = jax.tree.map(lambda x: jnp.take(x[:, :length], rows, axis=0), slot)
     if isinstance(slot, ScaledArray):  # scale (B, S, G, 1) broadcasts over each head vector
-        return upcast(slot.data, jnp.float32) * slot.scale
-    return slot
+        return upcast(_from_bits(slot.data, slot.fmt.dtype), jnp.float32) * slot.scale
+    return _from_bits(slot, _FLOATS.get(slot.dtype, slot.dtype))
 
 
 def attention_mask(query_pos: Array, key_pos: Array, window: int | None) -> Array:

@@ -5,11 +5,17 @@ One dict per layer (the list index is the layer):
     "k": keys   (B, S_max, G, K)    G key/value heads, K head dim
     "v": values (B, S_max, G, K)
 
-Each is a plain array (bf16 or f32) or, for an FP8 cache, an `mpx.ScaledArray`:
+Each is a plain array (f32, or bf16 held as its uint16 bit patterns) or, for an FP8
+cache, an `mpx.ScaledArray`:
 
-    data:  float8_e4m3fn (B, S_max, G, K)
-    scale: float32       (B, S_max, G, 1)    one scale per (token, head)
+    data:  uint8   (B, S_max, G, K)    the bit patterns of float8_e4m3fn values
+    scale: float32 (B, S_max, G, 1)    one scale per (token, head)
     block: (1, 1, 1, K)
+
+Bit patterns, because XLA on CPU rewrites a whole bf16 or float8 array whenever one
+token is scattered into it, while it writes unsigned integers in place
+(`models.transformer.as_bits`; benchmarks/kv_capacity.py measures it); attention
+reinterprets only the slots it reads.
 
 This module is the serving side's one home for the cache: its kinds, `init`, its size
 and `constrain` (its shardings under a mesh layout). The attention layer
@@ -30,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
+from models.transformer import as_bits
 from mpx import formats
 from mpx import sharding
 from mpx.config import check_choice
@@ -51,9 +58,9 @@ def check_kind(kind: str) -> str:
 
 def _slot(shape: tuple[int, ...], kind: str) -> jax.Array | ScaledArray:
     if kind != "fp8":
-        return jnp.zeros(shape, jnp.bfloat16 if kind == "bf16" else jnp.float32)
+        return as_bits(jnp.zeros(shape, jnp.bfloat16 if kind == "bf16" else jnp.float32))
     fmt = formats.get(FP8_FORMAT)
-    return ScaledArray(jnp.zeros(shape, fmt.dtype), jnp.ones(shape[:-1] + (1,), jnp.float32), fmt,
+    return ScaledArray(as_bits(jnp.zeros(shape, fmt.dtype)), jnp.ones(shape[:-1] + (1,), jnp.float32), fmt,
                        (1,) * (len(shape) - 1) + (shape[-1],))
 
 
