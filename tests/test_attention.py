@@ -99,9 +99,11 @@ def test_softmax_attention_keeps_no_query_by_key_residual():
     (64, 64, "causal")], ids=["split-causal", "padded-causal", "padded-causal-2d", "split-keys",
                               "padded-none", "one-block"])
 def test_query_blocks_give_the_unblocked_values_and_autodiff_gradients(t, block, mask_kind):
-    """Query blocks change no forward value (each block's rows see every key) and the
-    gradients stay within the unblocked bound: causal masks vary along the queries and
-    are split with them, key masks (B, 1, 1, 1, S) are shared, T = 50 is padded."""
+    """Query blocks change no forward value beyond f32 summation order (each block's rows
+    see every key; the CPU's GEMM kernels may sum a 16-row block in another order than 64
+    rows, so bits can differ by an ulp or two) and the gradients stay within the unblocked
+    bound: causal masks vary along the queries and are split with them, key masks
+    (B, 1, 1, 1, S) are shared, T = 50 is padded."""
     q, k, v, mask, d_out = _inputs(t=t)
     if mask_kind == "keys":
         mask = (jnp.arange(t) < t - 5)[None, None, None, None, :]  # the last 5 keys are padding
@@ -111,7 +113,8 @@ def test_query_blocks_give_the_unblocked_values_and_autodiff_gradients(t, block,
     blocked = lambda q, k, v, m, a, b: attention.softmax_attention(q, k, v, m, a, b, query_block=block)  # noqa: E731
     out, got = _value_and_grads(blocked, q, k, v, mask, d_out, F32)
     want_out, want = _value_and_grads(reference_attention, q, k, v, mask, d_out, F32)
-    np.testing.assert_array_equal(out, want_out)
+    out_err = float(jnp.max(jnp.abs(out - want_out)) / jnp.max(jnp.abs(want_out)))
+    assert out_err <= 4 * F32_EPS, f"output: relative error {out_err:.2e}"
     for name, g, w in zip("qkv", got, want):
         err = float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w)))
         assert err <= 8 * F32_EPS, f"d{name}: relative error {err:.2e}"
