@@ -189,3 +189,16 @@ def test_byte_level_pre_tokenizer_follows_tokenizer_ggml_pre(pre, split, tmp_pat
     # Qwen2's split isolates each digit; llama3's keeps up to 3 digits, GPT-2's a run of them.
     assert tok.encode("12") == ([ord("1"), ord("2")] if split else [256])
     assert tok.encode("a<|x|>b<|u|>") == [ord("a"), 257, ord("b"), 258]  # control and user-defined tokens whole
+
+
+@pytest.mark.parametrize("heads", [0, -2, True, "4"])
+def test_gemma3_extras_leave_bad_sizes_to_the_config_checks(heads):
+    # No division by a head count of 0: the config check names the key instead.
+    class NoMetadata:
+        def get(self, key, default=None):
+            return default
+
+    from store.gguf import model as gguf_model
+    cfg = {"hidden_size": 64, "num_attention_heads": heads, "num_hidden_layers": 2}
+    assert gguf_model._gemma3(NoMetadata(), cfg) == {}
+    assert gguf_model._gemma3(NoMetadata(), {**cfg, "num_attention_heads": 2})["head_dim"] == 32

@@ -103,11 +103,18 @@ def hf_config(file: GGUFFile) -> dict:
 
 
 def _gemma3(file: GGUFFile, cfg: dict) -> dict:
-    """Gemma 3's extra config.json keys (what transformers' Gemma3TextConfig needs)."""
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    """Gemma 3's extra config.json keys (what transformers' Gemma3TextConfig needs).
+
+    Sizes that are not positive integers are passed on as they are, so that
+    `store.hf.config.to_model_config` names them (a head count of 0 is not divided by).
+    """
+    sizes = [cfg.get(k) for k in ("hidden_size", "num_attention_heads", "num_hidden_layers")]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+        return {}
+    head_dim = cfg.get("head_dim") or sizes[0] // sizes[1]
     window = file.get("gemma3.attention.sliding_window")
     # llama.cpp's Gemma 3: every 6th layer global; local layers use RoPE base 10000.
-    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(cfg["num_hidden_layers"])]
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(sizes[2])]
     return {"head_dim": head_dim, "sliding_window": window, "layer_types": types, "rope_local_base_freq": 10000.0,
             "query_pre_attn_scalar": head_dim, "hidden_activation": "gelu_pytorch_tanh",
             "rope_theta": cfg.get("rope_theta", 1000000.0), "final_logit_softcapping": None,
