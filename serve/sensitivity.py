@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
@@ -115,7 +114,7 @@ def policy_loss(config, variables, batches) -> callable:
 
 
 def _pct(nats: float) -> str:
-    return f"{100 * math.expm1(nats):+.3f}"
+    return f"{auto_lib.ppl_change_pct(nats):+.3f}"
 
 
 def _stat_cells(s: dict) -> list[str]:

@@ -33,16 +33,15 @@ monotone in prefix length cannot push it over. At most `max_measurements` polici
 measured (default ceil(log2(moves + 1)) + 4); every one is kept in
 `SearchResult.rounds` with its predicted and measured increase and FP8 share.
 
-The policy's rules group layers: paths "<prefix><i><suffix>" ("layers_12/mlp/up") with
-the same candidate become one regex rule per set of consecutive indices
-("re:layers_([0-9]|1[0-5])/(mlp/up|mlp/gate)").
+The policy's rules group layers with the same candidate (`mpx.policy.patterns`): paths
+"<prefix><i><suffix>" ("layers_12/mlp/up") become one regex rule per set of consecutive
+indices ("re:layers_([0-9]|1[0-5])/(mlp/up|mlp/gate)").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -52,6 +51,7 @@ import numpy as np
 
 from mpx.config import check_choice
 from mpx.policy.presets import preset
+from mpx.policy.patterns import group_patterns, index_regex  # noqa: F401 (index_regex: public here too)
 from mpx.policy.rules import Policy, Rule
 
 OBJECTIVES = ("bytes", "fp8-flops")
@@ -82,11 +82,11 @@ class Round:
 
     @property
     def predicted_ppl_change_pct(self) -> float:
-        return 100 * math.expm1(self.predicted_nats)
+        return ppl_change_pct(self.predicted_nats)
 
     @property
     def measured_ppl_change_pct(self) -> float | None:
-        return None if self.measured_nats is None else 100 * math.expm1(self.measured_nats)
+        return ppl_change_pct(self.measured_nats)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "moves": self.moves, "predicted_ppl_change_pct": self.predicted_ppl_change_pct,
@@ -133,11 +133,17 @@ class SearchResult:
 
     @property
     def predicted_ppl_change_pct(self) -> float:
-        return 100 * math.expm1(self.predicted_nats)
+        return ppl_change_pct(self.predicted_nats)
 
     @property
     def measured_ppl_change_pct(self) -> float | None:
-        return None if self.measured_nats is None else 100 * math.expm1(self.measured_nats)
+        return ppl_change_pct(self.measured_nats)
+
+
+def ppl_change_pct(nats: float | None) -> float | None:
+    """The perplexity change in percent of a loss increase in nats (None stays None);
+    the inverse of `budget_nats`."""
+    return None if nats is None else 100 * math.expm1(nats)
 
 
 def budget_nats(budget_pct: float) -> float:
@@ -449,66 +455,3 @@ def _rule(pattern: str, cand: Any) -> Rule:
     if cand.recipe is not None:
         return Rule(pattern, recipe=cand.recipe)
     return Rule(pattern, compute_dtype=cand.compute, recipe=None)
-
-
-_INDEXED = re.compile(r"^(.*?)(\d+)(/.*)?$")
-
-
-def group_patterns(paths: Sequence[str]) -> list[str]:
-    """Few rule patterns matching exactly `paths` (first by prefix, then by index set).
-
-    "layers_3/mlp/up", "layers_4/mlp/up", "layers_3/mlp/gate", "layers_4/mlp/gate" ->
-    ["re:layers_([3-4])/(mlp/up|mlp/gate)"]; a single layer, or a path without an index,
-    is anchored as is ("/layers_9/attn/q_proj", "/lm_head").
-    """
-    by_suffix: dict[tuple[str, str], list[int]] = {}
-    plain = []
-    for path in paths:
-        match = _INDEXED.match(path)
-        if match is None:
-            plain.append("/" + path)
-            continue
-        by_suffix.setdefault((match.group(1), match.group(3) or ""), []).append(int(match.group(2)))
-    merged: dict[tuple[str, tuple[int, ...], bool], list[str]] = {}
-    for (prefix, suffix), indices in by_suffix.items():  # an empty suffix never shares an alternation
-        merged.setdefault((prefix, tuple(sorted(set(indices))), suffix == ""), []).append(suffix)
-    patterns = [_pattern(prefix, indices, suffixes)
-                for (prefix, indices, _), suffixes in sorted(merged.items(), key=lambda kv: (kv[0][1][0], kv[0][0]))]
-    return patterns + plain
-
-
-def _pattern(prefix: str, indices: tuple[int, ...], suffixes: list[str]) -> str:
-    if len(indices) == 1 and len(suffixes) == 1:  # one layer: its own anchored path
-        return f"/{prefix}{indices[0]}{suffixes[0]}"
-    return f"re:{re.escape(prefix)}({index_regex(indices)}){_alternatives(suffixes)}"
-
-
-def _alternatives(suffixes: list[str]) -> str:
-    if len(suffixes) == 1:
-        return re.escape(suffixes[0])
-    return "/(" + "|".join(re.escape(s.lstrip("/")) for s in suffixes) + ")"
-
-
-def index_regex(indices: Sequence[int]) -> str:
-    """A regex alternation matching exactly the decimal `indices`, runs as digit ranges.
-
-    [0..15] -> "[0-9]|1[0-5]"; [3, 7, 8] -> "3|[7-8]".
-    """
-    parts = []
-    for lo, hi in _runs(sorted(set(indices))):
-        while lo <= hi:
-            top = min(hi, lo - lo % 10 + 9)  # the end of lo's decade
-            head = str(lo // 10) if lo >= 10 else ""
-            parts.append(f"{head}{lo % 10}" if lo == top else f"{head}[{lo % 10}-{top % 10}]")
-            lo = top + 1
-    return "|".join(parts)
-
-
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for v in values:
-        if runs and v == runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], v)
-        else:
-            runs.append((v, v))
-    return runs
