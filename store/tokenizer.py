@@ -237,7 +237,7 @@ def _template(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer uses)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -255,7 +255,7 @@ def byte_tokenizer_json() -> str:
     """tokenizer.json of mpx's byte tokenizer (token id = UTF-8 byte), for export."""
     import tokenizers
 
-    vocab = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
     tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = tokenizers.decoders.ByteLevel()

@@ -179,7 +179,7 @@ def test_a_tensor_of_an_unsupported_type_is_refused(tmp_path):
 
 @pytest.mark.parametrize("pre, split", [("qwen2", True), ("llama-bpe", False), (None, False)])
 def test_byte_level_pre_tokenizer_follows_tokenizer_ggml_pre(pre, split, tmp_path):
-    spelling = tokenizer_lib._bytes_to_unicode()
+    spelling = tokenizer_lib.bytes_to_unicode()
     tokens = [spelling[b] for b in range(256)] + ["12", "<|x|>", "<|u|>"]
     meta = dict(tokenizer_model="gpt2", token_list=tokens, token_merges=["1 2"],
                 token_types=[1] * 257 + [3, 4], embedding_length=8, block_count=1, head_count=2,

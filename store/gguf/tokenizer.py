@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from store import tokenizer as tokenizer_lib
 from store.gguf.reader import GGUFError, GGUFFile
 
 MODELS = ("llama", "gpt2")
@@ -89,12 +90,6 @@ def recovered_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tu
     return [(a, b) for a, b, _ in merges]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    from store.tokenizer import _bytes_to_unicode
-
-    return _bytes_to_unicode()
-
-
 def _sentencepiece(file: GGUFFile, tokens: list[str]):
     import tokenizers
     from tokenizers import decoders, normalizers, pre_tokenizers
@@ -126,7 +121,7 @@ def _byte_level(file: GGUFFile, tokens: list[str]):
     import tokenizers
     from tokenizers import Regex, decoders, pre_tokenizers
 
-    spelling = _bytes_to_unicode()
+    spelling = tokenizer_lib.bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
              for i, t in enumerate(tokens)}
@@ -177,7 +172,7 @@ def build(file: GGUFFile):
     tokens = _tokens(file)
     byte_level = file.get("tokenizer.ggml.model") == "gpt2"
     tok = (_byte_level if byte_level else _sentencepiece)(file, tokens)
-    alphabet = set(_bytes_to_unicode().values())
+    alphabet = set(tokenizer_lib.bytes_to_unicode().values())
     types = list(file.get("tokenizer.ggml.token_type") or [])
     specials = dict.fromkeys(special_tokens(file).values())
     specials.update(dict.fromkeys(t for t, k in zip(tokens, types)
