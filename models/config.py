@@ -8,12 +8,12 @@ import numbers
 from typing import Any
 
 from mpx import config as config_io
+from mpx.activations import ACTIVATIONS
 
 ROPE_SCALINGS = ("none", "linear", "llama3")
 REMATS = ("none", "full", "non_fp8")
 # Hugging Face's names for what a layer's attention sees (Gemma 3's `layer_types`).
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ACTIVATIONS = ("silu", "gelu_tanh")  # the gated FFN's: SwiGLU, GeGLU (tanh-approximated GELU)
 EMBED_SCALE_DTYPES = ("float32", "embedding")
 
 
