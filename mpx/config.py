@@ -330,9 +330,8 @@ def read_tree(path: str | Path, replaces_whole: Callable[[str, Any], bool] = _ne
     if parent is None:
         base, origins = {}, {}
     elif isinstance(parent, str):
-        beside = path.parent / parent  # relative to the file; else configs/... as `locate` finds it
-        base, origins = read_tree(beside if beside.exists() else locate(parent), replaces_whole,
-                                  (*chain, path.resolve()))
+        beside = path.parent / parent  # relative to the file; else configs/... (read_tree locates it)
+        base, origins = read_tree(beside if beside.exists() else parent, replaces_whole, (*chain, path.resolve()))
     else:
         raise ConfigError(f"{path}: extends must be a path string, got {parent!r}", "extends")
     merge(base, raw, origins, str(path), replaces_whole)

@@ -10,15 +10,13 @@ checkpoint stored, and the policy decides what each layer computes in.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax.numpy as jnp
 
 import mpx
 from models.config import ModelConfig
-from store import gguf as gguf_lib
-from store.hf.config import HFError, read_json, to_model_config
-from store.hf.load import load
+from store.hf.config import HFError
+from store.hf.load import load, read_config
 
 
 def resolve_init_from(config: ModelConfig) -> ModelConfig:
@@ -31,12 +29,8 @@ def resolve_init_from(config: ModelConfig) -> ModelConfig:
     """
     if not config.init_from:
         return config
-    if gguf_lib.is_gguf(config.init_from):  # a GGUF file: its metadata is the config
-        shape = to_model_config(gguf_lib.read_hf_config(config.init_from), config.max_seq_len, config.init_from)
-    else:
-        file = Path(config.init_from) / "config.json"
-        hf_config = read_json(file, "model.init_from needs a Hugging Face directory")
-        shape = to_model_config(hf_config, config.max_seq_len, str(file))
+    shape = read_config(config.init_from, config.max_seq_len,
+                        need="model.init_from needs a Hugging Face directory or a GGUF file")
     return dataclasses.replace(shape, remat=config.remat, init_from=config.init_from)
 
 

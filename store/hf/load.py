@@ -162,8 +162,15 @@ def _optional_json(path: Path) -> dict:
     return read_json(path, "") if path.is_file() else {}
 
 
-def read_config(path: str | Path, max_seq_len: int | None = None) -> ModelConfig:
-    """The `ModelConfig` of a Hugging Face directory's config.json (no weights read).
+def read_config(path: str | Path, max_seq_len: int | None = None,
+                need: str = "a Hugging Face model directory needs one") -> ModelConfig:
+    """The `ModelConfig` of a Hugging Face directory's config.json, or of a GGUF file's
+    metadata (no weights read).
+
+    Args:
+      path: the directory or GGUF file.
+      max_seq_len: as in `load`.
+      need: what a missing config.json error says the caller needed.
 
     Raises:
       HFError: no such directory, no config.json, an unsupported architecture.
@@ -174,7 +181,7 @@ def read_config(path: str | Path, max_seq_len: int | None = None) -> ModelConfig
     if not path.is_dir():
         raise HFError(f"{path}: no such model directory")
     file = path / "config.json"
-    return to_model_config(read_json(file, "a Hugging Face model directory needs one"), max_seq_len, str(file))
+    return to_model_config(read_json(file, need), max_seq_len, str(file))
 
 
 def load(path: str | Path, convert: Convert | None = None, *, max_seq_len: int | None = None,
