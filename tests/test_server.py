@@ -301,9 +301,17 @@ def test_a_full_queue_gets_429(url, service):
     assert batching.wait_idle(service.batcher, 30)
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service, monkeypatch):
+    slots = service.batcher.slots
+    decode = slots.decode
+
+    def slow_decode(*args):  # 480 steps take seconds however fast the machine decodes
+        time.sleep(0.02)
+        return decode(*args)
+
+    monkeypatch.setattr(slots, "decode", slow_decode)
     cancelled = service.batcher.finished["cancelled"]
-    body = {"prompt": "a long story", "max_tokens": 480, "temperature": 0, "stream": True}  # seconds of work
+    body = {"prompt": "a long story", "max_tokens": 480, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
         next(line for line in response.iter_lines() if line.startswith("data: {"))
         assert service.batcher.busy() == 1
