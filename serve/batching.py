@@ -17,6 +17,12 @@ The loop, one iteration at a time:
 3. run one decode call for all slots (`steps` tokens each), hand each running request
    its new tokens, and free the slots of requests that are finished or cancelled.
 
+Log-probabilities. A request with `logprobs` set gets, with each new token, its
+log-probability and the `logprobs` most likely alternatives (`TokenLogprob`); with
+`prompt_logprobs` also those of every prompt token after the first, in one
+`PromptLogprobs` event before its first text (`serve.slots` computes them in the same
+compiled steps). Such a request may have max_tokens 0: it scores its prompt only.
+
 A request finishes at `max_tokens` ("length"), at the end of its slot's context
 ("length"), at an end-of-sequence id or a stop string ("stop"), or when a drain's grace
 runs out ("shutdown": `drain` refuses new requests, lets those in flight run for its
@@ -31,6 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -49,22 +56,44 @@ class Draining(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the most likely tokens' at its
+    position ((id, log-probability) pairs, descending)."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class TextDelta:
-    """New text of a request and the new token ids behind it. The text may be empty
-    while a multi-byte character or a possible stop string is held back, and the ids
-    empty when held-back text is released at the end."""
+    """New text of a request and the new token ids behind it (with their
+    `TokenLogprob`s when the request asked for them). The text may be empty while a
+    multi-byte character or a possible stop string is held back, and the ids empty when
+    held-back text is released at the end."""
 
     text: str
     ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's log-probabilities: None for its first token (nothing precedes it),
+    then one `TokenLogprob` per prompt token."""
+
+    entries: tuple[TokenLogprob | None, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Finished:
-    """The end of a request: reason "stop", "length", "cancelled" or "shutdown"; token counts."""
+    """The end of a request: reason "stop", "length", "cancelled", "shutdown" or "error"
+    (a step failed: `error` says how); token counts."""
 
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None
 
 
 @dataclasses.dataclass
@@ -79,6 +108,9 @@ class Request:
       seed: the random stream's seed.
       stop: strings that end the text (excluded from it).
       stop_ids: token ids that end the generation (excluded from the text).
+      logprobs: alternatives reported with each token's log-probability (0 ..
+        `serve.slots.MAX_LOGPROBS`); None: no log-probabilities.
+      prompt_logprobs: also report the prompt tokens' (needs `logprobs`).
     """
 
     prompt: Sequence[int]
@@ -90,6 +122,8 @@ class Request:
     seed: int = 0
     stop: Sequence[str] = ()
     stop_ids: Sequence[int] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -139,6 +173,16 @@ class _Running:
         self.limit = min(request.max_tokens, context - len(request.prompt))
         self.last = 0  # the latest new token, fed to the next decode step
         self.order = order  # admission order: the oldest prefills first
+        self.prompt_logprobs: list[TokenLogprob | None] = [None]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.request.logprobs is not None
+
+    def targets(self, start: int, size: int) -> list[int]:
+        """Per chunk token, the token whose log-probability is wanted after it."""
+        prompt = self.request.prompt
+        return [prompt[i + 1] if i + 1 < len(prompt) else slots_lib.SAMPLED for i in range(start, start + size)]
 
     @property
     def decoding(self) -> bool:
@@ -174,6 +218,7 @@ class Batcher:
         self._ids = itertools.count()
         self.steps_run = collections.Counter()  # "prefill" / "decode" calls, for tests and logs
         self.finished = collections.Counter()  # requests by finish reason
+        self.errors: list[str] = []  # steps that failed (their requests finished with "error")
 
     # ---------------------------------------------------------------- caller side
 
@@ -183,10 +228,14 @@ class Batcher:
         Raises:
           Draining: `drain` was called.
           QueueFull: every slot is taken and `max_queue` requests are already waiting.
-          ValueError: an empty prompt, one that leaves no room in the context, or
-            max_tokens < 1.
+          ValueError: an empty prompt, one that leaves no room in the context,
+            max_tokens < 1 (0 when it scores its prompt), or logprobs out of range.
         """
-        self.check(request.prompt, request.max_tokens)
+        self.check(request.prompt, request.max_tokens, request.prompt_logprobs)
+        if request.logprobs is not None and not 0 <= request.logprobs <= slots_lib.MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {slots_lib.MAX_LOGPROBS}]; got {request.logprobs}")
+        if request.prompt_logprobs and request.logprobs is None:
+            raise ValueError("prompt_logprobs needs logprobs (how many alternatives per token)")
         if self._deadline is not None:
             raise Draining("the server is shutting down; retry on another server")
         with self._lock:
@@ -198,16 +247,17 @@ class Batcher:
         self._wake.set()
         return request
 
-    def check(self, prompt: Sequence[int], max_tokens: int) -> None:
-        """Raises ValueError if a request with this prompt and max_tokens cannot run."""
+    def check(self, prompt: Sequence[int], max_tokens: int, scoring: bool = False) -> None:
+        """Raises ValueError if a request with this prompt and max_tokens cannot run
+        (`scoring`: it reports its prompt's log-probabilities, so max_tokens may be 0)."""
         context = self.slots.max_seq_len
         if len(prompt) == 0:
             raise ValueError("the prompt is empty; give at least one token of text")
         if len(prompt) >= context:
             raise ValueError(f"the prompt has {len(prompt)} tokens but the context is {context} tokens; "
                              f"shorten it to at most {context - 1}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1; got {max_tokens}")
+        if max_tokens < (0 if scoring else 1):
+            raise ValueError(f"max_tokens must be >= {0 if scoring else 1}; got {max_tokens}")
 
     def busy(self) -> int:
         """Requests waiting or running."""
@@ -250,9 +300,21 @@ class Batcher:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            self._prefill_some()
-            self._decode_all()
+            try:
+                self._prefill_some()
+                self._decode_all()
+            except Exception as err:  # noqa: BLE001 - a failed step ends its requests, not the engine
+                self._fail(err)
         self._end_all("cancelled")
+
+    def _fail(self, err: Exception) -> None:
+        """Ends the running requests with reason "error" (the error is kept in `errors`
+        and printed) and gives the slots a fresh cache if the failed call consumed it."""
+        self.errors.append(f"{type(err).__name__}: {err}")
+        print(f"mpx engine: a step failed, its requests end with an error: {self.errors[-1]}", file=sys.stderr)
+        for run in list(self._running.values()):
+            self._finish(run, "error", flush=False, error=self.errors[-1])
+        self.slots.recover()
 
     def _end_all(self, reason: str) -> None:
         """Finishes every running and waiting request with `reason`."""
@@ -284,13 +346,23 @@ class Batcher:
         if not batch:
             return
         chunks = [r.request.prompt[r.prefilled:r.prefilled + self.slots.prefill_chunk] for r in batch]
-        firsts = self.slots.prefill([r.slot for r in batch], chunks, [r.prefilled for r in batch], self._params(batch))
+        starts = [r.prefilled for r in batch]
+        targets = [r.targets(start, len(chunk)) for r, start, chunk in zip(batch, starts, chunks)] \
+            if any(r.wants_logprobs for r in batch) else None
+        step = self.slots.prefill([r.slot for r in batch], chunks, starts, self._params(batch), targets)
         self.steps_run["prefill"] += 1
         self.steps_run["prefill_chunks"] += len(batch)
-        for run, chunk, first in zip(batch, chunks, firsts):
+        for i, (run, chunk) in enumerate(zip(batch, chunks)):
             run.prefilled += len(chunk)
+            first = int(step.tokens[i])
+            entries = _entries(step.logprobs, i, [first if t == slots_lib.SAMPLED else t for t in targets[i]],
+                               run.request.logprobs) if run.wants_logprobs else []
+            if run.request.prompt_logprobs:
+                run.prompt_logprobs += entries[:len(run.request.prompt) - len(run.prompt_logprobs)]
             if run.decoding:
-                self._accept(run, [first])
+                if run.request.prompt_logprobs:
+                    run.request.on_event(PromptLogprobs(tuple(run.prompt_logprobs)))
+                self._accept(run, [first], entries[-1:])
 
     def _decode_all(self) -> None:
         live = [r for r in self._running.values() if r.decoding]
@@ -300,10 +372,13 @@ class Batcher:
         tokens, positions = np.zeros(size, np.int32), np.full(size, self.slots.idle_position, np.int32)
         for run in live:
             tokens[run.slot], positions[run.slot] = run.last, run.position
-        new = self.slots.decode(tokens, positions, self._params(live, rows=size))
+        step = self.slots.decode(tokens, positions, self._params(live, rows=size),
+                                 want_logprobs=any(r.wants_logprobs for r in live))
         self.steps_run["decode"] += 1
         for run in live:
-            self._accept(run, [int(t) for t in new[run.slot]])
+            new = [int(t) for t in step.tokens[run.slot]]
+            entries = _entries(step.logprobs, run.slot, new, run.request.logprobs) if run.wants_logprobs else []
+            self._accept(run, new, entries)
 
     def _params(self, runs: list[_Running], rows: int | None = None) -> slots_lib.RowParams:
         """Sampling parameters: one row per run, or `rows` rows indexed by slot."""
@@ -314,8 +389,9 @@ class Batcher:
             params.seed[row], params.counter[row] = req.seed & 0xFFFFFFFF, run.generated
         return params
 
-    def _accept(self, run: _Running, new: list[int]) -> None:
-        """Hands a run its new tokens (as many as it may take); finishes it if done."""
+    def _accept(self, run: _Running, new: list[int], logprobs: Sequence[TokenLogprob] = ()) -> None:
+        """Hands a run its new tokens (as many as it may take) and their log-probabilities;
+        finishes it if done."""
         new = new[:run.limit - run.generated]
         stop_ids = set(self.stop_ids) | set(run.request.stop_ids)
         ended = next((i for i, t in enumerate(new) if t in stop_ids), None)
@@ -326,7 +402,7 @@ class Batcher:
             run.last = new[-1]
         text, stopped = run.text.push(new)
         if text or new:
-            run.request.on_event(TextDelta(text, tuple(new)))
+            run.request.on_event(TextDelta(text, tuple(new), tuple(logprobs[:len(new)])))
         if stopped:
             self._finish(run, "stop", flush=False)  # the text ends before the stop string
         elif ended is not None:
@@ -334,7 +410,7 @@ class Batcher:
         elif run.generated >= run.limit:
             self._finish(run, "length")
 
-    def _finish(self, run: _Running, reason: str, flush: bool = True) -> None:
+    def _finish(self, run: _Running, reason: str, flush: bool = True, error: str | None = None) -> None:
         if flush and reason != "cancelled":
             rest = run.text.flush()
             if rest:
@@ -342,7 +418,15 @@ class Batcher:
         with self._lock:
             self._running.pop(run.slot, None)
         self.finished[reason] += 1
-        run.request.on_event(Finished(reason, len(run.request.prompt), run.generated))
+        run.request.on_event(Finished(reason, len(run.request.prompt), run.generated, error))
+
+
+def _entries(logprobs: slots_lib.Logprobs, row: int, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """`TokenLogprob`s of row `row`'s first len(tokens) positions, `top` alternatives each."""
+    count = len(tokens)
+    chosen, ids, values = (np.asarray(x[row, :count]).tolist()
+                           for x in (logprobs.chosen, logprobs.top_ids, logprobs.top))
+    return [TokenLogprob(t, c, tuple(zip(i[:top], v[:top]))) for t, c, i, v in zip(tokens, chosen, ids, values)]
 
 
 def wait_idle(batcher: Batcher, timeout: float) -> bool:

@@ -112,9 +112,21 @@ def _forward(model, kv_cache: str):
     return forward
 
 
-def _nll(logits: jax.Array, targets: np.ndarray) -> float:
+def _target_logprobs(logits: jax.Array, targets) -> jax.Array:
     logp = jax.nn.log_softmax(logits, axis=-1)
-    return float(-jnp.sum(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)))
+    return jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+
+
+def _nll(logits: jax.Array, targets: np.ndarray) -> float:
+    return float(-jnp.sum(_target_logprobs(logits, targets)))
+
+
+def token_logprobs(model, variables, tokens: np.ndarray, kv_cache: str = "fp32") -> np.ndarray:
+    """Each token's log-probability given the ones before it, as evaluation scores text:
+    (B, T - 1) float32 for tokens (B, T), the negated per-token losses."""
+    tokens = np.asarray(tokens)
+    logits = _forward(model, kv_cache)(variables, jnp.asarray(tokens[:, :-1]))
+    return np.asarray(_target_logprobs(logits, tokens[:, 1:]))
 
 
 def _generate(engine: engine_lib.Engine, data: Data, repeats: int = 3) -> tuple[list[list[int]], float]:

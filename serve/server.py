@@ -5,10 +5,15 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's Hugging Face
 chat template via `store.chat`, or the plain fallback of `serve.server_api`), GET
-/v1/models, GET /health. With "stream": true the reply is server-sent events in OpenAI's chunk format ending with
-`data: [DONE]`; without it, one JSON object with usage. Parameters: max_tokens,
-temperature, top_p, top_k (an extension; 0 = off), seed, stop (string or list), n = 1.
-max_tokens past the context is capped there (finish_reason "length").
+/v1/models, GET /health, and vLLM's tokenizer endpoints (POST /tokenize, POST
+/detokenize, GET /tokenizer_info: what lm-evaluation-harness's `local-completions`
+uses to tokenize as the server does). With "stream": true the reply is server-sent
+events in OpenAI's chunk format ending with `data: [DONE]`; without it, one JSON object
+with usage. Parameters: max_tokens, temperature, top_p, top_k (an extension; 0 = off),
+seed, stop (string or list), n = 1; for completions also a batch of prompts (text or
+token ids), logprobs, echo and max_tokens 0 (scoring the prompt), for chat logprobs and
+top_logprobs (`serve.server_api`). max_tokens past the context is capped there
+(finish_reason "length"). Requests and responses: `serve.responses`.
 
 FastAPI routes on uvicorn; one engine thread (`serve.batching.Batcher`) owns the model
 and batches requests continuously (`serve.slots`); each request's events reach its
@@ -33,12 +38,10 @@ FP8 and how, instead of `--precision`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -48,13 +51,14 @@ from typing import Callable
 import fastapi
 import uvicorn
 from absl import logging as absl_logging
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from mpx import config as config_io
 from serve import batching
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
+from serve import responses
 from serve import server_api as api
 from serve import slots as slots_lib
 from serve import sources
@@ -124,6 +128,23 @@ def create_app(service: Service) -> fastapi.FastAPI:
         params = api.parse_chat(await _json(request), service.render_chat, service.chat_stops)
         return await _respond(service, params, chat=True)
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenizer_card(service)
+
+    @app.post("/tokenize")
+    async def tokenize(request: fastapi.Request):
+        body = api.parse_tokenize(await _json(request))
+        text, special = body["prompt"], body["add_special_tokens"]
+        tok = service.tokenizer
+        ids = getattr(tok, "encode_prompt", tok.encode)(text) if special else tok.encode(text)
+        return {"count": len(ids), "max_model_len": service.batcher.slots.max_seq_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: fastapi.Request):
+        ids = api.parse_detokenize(await _json(request))
+        return {"prompt": service.tokenizer.decode(responses.prompt_ids(service, tuple(ids), chat=False))}
+
     return app
 
 
@@ -145,6 +166,18 @@ async def _json(request: fastapi.Request):
         raise api.ApiError(f"the request body is not valid JSON: {err}", None, code="invalid_json") from None
 
 
+def tokenizer_card(service: Service) -> dict:
+    """What GET /tokenizer_info says (vLLM's fields that lm-evaluation-harness's remote
+    tokenizer reads: the end and start tokens as text, the chat template)."""
+    tok = service.tokenizer
+    specials = dict(getattr(tok, "special_tokens", {}))
+    stops = list(getattr(tok, "stop_ids", []) or [])
+    eos = tok.decode(stops[:1]) if stops else specials.get("eos_token")
+    return {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size, "eos_token": eos,
+            "bos_token": specials.get("bos_token"), "pad_token": specials.get("pad_token"),
+            "chat_template": getattr(tok, "chat_template", None), "model_max_length": service.batcher.slots.max_seq_len}
+
+
 def check_model(service: Service, name: str | None) -> None:
     """Raises ApiError (HTTP 404, OpenAI's `model_not_found`) unless `name` is None or
     the model this server serves."""
@@ -153,99 +186,12 @@ def check_model(service: Service, name: str | None) -> None:
                            "(GET /v1/models)", "model", status=404, code="model_not_found")
 
 
-def _submit(service: Service, params: api.Params, chat: bool) -> tuple[batching.Request, asyncio.Queue]:
-    """Queues the request; its events arrive on the returned asyncio queue."""
-    check_model(service, params.model)
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-    def on_event(event):
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-    tok = service.tokenizer  # a chat template writes its own BOS; a raw prompt gets the tokenizer's
-    ids = tok.encode(params.prompt) if chat else getattr(tok, "encode_prompt", tok.encode)(params.prompt)
-    seed = secrets.randbits(32) if params.seed is None else params.seed
-    request = batching.Request(ids, params.max_tokens, on_event, temperature=params.temperature,
-                               top_k=params.top_k, top_p=params.top_p, seed=seed, stop=params.stop)
-    try:
-        service.batcher.submit(request)
-    except batching.Draining as err:
-        raise api.ApiError(str(err), None, status=503, kind="server_error", code="shutting_down") from None
-    except batching.QueueFull as err:
-        raise api.ApiError(str(err), None, status=429, kind="rate_limit_error", code="rate_limit_exceeded") from None
-    except ValueError as err:  # an empty prompt or one that fills the context
-        code = "context_length_exceeded" if ids else "invalid_value"
-        raise api.ApiError(str(err), "messages" if chat else "prompt", code=code) from None
-    return request, events
-
-
 async def _respond(service: Service, params: api.Params, chat: bool):
-    request, events = _submit(service, params, chat)
+    check_model(service, params.model)
     rid = api.new_id("chatcmpl" if chat else "cmpl")
     if params.stream:
-        return _EventStream(_sse(service, params, chat, rid, events), request)
-    try:
-        pieces, end = [], None
-        while end is None:
-            event = await events.get()
-            if isinstance(event, batching.Finished):
-                end = event
-            else:
-                pieces.append(event.text)
-    finally:
-        request.cancel()  # a no-op once finished; frees the slot if this handler was cancelled
-    body = api.chat_body if chat else api.completion_body
-    return body(rid, service.model_name, "".join(pieces), end.reason,
-                api.usage(end.prompt_tokens, end.completion_tokens))
-
-
-class _EventStream(StreamingResponse):
-    """Server-sent events that cancel their request however the response ends.
-
-    When the client goes away, the ASGI server's next send fails and Starlette stops
-    iterating the stream without closing it; the generator's own `finally` then runs
-    only when it is garbage-collected, so the slot is freed here instead.
-    """
-
-    def __init__(self, content, request: batching.Request):
-        super().__init__(content, media_type="text/event-stream")
-        self.request = request
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.request.cancel()
-
-
-def _sse_line(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-def _chunk(chat: bool, rid: str, model: str, text: str, reason: str | None = None, use: dict | None = None) -> str:
-    """One SSE line: new text, or the finish reason, or the usage."""
-    if chat:
-        delta = {"content": text} if reason is None and use is None else {}
-        return _sse_line(api.chat_chunk(rid, model, delta, reason, use))
-    return _sse_line(api.completion_chunk(rid, model, text, reason, use))
-
-
-async def _sse(service: Service, params: api.Params, chat: bool, rid: str, events: asyncio.Queue):
-    """The event stream of one request (`_EventStream` cancels it if the client goes away)."""
-    name = service.model_name
-    if chat:
-        yield _sse_line(api.chat_chunk(rid, name, {"role": "assistant", "content": ""}))
-    while True:
-        event = await events.get()
-        if isinstance(event, batching.TextDelta):
-            if event.text:
-                yield _chunk(chat, rid, name, event.text)
-            continue
-        yield _chunk(chat, rid, name, "", event.reason)
-        if params.include_usage:
-            yield _chunk(chat, rid, name, "", use=api.usage(event.prompt_tokens, event.completion_tokens))
-        yield "data: [DONE]\n\n"
-        return
+        return responses.stream(service, params, chat, rid)
+    return await responses.whole(service, params, chat, rid)
 
 
 # --------------------------------------------------------------------------- command line

@@ -1,8 +1,8 @@
 """A slot-based KV cache and its compiled steps, for continuous batching.
 
     slots = SlotModel(model, variables, max_batch=16, kv_cache="bf16")
-    firsts = slots.prefill([3, 5], [prompt_a[0:64], prompt_b], [0, 0], params)   # a token per row
-    new = slots.decode(tokens, positions, params)       # (max_batch, steps) ids
+    firsts = slots.prefill([3, 5], [prompt_a[0:64], prompt_b], [0, 0], params).tokens  # a token per row
+    new = slots.decode(tokens, positions, params).tokens   # (max_batch, steps) ids
 
 The cache holds `max_batch` rows ("slots") of `max_seq_len` positions each. A request
 owns one slot from its first prefill chunk to its last token; every slot has its own
@@ -42,6 +42,14 @@ compilations; tests check it).
 Sampling is per row inside the compiled step: temperature (0 = greedy), top-k (0 = off)
 and top-p arrays of shape (B,), and a key per row from the request's seed folded with
 the index of the token, so a request samples the same tokens whatever else runs.
+
+Log-probabilities. Asked for (`want_logprobs`), a call also returns `Logprobs`: the
+log-softmax of the model's logits (after `logit_scale`, before temperature, top-k and
+top-p: the model's own distribution, as OpenAI and vLLM report it) at each token it fed,
+of the token that follows (the next prompt token given in `targets`, or the one
+sampled), with the `MAX_LOGPROBS` most likely tokens. They are computed in a
+`lax.cond` branch of the same compiled step, so asking costs no compilation and not
+asking costs nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ from serve.engine import bucket
 Array = jax.Array
 MIN_CHUNK = 8
 MIN_SPAN = 256  # cache positions attended at least: few spans to compile, little extra work
+MAX_LOGPROBS = 5  # most likely tokens reported per position (OpenAI's limit for completions)
+SAMPLED = -1  # a target meaning "the token this call samples"
 
 
 @jax.tree_util.register_dataclass
@@ -88,6 +98,53 @@ class RowParams:
         """Greedy parameters for `rows` rows, as numpy arrays to be set row by row."""
         return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
                    np.zeros(rows, np.uint32), np.zeros(rows, np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities of one call (see the module docstring), numpy arrays.
+
+    Attributes:
+      chosen: (rows, positions) float32, of each position's following token.
+      top: (rows, positions, k) float32, the k most likely tokens', descending
+        (k = min(MAX_LOGPROBS, vocabulary)).
+      top_ids: (rows, positions, k) int32, those tokens.
+    """
+
+    chosen: np.ndarray
+    top: np.ndarray
+    top_ids: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What a call returns: token ids, and `Logprobs` when they were asked for."""
+
+    tokens: np.ndarray
+    logprobs: Logprobs | None = None
+
+
+def logprobs_of(logits: Array, targets: Array, want: Array) -> tuple[Array, Array, Array]:
+    """(chosen, top, top_ids) of `targets` under log_softmax(logits) when `want`, zeros else.
+
+    Args:
+      logits: (..., V) float.
+      targets: (...) int ids.
+      want: a boolean scalar (traced): the branch not taken does not run.
+    """
+    k = min(MAX_LOGPROBS, logits.shape[-1])
+
+    def compute(operands):
+        logits, targets = operands
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top, ids = lax.top_k(logp, k)
+        return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], top, ids.astype(jnp.int32)
+
+    def skip(operands):
+        shape = operands[1].shape
+        return jnp.zeros(shape, jnp.float32), jnp.zeros((*shape, k), jnp.float32), jnp.zeros((*shape, k), jnp.int32)
+
+    return lax.cond(want, compute, skip, (logits, targets))
 
 
 def sample_rows(logits: Array, params: RowParams) -> Array:
@@ -160,7 +217,8 @@ class SlotModel:
         self.sample = sample_rows if sample is None else sample
         # Powers of two, so that no row or span bucket is cut at max_batch or max_seq_len.
         self.rows, self.length = bucket(max_batch, minimum=1), bucket(self.max_seq_len, minimum=min_span)
-        self.cache = kv_cache_lib.init(model.config, self.rows, kv_cache_lib.check_kind(kv_cache), self.length)
+        self.kv_cache = kv_cache_lib.check_kind(kv_cache)
+        self.cache = kv_cache_lib.init(model.config, self.rows, self.kv_cache, self.length)
         self.traces: collections.Counter = collections.Counter()
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,), static_argnames=("span",))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("span",))
@@ -193,37 +251,39 @@ class SlotModel:
 
     # ---------------------------------------------------------------- compiled steps
 
-    def _sample(self, logits: Array, params: RowParams) -> Array:
-        return self.sample(sampling.scale_logits(logits, self.logit_scale), params)
-
-    def _prefill_fn(self, variables, cache, slots, tokens, starts, lasts, params, span):
-        """tokens (P, C) at positions starts.. into `slots` (P,); samples after `lasts` (P,)."""
+    def _prefill_fn(self, variables, cache, slots, tokens, starts, lasts, params, targets, want, span):
+        """tokens (P, C) at positions starts.. into `slots` (P,); samples after `lasts` (P,);
+        log-probabilities of `targets` (P, C) when `want`."""
         self.traces["prefill"] += 1
         positions = jnp.minimum(starts[:, None] + jnp.arange(tokens.shape[1]), self.idle_position)  # (P, C)
         logits, aux = self.model.apply(variables, tokens, positions, cache, cache_len=span, cache_rows=slots)
+        logits = sampling.scale_logits(logits, self.logit_scale)
         last = jnp.take_along_axis(logits, lasts[:, None, None], axis=1)[:, 0]  # (P, V)
-        return self._sample(last, params), aux["cache"]
+        new = self.sample(last, params)
+        logprobs = logprobs_of(logits, jnp.where(targets == SAMPLED, new[:, None], targets), want)
+        return new, logprobs, aux["cache"]
 
-    def _decode_fn(self, variables, cache, tokens, positions, params, span):
+    def _decode_fn(self, variables, cache, tokens, positions, params, want, span):
         """`steps` tokens for each of the first R slots: feeds tokens (R,) at positions
-        (R,), samples the next; attends over the first `span` positions."""
+        (R,), samples the next (and its log-probabilities when `want`); attends over the
+        first `span` positions."""
         self.traces["decode"] += 1
 
         def step(carry, i):
             cache, tokens = carry
             pos = jnp.minimum(positions + i, self.idle_position)[:, None]
             logits, aux = self.model.apply(variables, tokens[:, None], pos, cache, cache_len=span)
-            row = dataclasses.replace(params, counter=params.counter + i)
-            new = self._sample(logits[:, 0], row)
-            return (aux["cache"], new), new
+            logits = sampling.scale_logits(logits[:, 0], self.logit_scale)
+            new = self.sample(logits, dataclasses.replace(params, counter=params.counter + i))
+            return (aux["cache"], new), (new, logprobs_of(logits, new, want))
 
-        (cache, _), out = lax.scan(step, (cache, tokens), jnp.arange(self.steps))
-        return out.T, cache  # (R, steps)
+        (cache, _), (out, logprobs) = lax.scan(step, (cache, tokens), jnp.arange(self.steps))
+        return out.T, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), logprobs), cache  # (R, steps, ...)
 
     # ---------------------------------------------------------------- host calls
 
     def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], starts: Sequence[int],
-                params: RowParams) -> list[int]:
+                params: RowParams, targets: Sequence[Sequence[int]] | None = None) -> Step:
         """Runs one prompt chunk of each of up to `prefill_rows` requests into its slot.
 
         Args:
@@ -231,10 +291,14 @@ class SlotModel:
           chunks: per request 1 .. prefill_chunk prompt ids, for positions start, start + 1, ...
           starts: per request the position of its chunk's first token.
           params: `RowParams` with one row per request.
+          targets: per request and chunk token, the token whose log-probability is
+            wanted after it (the next prompt token, or `SAMPLED`); None: no
+            log-probabilities.
 
         Returns:
-          Per request the id sampled after its chunk's last token (its first new token
-          when the chunk ends its prompt).
+          A `Step`: per request the id sampled after its chunk's last token (its first
+          new token when the chunk ends its prompt), and with `targets` `Logprobs` of
+          shape (requests, C) (C >= the longest chunk; positions past a chunk are padding).
         """
         count = len(slots)
         assert 1 <= count <= self.prefill_rows and len(chunks) == len(starts) == count
@@ -244,15 +308,19 @@ class SlotModel:
         tokens = np.zeros((rows, size), np.int32)
         for row, i in enumerate(order):
             tokens[row, :len(chunks[i])] = chunks[i]
+        wanted = np.zeros((rows, size), np.int32)
+        for row, i in enumerate(order if targets is not None else ()):
+            wanted[row, :len(targets[i])] = targets[i]
         pick = lambda values, dtype: np.asarray([values[i] for i in order], dtype)  # noqa: E731
         params = jax.tree.map(lambda x: x[np.asarray(order)], params)
         span = self.span(max(start + len(chunk) for start, chunk in zip(starts, chunks)))
-        new, self.cache = self._prefill(self.variables, self.cache, pick(slots, np.int32), tokens,
-                                        pick(starts, np.int32), pick([len(c) - 1 for c in chunks], np.int32), params,
-                                        span=span)
-        return [int(t) for t in np.asarray(new)[:count]]
+        new, logprobs, self.cache = self._prefill(
+            self.variables, self.cache, pick(slots, np.int32), tokens, pick(starts, np.int32),
+            pick([len(c) - 1 for c in chunks], np.int32), params, wanted, np.bool_(targets is not None), span=span)
+        return _step(new, logprobs, count, targets is not None)
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, params: RowParams) -> np.ndarray:
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, params: RowParams,
+               want_logprobs: bool = False) -> Step:
         """`steps` new tokens for every slot.
 
         Args:
@@ -260,9 +328,11 @@ class SlotModel:
           positions: (max_batch,) int32, where that token goes (`idle_position` for
             slots without a decoding request).
           params: `RowParams` of max_batch rows; counter: the index of each row's next token.
+          want_logprobs: also return the new tokens' `Logprobs`.
 
         Returns:
-          (max_batch, steps) int32 new ids (zeros for slots without a decoding request).
+          A `Step`: (max_batch, steps) int32 new ids (zeros for slots without a decoding
+          request), and `Logprobs` of shape (max_batch, steps) when asked for.
         """
         live = np.flatnonzero(np.asarray(positions) != self.idle_position)
         rows = bucket(int(live.max()) + 1 if live.size else 1, minimum=1)
@@ -270,12 +340,15 @@ class SlotModel:
         pad = lambda x, fill: np.concatenate([x, np.full(self.rows - len(x), fill, x.dtype)])[:rows]  # noqa: E731
         fills = RowParams.fill(1)
         params = jax.tree.map(lambda x, f: pad(np.asarray(x), f[0]), params, fills)
-        new, self.cache = self._decode(self.variables, self.cache, pad(np.asarray(tokens, np.int32), 0),
-                                       pad(np.asarray(positions, np.int32), self.idle_position), params, span=span)
-        out = np.zeros((self.max_batch, self.steps), np.int32)
-        count = min(rows, self.max_batch)
-        out[:count] = np.asarray(new)[:count]
-        return out
+        new, logprobs, self.cache = self._decode(
+            self.variables, self.cache, pad(np.asarray(tokens, np.int32), 0),
+            pad(np.asarray(positions, np.int32), self.idle_position), params, np.bool_(want_logprobs), span=span)
+        return _step(new, logprobs, self.max_batch, want_logprobs)
+
+    def recover(self) -> None:
+        """A fresh, empty cache if a failed call consumed (donated) this one."""
+        if any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
+            self.cache = kv_cache_lib.init(self.model.config, self.rows, self.kv_cache, self.length)
 
     def warm_up(self) -> None:
         """Compiles every prefill shape and every decode row count at the smallest span,
@@ -287,6 +360,15 @@ class SlotModel:
             positions = np.full(self.max_batch, self.idle_position, np.int32)
             positions[min(rows, self.max_batch) - 1] = 0  # the highest live slot decides R
             self.decode(np.zeros(self.max_batch, np.int32), positions, RowParams.fill(self.max_batch))
+
+
+def _step(tokens: Array, logprobs: tuple[Array, Array, Array], rows: int, want: bool) -> Step:
+    """A `Step` of `rows` rows: the call's rows cut there, or padded with zeros up to it."""
+    def fit(x):
+        x = np.asarray(x)[:rows]
+        return np.concatenate([x, np.zeros((rows - len(x), *x.shape[1:]), x.dtype)]) if len(x) < rows else x
+
+    return Step(fit(tokens), Logprobs(*map(fit, logprobs)) if want else None)
 
 
 def _check_sizes(max_batch: int, max_seq_len: int, context: int, prefill_chunk: int, steps: int) -> None:

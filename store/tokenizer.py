@@ -12,7 +12,9 @@ tokenizer.json (for exports of byte-level models).
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,6 +53,10 @@ class ByteTokenizer:
         if bad.size:
             raise ValueError(f"byte token ids must be in [0, 256); got {bad[:8].tolist()}")
         return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The one byte a token stands for."""
+        return bytes([token_id])
 
 
 # Special tokens that commonly end a document, in order of preference.
@@ -91,6 +97,21 @@ class HFTokenizer:
         """Text of token ids (special tokens kept)."""
         return self._tok.decode([int(i) for i in np.asarray(ids).ravel()],
                                 skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for, also when they are part of a character:
+        a byte-fallback piece ("<0xE2>") is its byte, a byte-level BPE piece (GPT-2's
+        printable characters) its bytes; other tokens their decoded text."""
+        text = self.decode([token_id])
+        piece = self._tok.id_to_token(int(token_id)) or ""
+        if "\ufffd" not in text or not piece:
+            return text.encode("utf-8")
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            return bytes([int(piece[3:5], 16)])
+        inverse = _unicode_to_bytes()
+        if all(c in inverse for c in piece):
+            return bytes(inverse[c] for c in piece)
+        return text.encode("utf-8")
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
@@ -235,6 +256,17 @@ def _template(value: Any) -> str | None:
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         return named.get("default") or next(iter(named.values()), None)
     return value if isinstance(value, str) else None
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes of one token under any tokenizer (its own `token_bytes`, else its text)."""
+    own = getattr(tokenizer, "token_bytes", None)
+    return own(token_id) if own else tokenizer.decode([token_id]).encode("utf-8")
 
 
 def bytes_to_unicode() -> dict[int, str]:

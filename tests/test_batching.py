@@ -18,6 +18,7 @@ from models import transformer
 from models.config import ModelConfig
 from serve import batching
 from serve import engine as engine_lib
+from serve import evaluate
 from serve import slots as slots_lib
 from store import data as data_lib
 
@@ -65,11 +66,11 @@ class _Collect:
 
     @property
     def ids(self):
-        return [i for d in self.deltas for i in d.ids]
+        return [i for d in self.deltas if isinstance(d, batching.TextDelta) for i in d.ids]
 
     @property
     def text(self):
-        return "".join(d.text for d in self.deltas)
+        return "".join(d.text for d in self.deltas if isinstance(d, batching.TextDelta))
 
 
 def _run(batcher, prompts, **kwargs):
@@ -168,6 +169,31 @@ def test_a_cancelled_request_frees_its_slot(batcher):
     assert batching.wait_idle(batcher, 5)
 
 
+def test_logprobs_come_with_every_token_and_the_prompt(batcher, slots, model_and_variables, reference):
+    prompt = PROMPTS[1]  # 56 tokens: 4 prefill chunks; decode runs 2 steps per call
+    out = _run(batcher, [prompt], logprobs=3, prompt_logprobs=True)[0]
+    (scored,) = [d for d in out.deltas if isinstance(d, batching.PromptLogprobs)]
+    assert out.deltas[0] is scored and scored.entries[0] is None and len(scored.entries) == len(prompt)
+    assert [e.id for e in scored.entries[1:]] == list(prompt[1:])
+    expected = evaluate.token_logprobs(*model_and_variables, np.asarray([list(prompt)]))[0]
+    np.testing.assert_allclose([e.logprob for e in scored.entries[1:]], expected, atol=1e-4, rtol=0)
+    tokens = [t for d in out.deltas if isinstance(d, batching.TextDelta) for t in d.logprobs]
+    assert [t.id for t in tokens] == out.ids == reference[1]
+    for token in tokens:  # greedy: each token is its position's most likely one
+        assert len(token.top) == 3 and token.top[0] == (token.id, token.logprob)
+    scoring = _run(batcher, [prompt], max_tokens=0, logprobs=0, prompt_logprobs=True)[0]
+    assert scoring.end == batching.Finished("length", len(prompt), 0) and scoring.ids == []
+
+
+def test_a_cache_a_failed_call_consumed_is_replaced(model_and_variables):
+    slots = slots_lib.SlotModel(*model_and_variables, max_batch=1, max_seq_len=32, kv_cache="fp32", min_span=16,
+                                prefill_rows=1)
+    first = slots.prefill([0], [[1, 2, 3]], [0], slots_lib.RowParams.fill(1)).tokens
+    jax.tree.map(lambda x: x.delete(), slots.cache)  # what a donated call that raised leaves
+    slots.recover()
+    np.testing.assert_array_equal(slots.prefill([0], [[1, 2, 3]], [0], slots_lib.RowParams.fill(1)).tokens, first)
+
+
 def test_a_full_queue_refuses_and_bad_requests_are_value_errors(slots):
     batcher = batching.Batcher(slots, data_lib.ByteTokenizer(), max_queue=1)  # not started: nothing leaves
     for _ in range(slots.max_batch + 1):  # as many as there are free slots, and one more
@@ -180,6 +206,12 @@ def test_a_full_queue_refuses_and_bad_requests_are_value_errors(slots):
         batcher.check([1], 0)
     with pytest.raises(ValueError, match="empty"):
         batcher.check([], 4)
+    batcher.check([1], 0, scoring=True)  # scoring the prompt needs no new token
+    for fields, match in ((dict(logprobs=6), r"logprobs must be in \[0, 5\]"),
+                          (dict(prompt_logprobs=True), "needs logprobs")):
+        with pytest.raises(ValueError, match=match):
+            batching.Batcher(slots, data_lib.ByteTokenizer()).submit(
+                batching.Request([1, 2], 4, on_event=lambda e: None, **fields))
 
 
 def _fingerprint(logits, params):

@@ -196,7 +196,7 @@ def test_chat_fallback_template_and_its_stops():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     params = server.api.parse_chat({"messages": messages, "stop": "\n\n", "max_tokens": 3},
                                    server.api.plain_chat_prompt, server.api.PLAIN_CHAT_STOPS)
-    assert params.prompt == "System: Be brief.\nUser: Hi\nAssistant:"
+    assert params.prompts == ("System: Be brief.\nUser: Hi\nAssistant:",)
     assert params.stop == ("\n\n", "\nUser:", "\nSystem:") and params.max_tokens == 3
 
 
@@ -305,9 +305,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service, monke
     slots = service.batcher.slots
     decode = slots.decode
 
-    def slow_decode(*args):  # 480 steps take seconds however fast the machine decodes
+    def slow_decode(*args, **kwargs):  # 480 steps take seconds however fast the machine decodes
         time.sleep(0.02)
-        return decode(*args)
+        return decode(*args, **kwargs)
 
     monkeypatch.setattr(slots, "decode", slow_decode)
     cancelled = service.batcher.finished["cancelled"]
@@ -318,6 +318,26 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(url, service, monke
     assert batching.wait_idle(service.batcher, 30), "the slot stays busy after the client went away"
     finished = dict(service.batcher.finished)
     assert finished.get("cancelled", 0) == cancelled + 1, f"dropped, not run to max_tokens: {finished}"
+
+
+def test_a_failed_engine_step_fails_its_request_not_the_server(url, service, monkeypatch):
+    decode = service.batcher.slots.decode
+
+    def broken(*args, **kwargs):
+        raise ValueError("token id 300 is not in the vocabulary")
+
+    monkeypatch.setattr(service.batcher.slots, "decode", broken)
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 4}, timeout=60)
+    error = response.json()["error"]
+    assert response.status_code == 500 and error["code"] == "engine_error" and "token id 300" in error["message"]
+    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 4, "stream": True},
+                      timeout=60) as streamed:
+        lines = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert "engine_error" in lines[-2] and lines[-1] == "data: [DONE]"
+    monkeypatch.setattr(service.batcher.slots, "decode", decode)
+    assert service.batcher.alive()
+    after = httpx.post(f"{url}/v1/completions", json={"prompt": "ab", "max_tokens": 4, "temperature": 0}, timeout=60)
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
 
 
 def test_nothing_compiles_after_warm_up(service, client):
