@@ -114,7 +114,9 @@ generation_kwargs:
   temperature: 0
 metric_list:
   - metric: exact_match
-    ignore_whitespace: true
+    aggregation: mean
+    higher_is_better: true
+    regexes_to_ignore: [" "]
 """,
 }
 
@@ -143,19 +145,19 @@ def _pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[i
     return whole[:len(head)], whole[len(head):]
 
 
-def own_choices(model, variables, tokenizer, docs: list[dict]) -> list[int]:
-    """Per cloze document the choice with the highest summed log-probability under the
-    model (fp32 KV cache, one forward pass per choice)."""
-    picks = []
-    for doc in docs:
-        scores = []
-        for choice in doc["choices"]:
-            context, continuation = _pair(tokenizer, doc["context"], " " + choice)
-            ids = context + continuation
-            scores.append(float(evaluate.token_logprobs(model, variables, np.asarray([ids]))[0][len(context) - 1:]
-                                .sum()))
-        picks.append(int(np.argmax(scores)))
-    return picks
+def own_scores(model, variables, tokenizer, docs: list[dict], batch: int = 8) -> list[list[float]]:
+    """Per cloze document and choice, the choice's summed log-probability after the
+    context under the model (fp32 KV cache). Sequences are right-padded to one length
+    (a causal model's scores do not see what follows) and scored `batch` at a time."""
+    pairs = [_pair(tokenizer, d["context"], " " + c) for d in docs for c in d["choices"]]
+    length = max(len(a) + len(b) for a, b in pairs)
+    rows = np.zeros((-(-len(pairs) // batch) * batch, length), np.int32)
+    for row, (context, continuation) in zip(rows, pairs):
+        row[:len(context) + len(continuation)] = context + continuation
+    logprobs = np.concatenate([evaluate.token_logprobs(model, variables, rows[i:i + batch])
+                               for i in range(0, len(rows), batch)])
+    sums = [float(lp[len(a) - 1:len(a) + len(b) - 1].sum()) for lp, (a, b) in zip(logprobs, pairs)]
+    return [sums[i:i + CHOICES] for i in range(0, len(sums), CHOICES)]
 
 
 # --------------------------------------------------------------------------- the harness
@@ -172,11 +174,11 @@ def run_harness(lm_eval: str, url: str, work: Path, out: Path, max_length: int) 
         raise SystemExit(f"lm_eval failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     (result,) = sorted(out.rglob("results_*.json"))[-1:]
     samples = sorted(out.rglob("samples_mpx_cloze_*.jsonl"))[-1]
-    picks = {}
+    scores = {}
     for line in samples.read_text().splitlines():
         sample = json.loads(line)
-        picks[sample["doc_id"]] = int(np.argmax([r[0] for r in sample["filtered_resps"]]))
-    return {"results": json.loads(result.read_text())["results"], "picks": [picks[i] for i in sorted(picks)]}
+        scores[sample["doc_id"]] = [float(r[0]) for r in sample["filtered_resps"]]  # (loglikelihood, greedy)
+    return {"results": json.loads(result.read_text())["results"], "scores": [scores[i] for i in sorted(scores)]}
 
 
 def measure(name: str, checkpoint: str, server_args: list[str], spec: q.ServeSpec, args, work: Path,
@@ -190,11 +192,11 @@ def measure(name: str, checkpoint: str, server_args: list[str], spec: q.ServeSpe
     finally:
         serve_load.stop_server(proc)
     model, variables, tokenizer, _ = sources.load_for_serving(checkpoint, spec)
-    own = own_choices(model, variables, tokenizer, docs)
-    labels = [d["label"] for d in docs]
+    own, served = np.asarray(own_scores(model, variables, tokenizer, docs)), np.asarray(harness["scores"])
+    labels = np.asarray([d["label"] for d in docs])
     res = harness["results"]
-    return {"name": name, "acc": res["mpx_cloze"]["acc,none"], "own_acc": float(np.mean(np.equal(own, labels))),
-            "disagree": int(sum(a != b for a, b in zip(own, harness["picks"]))),
+    return {"name": name, "acc": res["mpx_cloze"]["acc,none"], "own_acc": float(np.mean(own.argmax(1) == labels)),
+            "differ": int(np.sum(own.argmax(1) != served.argmax(1))), "max_diff": float(np.abs(own - served).max()),
             "copy": res["mpx_copy"]["exact_match,none"], "seconds": time.perf_counter() - started}
 
 
@@ -202,14 +204,15 @@ def table(rows: list[dict], args, docs: int) -> str:
     base = rows[0]
     lines = [f"lm-evaluation-harness (local-completions) against serve.server: {args.checkpoint}, "
              f"{docs} documents per task, fp32 KV cache",
-             f"{'variant':<22}{'cloze acc':>10}{'own acc':>9}{'differ':>8}{'change':>9}{'copy EM':>9}"
-             f"{'change':>9}{'s':>7}"]
+             f"{'variant':<22}{'cloze acc':>10}{'own acc':>9}{'differ':>8}{'max |dll|':>11}{'change':>9}"
+             f"{'copy EM':>9}{'change':>9}{'s':>7}"]
     for r in rows:
-        lines.append(f"{r['name']:<22}{r['acc']:>10.3f}{r['own_acc']:>9.3f}{r['disagree']:>8d}"
+        lines.append(f"{r['name']:<22}{r['acc']:>10.3f}{r['own_acc']:>9.3f}{r['differ']:>8d}{r['max_diff']:>11.2e}"
                      f"{r['acc'] - base['acc']:>+9.3f}{r['copy']:>9.3f}{r['copy'] - base['copy']:>+9.3f}"
                      f"{r['seconds']:>7.0f}")
     lines.append("(acc: the harness's, through the server; own acc: from the variant's log-probabilities in "
-                 "this process; differ: documents where they pick different choices; change: vs fp32)")
+                 "this process; differ: documents where they pick different choices; max |dll|: the largest "
+                 "difference between a choice's log-likelihood there and here; change: vs fp32)")
     return "\n".join(lines)
 
 

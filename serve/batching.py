@@ -68,7 +68,8 @@ class TokenLogprob:
 @dataclasses.dataclass(frozen=True)
 class TextDelta:
     """New text of a request and the new token ids behind it (with their
-    `TokenLogprob`s when the request asked for them). The text may be empty while a
+    `TokenLogprob`s when the request asked for them, and then also the end-of-sequence
+    token's that ended it, as OpenAI and vLLM report it). The text may be empty while a
     multi-byte character or a possible stop string is held back, and the ids empty when
     held-back text is released at the end."""
 
@@ -401,8 +402,9 @@ class Batcher:
         if new:
             run.last = new[-1]
         text, stopped = run.text.push(new)
-        if text or new:
-            run.request.on_event(TextDelta(text, tuple(new), tuple(logprobs[:len(new)])))
+        scored = tuple(logprobs[:len(new) + (ended is not None)])  # an end-of-sequence token is scored too
+        if text or new or scored:
+            run.request.on_event(TextDelta(text, tuple(new), scored))
         if stopped:
             self._finish(run, "stop", flush=False)  # the text ends before the stop string
         elif ended is not None:

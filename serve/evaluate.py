@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -98,6 +99,7 @@ def held_out(ckpt: q.Checkpoint, batches: int, prompts: int, prompt_len: int, ne
     return Data([b.inputs for b in eval_batches], [b.targets for b in eval_batches], starts, new_tokens)
 
 
+@functools.lru_cache(maxsize=4)
 def _forward(model, kv_cache: str):
     """A jitted (variables, tokens) -> f32 logits, through a KV cache of that kind."""
 

@@ -185,6 +185,17 @@ def test_logprobs_come_with_every_token_and_the_prompt(batcher, slots, model_and
     assert scoring.end == batching.Finished("length", len(prompt), 0) and scoring.ids == []
 
 
+def test_the_end_of_sequence_token_that_ends_a_request_is_scored(slots, reference):
+    batcher = batching.Batcher(slots, data_lib.ByteTokenizer(), stop_ids=[reference[1][0]])
+    batcher.start()
+    try:  # lm-eval reads the prompt's scores up to the last token but one: one new token must follow
+        out = _run(batcher, [PROMPTS[1]], max_tokens=1, logprobs=0, prompt_logprobs=True)[0]
+    finally:
+        batcher.stop()
+    assert out.end.reason == "stop" and out.ids == []
+    assert [t.id for d in out.deltas if isinstance(d, batching.TextDelta) for t in d.logprobs] == [reference[1][0]]
+
+
 def test_a_cache_a_failed_call_consumed_is_replaced(model_and_variables):
     slots = slots_lib.SlotModel(*model_and_variables, max_batch=1, max_seq_len=32, kv_cache="fp32", min_span=16,
                                 prefill_rows=1)
