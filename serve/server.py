@@ -171,7 +171,7 @@ def tokenizer_card(service: Service) -> dict:
     tokenizer reads: the end and start tokens as text, the chat template)."""
     tok = service.tokenizer
     specials = dict(getattr(tok, "special_tokens", {}))
-    stops = list(getattr(tok, "stop_ids", []) or [])
+    stops = _eos_ids(tok)  # the ids that end every request
     eos = tok.decode(stops[:1]) if stops else specials.get("eos_token")
     return {"tokenizer_class": type(tok).__name__, "vocab_size": tok.vocab_size, "eos_token": eos,
             "bos_token": specials.get("bos_token"), "pad_token": specials.get("pad_token"),

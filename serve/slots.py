@@ -124,19 +124,22 @@ class Step:
     logprobs: Logprobs | None = None
 
 
-def logprobs_of(logits: Array, targets: Array, want: Array) -> tuple[Array, Array, Array]:
-    """(chosen, top, top_ids) of `targets` under log_softmax(logits) when `want`, zeros else.
+def logprobs_of(logits: Array, targets: Array, want: Array,
+                logit_scale: float = 1.0) -> tuple[Array, Array, Array]:
+    """(chosen, top, top_ids) of `targets` under log_softmax(logits * logit_scale) when
+    `want`, zeros else.
 
     Args:
       logits: (..., V) float.
       targets: (...) int ids.
       want: a boolean scalar (traced): the branch not taken does not run.
+      logit_scale: as in `SlotModel`, applied inside the branch.
     """
     k = min(MAX_LOGPROBS, logits.shape[-1])
 
     def compute(operands):
         logits, targets = operands
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = jax.nn.log_softmax(sampling.scale_logits(logits.astype(jnp.float32), logit_scale), axis=-1)
         top, ids = lax.top_k(logp, k)
         return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], top, ids.astype(jnp.int32)
 
@@ -257,10 +260,10 @@ class SlotModel:
         self.traces["prefill"] += 1
         positions = jnp.minimum(starts[:, None] + jnp.arange(tokens.shape[1]), self.idle_position)  # (P, C)
         logits, aux = self.model.apply(variables, tokens, positions, cache, cache_len=span, cache_rows=slots)
-        logits = sampling.scale_logits(logits, self.logit_scale)
         last = jnp.take_along_axis(logits, lasts[:, None, None], axis=1)[:, 0]  # (P, V)
-        new = self.sample(last, params)
-        logprobs = logprobs_of(logits, jnp.where(targets == SAMPLED, new[:, None], targets), want)
+        new = self.sample(sampling.scale_logits(last, self.logit_scale), params)
+        targets = jnp.where(targets == SAMPLED, new[:, None], targets)
+        logprobs = logprobs_of(logits, targets, want, self.logit_scale)  # every position only when wanted
         return new, logprobs, aux["cache"]
 
     def _decode_fn(self, variables, cache, tokens, positions, params, want, span):
@@ -275,7 +278,7 @@ class SlotModel:
             logits, aux = self.model.apply(variables, tokens[:, None], pos, cache, cache_len=span)
             logits = sampling.scale_logits(logits[:, 0], self.logit_scale)
             new = self.sample(logits, dataclasses.replace(params, counter=params.counter + i))
-            return (aux["cache"], new), (new, logprobs_of(logits, new, want))
+            return (aux["cache"], new), (new, logprobs_of(logits, new, want))  # logits already scaled
 
         (cache, _), (out, logprobs) = lax.scan(step, (cache, tokens), jnp.arange(self.steps))
         return out.T, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), logprobs), cache  # (R, steps, ...)

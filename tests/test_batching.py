@@ -196,6 +196,17 @@ def test_the_end_of_sequence_token_that_ends_a_request_is_scored(slots, referenc
     assert [t.id for d in out.deltas if isinstance(d, batching.TextDelta) for t in d.logprobs] == [reference[1][0]]
 
 
+def test_prompt_logprobs_follow_the_logit_scale(model_and_variables):
+    model, variables = model_and_variables
+    slots = slots_lib.SlotModel(model, variables, max_batch=1, max_seq_len=32, kv_cache="fp32", min_span=16,
+                                prefill_rows=1, logit_scale=0.5)
+    prompt = list(PROMPTS[0])
+    step = slots.prefill([0], [prompt], [0], slots_lib.RowParams.fill(1), [prompt[1:] + [slots_lib.SAMPLED]])
+    logits = model.apply(variables, jnp.asarray([prompt]), jnp.arange(len(prompt))[None])[0][0]
+    expected = jnp.take_along_axis(jax.nn.log_softmax(0.5 * logits[:-1]), jnp.asarray(prompt[1:])[:, None], 1)[:, 0]
+    np.testing.assert_allclose(step.logprobs.chosen[0, :len(prompt) - 1], expected, atol=1e-5, rtol=0)
+
+
 def test_a_cache_a_failed_call_consumed_is_replaced(model_and_variables):
     slots = slots_lib.SlotModel(*model_and_variables, max_batch=1, max_seq_len=32, kv_cache="fp32", min_span=16,
                                 prefill_rows=1)

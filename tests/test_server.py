@@ -40,13 +40,18 @@ MAX_BATCH = 8
 MAX_QUEUE = 2
 
 
+def micro_checkpoint(root: Path, name: str, config: ModelConfig, seed: int = 0) -> Path:
+    """A random checkpoint of `config` (weights x3) at root/name/checkpoints, served as `name`."""
+    params = transformer.Transformer(config).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    path = root / name / "checkpoints"
+    ckpt_lib.save(path, 1, {"params": jax.tree.map(lambda x: 3 * x, params)},
+                  {"config": {"model": config_lib.to_dict(config)}})
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    params = transformer.Transformer(CONFIG).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    path = tmp_path_factory.mktemp("runs") / "micro" / "checkpoints"  # served as "micro"
-    ckpt_lib.save(path, 1, {"params": jax.tree.map(lambda x: 3 * x, params)},
-                  {"config": {"model": config_lib.to_dict(CONFIG)}})
-    return path
+    return micro_checkpoint(tmp_path_factory.mktemp("runs"), "micro", CONFIG)
 
 
 @pytest.fixture(scope="module")

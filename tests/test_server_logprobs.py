@@ -11,20 +11,15 @@ import itertools
 import json
 
 import httpx
-import jax
-import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
 
-from models import transformer
 from models.config import ModelConfig
-from mpx import config as config_lib
 from serve import evaluate
 from serve import quantize as q
 from serve import server
-from store import checkpoint as ckpt_lib
-from tests.test_server import _serving
+from tests.test_server import _serving, micro_checkpoint
 
 CONFIG = ModelConfig(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=128)
 TOL = 1e-4  # float32: chunked prefill through the cache vs one forward over the window
@@ -32,11 +27,7 @@ TOL = 1e-4  # float32: chunked prefill through the cache vs one forward over the
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    params = transformer.Transformer(CONFIG).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
-    path = tmp_path_factory.mktemp("runs") / "scorer" / "checkpoints"
-    ckpt_lib.save(path, 1, {"params": jax.tree.map(lambda x: 3 * x, params)},
-                  {"config": {"model": config_lib.to_dict(CONFIG)}})
-    return path
+    return micro_checkpoint(tmp_path_factory.mktemp("runs"), "scorer", CONFIG, seed=1)
 
 
 @pytest.fixture(scope="module")
