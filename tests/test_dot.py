@@ -22,7 +22,7 @@ import pytest
 import mpx
 import mpx.dot as mdot
 from mpx.dot import backends, subscripts
-from mpx import formats, metrics, recipes
+from mpx import formats, kernels, metrics, recipes
 
 E4M3, E5M2, BF16 = formats.get("e4m3"), formats.get("e5m2"), formats.get("bf16")
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
@@ -447,10 +447,11 @@ _FOLD_RECIPES = {"deepseek": recipes.DeepSeekV3(), "current": recipes.CurrentSca
 @pytest.mark.parametrize("recipe", list(_FOLD_RECIPES), ids=str)
 @pytest.mark.parametrize("weights", ["block", "channel"])
 def test_folded_prequantized_matmul_equals_the_f32_reference(recipe, weights):
-    """"fold_f32" computes the reference's product (the same quantized values, dequantized
-    in f32) up to f32 summation order, on a ragged K (200 = 128 + 72), for decode-sized
-    rows and prefill-sized rows and for experts; "auto" on CPU is "fold_f32" for at most
-    FOLD_MAX_ROWS rows and the grouped bf16 GEMM above that."""
+    """"fold_f32" and "cpu_kernel" compute the reference's product (the same quantized
+    values, dequantized in f32) up to f32 summation order, on a ragged K (200 = 128 + 72),
+    for decode-sized rows and prefill-sized rows and for experts; "auto" on CPU is the
+    kernel (where built) or "fold_f32" for at most FOLD_MAX_ROWS rows of a 2-D weight,
+    "fold_f32" for experts, and the grouped bf16 GEMM above that."""
     recipe = _FOLD_RECIPES[recipe]
     state = None
     if recipes.is_stateful(recipe):
@@ -469,9 +470,12 @@ def test_folded_prequantized_matmul_equals_the_f32_reference(recipe, weights):
         folded, ref = run(x, rhs, "fold_f32"), run(x, rhs, "dequant_f32")
         assert folded.shape == ref.shape and folded.dtype == jnp.float32
         assert float(metrics.relative_error(folded, ref)) <= 1e-6
+        if rhs.ndim == 2 and kernels.available():
+            assert float(metrics.relative_error(run(x, rhs, "cpu_kernel"), ref)) <= 1e-6
         rows = x.shape[-2] if rhs.ndim == 3 else math.prod(x.shape[:-1])
         if jax.default_backend() == "cpu":
-            expect = "fold_f32" if rows <= mdot.FOLD_MAX_ROWS else "upcast_bf16"
+            decode = "cpu_kernel" if rhs.ndim == 2 and kernels.available() else "fold_f32"
+            expect = decode if rows <= mdot.FOLD_MAX_ROWS else "upcast_bf16"
             assert np.array_equal(run(x, rhs, "auto"), run(x, rhs, expect))
 
 

@@ -11,7 +11,9 @@ The quantization itself (amax, scale, rounding to the grid, broadcast) is
 * `grouped_dot`: sum over K groups of (bf16 GEMM of exact FP8 values) x scales, as a
   block-scaled FP8 GEMM promotes its partial sums every 128 elements.
 * `cpu_decode_sized`: whether a product is small enough to run in f32 on CPU (the
-  unquantized GEMM, `mpx.dot.rounded.rounded_dot`, and pre-quantized serving use it).
+  unquantized GEMM, `mpx.dot.rounded.rounded_dot`, and pre-quantized serving use it);
+  `decode_kernel_fits`: whether it runs in the CPU decode kernel (`mpx.kernels`) instead,
+  which reads an FP8 or bf16 weight as stored rather than through a float32 copy.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mpx import formats as formats_lib
+from mpx import kernels
 from mpx.dot.spec import OperandSpec, dims
 from mpx.ordering import after, kept
 from mpx.scaled import ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
@@ -364,3 +367,9 @@ def grouped_dot(xv, sx, wv, sw, group: int, guard: bool) -> jax.Array:
 def cpu_decode_sized(rows: int) -> bool:
     """Whether a product of `rows` rows runs faster as an f32 dot here (CPU, decode)."""
     return rows <= FOLD_MAX_ROWS and jax.default_backend() == "cpu"
+
+
+def decode_kernel_fits(rows: int, weight) -> bool:
+    """Whether a decode-sized product with a 2-D `weight` (its stored array) runs in
+    `mpx.kernels.decode_matmul`, which reads it in its stored width (FP8, bf16)."""
+    return cpu_decode_sized(rows) and kernels.supports(weight) and kernels.available()

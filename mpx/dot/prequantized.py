@@ -14,14 +14,15 @@ from jax import lax
 
 from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
-from mpx.dot.backends import cpu_decode_sized, dot, grouped_dot
+from mpx import kernels
+from mpx.dot.backends import cpu_decode_sized, decode_kernel_fits, dot, grouped_dot
 from mpx.dot.general import tensor_amax
 from mpx.dot.spec import IMPLS, DotState, check_choice, check_state, dims, resolve_impl
 from mpx.formats import upcast
 from mpx.scaled import Blocks, ScaledArray, dequantize, quantize, quantize_with_scale
 from mpx.scales import compute_amax, compute_scale, grid_values, pad_axis_to
 
-PREQUANTIZED_IMPLS = IMPLS + ("fold_f32",)
+PREQUANTIZED_IMPLS = IMPLS + ("fold_f32", "cpu_kernel")
 
 
 # Serving stores each weight once as a ScaledArray (FP8 data + f32 scales) and multiplies
@@ -123,10 +124,13 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
         and one K group: the Hopper `convert(f8) * scalar -> dot` pattern on the raw FP8
         data, column scales after; otherwise as "upcast_bf16"), "fold_f32" (both
         operands dequantized into f32, scales folded in, one f32 GEMM: the decode path,
-        see `_folded_prequantized`) or "dequant_f32" (the reference: the same product
-        through `quantize` / `dequantize`, f32 GEMM at HIGHEST precision). "auto" is
-        "fp8" on GPU; on CPU "fold_f32" for at most `FOLD_MAX_ROWS` rows (decode) and
-        "upcast_bf16" for more (prefill).
+        see `_folded_prequantized`), "cpu_kernel" (the same folded activations times the
+        stored FP8 weight in `mpx.kernels.decode_matmul`, which reads it as one byte per
+        weight; a 2-D rhs) or "dequant_f32" (the reference: the same product through
+        `quantize` / `dequantize`, f32 GEMM at HIGHEST precision). "auto" is "fp8" on
+        GPU; on CPU for at most `FOLD_MAX_ROWS` rows (decode) "cpu_kernel" where the
+        kernel is available (`mpx.kernels.status()`) and fits, else "fold_f32"; and
+        "upcast_bf16" for more rows (prefill).
 
     Returns:
       (..., N), or (E, M, N) for a batched rhs, in `preferred_element_type`.
@@ -148,8 +152,10 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     k = x3.shape[-1]
     tile = recipe.block if isinstance(recipe, recipes_lib.DeepSeekV3) else k
     groups = _scale_groups(k, tile, rhs3.block[1])
-    impl = _prequantized_impl(impl, x3.shape[1])
-    if impl == "fold_f32":
+    impl = _prequantized_impl(impl, x3.shape[1], rhs)
+    if impl == "cpu_kernel":
+        out = _kernel_prequantized(x3, rhs, recipe, scale, min(tile, k), compute_dtype)
+    elif impl == "fold_f32":
         out = _folded_prequantized(x3, rhs3, recipe, scale, min(tile, k), compute_dtype)
     elif groups is None or impl == "dequant_f32":
         out = _reference_prequantized(x3, rhs3, recipe, scale, compute_dtype)
@@ -161,10 +167,29 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     return out.reshape(shape).astype(preferred_element_type)
 
 
-def _prequantized_impl(impl: str, rows: int) -> str:
+def _prequantized_impl(impl: str, rows: int, rhs: ScaledArray) -> str:
+    if impl == "cpu_kernel" and (rhs.ndim != 2 or not kernels.supports(rhs.data)):
+        raise ValueError(f"impl 'cpu_kernel' needs a 2-D rhs stored as one of "
+                         f"{', '.join(d.name for d in kernels.DTYPES)}; got {rhs.data.dtype}{tuple(rhs.shape)}")
     if impl != "auto":
         return impl
+    if rhs.ndim == 2 and decode_kernel_fits(rows, rhs.data):
+        return "cpu_kernel"
     return "fold_f32" if cpu_decode_sized(rows) else resolve_impl(impl)
+
+
+def _folded_lhs(x3, recipe, scale, tile: int, compute_dtype) -> jax.Array:
+    """x3 quantized as the recipe says, its scales folded into f32 values: (B, M, K)."""
+    k = x3.shape[-1]
+    k_pad = -(-k // tile) * tile
+    xv, sx = _lhs_operand(pad_axis_to(x3, 2, k_pad), recipe, scale, tile, compute_dtype, jnp.float32)
+    xv = xv.astype(jnp.float32)
+    if sx is not None and jnp.ndim(sx) == 3:  # per-tile scales (B, M, K / tile)
+        b, m, _ = xv.shape
+        xv = (xv.reshape(b, m, k_pad // tile, tile) * sx[..., None]).reshape(b, m, k_pad)
+    elif sx is not None:
+        xv = xv * sx
+    return xv[:, :, :k]
 
 
 def _folded_prequantized(x3, rhs3: ScaledArray, recipe, scale, tile: int, compute_dtype):
@@ -176,16 +201,16 @@ def _folded_prequantized(x3, rhs3: ScaledArray, recipe, scale, tile: int, comput
     invariant, so XLA computes it once per compiled call and every token pays for one
     f32 matmul, the cost of an fp32 weight.
     """
-    k = x3.shape[-1]
-    k_pad = -(-k // tile) * tile
-    xv, sx = _lhs_operand(pad_axis_to(x3, 2, k_pad), recipe, scale, tile, compute_dtype, jnp.float32)
-    xv = xv.astype(jnp.float32)
-    if sx is not None and jnp.ndim(sx) == 3:  # per-tile scales (B, M, K / tile)
-        b, m, _ = xv.shape
-        xv = (xv.reshape(b, m, k_pad // tile, tile) * sx[..., None]).reshape(b, m, k_pad)
-    elif sx is not None:
-        xv = xv * sx
-    return lax.dot_general(xv[:, :, :k], dequantize(rhs3), dims(True, 1, 0), preferred_element_type=jnp.float32)
+    xv = _folded_lhs(x3, recipe, scale, tile, compute_dtype)
+    return lax.dot_general(xv, dequantize(rhs3), dims(True, 1, 0), preferred_element_type=jnp.float32)
+
+
+def _kernel_prequantized(x3, rhs: ScaledArray, recipe, scale, tile: int, compute_dtype):
+    """The folded activations times the stored FP8 weight in the CPU decode kernel
+    (`mpx.kernels`): each weight read as its one byte, its block scales multiplying the
+    block's partial sums. The same quantized values as "fold_f32", f32 sums."""
+    xv = _folded_lhs(x3, recipe, scale, tile, compute_dtype)
+    return kernels.decode_matmul(xv[0], rhs.data, rhs.scale, rhs.block)[None]
 
 
 def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype):

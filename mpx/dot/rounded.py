@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mpx.dot.backends import cpu_decode_sized, guarded_dot
+from mpx import kernels
+from mpx.dot.backends import cpu_decode_sized, decode_kernel_fits, guarded_dot
 from mpx.sharding import explicit
 
 
@@ -31,7 +32,9 @@ def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.floa
 
     On CPU a bf16 (or fp16) dot with f32 accumulation and at most `FOLD_MAX_ROWS` rows
     (lhs elements outside the contracting and batch axes: a decode step) runs as an f32
-    dot of the rounded operands. The products are the same (a product of two bf16
+    dot of the rounded operands; when rhs is a 2-D bf16 weight (contracted over one axis,
+    lhs over its last) it runs in `mpx.kernels.decode_matmul`, which reads the weight as
+    bf16 instead of through a float32 copy. The products are the same (a product of two bf16
     values is exact in f32) and both accumulate in f32, but XLA's CPU backend runs such
     small bf16 dots slower than f32 ones. Larger dots (every training product: batch x
     sequence rows) are a plain `compute_dtype` dot, where bf16 GEMMs are about twice as
@@ -54,11 +57,25 @@ def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.floa
     rows = math.prod(n for i, n in enumerate(lhs.shape) if i not in (*contracting, *batch))
     narrow = jnp.dtype(compute_dtype).itemsize < 4 and jnp.dtype(accum_dtype) == jnp.dtype(jnp.float32)
     if narrow and cpu_decode_sized(rows):
+        product = _kernel_product(lhs, rhs, dimension_numbers, rows)
+        if product is not None:
+            return product.astype(accum_dtype)
         lhs, rhs = lhs.astype(jnp.float32), rhs.astype(jnp.float32)
     elif cotangent_dtype is not None:
         dn = _hashable(dimension_numbers)
         return _dot_with_rounded_grads(dn, jnp.dtype(accum_dtype), jnp.dtype(cotangent_dtype), lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=accum_dtype)
+
+
+def _kernel_product(lhs, rhs, dimension_numbers, rows: int):
+    """lhs . rhs through the CPU decode kernel, or None where it does not apply: rhs a
+    2-D weight of a kernel dtype, contracted over one axis with lhs's last, no batch."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb or tuple(lc) != (lhs.ndim - 1,) or len(rc) != 1 or not decode_kernel_fits(rows, rhs):
+        return None
+    transposed = tuple(rc) == (1,)
+    out = kernels.decode_matmul(lhs.reshape(rows, lhs.shape[-1]).astype(jnp.float32), rhs, transposed=transposed)
+    return out.reshape(lhs.shape[:-1] + (out.shape[-1],))
 
 
 def _hashable(dimension_numbers):
