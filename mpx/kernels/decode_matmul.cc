@@ -290,7 +290,7 @@ class Helpers {
   }
 
  private:
-  static constexpr int kSpin = 20000;  // pauses (~50 us) before a helper sleeps
+  static constexpr int kSpin = 4000;  // pauses before a helper sleeps (~100 us: 26 ns a pause on Zen 3)
 
   explicit Helpers(unsigned n) {
     for (unsigned i = 0; i < n; ++i) threads_.emplace_back([this] { Loop(); });
