@@ -32,9 +32,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+
 from models import config as model_config
 from mpx import calibrate as calibrate_lib
 from mpx import config as config_io
+from mpx import kernels
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
@@ -160,7 +163,15 @@ def _summary(new_tokens: int, stats: engine_lib.Stats, engine: engine_lib.Engine
     weights, fp32_bytes = q.weight_bytes(engine.variables["params"]), sources.fp32_bytes(ckpt)
     return (f"[{loaded(ckpt, skip_incomplete)}; {spec.label}, {engine.kv_cache} KV cache] {new_tokens} new tokens; prefill "
             f"{stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s "
-            f"(compiled beforehand); weight memory {weights / 2**20:.2f} MiB ({weights / fp32_bytes:.1%} of fp32)")
+            f"(compiled beforehand); weight memory {weights / 2**20:.2f} MiB ({weights / fp32_bytes:.1%} of fp32)"
+            + _kernel_note(spec))
+
+
+def _kernel_note(spec: q.ServeSpec) -> str:
+    """"; CPU decode kernel: on/off (why)" where it matters: FP8 or bf16 weights on CPU."""
+    if jax.default_backend() != "cpu" or (spec.precision == "fp32" and spec.layer_policy is None):
+        return ""
+    return f"; {kernels.status()}"
 
 
 class _PromptTokenizer:

@@ -67,12 +67,15 @@ Implementations of the quantized matmul (`impl`):
 * "dequant_f32": the exact reference: dequantize to float32, float32 dot (HIGHEST).
 * "auto": "fp8" on GPU backends, "upcast_bf16" elsewhere.
 
-Serving's `prequantized_matmul` (module `mpx.dot.prequantized`) adds "fold_f32" (both operands dequantized into f32,
-one f32 dot), which "auto" picks on CPU for decode-sized products (at most
-`FOLD_MAX_ROWS` rows): there XLA runs a bf16 dot as an f32 dot anyway, and it computes
-the loop-invariant weight dequantization once per compiled decode call. `rounded_dot`
-(module `mpx.dot.backends`) does the same for the unquantized bf16 matmuls of a decode step
-(attention, LM head); training products have batch x sequence rows and never take it.
+Serving's `prequantized_matmul` (module `mpx.dot.prequantized`) adds "cpu_kernel" (the
+stored FP8 weight multiplied in `mpx.kernels.decode_matmul`, which reads it as one byte
+per weight) and "fold_f32" (both operands dequantized into f32, one f32 dot). On CPU,
+"auto" picks the kernel for decode-sized products (at most `FOLD_MAX_ROWS` rows) where it
+is built, else "fold_f32": there XLA runs a bf16 dot as an f32 dot anyway, and it
+computes the loop-invariant weight dequantization once per compiled decode call.
+`rounded_dot` (module `mpx.dot.rounded`) does the same for the unquantized bf16 matmuls
+of a decode step (projections and the LM head through the kernel, attention in f32);
+training products have batch x sequence rows and never take either.
 
 Modules: `spec` (plan, state, canonical layout), `general` (the differentiable dot),
 `fused` (an FFN's down projection that recomputes the SwiGLU product it multiplies),
