@@ -122,6 +122,7 @@ CASES = [
     ("serve.sensitivity", ["--checkpoint", "{incomplete}", "--data", "{empty}", "--budget", "1", "--out", "s",
                            "--seq", "0"], "--seq"),
     ("benchmarks.serve_load", ["--requests", "0"], "argument --requests"),
+    ("benchmarks.gguf_reference", ["--checkpoint", "x.gguf"], "the following arguments are required: --transformers"),
     ("benchmarks.matmul", ["--rounds", "0"], "argument --rounds"),
     ("benchmarks.quantize", ["--format", "e9m9"], "argument --format: unknown format 'e9m9'"),
     ("benchmarks.scaling", ["--policy", "fp7"], "argument --policy: unknown policy preset 'fp7'"),
@@ -257,7 +258,8 @@ def test_hardware_report_runs_without_warnings(tmp_path):
 
 @pytest.mark.parametrize("module", ["train.run", "serve.generate", "serve.evaluate", "serve.server",
                                     "serve.export", "serve.sensitivity", "benchmarks.generate",
-                                    "benchmarks.optimizer", "benchmarks.serve_load"])
+                                    "benchmarks.optimizer", "benchmarks.serve_load", "benchmarks.decode_bandwidth",
+                                    "benchmarks.gguf_reference"])
 def test_help_names_the_real_invocation(module, capsys):
     assert _call(module, ["--help"]) == 0
     out = capsys.readouterr().out
