@@ -35,9 +35,8 @@ import jax
 import jax.numpy as jnp
 
 import benchmarks
-from benchmarks.kv_capacity import NEW_TOKENS, PROMPT_TOKENS, SMOLLM_135M, random_checkpoint
+from benchmarks.kv_capacity import NEW_TOKENS, PROMPT_TOKENS, SMOLLM_135M, prompts, random_checkpoint
 from mpx import kernels
-from mpx.scaled import ScaledArray
 from serve import engine as engine_lib
 from serve import quantize as q
 
@@ -62,19 +61,9 @@ def bandwidth_gb_s() -> float:
     return w.nbytes / best / 1e9
 
 
-def weight_bytes(variables) -> int:
-    """Bytes of every parameter as stored (ScaledArray: data and scales)."""
-    leaves = jax.tree.leaves(variables["params"], is_leaf=lambda v: isinstance(v, ScaledArray))
-    return sum(v.nbytes if isinstance(v, ScaledArray) else v.size * v.dtype.itemsize for v in leaves)
-
-
 def kv_bytes_per_row(config) -> int:
     """Keys and values one decode step of one row reads (bf16, SPAN slots, every layer)."""
     return SPAN * config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2
-
-
-def _prompts(rows: int) -> list[list[int]]:
-    return [[(7 * r + 3 * i) % 256 + 1 for i in range(PROMPT_TOKENS)] for r in range(rows)]
 
 
 def measure(repeats: int) -> dict:
@@ -84,14 +73,14 @@ def measure(repeats: int) -> dict:
     for name in VARIANTS:
         model, variables = q.prepare(ckpt, q.ServeSpec(name))
         engines[name] = engine_lib.Engine(model, variables, kv_cache="bf16")
-        sizes[name] = weight_bytes(variables)
+        sizes[name] = q.weight_bytes(variables["params"])
         for rows in ROWS:
-            engines[name].warm_up(_prompts(rows), NEW_TOKENS)
+            engines[name].warm_up(prompts(rows, PROMPT_TOKENS), NEW_TOKENS)
     samples = {f"{name} {rows}": [] for name in VARIANTS for rows in ROWS}
     for _ in range(repeats):
         for name in VARIANTS:
             for rows in ROWS:
-                _, stats = engines[name].generate(_prompts(rows), max_new_tokens=NEW_TOKENS)
+                _, stats = engines[name].generate(prompts(rows, PROMPT_TOKENS), max_new_tokens=NEW_TOKENS)
                 samples[f"{name} {rows}"].append(stats.decode_tokens_per_s)
     return {"kernel": kernels.status(), "weight_bytes": sizes, "kv_bytes_per_row": kv_bytes_per_row(ckpt.config),
             "rates": {case: statistics.median(v) for case, v in samples.items()}}

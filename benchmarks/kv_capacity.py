@@ -60,7 +60,7 @@ def random_checkpoint(config: ModelConfig) -> q.Checkpoint:
     return q.Checkpoint(config, params, {}, 0, Path("random-init"))
 
 
-def _prompts(rows: int, length: int) -> list[list[int]]:
+def prompts(rows: int, length: int) -> list[list[int]]:
     return [[(7 * r + 3 * i) % 256 + 1 for i in range(length)] for r in range(rows)]
 
 
@@ -71,12 +71,12 @@ def capacity_rates(ckpt: q.Checkpoint, repeats: int) -> dict:
                                       variables, kv_cache="bf16") for cap in CAPACITIES}
     cases = [(cap, rows) for rows in ROWS for cap in CAPACITIES]
     for cap, rows in cases:
-        engines[cap].warm_up(_prompts(rows, PROMPT_TOKENS), NEW_TOKENS)
+        engines[cap].warm_up(prompts(rows, PROMPT_TOKENS), NEW_TOKENS)
     samples = {case: {"decode": [], "total": []} for case in cases}
     tokens = {}
     for _ in range(repeats):
         for cap, rows in cases:
-            outs, stats = engines[cap].generate(_prompts(rows, PROMPT_TOKENS), max_new_tokens=NEW_TOKENS)
+            outs, stats = engines[cap].generate(prompts(rows, PROMPT_TOKENS), max_new_tokens=NEW_TOKENS)
             samples[cap, rows]["decode"].append(stats.decode_tokens_per_s)
             samples[cap, rows]["total"].append(stats.new_tokens / (stats.prefill_s + stats.decode_s))
             tokens[cap, rows] = [o.tokens for o in outs]

@@ -168,10 +168,7 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
 
 
 def _prequantized_impl(impl: str, rows: int, rhs: ScaledArray) -> str:
-    if impl == "cpu_kernel" and (rhs.ndim != 2 or not kernels.supports(rhs.data)):
-        raise ValueError(f"impl 'cpu_kernel' needs a 2-D rhs stored as one of "
-                         f"{', '.join(d.name for d in kernels.DTYPES)}; got {rhs.data.dtype}{tuple(rhs.shape)}")
-    if impl != "auto":
+    if impl != "auto":  # "cpu_kernel" on a rhs it cannot read: decode_matmul says why
         return impl
     if rhs.ndim == 2 and decode_kernel_fits(rows, rhs.data):
         return "cpu_kernel"

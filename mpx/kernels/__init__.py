@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mpx.scales import broadcast_scale
+
 TARGET = "mpx_decode_matmul"
 # Storage dtypes the kernel decodes (1 or 2 bytes; float32 weights gain nothing).
 DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2), jnp.dtype(jnp.bfloat16))
@@ -145,10 +147,6 @@ def _product(block, transposed, x, w, scale):
     return _call(block, transposed, x, w, scale)
 
 
-def _broadcast(block, scale, shape):
-    return jnp.repeat(jnp.repeat(scale, block[0], axis=0), block[1], axis=1)[:shape[0], :shape[1]]
-
-
 def _fwd(block, transposed, x, w, scale):
     return _call(block, transposed, x, w, scale), (x, w, scale)
 
@@ -156,7 +154,7 @@ def _fwd(block, transposed, x, w, scale):
 def _bwd(block, transposed, residuals, g):
     """The backward products in float32 (the scale is a constant: its cotangent is 0)."""
     x, w, scale = residuals
-    s = _broadcast(block, scale, w.shape)
+    s = broadcast_scale(scale, w.shape, block)
     wd = w.astype(jnp.float32) * s
     dx = g @ wd if transposed else g @ wd.T
     dwd = (x.T @ g).T if transposed else x.T @ g
