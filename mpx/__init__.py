@@ -1,6 +1,6 @@
 """mpx: FP8/BF16 mixed-precision training and inference of transformer LMs in JAX."""
 
-from mpx import calibrate, dot, formats, inspect, metrics, optim, policy, recipes, scaled
+from mpx import calibrate, dot, formats, inspect, metrics, optim, policy, recipes, scaled, target
 from mpx.dot import DotState, dot_general, einsum, init_state
 from mpx.formats import Format, cast
 from mpx.policy import Policy, Precision, Rule
@@ -37,5 +37,5 @@ def __getattr__(name: str):
 __all__ = [
     "Blocks", "Format", "MX", "PerAxis", "PerTensor", "Policy", "Precision", "Rule", "ScaledArray",
     "DotState", "calibrate", "cast", "check_finite", "dot", "dot_general", "einsum", "init_state", "inspect", "compute_amax", "compute_scale", "dequantize", "fake_quant",
-    "formats", "hardware", "metrics", "optim", "policy", "nonfinite_counts", "quantize", "quantize_with_scale", "recipes", "scaled",
+    "formats", "hardware", "metrics", "optim", "policy", "nonfinite_counts", "quantize", "quantize_with_scale", "recipes", "scaled", "target",
 ]

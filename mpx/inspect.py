@@ -2,7 +2,8 @@
 
 XLA falls back to a high-precision GEMM without a word when the FP8 pattern breaks.
 `fp8_report` reads the text of a lowered or compiled computation, finds every dot,
-convolution and GEMM custom call (e.g. cuBLASLt's `__cublas$lt$matmul$f8`), and
+convolution and GEMM custom call (e.g. cuBLASLt's `__cublas$lt$matmul$f8`, or a Pallas
+kernel named as a GEMM, such as `mpx.kernels.block_fp8`'s "mpx_block_fp8_gemm"), and
 classifies it:
 
 * "fp8":            both operands reach the GEMM as FP8 values (f8e4m3fn, f8e5m2, ...);
@@ -39,6 +40,9 @@ CLASSES = ("fp8", "upcast", "high_precision")
 _GEMM_OPCODES = ("dot", "convolution")
 _GEMM_TARGET = re.compile(r"gemm|matmul|conv", re.IGNORECASE)
 _MAX_VISITS = 400  # bound on the backward walk from one GEMM operand
+# Custom calls that run a kernel compiled from Pallas (Triton on GPU); the kernel's name
+# in the call's backend config tells a GEMM (`mpx.kernels.block_fp8`) from other kernels.
+_KERNEL_CALLS = ("__gpu$xla.gpu.triton",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Gemm:
     classification: str
     computation: str = ""
     op_name: str = ""
+    flops: int = 0  # 2 x output elements x contraction length; 0 where the text does not say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,12 @@ class Fp8Report:
     def fp8_fraction(self) -> float:
         """Fraction of GEMMs that run in FP8 (0.0 when there are none)."""
         return self.counts["fp8"] / len(self.gemms) if self.gemms else 0.0
+
+    @property
+    def fp8_flop_fraction(self) -> float:
+        """Share of the GEMM FLOPs that run in FP8 (0.0 without FLOPs: StableHLO text)."""
+        total = sum(g.flops for g in self.gemms)
+        return sum(g.flops for g in self.gemms if g.classification == "fp8") / total if total else 0.0
 
     def fallbacks(self) -> tuple[Gemm, ...]:
         """GEMMs that do not run in FP8."""
@@ -120,6 +131,8 @@ class _Node:
     computation: str
     param_index: int | None = None
     is_root: bool = False
+    shape: tuple[int, ...] | None = None  # of the (first) result, HLO text only
+    operand_shapes: list[tuple[int, ...] | None] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -177,8 +190,16 @@ _HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-$]+)\s*=\s*(.*)$")
 _HLO_DTYPE = re.compile(r"([a-z][a-z0-9]*)\[")
 
 
+_HLO_SHAPE = re.compile(r"[a-z][a-z0-9]*\[([\d,]*)\]")
+
+
 def _hlo_dtypes(type_text: str) -> tuple[str, ...]:
     return tuple(_HLO_DTYPE.findall(type_text))
+
+
+def _hlo_shape(type_text: str) -> tuple[int, ...] | None:
+    m = _HLO_SHAPE.search(type_text)
+    return None if m is None else tuple(int(d) for d in m.group(1).split(",") if d)
 
 
 def _parse_hlo_instr(name: str, rest: str, computation: str) -> _Node | None:
@@ -192,14 +213,15 @@ def _parse_hlo_instr(name: str, rest: str, computation: str) -> _Node | None:
         return None
     open_at = m.end() - 1
     close = _closing(rest, open_at)
-    operands, operand_dtypes = [], []
+    operands, operand_dtypes, operand_shapes = [], [], []
     for tok in _split_top(rest[open_at + 1: close]):
         words = tok.split()
         operands.append(words[-1].lstrip("%") if words else tok)
         inline = _hlo_dtypes(" ".join(words[:-1])) if len(words) > 1 else ()
         operand_dtypes.append(inline[0] if len(inline) == 1 else None)
+        operand_shapes.append(_hlo_shape(" ".join(words[:-1])) if len(inline) == 1 else None)
     node = _Node(name, m.group(1), _hlo_dtypes(type_text), operands, operand_dtypes,
-                 rest[close + 1:], computation)
+                 rest[close + 1:], computation, shape=_hlo_shape(type_text), operand_shapes=operand_shapes)
     if node.opcode == "parameter" and operands and operands[0].isdigit():
         node.operands, node.param_index = [], int(operands[0])
     return node
@@ -290,7 +312,11 @@ def _gemm_kind(node: _Node) -> str | None:
         return node.opcode
     if node.opcode == "custom-call":
         target = re.search(r'custom_call_target="([^"]+)"', node.attrs)
-        if target and _GEMM_TARGET.search(target.group(1)):
+        if target and target.group(1) in _KERNEL_CALLS:  # a Pallas kernel: its name says what it is
+            kernel = re.search(r'\bname = \\?"([\w.\-]+)', node.attrs)
+            if kernel and _GEMM_TARGET.search(kernel.group(1)):
+                return f"custom-call {kernel.group(1)}"
+        elif target and _GEMM_TARGET.search(target.group(1)):
             return f"custom-call {target.group(1)}"
     return None
 
@@ -312,6 +338,32 @@ def _sources(graph: _Graph, node: _Node) -> list[_Node]:
                 for f in graph.callers.get(node.computation, ())
                 if node.param_index < len(f.operands)]
     return [graph.get(node.computation, name) for name in node.operands]
+
+
+def _contracting_dims(node: _Node, kind: str) -> tuple[int, ...] | None:
+    """lhs's contracting dims: a dot's attribute, a cuBLAS call's backend config, or K of
+    a Pallas GEMM's (M, K) lhs."""
+    found = re.search(r'lhs_contracting_dim(?:s=\{|ensions\\?"\s*:\s*\[)([^}\]]*)', node.attrs)
+    if found:
+        return tuple(int(d) for d in re.findall(r"\d+", found.group(1)))
+    return (1,) if kind.startswith("custom-call mpx_") else None
+
+
+def _flops(graph: _Graph, node: _Node, kind: str) -> int:
+    """2 x output elements x contraction length, from HLO shapes (0 when unknown)."""
+    lhs = node.operand_shapes[0] if node.operand_shapes else None
+    if lhs is None and node.operands:
+        source = graph.get(node.computation, node.operands[0])
+        lhs = source.shape if source is not None else None
+    dims = _contracting_dims(node, kind)
+    if lhs is None or node.shape is None or dims is None or any(d >= len(lhs) for d in dims):
+        return 0
+    out, k = 1, 1
+    for n in node.shape:
+        out *= n
+    for d in dims:
+        k *= lhs[d]
+    return 2 * out * k
 
 
 def _reaches_f8(graph: _Graph, start: _Node | None) -> bool:
@@ -383,7 +435,7 @@ def fp8_report(compiled_or_lowered_or_text: Any) -> Fp8Report:
             lhs_dtype=_operand_dtype(graph, node, 0), rhs_dtype=_operand_dtype(graph, node, 1),
             out_dtype=node.dtypes[0] if node.dtypes else "?",
             classification=_classify(graph, node), computation=node.computation,
-            op_name=op_name.group(1) if op_name else "",
+            op_name=op_name.group(1) if op_name else "", flops=_flops(graph, node, kind),
         ))
     return Fp8Report(tuple(gemms))
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mpx.target import current as current_target
+
 Array = jax.Array
 
 
@@ -64,7 +66,7 @@ def kept(x: Array) -> Array:
       x: an array whose dtype has a same-width unsigned integer type
         (1, 2, 4 or 8 bytes per element).
     """
-    if jax.default_backend() != "cpu":
+    if not current_target().is_cpu:
         return x
     bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
     same = lambda v: jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, bits), v.dtype)

@@ -1,11 +1,20 @@
 """Shared pytest setup: float64 off, and tests marked `gpu` skip (with a reason) without one.
 
+On a machine without an NVIDIA driver, JAX_PLATFORMS defaults to "cpu" (for this process
+and the programs the tests start): with jax's CUDA plugin installed (the gpu-compile
+extra, for `mpx.aot`) jax would otherwise try the GPU first and print its cuInit failure.
+
 XLA_FLAGS (e.g. a host device count) is deliberately not set here: tests that need
 several devices start their own subprocess.
 """
 
-import jax
-import pytest
+import os
+
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 

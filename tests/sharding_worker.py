@@ -10,6 +10,7 @@ reference of the gradient checks runs here too, under the same XLA flags.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -28,7 +29,6 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mpx  # noqa: E402
 import mpx.sharding  # noqa: E402
-from mpx.dot import backends  # noqa: E402
 from models import config as model_config  # noqa: E402
 from models import plan as plan_lib  # noqa: E402
 from models import sharding  # noqa: E402
@@ -176,19 +176,18 @@ def check_chunked_products(out: Path, results: dict) -> None:
     w = put(jax.random.normal(keys[1], (256, 1024)) * 0.05, None, "tensor")
     g = put(jax.random.normal(keys[2], (4096, 1024)).astype(jnp.bfloat16), "data", "tensor")
 
-    def step(x, w, g):
+    def step(x, w, g, target):
         y, vjp = jax.vjp(lambda x, w: mpx.dot_general(x, w, (((1,), (0,)), ((), ())), recipe="deepseek_v3",
-                                                      preferred_element_type=jnp.bfloat16), x, w)
+                                                      preferred_element_type=jnp.bfloat16, target=target), x, w)
         return (y, *vjp(g))
 
-    saved, runs = (backends.ROW_CHUNK, backends.COL_CHUNK), {}
-    for name, sizes in (("whole", (1 << 30, 1 << 30)), ("chunked", saved)):
-        backends.ROW_CHUNK, backends.COL_CHUNK = sizes
-        fn = jax.jit(lambda *a: step(*a))  # traced anew: the chunk sizes are read while tracing
+    runs = {}
+    for name, target in (("whole", mpx.target.Target("cpu", row_chunk=1 << 30, col_chunk=1 << 30)),
+                         ("chunked", mpx.target.Target("cpu"))):
+        fn = jax.jit(functools.partial(step, target=target))
         moved = sharding.collectives(fn.lower(x, w, g).compile().as_text())
         runs[name] = ({f"{op} {dtype}": n for (op, dtype), n in moved.items() if op != "all-reduce"},
                       [np.asarray(v) for v in fn(x, w, g)])
-    backends.ROW_CHUNK, backends.COL_CHUNK = saved
     results["chunked_products"] = {
         "movement_whole": runs["whole"][0], "movement_chunked": runs["chunked"][0],
         "same_bits": all(np.array_equal(_bits(a), _bits(b)) for a, b in zip(runs["whole"][1], runs["chunked"][1])),

@@ -166,6 +166,8 @@ def test_implementations_agree_with_the_dequantized_reference(recipe):
     # extra bf16 rounding each, which it must show.
     bound = k * F32_EPS
     assert mdot.resolve_impl("auto") == ("fp8" if jax.default_backend() == "gpu" else "upcast_bf16")
+    assert mdot.resolve_impl("auto", mpx.target.Target("gpu", "NVIDIA H100 80GB HBM3")) == "fp8"
+    assert mdot.resolve_impl("auto", mpx.target.Target("cpu")) == "upcast_bf16"
     for impl in ("upcast_bf16", "fp8"):
         got = _value_and_grads(_quantized(dn, recipe, impl=impl), lhs, rhs, ct)
         for g, r in zip(got, ref):
@@ -450,7 +452,7 @@ def test_folded_prequantized_matmul_equals_the_f32_reference(recipe, weights):
     """"fold_f32" and "cpu_kernel" compute the reference's product (the same quantized
     values, dequantized in f32) up to f32 summation order, on a ragged K (200 = 128 + 72),
     for decode-sized rows and prefill-sized rows and for experts; "auto" on CPU is the
-    kernel (where built) or "fold_f32" for at most FOLD_MAX_ROWS rows of a 2-D weight,
+    kernel (where built) or "fold_f32" for decode-sized rows of a 2-D weight,
     "fold_f32" for experts, and the grouped bf16 GEMM above that."""
     recipe = _FOLD_RECIPES[recipe]
     state = None
@@ -475,7 +477,7 @@ def test_folded_prequantized_matmul_equals_the_f32_reference(recipe, weights):
         rows = x.shape[-2] if rhs.ndim == 3 else math.prod(x.shape[:-1])
         if jax.default_backend() == "cpu":
             decode = "cpu_kernel" if rhs.ndim == 2 and kernels.available() else "fold_f32"
-            expect = decode if rows <= mdot.FOLD_MAX_ROWS else "upcast_bf16"
+            expect = decode if mpx.target.current().decode_sized(rows) else "upcast_bf16"
             assert np.array_equal(run(x, rhs, "auto"), run(x, rhs, expect))
 
 
@@ -491,7 +493,7 @@ def test_rounded_dot_keeps_the_products_of_its_compute_dtype(rows):
     assert float(metrics.relative_error(got, want)) <= 1e-6
     jaxpr = jax.make_jaxpr(mdot.rounded_dot, static_argnums=(2, 3))(lhs, rhs, BATCHED, jnp.bfloat16)
     dot = next(e for e in jaxpr.eqns if e.primitive.name == "dot_general")
-    small = rows <= mdot.FOLD_MAX_ROWS and jax.default_backend() == "cpu"
+    small = mpx.target.current().decode_sized(rows)
     assert dot.invars[0].aval.dtype == (jnp.float32 if small else jnp.bfloat16)
 
 
@@ -606,58 +608,60 @@ def test_exact_block_scales_match_the_float64_product_of_the_dequantized_operand
         assert err <= 1e-5, err
 
 
-def _deepseek_dot(out_dtype=jnp.float32):
-    """A fresh jitted DeepSeekV3 product (traced anew, so it sees the module constants)."""
+def _cpu(**sizes) -> mpx.target.Target:
+    """The CPU target with other chunk sizes."""
+    return mpx.target.Target("cpu", **sizes)
+
+
+def _deepseek_dot(out_dtype=jnp.float32, target=None):
+    """A jitted DeepSeekV3 product for `target`."""
     return jax.jit(lambda a, b: mdot.dot_general(a, b, MK_KN, recipe=recipes.DeepSeekV3(),
-                                                 preferred_element_type=out_dtype))
+                                                 preferred_element_type=out_dtype, target=target))
 
 
-def test_many_rows_run_in_chunks_with_the_same_bits(monkeypatch):
+def test_many_rows_run_in_chunks_with_the_same_bits():
     """Float block scales over several K groups: rows in chunks (forward, dgrad and
     wgrad's lhs^T rows) give the bits of one pass."""
     x, w, g = _normal(46, (512, 256), 2.0), _normal(47, (256, 384), 0.05), _normal(48, (512, 384))
-    fn = _quantized(MK_KN, recipes.DeepSeekV3())
-    monkeypatch.setattr(backends, "ROW_CHUNK", 4096)
-    whole = _value_and_grads(fn, x, w, g)
-    monkeypatch.setattr(backends, "ROW_CHUNK", 128)
-    assert backends._row_chunks(512, 1, (1, 1, 128), 2) == 4
-    chunked = _value_and_grads(fn, x, w, g)
+    whole = _value_and_grads(_quantized(MK_KN, recipes.DeepSeekV3(), target=_cpu(row_chunk=4096)), x, w, g)
+    assert backends._row_chunks(512, 1, (1, 1, 128), 2, 128) == 4
+    chunked = _value_and_grads(_quantized(MK_KN, recipes.DeepSeekV3(), target=_cpu(row_chunk=128)), x, w, g)
     for a, b in zip(whole, chunked):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_chunked_rows_hold_less_than_one_f32_result(monkeypatch):
+def test_chunked_rows_hold_less_than_one_f32_result():
     """Without chunks the running sum and a group's partial sums are two f32 results;
     in chunks of 256 rows the whole product needs less than one."""
     m, n = 2048, 512
     x, w = jnp.ones((m, 256), jnp.bfloat16), jnp.ones((256, n), jnp.float32)
-    temp = lambda: _deepseek_dot(jnp.bfloat16).lower(x, w).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
-    monkeypatch.setattr(backends, "ROW_CHUNK", 4096)
-    assert temp() >= 2 * m * n * 4
-    monkeypatch.setattr(backends, "ROW_CHUNK", 256)
-    assert temp() < m * n * 4
+
+    def temp(rows):
+        fn = _deepseek_dot(jnp.bfloat16, _cpu(row_chunk=rows))
+        return fn.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp(4096) >= 2 * m * n * 4
+    assert temp(256) < m * n * 4
 
 
-def _wgrad_fn(x, g):
+def _wgrad_fn(x, g, target=None):
     """d_w of a DeepSeekV3 product with bf16 output, as a function of w."""
 
     def wgrad(w):
         _, vjp = jax.vjp(lambda w: mdot.dot_general(x, w, MK_KN, recipe=recipes.DeepSeekV3(),
-                                                     preferred_element_type=jnp.bfloat16), w)
+                                                     preferred_element_type=jnp.bfloat16, target=target), w)
         return vjp(g)[0]
 
     return jax.jit(wgrad)
 
 
-def test_wgrad_over_many_token_groups_runs_in_column_chunks_with_the_same_bits(monkeypatch):
+def test_wgrad_over_many_token_groups_runs_in_column_chunks_with_the_same_bits():
     """Past MAX_SCANNED_GROUPS token groups wgrad is one f32 GEMM of dequantized operands;
     dY's columns in chunks give its bits, exact to f32 rounding."""
     t, k, n = 128 * (backends.MAX_SCANNED_GROUPS + 1), 256, 512
     x, w, g = _normal(49, (t, k), 2.0), _normal(50, (k, n), 0.05), _normal(51, (t, n)).astype(jnp.bfloat16)
-    monkeypatch.setattr(backends, "COL_CHUNK", 1 << 20)
-    whole = _wgrad_fn(x, g)(w)
-    monkeypatch.setattr(backends, "COL_CHUNK", 128)
-    chunked = _wgrad_fn(x, g)(w)
+    whole = _wgrad_fn(x, g, _cpu(col_chunk=1 << 20))(w)
+    chunked = _wgrad_fn(x, g, _cpu(col_chunk=128))(w)
     np.testing.assert_array_equal(np.asarray(whole), np.asarray(chunked))
     def dq(v, block):
         return np.asarray(mpx.dequantize(mpx.quantize(v, "e4m3", mpx.Blocks(block))), np.float64)
@@ -667,13 +671,11 @@ def test_wgrad_over_many_token_groups_runs_in_column_chunks_with_the_same_bits(m
     assert np.max(np.abs(np.asarray(chunked, np.float64) - want)) / np.max(np.abs(want)) <= 1e-5
 
 
-def test_wgrad_column_chunks_hold_less_than_the_whole_f32_gradient(monkeypatch):
+def test_wgrad_column_chunks_hold_less_than_the_whole_f32_gradient():
     """Whole, wgrad dequantizes all of dY into f32; in chunks of 256 columns the whole
     backward pass needs less than that one buffer."""
     t, k, n = 128 * (backends.MAX_SCANNED_GROUPS + 1), 256, 2048
     x, w, g = jnp.ones((t, k), jnp.bfloat16), jnp.ones((k, n), jnp.float32), jnp.ones((t, n), jnp.bfloat16)
-    temp = lambda: _wgrad_fn(x, g).lower(w).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
-    monkeypatch.setattr(backends, "COL_CHUNK", 1 << 20)
-    assert temp() >= t * n * 4
-    monkeypatch.setattr(backends, "COL_CHUNK", 256)
-    assert temp() < t * n * 4
+    temp = lambda cols: _wgrad_fn(x, g, _cpu(col_chunk=cols)).lower(w).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(1 << 20) >= t * n * 4
+    assert temp(256) < t * n * 4

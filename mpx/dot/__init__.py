@@ -51,8 +51,10 @@ gradient (it passes through `lax.stop_gradient`).
 Implementations of the quantized matmul (`impl`):
 
 * "fp8": per-tensor scales use the Hopper pattern `dot(convert(f8) * s_a, convert(f8) *
-  s_b)`, which XLA rewrites into a cuBLASLt FP8 GEMM on H100/H200. Block scales have no
-  native XLA path on Hopper: they fall back to the "upcast_bf16" computation.
+  s_b)`, which XLA rewrites into a cuBLASLt FP8 GEMM on H100/H200. Block scales (1x128
+  tiles, 128x128 blocks) go to the Pallas kernel `mpx.kernels.block_fp8` (FP8 WGMMA,
+  f32 promotion per K group) on a target with FP8 tensor cores (`mpx.target`);
+  elsewhere to the "upcast_bf16" computation on the raw FP8 values.
 * "upcast_bf16": bf16 GEMMs of the exact FP8 values (bf16 holds every E4M3/E5M2 value)
   with f32 accumulation; per-tensor scales multiply the f32 result. Block scales are
   folded into the operands when that is exact (power-of-two scales, `scale_format=
@@ -65,12 +67,12 @@ Implementations of the quantized matmul (`impl`):
   each operand value gains up to 2^-9 relative error (about 2.7e-3 of max|y| against
   the exact product at 1024-wide shapes; E4M3 itself has 2^-4).
 * "dequant_f32": the exact reference: dequantize to float32, float32 dot (HIGHEST).
-* "auto": "fp8" on GPU backends, "upcast_bf16" elsewhere.
+* "auto": "fp8" on GPU targets, "upcast_bf16" elsewhere (`mpx.target.Target.default_impl`).
 
 Serving's `prequantized_matmul` (module `mpx.dot.prequantized`) adds "cpu_kernel" (the
 stored FP8 weight multiplied in `mpx.kernels.decode_matmul`, which reads it as one byte
 per weight) and "fold_f32" (both operands dequantized into f32, one f32 dot). On CPU,
-"auto" picks the kernel for decode-sized products (at most `FOLD_MAX_ROWS` rows) where it
+"auto" picks the kernel for decode-sized products (`mpx.target.Target.decode_sized`) where it
 is built, else "fold_f32": there XLA runs a bf16 dot as an f32 dot anyway, and it
 computes the loop-invariant weight dequantization once per compiled decode call.
 `rounded_dot` (module `mpx.dot.rounded`) does the same for the unquantized bf16 matmuls
@@ -97,7 +99,6 @@ Example:
     True
 """
 
-from mpx.dot.backends import FOLD_MAX_ROWS
 from mpx.dot.rounded import rounded_dot
 from mpx.dot.general import dot_general, quantized_operands
 from mpx.dot.fused import recomputes_swiglu, swiglu_dot_general
@@ -107,7 +108,7 @@ from mpx.dot.subscripts import einsum
 from mpx.formats import upcast
 
 __all__ = [
-    "DotPlan", "DotState", "FOLD_MAX_ROWS", "IMPLS", "OperandSpec", "PREQUANTIZED_IMPLS", "RHS_KINDS",
+    "DotPlan", "DotState", "IMPLS", "OperandSpec", "PREQUANTIZED_IMPLS", "RHS_KINDS",
     "dot_general", "einsum", "init_state", "plan", "prequantized_matmul", "quantized_operands", "recomputes_swiglu",
     "resolve_impl", "rounded_dot", "swiglu_dot_general", "upcast",
 ]

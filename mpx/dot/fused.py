@@ -33,6 +33,8 @@ from mpx import recipes as recipes_lib
 from mpx.dot import backends
 from mpx.dot.general import _Config, _qmatmul_fwd, _setup, dot_general, grads
 from mpx.sharding import explicit
+from mpx.target import Target
+from mpx.target import current as current_target
 from mpx.dot.spec import IMPLS, check_choice, plan, resolve_impl, to_canonical, transposed
 
 
@@ -57,14 +59,14 @@ def recomputes_swiglu(recipe) -> bool:
     lambda: jax.lax.dot_general(gate, rhs, dimension_numbers)))
 def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residual_format: str | None = None,
                        preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto",
-                       activation: str = "silu"):
+                       activation: str = "silu", target: Target | None = None):
     """`dot_general(mpx.activations.swiglu(gate, up, residual_format), rhs, ...)`, whose
     backward pass recomputes the SwiGLU product instead of keeping it (module docstring).
 
     Args:
       gate, up: the FFN's two projections, one shape (any float dtype).
-      rhs, dimension_numbers, recipe, preferred_element_type, rhs_kind, impl: as in
-        `dot_general`, with the SwiGLU product as lhs.
+      rhs, dimension_numbers, recipe, preferred_element_type, rhs_kind, impl, target: as
+        in `dot_general`, with the SwiGLU product as lhs.
       residual_format: as in `mpx.activations.swiglu`.
       activation: the gate's, as in `mpx.activations.glu` ("silu": SwiGLU).
 
@@ -80,12 +82,13 @@ def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residua
     if not recomputes_swiglu(recipe):
         hidden = activations.glu(gate, up, residual_format, activation)
         return dot_general(hidden, rhs, dimension_numbers, recipe=recipe, preferred_element_type=preferred_element_type,
-                           rhs_kind=rhs_kind, impl=impl)
+                           rhs_kind=rhs_kind, impl=impl, target=target)
     recipe, gate, rhs, lay = _setup(gate, rhs, dimension_numbers, recipe, None, rhs_kind)
     up = jnp.asarray(up)
     out_dtype = jnp.result_type(jnp.float32, rhs) if preferred_element_type is None else preferred_element_type
-    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, jnp.dtype(jnp.float32), rhs.dtype,
-                  jnp.dtype(out_dtype), jax.default_backend() == "cpu", True)
+    target = current_target(target)
+    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl, target), lay.batched, jnp.dtype(jnp.float32), rhs.dtype,
+                  jnp.dtype(out_dtype), target, True)
     activations.activate(activation, jnp.zeros((), jnp.float32))  # names a bad activation
     fused = _FusedConfig(cfg, residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)), activation)
     gate_c, up_c = (to_canonical(v, lay.lhs_perm, lay.lhs_shape) for v in (gate, up))

@@ -37,6 +37,8 @@ from mpx.dot.spec import (
 from mpx.recipes import AmaxHistory
 from mpx.scaled import ScaledArray
 from mpx.sharding import explicit
+from mpx.target import Target
+from mpx.target import current as current_target
 from mpx.scales import broadcast_scale, compute_amax, compute_scale
 
 
@@ -50,7 +52,7 @@ class _Config:
     lhs_dtype: Any
     rhs_dtype: Any
     out_dtype: Any  # the result's dtype, so the incoming gradient has it too (bf16: half the bytes)
-    guard: bool  # optimization barriers around bf16 dots (XLA on CPU)
+    target: Target  # the machine compiled for (barriers, chunk sizes, FP8 GEMMs)
     fp8_residuals: bool  # keep the quantized operands for the backward pass
 
 
@@ -65,7 +67,7 @@ def _qmatmul_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
     rhs_q = backends.quantize_parts(rhs, p.fprop_rhs, rhs_scale)
     a, b = backends.from_grid(*lhs_q, p.fprop_lhs, impl), backends.from_grid(*rhs_q, p.fprop_rhs, impl)
     blocks = (backends.block_of(p.fprop_lhs, lhs.shape), backends.block_of(p.fprop_rhs, rhs.shape))
-    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.guard, blocks, cfg.out_dtype)
+    out = backends.dot(a, b, dims(cfg.batched, 1, 0), cfg.target, blocks, cfg.out_dtype)
     if cfg.fp8_residuals:
         # The FP8 operands (E4M3 data + f32 scales) instead of the inputs: 1 byte per
         # element. The rhs is kept unquantized when dgrad groups it differently.
@@ -119,7 +121,7 @@ def dgrad(cfg: _Config, keep_rhs, g):
     rhs_shape = _rhs_shape(cfg, keep_rhs)
     rhs = _dgrad_rhs(cfg, keep_rhs, g)
     blocks = (backends.block_of(p.dgrad_dy, g.shape), backends.block_of(p.dgrad_rhs, rhs_shape))
-    return backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.guard, blocks), dy, rhs_shape  # (M, N) x (K, N)
+    return backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.target, blocks), dy, rhs_shape  # (M, N) x (K, N)
 
 
 def _dgrad_rhs(cfg: _Config, keep_rhs, g):
@@ -140,7 +142,7 @@ def wgrad(cfg: _Config, lhs_t, dy, g, rhs_shape) -> jax.Array:
     dy_w = dy if p.wgrad_dy == p.dgrad_dy else backends.prepare(g, p.wgrad_dy, impl)
     lhs_t_shape = g.shape[:-2] + (rhs_shape[-2], g.shape[-2])
     blocks = (backends.block_of(transposed(p.wgrad_lhs), lhs_t_shape), backends.block_of(p.wgrad_dy, g.shape))
-    return backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.guard, blocks)
+    return backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.target, blocks)
 
 
 def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:
@@ -243,7 +245,8 @@ def quantized_operands(lhs, rhs, dimension_numbers, *, recipe, state: DotState |
 
 @explicit.auto_inside(explicit.dot_specs)
 def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | None = None,
-                preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto"):
+                preferred_element_type=None, rhs_kind: str = "weight", impl: str = "auto",
+                target: Target | None = None):
     """A differentiable quantized `lax.dot_general` with float32 accumulation.
 
     Args:
@@ -257,6 +260,7 @@ def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | N
       rhs_kind: "weight" (128x128 blocks under DeepSeekV3) or "activation" (rhs tiled
         128-wide along its contraction dims, e.g. both operands are activations).
       impl: "auto", "fp8", "upcast_bf16" or "dequant_f32" (see `mpx.dot`).
+      target: the machine compiled for (`mpx.target`); default `mpx.target.current()`.
 
     Returns:
       The product in lax.dot_general's layout (batch, lhs free, rhs free) and
@@ -276,8 +280,8 @@ def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | N
     lhs_c = to_canonical(lhs, lay.lhs_perm, lay.lhs_shape)
     rhs_c = to_canonical(rhs, lay.rhs_perm, lay.rhs_shape)
     lhs_scale, rhs_scale, new_state = _forward_scales(recipe, state, lhs_c, rhs_c)
-    guard = jax.default_backend() == "cpu"
-    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl), lay.batched, lhs.dtype, rhs.dtype,
-                  jnp.dtype(out_dtype), guard, recipe.fp8_residuals)
+    target = current_target(target)
+    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl, target), lay.batched, lhs.dtype, rhs.dtype,
+                  jnp.dtype(out_dtype), target, recipe.fp8_residuals)
     out = _qmatmul(cfg, lhs_c, rhs_c, lhs_scale, rhs_scale).reshape(lay.out_shape)
     return out if state is None else (out, new_state)

@@ -15,9 +15,12 @@ from jax import lax
 from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
 from mpx import kernels
-from mpx.dot.backends import cpu_decode_sized, decode_kernel_fits, dot, grouped_dot
+from mpx.kernels import block_fp8
+from mpx.dot.backends import decode_kernel_fits, dot, grouped_dot
 from mpx.dot.general import tensor_amax
-from mpx.dot.spec import IMPLS, DotState, check_choice, check_state, dims, resolve_impl
+from mpx.dot.spec import IMPLS, DotState, check_choice, check_state, dims
+from mpx.target import Target
+from mpx.target import current as current_target
 from mpx.formats import upcast
 from mpx.scaled import Blocks, ScaledArray, dequantize, quantize, quantize_with_scale
 from mpx.scales import compute_amax, compute_scale, grid_values, pad_axis_to
@@ -100,7 +103,7 @@ def _check_prequantized(lhs: jax.Array, rhs: ScaledArray) -> None:
 
 def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState | None = None,
                         compute_dtype=jnp.bfloat16, preferred_element_type=jnp.float32,
-                        impl: str = "auto") -> jax.Array:
+                        impl: str = "auto", target: Target | None = None) -> jax.Array:
     """Forward-only product of activations with a weight quantized ahead of time (serving).
 
         out[..., n] = sum_k q(lhs)[..., k] * dequantize(rhs)[k, n]      (f32 accumulation)
@@ -122,15 +125,17 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
       preferred_element_type: output dtype.
       impl: "auto", "upcast_bf16" (the grouped GEMM above), "fp8" (a per-tensor lhs scale
         and one K group: the Hopper `convert(f8) * scalar -> dot` pattern on the raw FP8
-        data, column scales after; otherwise as "upcast_bf16"), "fold_f32" (both
+        data, column scales after; K groups on a target with FP8 tensor cores:
+        `mpx.kernels.block_fp8`; otherwise as "upcast_bf16"), "fold_f32" (both
         operands dequantized into f32, scales folded in, one f32 GEMM: the decode path,
         see `_folded_prequantized`), "cpu_kernel" (the same folded activations times the
         stored FP8 weight in `mpx.kernels.decode_matmul`, which reads it as one byte per
         weight; a 2-D rhs) or "dequant_f32" (the reference: the same product through
         `quantize` / `dequantize`, f32 GEMM at HIGHEST precision). "auto" is "fp8" on
-        GPU; on CPU for at most `FOLD_MAX_ROWS` rows (decode) "cpu_kernel" where the
-        kernel is available (`mpx.kernels.status()`) and fits, else "fold_f32"; and
+        GPU; on CPU for decode-sized products (`Target.decode_sized`) "cpu_kernel" where
+        the kernel is available (`mpx.kernels.status()`) and fits, else "fold_f32"; and
         "upcast_bf16" for more rows (prefill).
+      target: the machine compiled for (`mpx.target`); default `mpx.target.current()`.
 
     Returns:
       (..., N), or (E, M, N) for a batched rhs, in `preferred_element_type`.
@@ -152,7 +157,8 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     k = x3.shape[-1]
     tile = recipe.block if isinstance(recipe, recipes_lib.DeepSeekV3) else k
     groups = _scale_groups(k, tile, rhs3.block[1])
-    impl = _prequantized_impl(impl, x3.shape[1], rhs)
+    target = current_target(target)
+    impl = _prequantized_impl(impl, x3.shape[1], rhs, target)
     if impl == "cpu_kernel":
         out = _kernel_prequantized(x3, rhs, recipe, scale, min(tile, k), compute_dtype)
     elif impl == "fold_f32":
@@ -160,19 +166,21 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     elif groups is None or impl == "dequant_f32":
         out = _reference_prequantized(x3, rhs3, recipe, scale, compute_dtype)
     elif impl == "fp8" and groups[0] == k and scale is not None:
-        out = _fp8_prequantized(x3, rhs3, recipe, scale)
+        out = _fp8_prequantized(x3, rhs3, recipe, scale, target)
+    elif impl == "fp8" and recipe is not None and block_fp8_takes(groups[0], target):
+        out = _block_fp8_prequantized(x3, rhs3, recipe, scale, groups, tile, target)
     else:
-        out = _upcast_prequantized(x3, rhs3, recipe, scale, groups, tile, compute_dtype)
+        out = _upcast_prequantized(x3, rhs3, recipe, scale, groups, tile, compute_dtype, target)
     shape = out.shape if batched else lhs.shape[:-1] + (rhs.shape[-1],)
     return out.reshape(shape).astype(preferred_element_type)
 
 
-def _prequantized_impl(impl: str, rows: int, rhs: ScaledArray) -> str:
+def _prequantized_impl(impl: str, rows: int, rhs: ScaledArray, target: Target) -> str:
     if impl != "auto":  # "cpu_kernel" on a rhs it cannot read: decode_matmul says why
         return impl
-    if rhs.ndim == 2 and decode_kernel_fits(rows, rhs.data):
+    if rhs.ndim == 2 and decode_kernel_fits(rows, rhs.data, target):
         return "cpu_kernel"
-    return "fold_f32" if cpu_decode_sized(rows) else resolve_impl(impl)
+    return "fold_f32" if target.decode_sized(rows) else target.default_impl
 
 
 def _folded_lhs(x3, recipe, scale, tile: int, compute_dtype) -> jax.Array:
@@ -210,7 +218,7 @@ def _kernel_prequantized(x3, rhs: ScaledArray, recipe, scale, tile: int, compute
     return kernels.decode_matmul(xv[0], rhs.data, rhs.scale, rhs.block)[None]
 
 
-def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype):
+def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype, target):
     group, k_pad = groups
     tile = min(tile, k_pad) if tile < x3.shape[-1] else k_pad
     xv, sx = _lhs_operand(pad_axis_to(x3, 2, k_pad), recipe, scale, tile, compute_dtype)
@@ -219,7 +227,31 @@ def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int
     wdtype = jnp.float32 if jnp.dtype(xv.dtype) == jnp.float32 else jnp.bfloat16
     wv = pad_axis_to(upcast(rhs3.data, wdtype), 1, k_pad)  # exact: bf16 holds every FP8 value
     sw = _rhs_group_scales(rhs3, group, k_pad // group)
-    return grouped_dot(xv, sx, wv, sw, group, False)
+    return grouped_dot(xv, sx, wv, sw, group, target)
+
+
+def block_fp8_takes(group: int, target: Target) -> bool:
+    """Whether `mpx.kernels.block_fp8` multiplies K groups of `group` on `target`."""
+    return target.fp8_gemms and group in block_fp8.GROUPS and block_fp8.available()
+
+
+def _block_fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, target: Target):
+    """The activations quantized as the recipe says (DeepSeek tiles or one scale) times the
+    stored FP8 weight in `mpx.kernels.block_fp8`: FP8 tensor cores, the weight read in
+    its (K, N) layout, each K group's partial sums scaled per row and column."""
+    group, k_pad = groups
+    tile = min(tile, k_pad) if tile < x3.shape[-1] else k_pad
+    fmt = formats_lib.get(recipe.fwd_format)
+    xv, sx = _lhs_operand(pad_axis_to(x3, 2, k_pad), recipe, scale, tile, None, fmt.storage_dtype)
+    b, m, n_groups = xv.shape[0], xv.shape[1], k_pad // group
+    if jnp.ndim(sx) == 3:
+        rows = jnp.repeat(sx, tile // group, axis=2) if tile > group else sx
+    else:
+        rows = jnp.broadcast_to(jnp.reshape(sx, (1, 1, 1)), (b, m, n_groups))
+    wv = pad_axis_to(rhs3.data, 1, k_pad)
+    product = lambda x, r, w, c: block_fp8.matmul(x, r, w, c, group=group, out_dtype=jnp.float32,  # noqa: E731
+                                                  interpret=target.interpret)
+    return jax.vmap(product)(xv, rows.astype(jnp.float32), wv, _rhs_group_scales(rhs3, group, n_groups))
 
 
 def _reference_prequantized(x3, rhs3: ScaledArray, recipe, scale, compute_dtype) -> jax.Array:
@@ -235,8 +267,8 @@ def _reference_prequantized(x3, rhs3: ScaledArray, recipe, scale, compute_dtype)
                            preferred_element_type=jnp.float32)
 
 
-def _fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale):
+def _fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale, target):
     """Per-tensor lhs x one-K-group rhs: raw FP8 data into the Hopper GEMM pattern."""
     q = quantize_with_scale(x3, scale, recipe.fwd_format, x3.shape)
-    out = dot((q.data, jnp.reshape(scale, ()), None), (rhs3.data, jnp.ones((), jnp.float32), None), dims(True, 1, 0), False)
+    out = dot((q.data, jnp.reshape(scale, ()), None), (rhs3.data, jnp.ones((), jnp.float32), None), dims(True, 1, 0), target)
     return out * _rhs_group_scales(rhs3, rhs3.shape[1], 1)

@@ -19,21 +19,22 @@ from mpx.recipes import AmaxHistory
 from mpx.config import check_choice  # noqa: F401  (used here and by the other mpx.dot modules)
 from mpx.scaled import Blocks, PerTensor
 from mpx.scales import folds_exactly
+from mpx.target import Target
+from mpx.target import current as current_target
 
 IMPLS = ("auto", "upcast_bf16", "fold_bf16", "fp8", "dequant_f32")
 RHS_KINDS = ("weight", "activation")
 
 
-def resolve_impl(impl: str = "auto") -> str:
-    """The implementation "auto" stands for on the default backend ("fp8" on GPU).
+def resolve_impl(impl: str = "auto", target: Target | None = None) -> str:
+    """The implementation "auto" stands for on `target` (default `mpx.target.current()`):
+    "fp8" on a GPU, "upcast_bf16" elsewhere (`Target.default_impl`).
 
     Raises:
       ValueError: for an impl not in `IMPLS`.
     """
     check_choice("impl", impl, IMPLS)
-    if impl != "auto":
-        return impl
-    return "fp8" if jax.default_backend() == "gpu" else "upcast_bf16"
+    return current_target(target).default_impl if impl == "auto" else impl
 
 
 # --------------------------------------------------------------------------- plan
