@@ -32,12 +32,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
 
 from models import config as model_config
 from mpx import calibrate as calibrate_lib
 from mpx import config as config_io
 from mpx import kernels
+from mpx import target as target_lib
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
@@ -169,7 +169,7 @@ def _summary(new_tokens: int, stats: engine_lib.Stats, engine: engine_lib.Engine
 
 def _kernel_note(spec: q.ServeSpec) -> str:
     """"; CPU decode kernel: on/off (why)" where it matters: FP8 or bf16 weights on CPU."""
-    if jax.default_backend() != "cpu" or (spec.precision == "fp32" and spec.layer_policy is None):
+    if not target_lib.current().is_cpu or (spec.precision == "fp32" and spec.layer_policy is None):
         return ""
     return f"; {kernels.status()}"
 

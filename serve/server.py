@@ -49,7 +49,6 @@ import time
 from typing import Callable
 
 import fastapi
-import jax
 import uvicorn
 from absl import logging as absl_logging
 from fastapi.responses import JSONResponse
@@ -57,6 +56,7 @@ from starlette.exceptions import HTTPException
 
 from mpx import config as config_io
 from mpx import kernels
+from mpx import target as target_lib
 from serve import batching
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
@@ -247,7 +247,7 @@ def build(args: argparse.Namespace) -> Service:
     batcher = batching.Batcher(slots, tokenizer, max_queue=args.max_queue, stop_ids=_eos_ids(tokenizer))
     info = {"precision": spec.label, "policy": args.policy, "kv_cache": args.kv_cache, "max_batch": max_batch,
             "max_seq_len": slots.max_seq_len, "context": model.config.max_seq_len,
-            "decode_kernel": kernels.status() if jax.default_backend() == "cpu" else None}
+            "decode_kernel": kernels.status() if target_lib.current().is_cpu else None}
     render, stops = chat_renderer(tokenizer)
     return Service(batcher, tokenizer, ckpt.name, render, stops, info)
 

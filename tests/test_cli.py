@@ -259,7 +259,7 @@ def test_hardware_report_runs_without_warnings(tmp_path):
 @pytest.mark.parametrize("module", ["train.run", "serve.generate", "serve.evaluate", "serve.server",
                                     "serve.export", "serve.sensitivity", "benchmarks.generate",
                                     "benchmarks.optimizer", "benchmarks.serve_load", "benchmarks.decode_bandwidth",
-                                    "benchmarks.gguf_reference", "benchmarks.h100_compile"])
+                                    "benchmarks.gguf_reference", "benchmarks.h100_compile", "benchmarks.gpu"])
 def test_help_names_the_real_invocation(module, capsys):
     assert _call(module, ["--help"]) == 0
     out = capsys.readouterr().out
