@@ -67,6 +67,8 @@ class Gemm:
     computation: str = ""
     op_name: str = ""
     flops: int = 0  # 2 x output elements x contraction length; 0 where the text does not say
+    lhs_shape: tuple[int, ...] | None = None  # HLO text only
+    rhs_shape: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +103,10 @@ class Fp8Report:
 
     def __str__(self) -> str:
         head = ("class", "kind", "lhs", "rhs", "out", "name", "op")
+        shaped = lambda dtype, shape: dtype if shape is None else f"{dtype}{list(shape)}"  # noqa: E731
         rows = [head] + [
-            (g.classification, g.kind, g.lhs_dtype, g.rhs_dtype, g.out_dtype, g.name, g.op_name)
+            (g.classification, g.kind, shaped(g.lhs_dtype, g.lhs_shape), shaped(g.rhs_dtype, g.rhs_shape),
+             g.out_dtype, g.name, g.op_name)
             for g in self.gemms
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -349,12 +353,16 @@ def _contracting_dims(node: _Node, kind: str) -> tuple[int, ...] | None:
     return (1,) if kind.startswith("custom-call mpx_") else None
 
 
+def _operand_shape(graph: _Graph, node: _Node, i: int) -> tuple[int, ...] | None:
+    if i < len(node.operand_shapes) and node.operand_shapes[i] is not None:
+        return node.operand_shapes[i]
+    source = graph.get(node.computation, node.operands[i]) if i < len(node.operands) else None
+    return source.shape if source is not None else None
+
+
 def _flops(graph: _Graph, node: _Node, kind: str) -> int:
     """2 x output elements x contraction length, from HLO shapes (0 when unknown)."""
-    lhs = node.operand_shapes[0] if node.operand_shapes else None
-    if lhs is None and node.operands:
-        source = graph.get(node.computation, node.operands[0])
-        lhs = source.shape if source is not None else None
+    lhs = _operand_shape(graph, node, 0)
     dims = _contracting_dims(node, kind)
     if lhs is None or node.shape is None or dims is None or any(d >= len(lhs) for d in dims):
         return 0
@@ -436,6 +444,7 @@ def fp8_report(compiled_or_lowered_or_text: Any) -> Fp8Report:
             out_dtype=node.dtypes[0] if node.dtypes else "?",
             classification=_classify(graph, node), computation=node.computation,
             op_name=op_name.group(1) if op_name else "", flops=_flops(graph, node, kind),
+            lhs_shape=_operand_shape(graph, node, 0), rhs_shape=_operand_shape(graph, node, 1),
         ))
     return Fp8Report(tuple(gemms))
 

@@ -161,3 +161,13 @@ def test_per_tensor_fp8_impl_becomes_an_fp8_gemm_on_hopper():
     w = jax.random.normal(jax.random.key(1), (512, 256), jnp.bfloat16)
     fwd = jax.jit(lambda a, b: mdot.dot_general(a, b, MK_KN, recipe=recipes.CurrentScaling(), impl="fp8"))
     minspect.assert_fp8(fwd.lower(x, w).compile())
+
+
+def test_compiled_gemms_carry_their_shapes_and_flops():
+    """From compiled HLO: operand shapes, and 2 x output elements x contraction length
+    (batched: 2 x (2*3*5) x 4); the FLOP share of FP8 follows them."""
+    f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))
+    report = minspect.fp8_report(f.lower(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))).compile())
+    (gemm,) = report.gemms
+    assert (gemm.lhs_shape, gemm.rhs_shape, gemm.flops) == ((2, 3, 4), (2, 4, 5), 240)
+    assert report.fp8_flop_fraction == 0.0 and "f32[2, 3, 4]" in str(report)
