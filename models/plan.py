@@ -91,7 +91,7 @@ def _saved_input(precision, input_dtype) -> int:
     # unquantized one; a plain dot keeps the cast copy.
     if precision.recipe is None:
         return _bytes(precision.compute_dtype)
-    return 1 if getattr(precision.recipe, "fp8_residuals", False) else _bytes(input_dtype)
+    return 1 if precision.recipe.fp8_residuals else _bytes(input_dtype)
 
 
 def _fused_attention(qk, pv) -> bool:

@@ -217,7 +217,7 @@ def swiglu_residual_format(down_recipe) -> str | None:
     projection's recipe: the recipe's FP8 format when it asks for it
     (`DeepSeekV3.swiglu_residuals`, DeepSeek-V3 report 3.3), else None (gate and up as
     the projections return them)."""
-    return down_recipe.fwd_format if getattr(down_recipe, "swiglu_residuals", False) else None
+    return down_recipe.fwd_format if down_recipe is not None and down_recipe.swiglu_residuals else None
 
 
 def swiglu_residuals(module: nn.Module, policy: Policy | None) -> str | None:

@@ -320,10 +320,10 @@ def _fp8_notes(used: list[recipes_lib.Recipe], info: HardwareInfo) -> list[str]:
     if not info.fp8_native:
         return [f"FP8 will be emulated on {info.device_kind} ({info.backend}) for recipes {labels}: {_UPCAST}"]
     notes = []
-    if any(isinstance(r, recipes_lib.DeepSeekV3) for r in used):
-        notes.append("deepseek_v3 is block-scaled: XLA has no native block-scaled FP8 GEMM here, it runs as "
-                     "dequantize + bf16 dot (exact, not FP8-fast) unless a Pallas kernel is used")
-    if any(not isinstance(r, recipes_lib.DeepSeekV3) for r in used):
+    if any(r.tiled for r in used):
+        notes.append("deepseek_v3 is block-scaled: XLA has no native block-scaled FP8 GEMM; mpx runs it in its "
+                     "Pallas kernel (mpx.kernels.block_fp8, FP8 tensor cores) with impl='fp8' (the GPU default)")
+    if any(not r.tiled for r in used):
         notes.append("per-tensor recipes can use native FP8 GEMMs (cuBLASLt / hipBLASLt) when XLA matches the "
                      "scaled-dot pattern and silently fall back otherwise: check the compiled HLO for f8 GEMMs")
     return notes

@@ -48,6 +48,26 @@ def _check_format(name: str, value: str) -> None:
         raise ValueError(f"{name}={value!r} is not a format: {err}") from None
 
 
+class Scaling:
+    """What every recipe answers, so that callers ask the recipe instead of testing its type.
+
+    Class-level answers (a recipe overrides those that differ):
+      tiled: operands are scaled per tile or block, online, inside the dot (DeepSeekV3:
+        1x128 / 128x128, `block` wide); False: one scale per operand, computed outside
+        the dot (per tensor).
+      stateful: forward scales come from explicit state (`init_state()`).
+      updates_history: each dot records its operands' amax in that state (delayed).
+      swiglu_residuals, recompute_swiglu: what an FFN's down projection keeps for the
+        backward pass (`DeepSeekV3`'s fields; False for the others).
+    """
+
+    tiled = False
+    stateful = False
+    updates_history = False
+    swiglu_residuals = False
+    recompute_swiglu = False
+
+
 def _check_length(name: str, value) -> None:
     """Raises ValueError unless value is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -55,7 +75,7 @@ def _check_length(name: str, value) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class CurrentScaling:
+class CurrentScaling(Scaling):
     """Per-tensor just-in-time scaling.
 
     Attributes:
@@ -82,7 +102,7 @@ class CurrentScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class DelayedScaling:
+class DelayedScaling(Scaling):
     """Per-tensor delayed scaling from an amax history (forward operands).
 
     Attributes:
@@ -102,6 +122,9 @@ class DelayedScaling:
     pow2_scale: bool = False
     fp8_residuals: bool = True
 
+    stateful = True
+    updates_history = True
+
     def __post_init__(self):
         _check_length("DelayedScaling.history", self.history)
         if self.amax_algo not in AMAX_ALGOS:
@@ -118,7 +141,7 @@ class DelayedScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticScaling:
+class StaticScaling(Scaling):
     """Fixed per-tensor scales from calibration (post-training quantization).
 
     The state is an `AmaxHistory` of length 1 holding the calibrated amax; it is read,
@@ -131,6 +154,8 @@ class StaticScaling:
     margin: float = 0.0
     pow2_scale: bool = False
     fp8_residuals: bool = True
+
+    stateful = True
 
     def __post_init__(self):
         _check_format("fwd_format", self.fwd_format)
@@ -149,7 +174,7 @@ class StaticScaling:
 
 
 @dataclasses.dataclass(frozen=True)
-class DeepSeekV3:
+class DeepSeekV3(Scaling):
     """The DeepSeek-V3 fine-grained FP8 recipe.
 
     Every operand is grouped 128-wide along the contraction dimension of the matmul it
@@ -194,6 +219,8 @@ class DeepSeekV3:
     swiglu_residuals: bool = True
     recompute_swiglu: bool = True
 
+    tiled = True
+
     def __post_init__(self):
         if self.scale_format not in SCALE_FORMATS:
             raise ValueError(f"DeepSeekV3.scale_format must be one of {tuple(SCALE_FORMATS)}; "
@@ -231,7 +258,7 @@ def get(name: str | Recipe | None, **kwargs) -> Recipe | None:
     Raises:
       ValueError: naming the unknown recipe and the known ones.
     """
-    if name is None or isinstance(name, (CurrentScaling, DelayedScaling, StaticScaling, DeepSeekV3)):
+    if name is None or is_recipe(name):
         return name
     if name in ("none", "null", ""):
         return None
@@ -240,9 +267,14 @@ def get(name: str | Recipe | None, **kwargs) -> Recipe | None:
     return RECIPES[name](**kwargs)
 
 
+def is_recipe(value) -> bool:
+    """Whether value is a recipe object (answers `Scaling`'s questions)."""
+    return isinstance(value, Scaling)
+
+
 def is_stateful(recipe: Recipe | None) -> bool:
     """True for recipes whose forward scales come from state (delayed, static)."""
-    return isinstance(recipe, (DelayedScaling, StaticScaling))
+    return recipe is not None and recipe.stateful
 
 
 # --------------------------------------------------------------------------- amax history

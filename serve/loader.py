@@ -160,7 +160,7 @@ def load_tokenizer(spec: str) -> data_lib.Tokenizer:
         raise ServeError(f"tokenizer: {err}; pass --tokenizer PATH to use another") from None
 
 
-def _key_name(key) -> str:
+def key_name(key) -> str:
     for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -168,4 +168,4 @@ def _key_name(key) -> str:
 
 
 def _path_name(path: tuple) -> str:
-    return "/".join(_key_name(k) for k in path)
+    return "/".join(key_name(k) for k in path)

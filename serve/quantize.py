@@ -50,7 +50,7 @@ from mpx import recipes as recipes_lib
 from mpx.scaled import ScaledArray
 from mpx import config as config_lib
 from serve.loader import (TRAIN_CHECKPOINTS, TRAIN_COMMAND, Checkpoint, ServeError,  # noqa: F401 (re-exported)
-                          _key_name, check_params, load_checkpoint, load_tokenizer, missing_checkpoint_message)
+                          key_name, check_params, load_checkpoint, load_tokenizer, missing_checkpoint_message)
 from store import data as data_lib
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -186,9 +186,9 @@ def _form_of_recipe(path: str, n_out: int | None, recipe) -> KernelForm | None:
     """The weight form a policy's recipe gives a layer (None: no FP8, compute dtype)."""
     if recipe is None:
         return None
-    if isinstance(recipe, recipes_lib.DeepSeekV3):
-        return KernelForm(n_out, recipe.fmt, "block", recipe.scale_format, recipe.block)
-    if isinstance(recipe, recipes_lib.CurrentScaling):
+    if recipe.tiled:
+        return KernelForm(n_out, recipe.fwd_format, "block", recipe.scale_format, recipe.block)
+    if not recipe.stateful:  # current scaling
         return KernelForm(n_out, recipe.fwd_format, "tensor")
     raise ServeError(f"policy recipe {recipe.name!r} at {path} needs training-time state; serving policies "
                      "use deepseek_v3 or current (or none)")
@@ -226,7 +226,7 @@ def _quantize_kernel(kernel: jax.Array, form: KernelForm) -> ScaledArray:
 
 def _path_of(path: tuple) -> tuple[str, str]:
     """(module path, param name) of a params-tree key path."""
-    names = [_key_name(k) for k in path]
+    names = [key_name(k) for k in path]
     return "/".join(names[:-1]), names[-1]
 
 
@@ -292,7 +292,7 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{"layers_0/attn/q_proj/kernel": shape} of the reference transformer's params under `config`."""
     model = transformer.Transformer(config)
     tree = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+    return {"/".join(key_name(k) for k in path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

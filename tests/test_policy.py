@@ -181,7 +181,7 @@ def test_policy_rejects_non_rules():
 
 
 def _summary(p: P.Precision):
-    return tuple(str(getattr(p, f)) for f in P._DTYPE_FIELDS[:4]) + (p.recipe.name if p.recipe else None,)
+    return tuple(str(getattr(p, f)) for f in P.DTYPE_FIELDS[:4]) + (p.recipe.name if p.recipe else None,)
 
 
 HALF_EXPECT = {  # path -> (param, compute, output, accum, recipe) with "h" = the half dtype

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from mpx import activations
 from mpx import recipes as recipes_lib
 from mpx.dot import backends
-from mpx.dot.general import _Config, _qmatmul_fwd, _setup, dot_general, grads
+from mpx.dot.general import MatmulConfig, quantized_forward, setup_operands, dot_general, grads
 from mpx.sharding import explicit
 from mpx.target import Target
 from mpx.target import current as current_target
@@ -40,7 +40,7 @@ from mpx.dot.spec import IMPLS, check_choice, plan, resolve_impl, to_canonical, 
 
 @dataclasses.dataclass(frozen=True)
 class _FusedConfig:
-    dot: _Config
+    dot: MatmulConfig
     residual_format: str | None  # SwiGLU's residuals: None (as they came) or an FP8 format
     dtypes: tuple  # gate's and up's dtypes (their gradients')
     activation: str = "silu"  # of the gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
@@ -52,7 +52,7 @@ def recomputes_swiglu(recipe) -> bool:
     composing swiglu and `dot_general` (which keeps the product's quantized copy or the
     product itself)."""
     recipe = recipes_lib.get(recipe)
-    return isinstance(recipe, recipes_lib.DeepSeekV3) and recipe.fp8_residuals and recipe.recompute_swiglu
+    return recipe is not None and recipe.fp8_residuals and recipe.recompute_swiglu
 
 
 @explicit.auto_inside(lambda gate, up, rhs, dimension_numbers, **_: explicit.plain_spec(
@@ -83,11 +83,11 @@ def swiglu_dot_general(gate, up, rhs, dimension_numbers, *, recipe=None, residua
         hidden = activations.glu(gate, up, residual_format, activation)
         return dot_general(hidden, rhs, dimension_numbers, recipe=recipe, preferred_element_type=preferred_element_type,
                            rhs_kind=rhs_kind, impl=impl, target=target)
-    recipe, gate, rhs, lay = _setup(gate, rhs, dimension_numbers, recipe, None, rhs_kind)
+    recipe, gate, rhs, lay = setup_operands(gate, rhs, dimension_numbers, recipe, None, rhs_kind)
     up = jnp.asarray(up)
     out_dtype = jnp.result_type(jnp.float32, rhs) if preferred_element_type is None else preferred_element_type
     target = current_target(target)
-    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl, target), lay.batched, jnp.dtype(jnp.float32), rhs.dtype,
+    cfg = MatmulConfig(plan(recipe, rhs_kind), resolve_impl(impl, target), lay.batched, jnp.dtype(jnp.float32), rhs.dtype,
                   jnp.dtype(out_dtype), target, True)
     activations.activate(activation, jnp.zeros((), jnp.float32))  # names a bad activation
     fused = _FusedConfig(cfg, residual_format, (jnp.dtype(gate.dtype), jnp.dtype(up.dtype)), activation)
@@ -103,7 +103,7 @@ def _swiglu_qmatmul(cfg: _FusedConfig, gate, up, rhs):
 
 def _swiglu_qmatmul_fwd(cfg: _FusedConfig, gate, up, rhs):
     hidden, swiglu_residuals = activations._glu_fwd(cfg.residual_format, cfg.dtypes, cfg.activation, gate, up)
-    out, (_, keep_rhs) = _qmatmul_fwd(cfg.dot, hidden, rhs, None, None)  # its FP8 copy of hidden: dropped
+    out, (_, keep_rhs) = quantized_forward(cfg.dot, hidden, rhs, None, None)  # its FP8 copy of hidden: dropped
     return out, (swiglu_residuals, keep_rhs)
 
 

@@ -43,7 +43,7 @@ from mpx.scales import broadcast_scale, compute_amax, compute_scale
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class MatmulConfig:
     """Static configuration of one quantized matmul (a nondiff argument)."""
 
     plan: DotPlan
@@ -57,11 +57,11 @@ class _Config:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qmatmul(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
-    return _qmatmul_fwd(cfg, lhs, rhs, lhs_scale, rhs_scale)[0]
+def _qmatmul(cfg: MatmulConfig, lhs, rhs, lhs_scale, rhs_scale):
+    return quantized_forward(cfg, lhs, rhs, lhs_scale, rhs_scale)[0]
 
 
-def _qmatmul_fwd(cfg: _Config, lhs, rhs, lhs_scale, rhs_scale):
+def quantized_forward(cfg: MatmulConfig, lhs, rhs, lhs_scale, rhs_scale):
     p, impl = cfg.plan, cfg.impl
     lhs_q = backends.quantize_parts(lhs, p.fprop_lhs, lhs_scale)
     rhs_q = backends.quantize_parts(rhs, p.fprop_rhs, rhs_scale)
@@ -95,13 +95,13 @@ def _loaded(stored, when=None) -> tuple[jax.Array, jax.Array]:
     return (grid if when is None else after(grid, when)), scale
 
 
-def _qmatmul_bwd(cfg: _Config, residuals, g):
+def _qmatmul_bwd(cfg: MatmulConfig, residuals, g):
     keep_lhs, keep_rhs = residuals
     d_lhs, d_rhs = grads(cfg, _wgrad_lhs(cfg, keep_lhs, g), keep_rhs, g)
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None
 
 
-def grads(cfg: _Config, lhs_t, keep_rhs, g) -> tuple[jax.Array, jax.Array]:
+def grads(cfg: MatmulConfig, lhs_t, keep_rhs, g) -> tuple[jax.Array, jax.Array]:
     """(f32 d_lhs, f32 d_rhs) from wgrad's prepared lhs^T, the forward's kept rhs and the
     incoming gradient g. When dgrad and wgrad group dY alike they share its prepared
     form; otherwise (DeepSeekV3: 1x128 and 128x1 tiles) wgrad runs first and dgrad waits
@@ -113,7 +113,7 @@ def grads(cfg: _Config, lhs_t, keep_rhs, g) -> tuple[jax.Array, jax.Array]:
     return dgrad(cfg, keep_rhs, after(g, d_rhs))[0], d_rhs
 
 
-def dgrad(cfg: _Config, keep_rhs, g):
+def dgrad(cfg: MatmulConfig, keep_rhs, g):
     """(f32 d_lhs = dY . rhs^T, dY as dgrad prepared it, rhs's shape) from the forward's
     kept rhs and the incoming gradient g."""
     p, impl = cfg.plan, cfg.impl
@@ -124,7 +124,7 @@ def dgrad(cfg: _Config, keep_rhs, g):
     return backends.dot(dy, rhs, dims(cfg.batched, 1, 1), cfg.target, blocks), dy, rhs_shape  # (M, N) x (K, N)
 
 
-def _dgrad_rhs(cfg: _Config, keep_rhs, g):
+def _dgrad_rhs(cfg: MatmulConfig, keep_rhs, g):
     """The rhs as dgrad multiplies it, from what the forward kept; built once the
     gradient g is here."""
     p, impl = cfg.plan, cfg.impl
@@ -135,7 +135,7 @@ def _dgrad_rhs(cfg: _Config, keep_rhs, g):
     return backends.prepare(keep_rhs[0], p.dgrad_rhs, impl)
 
 
-def wgrad(cfg: _Config, lhs_t, dy, g, rhs_shape) -> jax.Array:
+def wgrad(cfg: MatmulConfig, lhs_t, dy, g, rhs_shape) -> jax.Array:
     """f32 d_rhs = lhs^T . dY from wgrad's prepared lhs^T (K, M), dgrad's prepared dY
     (reused when wgrad groups it the same way; None otherwise) and the incoming gradient g."""
     p, impl = cfg.plan, cfg.impl
@@ -145,13 +145,13 @@ def wgrad(cfg: _Config, lhs_t, dy, g, rhs_shape) -> jax.Array:
     return backends.dot(lhs_t, dy_w, dims(cfg.batched, 1, 0), cfg.target, blocks)
 
 
-def _rhs_shape(cfg: _Config, keep_rhs) -> tuple[int, ...]:
+def _rhs_shape(cfg: MatmulConfig, keep_rhs) -> tuple[int, ...]:
     if not cfg.fp8_residuals:
         return (keep_rhs[0] if isinstance(keep_rhs, tuple) else keep_rhs).shape
     return keep_rhs[0].shape
 
 
-def _wgrad_lhs(cfg: _Config, keep_lhs, g):
+def _wgrad_lhs(cfg: MatmulConfig, keep_lhs, g):
     """lhs^T as wgrad's operand, materialized while quantizing, so the wgrad GEMM is
     (K, M) x (M, N): XLA on CPU runs bf16 GEMMs with a transposed lhs at f32 speed.
 
@@ -174,7 +174,7 @@ def _wgrad_lhs(cfg: _Config, keep_lhs, g):
     return backends.prepare(x_hat_t, spec, impl)
 
 
-_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+_qmatmul.defvjp(quantized_forward, _qmatmul_bwd)
 
 
 # --------------------------------------------------------------------------- forward scales
@@ -195,13 +195,13 @@ def _forward_scale(recipe, history: AmaxHistory | None, amax: jax.Array) -> jax.
 
 def _forward_scales(recipe, state: DotState | None, lhs, rhs):
     """(lhs_scale, rhs_scale, new_state): per-tensor scales computed outside the vjp."""
-    if isinstance(recipe, recipes_lib.DeepSeekV3):
+    if recipe.tiled:  # scaled per tile inside the dot
         return None, None, state
     amax = (tensor_amax(lhs), tensor_amax(rhs))
     state = None if state is None else lax.stop_gradient(state)
     hists = (None, None) if state is None else (state.lhs, state.rhs)
     scales = tuple(_forward_scale(recipe, h, a) for h, a in zip(hists, amax))
-    if isinstance(recipe, recipes_lib.DelayedScaling):
+    if recipe.updates_history:
         state = DotState(*(recipes_lib.update_history(h, a) for h, a in zip(hists, amax)))
     return (*scales, state)
 
@@ -209,7 +209,7 @@ def _forward_scales(recipe, state: DotState | None, lhs, rhs):
 # --------------------------------------------------------------------------- public API
 
 
-def _setup(lhs, rhs, dimension_numbers, recipe, state, rhs_kind):
+def setup_operands(lhs, rhs, dimension_numbers, recipe, state, rhs_kind):
     recipe = recipes_lib.get(recipe)
     check_choice("rhs_kind", rhs_kind, ("weight", "activation"))
     check_state(recipe, state)
@@ -232,7 +232,7 @@ def quantized_operands(lhs, rhs, dimension_numbers, *, recipe, state: DotState |
     Raises:
       ValueError: as `dot_general`.
     """
-    recipe, lhs, rhs, lay = _setup(lhs, rhs, dimension_numbers, recipe, state, rhs_kind)
+    recipe, lhs, rhs, lay = setup_operands(lhs, rhs, dimension_numbers, recipe, state, rhs_kind)
     if recipe is None:
         raise ValueError("quantized_operands needs a recipe; recipe=None quantizes nothing")
     lhs_c = to_canonical(lhs, lay.lhs_perm, lay.lhs_shape)
@@ -273,7 +273,7 @@ def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | N
       TypeError: for a state that is not a `DotState`.
     """
     check_choice("impl", impl, IMPLS)
-    recipe, lhs, rhs, lay = _setup(lhs, rhs, dimension_numbers, recipe, state, rhs_kind)
+    recipe, lhs, rhs, lay = setup_operands(lhs, rhs, dimension_numbers, recipe, state, rhs_kind)
     if recipe is None:
         return lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=preferred_element_type)
     out_dtype = jnp.result_type(lhs, rhs) if preferred_element_type is None else preferred_element_type
@@ -281,7 +281,7 @@ def dot_general(lhs, rhs, dimension_numbers, *, recipe=None, state: DotState | N
     rhs_c = to_canonical(rhs, lay.rhs_perm, lay.rhs_shape)
     lhs_scale, rhs_scale, new_state = _forward_scales(recipe, state, lhs_c, rhs_c)
     target = current_target(target)
-    cfg = _Config(plan(recipe, rhs_kind), resolve_impl(impl, target), lay.batched, lhs.dtype, rhs.dtype,
+    cfg = MatmulConfig(plan(recipe, rhs_kind), resolve_impl(impl, target), lay.batched, lhs.dtype, rhs.dtype,
                   jnp.dtype(out_dtype), target, recipe.fp8_residuals)
     out = _qmatmul(cfg, lhs_c, rhs_c, lhs_scale, rhs_scale).reshape(lay.out_shape)
     return out if state is None else (out, new_state)

@@ -52,10 +52,10 @@ def _scale_groups(k: int, lhs_group: int, rhs_group: int) -> tuple[int, int] | N
 
 def _prequantized_lhs_scale(recipe, state: DotState | None, lhs: jax.Array) -> jax.Array | None:
     """The per-tensor lhs scale of a per-tensor recipe (None for DeepSeekV3 and no recipe)."""
-    if recipe is None or isinstance(recipe, recipes_lib.DeepSeekV3):
+    if recipe is None or recipe.tiled:
         return None
     amax, kw = tensor_amax(lhs), dict(margin=recipe.margin, pow2=recipe.pow2_scale)
-    if isinstance(recipe, recipes_lib.CurrentScaling):
+    if not recipe.stateful:  # current scaling
         return compute_scale(amax, recipe.fwd_format, **kw)
     # Static / delayed: the recorded amax (calibration), never updated while serving; an
     # empty state falls back to this call's amax.
@@ -155,7 +155,7 @@ def prequantized_matmul(lhs, rhs: ScaledArray, *, recipe=None, state: DotState |
     rhs3 = rhs if batched else ScaledArray(rhs.data[None], rhs.scale[None], rhs.fmt, (1,) + tuple(rhs.block))
     scale = _prequantized_lhs_scale(recipe, state, x3)
     k = x3.shape[-1]
-    tile = recipe.block if isinstance(recipe, recipes_lib.DeepSeekV3) else k
+    tile = recipe.block if recipe is not None and recipe.tiled else k
     groups = _scale_groups(k, tile, rhs3.block[1])
     target = current_target(target)
     impl = _prequantized_impl(impl, x3.shape[1], rhs, target)

@@ -105,7 +105,7 @@ def plan(recipe, rhs_kind: str = "weight") -> DotPlan:
     check_choice("rhs_kind", rhs_kind, RHS_KINDS)
     if recipe is None:
         raise ValueError("plan needs a recipe; recipe=None means an unquantized dot")
-    if isinstance(recipe, recipes_lib.DeepSeekV3):
+    if recipe.tiled:
         return _deepseek_plan(recipe, rhs_kind)
     scale_format = "ue8m0" if recipe.pow2_scale else "f32"
     fwd = OperandSpec(recipe.fwd_format, PerTensor(), scale_format, recipe.margin)
@@ -182,7 +182,7 @@ def check_state(recipe, state) -> None:
         raise ValueError(f"state was given but recipe {recipe!r} keeps no scale state; pass state=None")
     if not isinstance(state, DotState):
         raise TypeError(f"state must be a DotState (from mpx.dot.init_state); got {type(state).__name__}")
-    if isinstance(recipe, recipes_lib.DelayedScaling):
+    if recipe.updates_history:
         for name, h in (("lhs", state.lhs), ("rhs", state.rhs)):
             if h.history.shape != (recipe.history,):
                 raise ValueError(

@@ -31,8 +31,8 @@ Example:
 
 from mpx.policy.files import from_dict, get, load, to_dict
 from mpx.policy.precision import (
-    _DTYPE_FIELDS,
-    _FIELDS,
+    DTYPE_FIELDS,
+    FIELDS,
     INHERIT,
     Precision,
     dtype_name,

@@ -9,7 +9,7 @@ from typing import Any
 
 from mpx import config as config_lib
 from mpx import recipes as recipes_lib
-from mpx.policy.precision import _FIELDS, Precision, _changed_fields, dtype_name, parse_dtype
+from mpx.policy.precision import FIELDS, Precision, changed_fields, dtype_name, parse_dtype
 from mpx.policy.presets import PRESETS, preset
 from mpx.policy.rules import Policy, Rule
 
@@ -176,7 +176,7 @@ def to_dict(policy: Policy) -> dict[str, Any]:
     """The YAML-shaped dict of `policy` (no base); `from_dict(to_dict(p)) == p`."""
     return {
         "name": policy.name,
-        "default": _fields_to_yaml({f: getattr(policy.default, f) for f in _FIELDS}),
+        "default": _fields_to_yaml({f: getattr(policy.default, f) for f in FIELDS}),
         "rules": [{"match": r.pattern, **_fields_to_yaml(r.overrides())} for r in policy.rules],
     }
 
@@ -189,5 +189,5 @@ def _fields_to_yaml(fields: Mapping[str, Any]) -> dict[str, Any]:
 def _recipe_to_yaml(recipe: recipes_lib.Recipe | None) -> Any:
     if recipe is None:
         return "none"
-    changed = _changed_fields(recipe)
+    changed = changed_fields(recipe)
     return {"name": recipe.name, **changed} if changed else recipe.name

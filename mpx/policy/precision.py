@@ -18,8 +18,8 @@ _DTYPES = {
 }
 _ALLOWED_DTYPES = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
 _SHORT_NAMES = {jnp.dtype(jnp.float32): "f32", jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float16): "f16"}
-_DTYPE_FIELDS = ("param_dtype", "compute_dtype", "output_dtype", "accum_dtype")
-_FIELDS = _DTYPE_FIELDS + ("recipe",)
+DTYPE_FIELDS = ("param_dtype", "compute_dtype", "output_dtype", "accum_dtype")
+FIELDS = DTYPE_FIELDS + ("recipe",)
 
 
 def parse_dtype(name: Any, *, what: str = "dtype") -> jnp.dtype:
@@ -72,22 +72,22 @@ def recipe_label(recipe: recipes_lib.Recipe | None) -> str:
     """A recipe's name plus its non-default fields: "deepseek_v3(pow2_scale=True)"; "-" for None."""
     if recipe is None:
         return "-"
-    changed = _changed_fields(recipe)
+    changed = changed_fields(recipe)
     inner = ", ".join(f"{k}={v}" for k, v in changed.items())
     return f"{recipe.name}({inner})" if inner else recipe.name
 
 
-def _changed_fields(recipe: recipes_lib.Recipe) -> dict[str, Any]:
+def changed_fields(recipe: recipes_lib.Recipe) -> dict[str, Any]:
     defaults = type(recipe)()
     return {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)
             if getattr(recipe, f.name) != getattr(defaults, f.name)}
 
 
-def _parse_recipe(value: Any) -> recipes_lib.Recipe | None:
+def parse_recipe(value: Any) -> recipes_lib.Recipe | None:
     """A recipe instance, a recipe name ("deepseek_v3", "none") or None."""
     if value is None or isinstance(value, str):
         return recipes_lib.get(value)
-    if isinstance(value, recipes_lib.Recipe):
+    if recipes_lib.is_recipe(value):
         return value
     raise ValueError(f"recipe must be a recipe, a recipe name or None; got {value!r}; "
                      f"known recipes: {', '.join(recipes_lib.RECIPES)}")
@@ -138,9 +138,9 @@ class Precision:
     recipe: Any = None
 
     def __post_init__(self):
-        for field in _DTYPE_FIELDS:
+        for field in DTYPE_FIELDS:
             object.__setattr__(self, field, parse_dtype(getattr(self, field), what=field))
-        object.__setattr__(self, "recipe", _parse_recipe(self.recipe))
+        object.__setattr__(self, "recipe", parse_recipe(self.recipe))
 
     @classmethod
     def parse(cls, spec: str) -> "Precision":

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mpx import recipes as recipes_lib
-from mpx.policy.precision import (_DTYPE_FIELDS, _FIELDS, INHERIT, Precision, _parse_recipe, dtype_name,
+from mpx.policy.precision import (DTYPE_FIELDS, FIELDS, INHERIT, Precision, parse_recipe, dtype_name,
                                   parse_dtype, recipe_label)
 
 
@@ -53,11 +53,11 @@ class Rule:
                 re.compile(self.pattern[3:])
             except re.error as e:
                 raise ValueError(f"bad regex in rule pattern {self.pattern!r}: {e}") from None
-        for field in _DTYPE_FIELDS:
+        for field in DTYPE_FIELDS:
             if getattr(self, field) is not INHERIT:
                 object.__setattr__(self, field, parse_dtype(getattr(self, field), what=field))
         if self.recipe is not INHERIT:
-            object.__setattr__(self, "recipe", _parse_recipe(self.recipe))
+            object.__setattr__(self, "recipe", parse_recipe(self.recipe))
 
     def matches(self, path: str | Iterable[str]) -> bool:
         """Whether this rule's pattern matches module `path` (str or tuple of names)."""
@@ -65,7 +65,7 @@ class Rule:
 
     def overrides(self) -> dict[str, Any]:
         """The fields this rule sets, by `Precision` field name."""
-        return {f: getattr(self, f) for f in _FIELDS if getattr(self, f) is not INHERIT}
+        return {f: getattr(self, f) for f in FIELDS if getattr(self, f) is not INHERIT}
 
     def apply(self, base: Precision) -> Precision:
         """`base` with this rule's fields laid over it."""
@@ -149,7 +149,7 @@ class Policy:
         index = self.match(path)
         p = self.resolve(path)
         rule = "default" if index is None else f"{index} {self.rules[index].pattern!r}"
-        dtypes = tuple(dtype_name(getattr(p, f)) for f in _DTYPE_FIELDS)
+        dtypes = tuple(dtype_name(getattr(p, f)) for f in DTYPE_FIELDS)
         return (path or "(root)",) + dtypes + (recipe_label(p.recipe), rule)
 
 
