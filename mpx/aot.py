@@ -14,9 +14,9 @@ without a GPU set JAX_PLATFORMS=cpu before jax starts, or the plugin fails at cu
     compiled = mpx.aot.compile(step, x, w, mesh=mesh)     # arrays or ShapeDtypeStructs
     print(mpx.inspect.fp8_report(compiled))
 
-Known facts (the target config's `runtime_version` must be set, or XLA compiles FP8
-patterns into f32 GEMMs; without a device the autotuner cannot measure, so `compile`
-turns off Triton GEMM fusions, which would all be untuned): `DESIGN.md` of the project.
+Two facts that decide the result: the target config's `runtime_version` must be set, or
+XLA compiles FP8 patterns into f32 GEMMs; and without a device the autotuner cannot
+measure, so `compile` turns Triton GEMM fusions off (they would all be untuned).
 """
 
 from __future__ import annotations

@@ -4,14 +4,23 @@ On a machine without an NVIDIA driver, JAX_PLATFORMS defaults to "cpu" (for this
 and the programs the tests start): with jax's CUDA plugin installed (the gpu-compile
 extra, for `mpx.aot`) jax would otherwise try the GPU first and print its cuInit failure.
 
+Compiled programs go to jax's persistent compilation cache in the system's temporary
+folder (JAX_COMPILATION_CACHE_DIR, for this process, the other xdist worker and the
+programs the tests start): many tests compile the same small train and serving steps,
+and a cache hit takes a fraction of a compile. Entries are keyed by the program, the
+compile options, the jax version and the device, so a stale one is never used.
+
 XLA_FLAGS (e.g. a host device count) is deliberately not set here: tests that need
 several devices start their own subprocess.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "mpx-tests-jax-cache"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

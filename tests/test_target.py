@@ -59,7 +59,7 @@ def _deepseek(x, w, g, impl, target):
     return jax.jit(step)(x, w)
 
 
-@pytest.mark.parametrize("shape", [(256, 384, 256), (200, 300, 136), (8, 576, 200)], ids=str)
+@pytest.mark.parametrize("shape", [(200, 300, 136), (8, 576, 200)], ids=str)
 def test_a_gpu_target_runs_fwd_dgrad_wgrad_in_the_block_fp8_kernel_within_the_exact_bound(shape):
     """On an H100 target DeepSeekV3's three GEMMs are `mpx.kernels.block_fp8` (here in
     Pallas interpret mode) and match the exact product of the dequantized operands to

@@ -15,8 +15,9 @@ Paths are module paths joined with "/" ("layers_3/attn/v_proj", "embed"). Patter
 
 Globs are `fnmatch.fnmatchcase` (case-sensitive); `*` matches across "/".
 
-Presets (`preset(name)`, names in `PRESET_NAMES`) follow the precision map of DESIGN.md;
-YAML files under `configs/policies/` mirror them (`load`, `from_dict`, `to_dict`).
+Presets (`preset(name)`, names in `PRESET_NAMES`) follow DeepSeek-V3's precision map
+(`mpx.policy.presets`: FP8 projections, FFN and experts; bf16 attention products,
+embeddings and head; f32 norms, router and logits); YAML files under `configs/policies/` mirror them (`load`, `from_dict`, `to_dict`).
 
 Modules: `precision` (Precision, dtypes, the "p=..,c=.." grammar), `rules` (Rule,
 Policy, path matching), `presets`, `files` (YAML), `auto` (`search`: a layer-wise

@@ -1,4 +1,12 @@
-"""Preset policies following DESIGN.md's precision map: fp32, bf16, fp16 and the FP8 ones."""
+"""Preset policies: fp32, bf16, fp16 and the FP8 ones, after DeepSeek-V3's precision map.
+
+| op | fp8 presets |
+|---|---|
+| Q/K/V/O projections, FFN, MoE experts | the FP8 recipe (bf16 outputs, f32 accumulation) |
+| QK^T, PV (attention) | bf16 |
+| token embedding, LM head | bf16 weights and inputs, f32 logits |
+| norms, MoE router | f32 |
+"""
 
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ def _half_rules() -> tuple[Rule, ...]:
 
 
 def _fp8_rules(recipe: recipes_lib.Recipe) -> tuple[Rule, ...]:
-    """DESIGN.md's map: FP8 for Q/K/V/O projections, FFN and experts; QK^T and PV in bf16."""
+    """The map above: FP8 for Q/K/V/O projections, FFN and experts; QK^T and PV in bf16."""
     return (
         Rule("attn/qk", compute_dtype=BF16, recipe=None),
         Rule("attn/pv", compute_dtype=BF16, recipe=None),
