@@ -36,6 +36,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from mpx.hlo_graph import Graph, Node, is_f8, parse
+
 CLASSES = ("fp8", "upcast", "high_precision")
 _GEMM_OPCODES = ("dot", "convolution")
 _GEMM_TARGET = re.compile(r"gemm|matmul|conv", re.IGNORECASE)
@@ -121,197 +123,10 @@ class Fp8FallbackError(AssertionError):
     """Raised by `assert_fp8` when too few GEMMs run in FP8."""
 
 
-# --------------------------------------------------------------------------- graph
-
-
-@dataclasses.dataclass
-class _Node:
-    name: str
-    opcode: str
-    dtypes: tuple[str, ...]  # element types of the result (several for tuples)
-    operands: list[str]
-    operand_dtypes: list[str | None]  # inline operand types, when printed
-    attrs: str
-    computation: str
-    param_index: int | None = None
-    is_root: bool = False
-    shape: tuple[int, ...] | None = None  # of the (first) result, HLO text only
-    operand_shapes: list[tuple[int, ...] | None] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class _Graph:
-    nodes: dict[tuple[str, str], _Node] = dataclasses.field(default_factory=dict)
-    order: list[_Node] = dataclasses.field(default_factory=list)
-    callers: dict[str, list[_Node]] = dataclasses.field(default_factory=dict)  # computation -> callers
-    callees: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # caller -> computation
-    roots: dict[str, _Node] = dataclasses.field(default_factory=dict)
-
-    def add(self, node: _Node) -> None:
-        self.nodes[(node.computation, node.name)] = node
-        self.order.append(node)
-
-    def get(self, computation: str, name: str) -> _Node | None:
-        return self.nodes.get((computation, name))
-
-
-def _is_f8(dtype: str | None) -> bool:
-    return bool(dtype) and dtype.lower().startswith("f8")
-
-
-def _split_top(text: str) -> list[str]:
-    """Splits on commas that are not nested in (), [], {} or <>."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch in "([{<":
-            depth += 1
-        elif ch in ")]}>":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    tail = text[start:].strip()
-    return parts + [tail] if tail else parts
-
-
-def _closing(text: str, open_at: int) -> int:
-    """Index of the bracket closing the one at `open_at`."""
-    depth = 0
-    for i in range(open_at, len(text)):
-        if text[i] in "([{<":
-            depth += 1
-        elif text[i] in ")]}>":
-            depth -= 1
-            if depth == 0:
-                return i
-    return len(text) - 1
-
-
-# --------------------------------------------------------------------------- HLO text
-
-_HLO_COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-$]+)\s*(?:\(.*\)\s*->\s*.*)?\{\s*$")
-_HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-$]+)\s*=\s*(.*)$")
-_HLO_DTYPE = re.compile(r"([a-z][a-z0-9]*)\[")
-
-
-_HLO_SHAPE = re.compile(r"[a-z][a-z0-9]*\[([\d,]*)\]")
-
-
-def _hlo_dtypes(type_text: str) -> tuple[str, ...]:
-    return tuple(_HLO_DTYPE.findall(type_text))
-
-
-def _hlo_shape(type_text: str) -> tuple[int, ...] | None:
-    m = _HLO_SHAPE.search(type_text)
-    return None if m is None else tuple(int(d) for d in m.group(1).split(",") if d)
-
-
-def _parse_hlo_instr(name: str, rest: str, computation: str) -> _Node | None:
-    if rest.startswith("("):  # tuple result type
-        end = _closing(rest, 0)
-        type_text, rest = rest[: end + 1], rest[end + 1:].lstrip()
-    else:
-        type_text, _, rest = rest.partition(" ")
-    m = re.match(r"([\w\-]+)\(", rest)
-    if not m:
-        return None
-    open_at = m.end() - 1
-    close = _closing(rest, open_at)
-    operands, operand_dtypes, operand_shapes = [], [], []
-    for tok in _split_top(rest[open_at + 1: close]):
-        words = tok.split()
-        operands.append(words[-1].lstrip("%") if words else tok)
-        inline = _hlo_dtypes(" ".join(words[:-1])) if len(words) > 1 else ()
-        operand_dtypes.append(inline[0] if len(inline) == 1 else None)
-        operand_shapes.append(_hlo_shape(" ".join(words[:-1])) if len(inline) == 1 else None)
-    node = _Node(name, m.group(1), _hlo_dtypes(type_text), operands, operand_dtypes,
-                 rest[close + 1:], computation, shape=_hlo_shape(type_text), operand_shapes=operand_shapes)
-    if node.opcode == "parameter" and operands and operands[0].isdigit():
-        node.operands, node.param_index = [], int(operands[0])
-    return node
-
-
-def _parse_hlo(text: str) -> _Graph:
-    graph, computation = _Graph(), ""
-    for line in text.splitlines():
-        m = _HLO_INSTR.match(line)
-        if m and computation:
-            node = _parse_hlo_instr(m.group(1), m.group(2), computation)
-            if node is not None:
-                node.is_root = line.lstrip().startswith("ROOT ")
-                graph.add(node)
-            continue
-        c = _HLO_COMP.match(line)
-        if c and not line.lstrip().startswith("HloModule"):
-            computation = c.group(1)
-        elif line.strip() == "}":
-            computation = ""
-    for node in graph.order:
-        if node.is_root:
-            graph.roots[node.computation] = node
-        called = re.search(r"\b(?:calls|to_apply)=%?([\w.\-$]+)", node.attrs)
-        if called and node.opcode in ("fusion", "call"):
-            graph.callers.setdefault(called.group(1), []).append(node)
-            graph.callees[(node.computation, node.name)] = called.group(1)
-    return graph
-
-
-# --------------------------------------------------------------------------- StableHLO text
-
-_MLIR_FUNC = re.compile(r"func\.func\s+(?:\w+\s+)?@([\w.\-$]+)\((.*?)\)\s*(?:->|\{|attributes)")
-_MLIR_OP = re.compile(r"^\s*(%[\w#.:\-]+(?:\s*,\s*%[\w#.:\-]+)*)\s*=\s*\"?([\w.]+)\"?(.*)$")
-_MLIR_TENSOR = re.compile(r"tensor<(?:[^<>]*x)?([a-zA-Z][\w]*)>")
-
-
-def _mlir_dtype(type_text: str) -> str | None:
-    m = _MLIR_TENSOR.search(type_text)
-    return m.group(1).lower() if m else None
-
-
-def _parse_mlir_op(results: str, opcode: str, rest: str, func: str) -> _Node:
-    body, _, signature = rest.rpartition(" : ")
-    if not body:
-        body, signature = rest, ""
-    operands = [o.lstrip("%") for o in re.findall(r"%[\w#.\-]+", body)]
-    ins, arrow, out = signature.partition("->")
-    out_text = out if arrow else signature
-    operand_dtypes: list[str | None] = [None] * len(operands)
-    if arrow:
-        in_types = _split_top(ins.strip().strip("()")) if ins.strip().startswith("(") else [ins]
-        operand_dtypes = [_mlir_dtype(t) for t in in_types][: len(operands)]
-        operand_dtypes += [None] * (len(operands) - len(operand_dtypes))
-    out_dtype = _mlir_dtype(out_text)
-    name = results.split(",")[0].strip().lstrip("%").split(":")[0]
-    opcode = opcode.removeprefix("stablehlo.").removeprefix("mhlo.").replace("_", "-")
-    if opcode == "dot-general":
-        opcode = "dot"
-    if opcode == "custom-call":
-        target = re.search(r"(?:call_target_name\s*=\s*\"|@)([^\s\"(]+)", body)
-        rest = f'custom_call_target="{target.group(1)}"' if target else ""
-    return _Node(name, opcode, (out_dtype,) if out_dtype else (), operands, operand_dtypes, rest, func)
-
-
-def _parse_mlir(text: str) -> _Graph:
-    graph, func = _Graph(), ""
-    for line in text.splitlines():
-        f = _MLIR_FUNC.search(line)
-        if f:
-            func = f.group(1)
-            for arg in _split_top(f.group(2)):
-                arg_name, _, arg_type = arg.partition(":")
-                graph.add(_Node(arg_name.strip().lstrip("%"), "parameter",
-                                (_mlir_dtype(arg_type) or "",), [], [], "", func))
-            continue
-        m = _MLIR_OP.match(line)
-        if m and func:
-            graph.add(_parse_mlir_op(m.group(1), m.group(2), m.group(3), func))
-    return graph
-
-
 # --------------------------------------------------------------------------- classification
 
 
-def _gemm_kind(node: _Node) -> str | None:
+def _gemm_kind(node: Node) -> str | None:
     if node.opcode in _GEMM_OPCODES:
         return node.opcode
     if node.opcode == "custom-call":
@@ -325,14 +140,14 @@ def _gemm_kind(node: _Node) -> str | None:
     return None
 
 
-def _operand_dtype(graph: _Graph, node: _Node, i: int) -> str:
+def _operand_dtype(graph: Graph, node: Node, i: int) -> str:
     if i < len(node.operand_dtypes) and node.operand_dtypes[i]:
         return node.operand_dtypes[i]
     src = graph.get(node.computation, node.operands[i]) if i < len(node.operands) else None
     return src.dtypes[0] if src is not None and src.dtypes else "?"
 
 
-def _sources(graph: _Graph, node: _Node) -> list[_Node]:
+def _sources(graph: Graph, node: Node) -> list[Node]:
     """The nodes feeding `node`: a fusion's root, a fused parameter's fusion operand."""
     callee = graph.callees.get((node.computation, node.name))
     if callee in graph.roots:
@@ -344,7 +159,7 @@ def _sources(graph: _Graph, node: _Node) -> list[_Node]:
     return [graph.get(node.computation, name) for name in node.operands]
 
 
-def _contracting_dims(node: _Node, kind: str) -> tuple[int, ...] | None:
+def _contracting_dims(node: Node, kind: str) -> tuple[int, ...] | None:
     """lhs's contracting dims: a dot's attribute, a cuBLAS call's backend config, or K of
     a Pallas GEMM's (M, K) lhs."""
     found = re.search(r'lhs_contracting_dim(?:s=\{|ensions\\?"\s*:\s*\[)([^}\]]*)', node.attrs)
@@ -353,14 +168,14 @@ def _contracting_dims(node: _Node, kind: str) -> tuple[int, ...] | None:
     return (1,) if kind.startswith("custom-call mpx_") else None
 
 
-def _operand_shape(graph: _Graph, node: _Node, i: int) -> tuple[int, ...] | None:
+def _operand_shape(graph: Graph, node: Node, i: int) -> tuple[int, ...] | None:
     if i < len(node.operand_shapes) and node.operand_shapes[i] is not None:
         return node.operand_shapes[i]
     source = graph.get(node.computation, node.operands[i]) if i < len(node.operands) else None
     return source.shape if source is not None else None
 
 
-def _flops(graph: _Graph, node: _Node, kind: str) -> int:
+def _flops(graph: Graph, node: Node, kind: str) -> int:
     """2 x output elements x contraction length, from HLO shapes (0 when unknown)."""
     lhs = _operand_shape(graph, node, 0)
     dims = _contracting_dims(node, kind)
@@ -374,7 +189,7 @@ def _flops(graph: _Graph, node: _Node, kind: str) -> int:
     return 2 * out * k
 
 
-def _reaches_f8(graph: _Graph, start: _Node | None) -> bool:
+def _reaches_f8(graph: Graph, start: Node | None) -> bool:
     """Whether an FP8 value lies upstream of `start` (not crossing other GEMMs)."""
     stack, seen = [start], set()
     while stack and len(seen) < _MAX_VISITS:
@@ -382,7 +197,7 @@ def _reaches_f8(graph: _Graph, start: _Node | None) -> bool:
         if node is None or (node.computation, node.name) in seen:
             continue
         seen.add((node.computation, node.name))
-        if any(_is_f8(d) for d in node.dtypes):
+        if any(is_f8(d) for d in node.dtypes):
             return True
         if node is not start and _gemm_kind(node):
             continue
@@ -390,13 +205,13 @@ def _reaches_f8(graph: _Graph, start: _Node | None) -> bool:
     return False
 
 
-def _classify(graph: _Graph, node: _Node) -> str:
+def _classify(graph: Graph, node: Node) -> str:
     dtypes = [_operand_dtype(graph, node, i) for i in (0, 1)]
-    if all(_is_f8(d) for d in dtypes):
+    if all(is_f8(d) for d in dtypes):
         return "fp8"
     for i in (0, 1):
         if i < len(node.operands) and (
-            _is_f8(dtypes[i]) or _reaches_f8(graph, graph.get(node.computation, node.operands[i]))
+            is_f8(dtypes[i]) or _reaches_f8(graph, graph.get(node.computation, node.operands[i]))
         ):
             return "upcast"
     return "high_precision"
@@ -431,7 +246,7 @@ def fp8_report(compiled_or_lowered_or_text: Any) -> Fp8Report:
       TypeError: for an object that is neither text nor has `.as_text()`.
     """
     text = _text_of(compiled_or_lowered_or_text)
-    graph = _parse_mlir(text) if "func.func" in text else _parse_hlo(text)
+    graph = parse(text)
     gemms = []
     for node in graph.order:
         kind = _gemm_kind(node)

@@ -8,7 +8,7 @@ being traced:
 
 1. the device kind of the mesh set with `jax.sharding.set_mesh` (a mesh of real
    devices, or of a topology compiled for ahead of time, `mpx.aot`), else
-2. the host's default device, the one place where mpx reads `jax.default_backend()`.
+2. the host's default device: the one place where mpx asks jax for its default backend.
 
 The mesh is part of what `jax.jit` caches a trace under, so a function traced for an
 H100 topology and for the host gets one trace each. The dot functions also take an
