@@ -218,12 +218,20 @@ def _kernel_prequantized(x3, rhs: ScaledArray, recipe, scale, tile: int, compute
     return kernels.decode_matmul(xv[0], rhs.data, rhs.scale, rhs.block)[None]
 
 
-def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype, target):
+def _grouped_lhs(x3, recipe, scale, groups, tile: int, compute_dtype, grid_dtype=jnp.bfloat16):
+    """x3 padded to whole K groups and quantized as the recipe says: (values in
+    `grid_dtype`, scales per (B, M, K group) for DeepSeek tiles, a scalar, or None)."""
     group, k_pad = groups
     tile = min(tile, k_pad) if tile < x3.shape[-1] else k_pad
-    xv, sx = _lhs_operand(pad_axis_to(x3, 2, k_pad), recipe, scale, tile, compute_dtype)
+    xv, sx = _lhs_operand(pad_axis_to(x3, 2, k_pad), recipe, scale, tile, compute_dtype, grid_dtype)
     if sx is not None and jnp.ndim(sx) == 3 and tile > group:
         sx = jnp.repeat(sx, tile // group, axis=2)  # lhs tiles span several rhs blocks
+    return xv, sx
+
+
+def _upcast_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: int, compute_dtype, target):
+    group, k_pad = groups
+    xv, sx = _grouped_lhs(x3, recipe, scale, groups, tile, compute_dtype)
     wdtype = jnp.float32 if jnp.dtype(xv.dtype) == jnp.float32 else jnp.bfloat16
     wv = pad_axis_to(upcast(rhs3.data, wdtype), 1, k_pad)  # exact: bf16 holds every FP8 value
     sw = _rhs_group_scales(rhs3, group, k_pad // group)
@@ -240,14 +248,9 @@ def _block_fp8_prequantized(x3, rhs3: ScaledArray, recipe, scale, groups, tile: 
     stored FP8 weight in `mpx.kernels.block_fp8`: FP8 tensor cores, the weight read in
     its (K, N) layout, each K group's partial sums scaled per row and column."""
     group, k_pad = groups
-    tile = min(tile, k_pad) if tile < x3.shape[-1] else k_pad
-    fmt = formats_lib.get(recipe.fwd_format)
-    xv, sx = _lhs_operand(pad_axis_to(x3, 2, k_pad), recipe, scale, tile, None, fmt.storage_dtype)
+    xv, sx = _grouped_lhs(x3, recipe, scale, groups, tile, None, formats_lib.get(recipe.fwd_format).storage_dtype)
     b, m, n_groups = xv.shape[0], xv.shape[1], k_pad // group
-    if jnp.ndim(sx) == 3:
-        rows = jnp.repeat(sx, tile // group, axis=2) if tile > group else sx
-    else:
-        rows = jnp.broadcast_to(jnp.reshape(sx, (1, 1, 1)), (b, m, n_groups))
+    rows = sx if jnp.ndim(sx) == 3 else jnp.broadcast_to(jnp.reshape(sx, (1, 1, 1)), (b, m, n_groups))
     wv = pad_axis_to(rhs3.data, 1, k_pad)
     product = lambda x, r, w, c: block_fp8.matmul(x, r, w, c, group=group, out_dtype=jnp.float32,  # noqa: E731
                                                   interpret=target.interpret)
