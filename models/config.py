@@ -10,11 +10,17 @@ from typing import Any
 from mpx import config as config_io
 from mpx.activations import ACTIVATIONS
 
-ROPE_SCALINGS = ("none", "linear", "llama3")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 REMATS = ("none", "full", "non_fp8")
 # Hugging Face's names for what a layer's attention sees (Gemma 3's `layer_types`).
 LAYER_TYPES = ("full_attention", "sliding_attention")
 EMBED_SCALE_DTYPES = ("float32", "embedding")
+# How a MoE router picks a token's experts (DeepSeek's `topk_method`): "greedy" the top_k
+# scores; "group_limited_greedy" (DeepSeek-V2) the top_k within the topk_group groups of
+# highest max score; "noaux_tc" (DeepSeek-V3) the same with groups ranked by the sum of
+# their two highest scores, both after adding the learned per-expert bias (selection only).
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 class FieldError(config_io.ConfigError):
@@ -59,7 +65,15 @@ class RopeScaling:
         original_max_len / low_freq_factor divided by `factor`, those below
         original_max_len / high_freq_factor kept, a smooth blend between).
       factor: the context extension factor.
-      low_freq_factor, high_freq_factor, original_max_len: the llama3 band edges.
+      low_freq_factor, high_freq_factor, original_max_len: the llama3 band edges;
+        original_max_len is also YaRN's pre-training context.
+      beta_fast, beta_slow: YaRN's band edges in rotations over original_max_len:
+        dimensions turning more than beta_fast times keep their frequency, those
+        turning less than beta_slow times are divided by `factor`, a linear ramp between.
+      mscale, mscale_all_dim: YaRN's attention temperature (DeepSeek): cos and sin are
+        multiplied by m(mscale) / m(mscale_all_dim), and the softmax scale of MLA by
+        m(mscale_all_dim)^2, where m(a) = 0.1 * a * ln(factor) + 1 (1 when factor <= 1);
+        with mscale 0, cos and sin get m(1).
 
     Raises (on construction):
       FieldError: an unknown kind, a factor that is not a finite number > 0,
@@ -71,21 +85,46 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_len: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
 
     def __post_init__(self):
         _check("kind", self.kind, self.kind in ROPE_SCALINGS, f"one of {', '.join(map(repr, ROPE_SCALINGS))}")
-        for field in ("factor", "low_freq_factor", "high_freq_factor"):
+        for field in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
             _check_positive(field, getattr(self, field))
+        for field in ("mscale", "mscale_all_dim"):
+            value = getattr(self, field)
+            _check(field, value, _is_finite(value) and value >= 0, "a finite number >= 0")
         _check_int("original_max_len", self.original_max_len, 1)
         if self.kind == "llama3" and not self.low_freq_factor < self.high_freq_factor:
             raise FieldError(f"llama3 rope_scaling needs low_freq_factor < high_freq_factor; got "
                              f"{self.low_freq_factor}, {self.high_freq_factor}", "low_freq_factor", "high_freq_factor")
 
+    def temperature(self, mscale: float) -> float:
+        """YaRN's m(mscale) = 0.1 * mscale * ln(factor) + 1 (1 unless yarn with factor > 1)."""
+        if self.kind != "yarn" or self.factor <= 1:
+            return 1.0
+        return 0.1 * mscale * math.log(self.factor) + 1.0
+
+    @property
+    def rotary_gain(self) -> float:
+        """What YaRN multiplies cos and sin by: m(mscale) / m(mscale_all_dim), or m(1)
+        without both."""
+        if self.mscale and self.mscale_all_dim:
+            return self.temperature(self.mscale) / self.temperature(self.mscale_all_dim)
+        return self.temperature(1.0)
+
 
 # Lower bounds of the integer sizes; every one is an int (not a bool).
 SIZES = {"vocab_size": 1, "d_model": 1, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1, "d_ff": 1,
-         "max_seq_len": 1, "n_experts": 0, "top_k": 1, "moe_every": 1}
-FLAGS = ("tie_embeddings", "embed_scale", "qkv_bias", "qk_norm", "norm_unit_offset", "post_norms")
+         "max_seq_len": 1, "n_experts": 0, "top_k": 1, "moe_every": 1, "first_k_dense": 0, "n_shared_experts": 0,
+         "n_group": 1, "topk_group": 1, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0}
+FLAGS = ("tie_embeddings", "embed_scale", "qkv_bias", "qk_norm", "norm_unit_offset", "post_norms", "rope_interleave",
+         "norm_topk_prob")
+# Optional integer sizes (null: the feature is off).
+OPTIONAL_SIZES = ("q_lora_rank", "kv_lora_rank", "moe_d_ff")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +174,27 @@ class ModelConfig:
       embed_scale_dtype: where embed_scale's sqrt(d_model) multiplies: "float32" (the
         f32 lookup) or "embedding" (the embedding's compute dtype, sqrt(d_model)
         rounded to it, as transformers' Gemma does).
+      kv_lora_rank: multi-head latent attention (MLA, DeepSeek-V2/V3) when set: keys
+        and values come from a latent of this width (kv_a_proj_with_mqa, kv_a_layernorm,
+        kv_b_proj), which with a shared RoPE key is all the KV cache holds; null:
+        grouped-query attention.
+      q_lora_rank: MLA queries through a latent of this width (q_a_proj,
+        q_a_layernorm, q_b_proj); null: one q_proj.
+      qk_nope_head_dim, qk_rope_head_dim, v_head_dim: MLA's per-head widths of the
+        query/key part without and with RoPE, and of the values (0 without MLA).
+      rope_interleave: RoPE rotates channel pairs (2i, 2i + 1) (DeepSeek's layout)
+        instead of (i, i + K/2).
+      first_k_dense: the first this many blocks have a dense FFN of width d_ff
+        whatever moe_every says (DeepSeek's first_k_dense_replace).
+      moe_d_ff: each expert's hidden width; null: d_ff.
+      n_shared_experts: experts every token goes through besides its routed ones, as
+        one SwiGLU of width n_shared_experts * moe_d_ff (DeepSeekMoE).
+      router_score: "softmax" or "sigmoid" (DeepSeek-V3) of the router's logits.
+      topk_method: "greedy", "group_limited_greedy" or "noaux_tc" (see TOPK_METHODS).
+      n_group, topk_group: experts fall into n_group equal groups and a token's
+        experts come from its topk_group best groups (1, 1: no grouping).
+      norm_topk_prob: the chosen experts' scores are normalized to sum to 1.
+      routed_scaling_factor: the routed experts' combined output is multiplied by this.
       init_from: a Hugging Face model directory to start training from: its
         config.json sets the shape (every field above but max_seq_len and remat) and
         its weights the initial params (store.hf.resolve_init_from, init_params).
@@ -178,6 +238,21 @@ class ModelConfig:
     post_norms: bool = False
     query_pre_attn_scalar: float | None = None
     embed_scale_dtype: str = "float32"
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    first_k_dense: int = 0
+    moe_d_ff: int | None = None
+    n_shared_experts: int = 0
+    router_score: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
     init_from: str | None = None
 
     def __post_init__(self):
@@ -185,6 +260,8 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         self._check_fields()
         self._check_gemma_fields()
+        self._check_mla()
+        self._check_moe()
         self._check_shape()
 
     def _check_fields(self):
@@ -225,12 +302,50 @@ class ModelConfig:
             raise FieldError("layer_types has 'sliding_attention' layers but sliding_window is null",
                              "layer_types", "sliding_window")
 
+    def _check_mla(self):
+        for field in OPTIONAL_SIZES:
+            value = getattr(self, field)
+            _check(field, value, value is None or (_is_int(value) and value >= 1), "an integer >= 1, or null")
+        if self.kv_lora_rank is None:
+            for field in ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, field):
+                    raise FieldError(f"{field}={getattr(self, field)} is a multi-head latent attention field but "
+                                     "kv_lora_rank is null (grouped-query attention)", field, "kv_lora_rank")
+            return
+        for field in ("qk_rope_head_dim", "v_head_dim"):
+            _check(field, getattr(self, field), getattr(self, field) >= 1, "an integer >= 1 with kv_lora_rank set")
+        _check("qk_rope_head_dim", self.qk_rope_head_dim, self.qk_rope_head_dim % 2 == 0,
+               "an even integer (RoPE rotates pairs)")
+
+    def _check_moe(self):
+        _check("router_score", self.router_score, self.router_score in ROUTER_SCORES,
+               f"one of {', '.join(map(repr, ROUTER_SCORES))}")
+        _check("topk_method", self.topk_method, self.topk_method in TOPK_METHODS,
+               f"one of {', '.join(map(repr, TOPK_METHODS))}")
+        _check_positive("routed_scaling_factor", self.routed_scaling_factor)
+        if not self.n_experts:
+            return
+        e, groups, k = self.n_experts, self.n_group, self.top_k
+        if e % groups:
+            raise FieldError(f"n_group={groups} must divide n_experts={e}", "n_group", "n_experts")
+        if self.topk_group > groups:
+            raise FieldError(f"topk_group={self.topk_group} must be in [1, n_group={groups}]", "topk_group", "n_group")
+        if groups > 1 and k > self.topk_group * (e // groups):
+            raise FieldError(f"top_k={k} exceeds the {self.topk_group} x {e // groups} experts of topk_group="
+                             f"{self.topk_group} groups", "top_k", "topk_group")
+        if self.topk_method == "noaux_tc" and e // groups < 2:
+            raise FieldError(f"topk_method 'noaux_tc' ranks groups by their two best experts; n_experts={e} in "
+                             f"n_group={groups} groups leaves {e // groups}", "n_group", "topk_method")
+        if self.first_k_dense >= self.n_layers:
+            raise FieldError(f"first_k_dense={self.first_k_dense} leaves none of n_layers={self.n_layers} blocks "
+                             f"for the MoE FFN of n_experts={e}", "first_k_dense", "n_layers")
+
     def _check_shape(self):
         d, h, g = self.d_model, self.n_heads, self.n_kv_heads
-        if self.head_dim_override is None and d % h:
+        if not self.is_mla and self.head_dim_override is None and d % h:
             raise FieldError(f"d_model={d} must be divisible by n_heads={h} (or set head_dim_override)",
                              "d_model", "n_heads")
-        if self.head_dim_override is None and (d // h) % 2:
+        if not self.is_mla and self.head_dim_override is None and (d // h) % 2:
             raise FieldError(f"head_dim = d_model // n_heads = {d // h} must be even for RoPE (d_model={d}, "
                              f"n_heads={h})", "d_model", "n_heads")
         if h % g:
@@ -254,7 +369,30 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Per-head width of queries and keys (MLA: qk_nope_head_dim + qk_rope_head_dim)."""
+        if self.is_mla:
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim_override or self.d_model // self.n_heads
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is multi-head latent attention (kv_lora_rank set)."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def cache_slots(self) -> dict[str, tuple[int, ...]]:
+        """What the KV cache holds per token and layer, by slot name: keys and values of
+        every KV head ({"k", "v"}: (n_kv_heads, head_dim)), or for MLA the normalized
+        latent and the shared RoPE key ({"latent": (kv_lora_rank,), "k_rope":
+        (qk_rope_head_dim,)})."""
+        if self.is_mla:
+            return {"latent": (self.kv_lora_rank,), "k_rope": (self.qk_rope_head_dim,)}
+        return {"k": (self.n_kv_heads, self.head_dim), "v": (self.n_kv_heads, self.head_dim)}
+
+    @property
+    def expert_d_ff(self) -> int:
+        """Each routed expert's hidden width (moe_d_ff, else d_ff)."""
+        return self.moe_d_ff or self.d_ff
 
     def window(self, layer: int) -> int | None:
         """How many keys (itself included) a query of block `layer` sees; None: all."""
@@ -273,11 +411,15 @@ class ModelConfig:
     @property
     def attn_scale(self) -> float:
         """The factor of the attention logits: query_pre_attn_scalar (or head_dim) ** -0.5."""
-        return 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)  # as mpx.nn.grouped_attention's default
+        scale = 1.0 / math.sqrt(self.query_pre_attn_scalar or self.head_dim)  # as mpx.nn.grouped_attention's default
+        if self.is_mla:  # DeepSeek: YaRN's temperature on every dimension, not only the rotary ones
+            scale *= self.rope_scaling.temperature(self.rope_scaling.mscale_all_dim) ** 2
+        return scale
 
     def is_moe_layer(self, layer: int) -> bool:
-        """Whether block `layer` has the MoE FFN (every `moe_every`-th block, counting from 1)."""
-        return self.n_experts > 0 and layer % self.moe_every == self.moe_every - 1
+        """Whether block `layer` has the MoE FFN (every `moe_every`-th block, counting from 1,
+        past the first `first_k_dense`)."""
+        return self.n_experts > 0 and layer >= self.first_k_dense and layer % self.moe_every == self.moe_every - 1
 
 
 PRESETS = {

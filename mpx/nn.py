@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from mpx import activations
 from mpx import attention as attention_lib
 from mpx import dot as dot_lib
+from mpx.dot import ragged as ragged_lib
 from mpx import recipes as recipes_lib
 from mpx.policy import Policy, Precision, preset
 from mpx.scaled import ScaledArray
@@ -264,7 +265,9 @@ EXPERT_DIMS = (((2,), (1,)), ((0,), (0,)))
 
 
 class ExpertDense(nn.Module):
-    """Per-expert linear maps: (E, N, K) x kernel (E, K, F) -> (E, N, F).
+    """Per-expert linear maps with kernel (E, K, F): batched (E, N, K) -> (E, N, F), or
+    grouped with `group_sizes` (E,): rows (M, K) sorted by expert -> (M, F), each run of
+    rows multiplied by its own expert's kernel (`mpx.dot.ragged.ragged_dot`).
 
     Each expert's kernel is its own FP8 operand (128x128 blocks per expert under the
     DeepSeek-V3 recipe).
@@ -276,8 +279,8 @@ class ExpertDense(nn.Module):
     kernel_init: Callable = default_kernel_init
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        return self._dense(x)
+    def __call__(self, x: Array, group_sizes: Array | None = None) -> Array:
+        return self._dense(x, group_sizes)
 
     def _expert_kernel(self, k: int, precision: Precision) -> Array | ScaledArray:
         shape = (self.n_experts, k, self.features)
@@ -287,18 +290,33 @@ class ExpertDense(nn.Module):
             warn_misaligned(module_path(self), {"in": shape[1], "out": shape[2]})
         return kernel
 
-    def _dense(self, x: Array) -> Array:
+    def _dense(self, x: Array, group_sizes: Array | None = None) -> Array:
         precision = resolve_precision(self, self.policy)
         kernel = self._expert_kernel(x.shape[-1], precision)
+        if group_sizes is not None:
+            return _ragged(x, kernel, group_sizes, precision)
         if isinstance(kernel, ScaledArray):  # serving: pre-quantized (E, K, F)
             return contract_prequantized(self, "kernel", x, kernel, precision)
         return contract(self, "kernel", _fp8_inputs(x, precision), kernel, EXPERT_DIMS, precision)
 
 
+def _ragged(x: Array, kernel: Array | ScaledArray, group_sizes: Array, precision: Precision) -> Array:
+    """Rows sorted by expert times their experts' kernels, in `precision.output_dtype`."""
+    kw = dict(recipe=precision.recipe, preferred_element_type=_quantized_result_dtype(precision))
+    if isinstance(kernel, ScaledArray):
+        y = ragged_lib.prequantized_ragged_dot(x, kernel, group_sizes, compute_dtype=precision.compute_dtype, **kw)
+    else:
+        y = ragged_lib.ragged_dot(_fp8_inputs(x, precision), kernel, group_sizes, compute_dtype=precision.compute_dtype,
+                                  **kw)
+    return y.astype(precision.output_dtype)
+
+
 class ExpertSwiGLUDense(ExpertDense):
     """`ExpertDense(features)(mpx.activations.swiglu(gate, up))`, the experts' down
     projection, recomputing the SwiGLU product in the backward pass as `SwiGLUDense`
-    does (DeepSeek-V3 report 3.3 says it of its MoE experts).
+    does (DeepSeek-V3 report 3.3 says it of its MoE experts) in the batched form; the
+    grouped form (`group_sizes`) multiplies the SwiGLU product as `mpx.activations.glu`
+    keeps it.
 
     Attributes:
       residual_format: SwiGLU's residuals, as in `mpx.activations.swiglu`.
@@ -309,11 +327,19 @@ class ExpertSwiGLUDense(ExpertDense):
     activation: str = "silu"
 
     @nn.compact
-    def __call__(self, gate: Array, up: Array) -> Array:
+    def __call__(self, gate: Array, up: Array, group_sizes: Array | None = None) -> Array:
         precision = resolve_precision(self, self.policy)
-        if not _fuses_swiglu(self, precision):
-            return self._dense(activations.glu(gate, up, self.residual_format, self.activation))
+        if group_sizes is not None or not _fuses_swiglu(self, precision):
+            return self._dense(activations.glu(gate, up, self.residual_format, self.activation), group_sizes)
         return _swiglu_down(self, gate, up, self._expert_kernel(gate.shape[-1], precision), EXPERT_DIMS, precision)
+
+
+def is_grouped_call(module: nn.Module, args: tuple) -> bool:
+    """Whether a call of `module` with `args` is an `ExpertDense` one in the grouped form
+    (rows sorted by expert, with group sizes), which has no (G, M, K) view."""
+    if isinstance(module, ExpertSwiGLUDense):
+        return len(args) > 2 and args[2] is not None
+    return isinstance(module, ExpertDense) and len(args) > 1 and args[1] is not None
 
 
 LINEAR_TYPES = (DenseGeneral, ExpertDense)
@@ -436,15 +462,16 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
     Args:
       module: the calling attention block (gives the path and the variable scope).
       policy: the precision policy.
-      q: (B, T, H, D) queries; k, v: (B, S, G, D) keys and values, H a multiple of G.
+      q: (B, T, H, D) queries; k (B, S, G, D) keys and v (B, S, G, Dv) values, H a
+        multiple of G.
       mask: bool or int8, broadcastable to (B, 1, T, S), or None.
       scale: the factor of the logits QK^T (None: 1/sqrt(D)), applied to the queries.
 
     Returns:
-      (B, T, H, D) in the pv precision's output dtype.
+      (B, T, H, Dv) in the pv precision's output dtype.
     """
     b, t, h, d = q.shape
-    g = k.shape[2]
+    g, dv = k.shape[2], v.shape[-1]
     # (B, T, G, R, D) -> (B, G, R, T, D); the 1/sqrt(D) is a power of two for D = 4**n.
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg = jnp.transpose(q.reshape(b, t, g, h // g, d), (0, 2, 3, 1, 4)) * scale
@@ -457,10 +484,10 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
     if qk.recipe is None and pv.recipe is None:  # keeps no (T, S) residual for the backward pass
         out = attention_lib.softmax_attention(qg, kt, vt, mask, attention_lib.Dtypes.of(qk),
                                               attention_lib.Dtypes.of(pv))
-        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+        return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, dv)
     logits = contract(module, "qk", _fp8_inputs(qg, qk), kt, (((4,), (3,)), ((0, 1), (0, 1))), qk,
                       rhs_kind="activation")  # (B, G, R, T, S)
     probs = attention_weights(logits, mask)
     out = contract(module, "pv", _fp8_inputs(probs, pv), vt, (((4,), (2,)), ((0, 1), (0, 1))), pv,
-                   rhs_kind="activation")  # (B, G, R, T, D)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
+                   rhs_kind="activation")  # (B, G, R, T, Dv)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, dv)

@@ -357,7 +357,7 @@ def test_model_config_names_the_bad_field_its_value_and_what_is_allowed(fields, 
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"kind": "yarn"}, "kind must be one of 'none', 'linear', 'llama3'; got 'yarn'"),
+    ({"kind": "dynamic"}, "kind must be one of 'none', 'linear', 'llama3', 'yarn'; got 'dynamic'"),
     ({"kind": "linear", "factor": 0.0}, "factor must be a finite number > 0; got 0.0"),
     ({"factor": float("nan")}, "factor must be a finite number > 0; got nan"),
     ({"low_freq_factor": 0}, "low_freq_factor must be a finite number > 0; got 0"),
@@ -387,8 +387,8 @@ def test_every_model_preset_and_default_is_valid():
     ("model.d_model=-128", "model.d_model", "model: d_model must be an integer >= 1; got -128"),
     ("model.rope_scaling.factor=0", "model.rope_scaling.factor",
      "model.rope_scaling: factor must be a finite number > 0; got 0.0"),
-    ("model.rope_scaling.kind=yarn", "model.rope_scaling.kind",
-     "model.rope_scaling: kind must be one of 'none', 'linear', 'llama3'; got 'yarn'"),
+    ("model.rope_scaling.kind=dynamic", "model.rope_scaling.kind",
+     "model.rope_scaling: kind must be one of 'none', 'linear', 'llama3', 'yarn'; got 'dynamic'"),
     ("model.sliding_window=0", "model.sliding_window", "model: sliding_window must be an integer >= 1, or null; got 0"),
     ("model.norm_eps=-1", "model.norm_eps", "model: norm_eps must be a finite number > 0; got -1.0"),
     ("model.activation=relu", "model.activation", "model: activation must be one of 'silu', 'gelu_tanh'; got 'relu'"),

@@ -245,7 +245,7 @@ _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "h
     ({"rms_norm_eps": 0}, "rms_norm_eps: norm_eps must be a finite number > 0; got 0"),
     ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false; got 'false'"),
     ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'; supported: 'silu'"),
-    ({"rope_parameters": {**_LLAMA3_ROPE, "rope_type": "yarn"}}, "unsupported rope scaling 'yarn'"),
+    ({"rope_parameters": {**_LLAMA3_ROPE, "rope_type": "dynamic"}}, "unsupported rope scaling 'dynamic'"),
     ({"rope_parameters": {**_LLAMA3_ROPE, "rope_theta": -1}},
      "rope_parameters.rope_theta: rope_theta must be a finite number > 0"),
     ({"rope_theta": 0}, "json: rope_theta: rope_theta must be a finite number > 0; got 0.0"),

@@ -144,7 +144,7 @@ def test_model_yaml_rejects_unknown_fields(tmp_path):
     ("preset: tiny\nd_model: -128\n", "m.yaml: ModelConfig: d_model must be an integer >= 1; got -128"),
     ("preset: tiny\nn_kv_heads: 3\n", "n_heads=4 must be divisible by n_kv_heads=3"),
     ("n_experts: 4\ntop_k: 5\n", "top_k=5 must be in [1, n_experts=4]"),
-    ("rope_scaling: {kind: yarn}\n", "rope_scaling: kind must be one of 'none', 'linear', 'llama3'; got 'yarn'"),
+    ("rope_scaling: {kind: dynamic}\n", "rope_scaling: kind must be one of 'none', 'linear', 'llama3', 'yarn'; got 'dynamic'"),
     ("preset: [tiny]\n", "m.yaml: preset: unknown model preset ['tiny']"),
 ])
 def test_model_yaml_values_are_checked_before_planning(tmp_path, text, message, capsys):

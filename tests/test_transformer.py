@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import mpx
+from models import cache as cache_lib
 from models import config as config_lib
 from models import transformer
 
@@ -94,10 +95,9 @@ def test_kv_cache_decode_matches_full_forward():
 def _write_temp_bytes(slot, as_floats: bool = False) -> int:
     """Temporary bytes of one compiled token write into `slot` (B=2, capacity 4096)."""
     def write(slot, x, positions):
-        rows = jnp.arange(2)[:, None]
         if as_floats:  # the plain float scatter the cache avoids
-            return slot.at[rows, positions].set(x.astype(slot.dtype))
-        return transformer._write_slot(slot, x, rows, positions)
+            return slot.at[jnp.arange(2)[:, None], positions].set(x.astype(slot.dtype))
+        return cache_lib.write_slots({"k": slot}, {"k": x}, positions, None)["k"]
     args = (slot, jnp.ones((2, 1, 2, 32)), jnp.ones((2, 1), jnp.int32))
     return jax.jit(write, donate_argnums=0).lower(*args).compile().memory_analysis().temp_size_in_bytes
 

@@ -9,8 +9,10 @@ product: `mpx.nn.linear_input`), through Flax method interception
 Each layer's operands are viewed in a canonical batched-matmul form: input (G, M, K),
 weight (G, K, N), output (G, M, N); G = 1 for a dense layer (M rows = tokens, K the
 flattened contracted input axes, N the flattened features), G = experts for an expert
-layer. A layer called more than once per forward pass (weight sharing) is tapped at
-its last call.
+layer called in the batched form. Routed experts called in the grouped form (rows sorted
+by expert, `mpx.nn.is_grouped_call`) have no such view and are left out: they stay in the
+precision the policy gives them. A layer called more than once per forward pass (weight
+sharing) is tapped at its last call.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ class Layer:
         return math.prod(self.weight_shape)
 
 
-def _is_linear_call(context) -> bool:
-    return context.method_name == "__call__" and isinstance(context.module, LINEAR_TYPES)
+def _is_linear_call(context, args: tuple) -> bool:
+    """A linear layer's call with a (G, M, K) view: not the grouped form of routed
+    experts (rows sorted by expert), which the analysis does not cover yet."""
+    return context.method_name == "__call__" and isinstance(context.module, LINEAR_TYPES) and \
+        not mnn.is_grouped_call(context.module, args)
 
 
 def canonical(module: nn.Module, x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -89,7 +94,7 @@ def find_layers(apply_fn: ApplyFn, variables: Any, batch: Any) -> tuple[Layer, .
 
     def record(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
-        if _is_linear_call(context):
+        if _is_linear_call(context, args):
             _, w3 = _operands(context, args)
             path = mnn.module_path(context.module)
             found[path] = Layer(path, tuple(w3.shape), tuple(y.shape), y.dtype)
@@ -123,7 +128,7 @@ def tapped_loss(apply_fn: ApplyFn, loss_fn: Callable, layers: tuple[Layer, ...])
 
         def tap(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
-            if not _is_linear_call(context):
+            if not _is_linear_call(context, args):
                 return y
             path = mnn.module_path(context.module)
             if path not in paths:
@@ -149,7 +154,7 @@ def lowered_loss(apply_fn: ApplyFn, loss_fn: Callable, layers: tuple[Layer, ...]
     def f(variables, batch, selected):
         def swap(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
-            if not _is_linear_call(context) or mnn.module_path(context.module) not in index:
+            if not _is_linear_call(context, args) or mnn.module_path(context.module) not in index:
                 return y
             x3, w3 = _operands(context, args)
             i = index[mnn.module_path(context.module)]
@@ -167,7 +172,7 @@ def assigned_loss(apply_fn: ApplyFn, loss_fn: Callable, lowerings: dict[str, Cal
     def f(variables, batch):
         def swap(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
-            path = mnn.module_path(context.module) if _is_linear_call(context) else None
+            path = mnn.module_path(context.module) if _is_linear_call(context, args) else None
             if path not in lowerings:
                 return y
             return lowerings[path](*_operands(context, args)).reshape(y.shape).astype(y.dtype)
