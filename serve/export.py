@@ -59,8 +59,11 @@ def _mpx_run(path: str) -> tuple:
 
 
 def _hf_dir(path: str) -> tuple:
-    """(config, params, base config.json, tokenizer files) of a Hugging Face directory."""
+    """(config, params, base config.json, tokenizer files) of a Hugging Face directory;
+    what the load notes (layers skipped on purpose) goes to stderr."""
     model = hf_lib.load(path)
+    for note in model.notes:
+        print(f"note: {note}", file=sys.stderr)
     return model.config, model.params, model.hf_config, save_lib.tokenizer_files(path)
 
 

@@ -1,9 +1,10 @@
 """Hugging Face model directories: config.json, safetensors weights (plain or block-FP8).
 
-`load(path)` reads a Llama-family directory into the reference transformer's params
-(store/hf/load.py); `save(...)` writes one (store/hf/save.py); `resolve_init_from` and
-`init_params` start a training run from one (store/hf/init.py); `config` maps config.json
-to `ModelConfig` and back; `tensors` reads and writes safetensors files.
+`load(path)` reads a Llama-family, Gemma 3 or DeepSeek-V3 directory into the reference
+transformer's params (store/hf/load.py); `save(...)` writes one (store/hf/save.py);
+`resolve_init_from` and `init_params` start a training run from one (store/hf/init.py);
+`config` maps config.json to `ModelConfig` and back; `tensors` reads and writes
+safetensors files.
 """
 
 from store.hf.config import SUPPORTED, HFError, to_model_config

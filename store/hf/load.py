@@ -7,8 +7,10 @@ The directory holds config.json, model.safetensors (or model-0000i-of-0000n.safe
 with model.safetensors.index.json) and tokenizer.json, with tokenizer_config.json and
 generation_config.json where present. Tensors are read from memory maps one at a
 time and handed to `convert` right away, so peak host memory is the converted model
-plus one float32 tensor. A block-FP8 checkpoint (DeepSeek-V3's layout, see
-serve/export.py) loads its FP8 weights as `mpx.ScaledArray`s, bit for bit.
+plus one float32 tensor (a block's stacked experts count as one). A block-FP8
+checkpoint (DeepSeek-V3's layout, see serve/export.py) loads its FP8 weights as
+`mpx.ScaledArray`s, bit for bit. DeepSeek-V3's multi-token-prediction layers are skipped
+on purpose, which `HFModel.notes` says.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 from models.config import ModelConfig
 from store import gguf as gguf_lib
 from store.hf import weights as W
-from store.hf.config import HFError, read_json, to_model_config
+from store.hf.config import HFError, mtp_layers, read_json, to_model_config
 from store.hf.tensors import SafetensorsFile, TensorFileError
 
 INDEX = "model.safetensors.index.json"
@@ -49,6 +51,7 @@ class HFModel:
       hf_config: config.json.
       tokenizer_config: tokenizer_config.json ({} when absent).
       generation_config: generation_config.json ({} when absent).
+      notes: what a caller may want to print about the load (tensors skipped on purpose).
     """
 
     config: ModelConfig
@@ -57,6 +60,7 @@ class HFModel:
     hf_config: dict
     tokenizer_config: dict
     generation_config: dict
+    notes: tuple[str, ...] = ()
 
     @property
     def tokenizer_path(self) -> Path:
@@ -106,24 +110,49 @@ def _check_quantization(hf_config: dict) -> None:
                       f"weight_block_size {list(W.BLOCK)}")
 
 
-def _read_entry(entry: W.Entry, where: dict[str, SafetensorsFile]):
-    """The entry's value: a float32 array in the mpx layout, or a ScaledArray."""
-    if entry.hf not in where:
-        raise HFError(f"tensor {entry.hf} is missing (the config gives shape {list(entry.hf_shape)})")
-    file = where[entry.hf]
-    dtype, shape = file.info(entry.hf)
-    W.check_shape(entry, shape)
-    scale_name = entry.hf + SCALE_SUFFIX
-    if dtype == "F8_E4M3" and scale_name in where:
+def _is_fp8(name: str, where: dict[str, SafetensorsFile]) -> bool:
+    return name in where and where[name].info(name)[0] == "F8_E4M3" and name + SCALE_SUFFIX in where
+
+
+def _read_tensor(entry: W.Entry, name: str, where: dict[str, SafetensorsFile]):
+    """HF tensor `name` of `entry`, checked: a float array (out, in), or the (F8_E4M3
+    weight, float32 scale_inv) pair of a block-FP8 one."""
+    if name not in where:
+        raise HFError(f"tensor {name} is missing (the config gives shape {list(entry.hf_shape)})")
+    file = where[name]
+    dtype, shape = file.info(name)
+    W.check_shape(entry, shape, name=name)
+    scale_name = name + SCALE_SUFFIX
+    if _is_fp8(name, where):
         _, scale_shape = where[scale_name].info(scale_name)
         if tuple(scale_shape) != W.scale_shape(entry):
             raise HFError(f"tensor {scale_name} has shape {list(scale_shape)}; 128x128 blocks of "
                           f"{list(entry.hf_shape)} give {list(W.scale_shape(entry))}")
-        return W.to_scaled(entry, file.tensor(entry.hf), where[scale_name].tensor(scale_name).astype(np.float32))
+        return file.tensor(name), where[scale_name].tensor(scale_name).astype(np.float32)
     if dtype not in FLOAT_DTYPES:
-        raise HFError(f"tensor {entry.hf} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)} "
+        raise HFError(f"tensor {name} has dtype {dtype}; expected one of {', '.join(FLOAT_DTYPES)} "
                       f"(or F8_E4M3 with {scale_name})")
-    return W.to_param(entry, file.tensor(entry.hf))
+    return file.tensor(name)
+
+
+def _read_experts(entry: W.Entry, where: dict[str, SafetensorsFile]):
+    """A stacked entry's value from its experts' tensors, all block-FP8 or all float."""
+    names = entry.names()
+    fp8 = _is_fp8(names[0], where)
+    for name in names:
+        if name in where and _is_fp8(name, where) != fp8:
+            raise HFError(f"tensor {name} is {'not ' if fp8 else ''}block-FP8 but {names[0]} is "
+                          f"{'' if fp8 else 'not '}(one block's experts are stored alike)")
+    tensors = (_read_tensor(entry, name, where) for name in names)
+    return W.stack_scaled(entry, tensors) if fp8 else W.stack_params(entry, tensors)
+
+
+def _read_entry(entry: W.Entry, where: dict[str, SafetensorsFile]):
+    """The entry's value: a float32 array in the mpx layout, or a ScaledArray."""
+    if entry.experts:
+        return _read_experts(entry, where)
+    value = _read_tensor(entry, entry.hf, where)
+    return W.to_scaled(entry, *value) if isinstance(value, tuple) else W.to_param(entry, value)
 
 
 def _default_convert(entry: W.Entry, value):
@@ -138,24 +167,42 @@ def _check_leftovers(where: dict, used: set[str], config: ModelConfig) -> None:
                       f"(unsupported layers or a config that does not fit the weights)")
 
 
-def load_params(path: Path, config: ModelConfig, convert: Convert | None = None) -> dict:
+def _mtp_note(skipped: list[str], prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    if not skipped:
+        return ()
+    layers = ", ".join(p + "*" for p in prefixes if any(n.startswith(p) for n in skipped))
+    return (f"skipped the multi-token-prediction layer(s) {layers} ({len(skipped)} tensors): mpx predicts the "
+            "next token only",)
+
+
+def load_params(path: Path, config: ModelConfig, convert: Convert | None = None,
+                skip: tuple[str, ...] = ()) -> dict:
     """The params tree of the safetensors weights in `path`, converted tensor by tensor.
+
+    `skip`: name prefixes of tensors that are not part of the model on purpose.
 
     Raises:
       HFError: missing files, a missing, misshapen, extra or unreadable tensor.
     """
+    return _load_params(path, config, convert, skip)[0]
+
+
+def _load_params(path: Path, config: ModelConfig, convert: Convert | None,
+                 skip: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """(params, the names of the tensors skipped by prefix)."""
     convert = convert or _default_convert
     where = _open_files(path)
     params: dict = {}
-    used: set[str] = set()
+    skipped = [n for n in where if n.startswith(skip)] if skip else []
+    used: set[str] = set(skipped)
     try:
         for entry in W.entries(config):
             W.put(params, entry.path, convert(entry, _read_entry(entry, where)))
-            used.update((entry.hf, entry.hf + SCALE_SUFFIX))
+            used.update(n + suffix for n in entry.names() for suffix in ("", SCALE_SUFFIX))
     except TensorFileError as err:
         raise HFError(str(err)) from None
     _check_leftovers(where, used, config)
-    return params
+    return params, skipped
 
 
 def _optional_json(path: Path) -> dict:
@@ -212,6 +259,7 @@ def load(path: str | Path, convert: Convert | None = None, *, max_seq_len: int |
     _check_quantization(hf_config)
     if need_tokenizer and not (path / "tokenizer.json").is_file():
         raise HFError(f"{path}: no tokenizer.json (mpx reads Hugging Face fast tokenizers only)")
-    params = load_params(path, config, convert)
+    mtp = tuple(f"model.layers.{config.n_layers + k}." for k in range(mtp_layers(hf_config)))
+    params, skipped = _load_params(path, config, convert, mtp)
     return HFModel(config, params, path, hf_config, _optional_json(path / "tokenizer_config.json"),
-                   _optional_json(path / "generation_config.json"))
+                   _optional_json(path / "generation_config.json"), _mtp_note(skipped, mtp))

@@ -2,14 +2,19 @@
 
 Two layouts:
 
-* "bf16": every tensor bfloat16, a plain Llama-family checkpoint.
+* "bf16": every tensor bfloat16 (a MoE router float32, as transformers keeps it).
 * "fp8": DeepSeek-V3's released block-FP8 layout. Each linear weight the fp8 policy
-  quantizes (Q/K/V/O projections, FFN) is `<name>.weight` float8_e4m3fn (out, in) plus
-  `<name>.weight_scale_inv` float32 with one scale per 128x128 block (ceil-divided;
-  weight * scale_inv dequantizes); everything else bfloat16; config.json gains
-  `"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
-  "dynamic", "weight_block_size": [128, 128]}` (+ `"scale_fmt": "ue8m0"` for
-  power-of-two scales, DeepSeek-V3.1 / DeepGEMM style).
+  quantizes (Q/K/V/O projections, FFN, routed experts), and DeepSeek-V3's other
+  attention projections and shared experts, is `<name>.weight` float8_e4m3fn (out, in)
+  plus `<name>.weight_scale_inv` float32 with one scale per 128x128 block (ceil-divided;
+  weight * scale_inv dequantizes), one pair per routed expert; the router float32,
+  everything else bfloat16; config.json gains `"quantization_config": {"quant_method":
+  "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}`
+  (+ `"scale_fmt": "ue8m0"` for power-of-two scales, DeepSeek-V3.1 / DeepGEMM style).
+
+A model with multi-head latent attention is written as DeepseekV3ForCausalLM, its
+routed experts one tensor each (`mlp.experts.{j}.gate_proj.weight`, ...) as DeepSeek
+releases them; other models as their Llama-family architecture.
 
 FP8 weights that are already 128x128-block ScaledArrays (an imported block-FP8
 checkpoint) are written as they are, so export -> load -> export is bit-identical.
@@ -42,6 +47,9 @@ from store.hf.tensors import write
 from store.tokenizer import TOKENIZER_FILES, tokenizer_files  # noqa: F401 (re-exported)
 
 PRECISIONS = ("fp8", "bf16")
+# DeepSeek-V3's release quantizes every linear layer but the router, embeddings and head:
+# these besides the ones the fp8 preset gives a recipe.
+DEEPSEEK_FP8 = ("attn/q_a_proj", "attn/q_b_proj", "attn/kv_a_proj", "attn/kv_b_proj", "moe/shared/*")
 SCALE_FORMATS = ("float32", "ue8m0")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -61,8 +69,18 @@ def export_config(config: ModelConfig) -> ModelConfig:
 
 
 def is_fp8_layer(entry: W.Entry) -> bool:
-    """Whether the fp8 policy gives this kernel an FP8 recipe (the layers serving quantizes)."""
-    return entry.n_in is not None and mpx.policy.preset("fp8").resolve(entry.module).recipe is not None
+    """Whether the fp8 policy gives this kernel an FP8 recipe (the layers serving
+    quantizes), or DeepSeek-V3's release stores it in FP8 (`DEEPSEEK_FP8`)."""
+    if entry.n_in is None:
+        return False
+    return mpx.policy.preset("fp8").resolve(entry.module).recipe is not None or \
+        any(mpx.policy.match_path(pattern, entry.module) for pattern in DEEPSEEK_FP8)
+
+
+def _float_dtype(entry: W.Entry) -> np.dtype:
+    """The dtype of a tensor not written in FP8: float32 for a MoE router (its top-k flips
+    easily; transformers keeps it float32), else bfloat16."""
+    return np.dtype(np.float32) if entry.module.endswith("moe/router") else BF16
 
 
 def _is_pow2(scale) -> bool:
@@ -84,6 +102,17 @@ def _fp8_pair(entry: W.Entry, param, ue8m0: bool) -> tuple[np.ndarray, np.ndarra
     return W.from_scaled(q)
 
 
+def _fp8_experts(param, ue8m0: bool) -> mpx.ScaledArray:
+    """A stacked (E, K, N) expert kernel in (1, 128, 128) blocks, quantized at once (blocks
+    never cross experts) unless it already is."""
+    block = (1,) + mpx.scaled.resolve_block(mpx.Blocks(W.BLOCK), param.shape[1:])
+    if isinstance(param, mpx.ScaledArray):
+        if param.fmt.name == "e4m3" and tuple(param.block) == block and (not ue8m0 or _is_pow2(param.scale)):
+            return param
+        param = param.dequantize()
+    return mpx.quantize(jnp.asarray(param, jnp.float32), "e4m3", mpx.Blocks(block), pow2_scale=ue8m0)
+
+
 def _source_param(entry: W.Entry, params, config: ModelConfig):
     """The param for `entry`, reading the tied table for an untied export's LM head."""
     if entry.path == ("lm_head", "kernel") and config.tie_embeddings:
@@ -101,7 +130,7 @@ def hf_tensors(config: ModelConfig, params, precision: str, scale_format: str = 
     `fp8_layer(entry)` picks the kernels an fp8 export writes in block-FP8.
 
     Raises:
-      HFError: an unknown precision or scale format, a config with no Llama-family layout.
+      HFError: an unknown precision or scale format, a config with no checkpoint layout.
     """
     if precision not in PRECISIONS:
         raise HFError(f"unknown export precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
@@ -109,12 +138,17 @@ def hf_tensors(config: ModelConfig, params, precision: str, scale_format: str = 
         raise HFError(f"unknown scale format {scale_format!r}; allowed: {', '.join(SCALE_FORMATS)}")
     for entry in W.entries(export_config(config)):
         param = _source_param(entry, params, config)
-        if precision == "fp8" and entry.n_in is not None and fp8_layer(entry):
-            data, scale_inv = _fp8_pair(entry, param, scale_format == "ue8m0")
-            yield entry.hf, data
-            yield entry.hf + "_scale_inv", scale_inv
-        else:
-            yield entry.hf, W.to_hf(entry, param).astype(BF16)
+        fp8 = precision == "fp8" and entry.n_in is not None and fp8_layer(entry)
+        if fp8 and entry.experts:
+            param = _fp8_experts(param, scale_format == "ue8m0")
+        for j, name in enumerate(entry.names()):
+            value = W.expert(param, j) if entry.experts else param
+            if fp8:
+                data, scale_inv = _fp8_pair(entry, value, scale_format == "ue8m0")
+                yield name, data
+                yield name + "_scale_inv", scale_inv
+            else:
+                yield name, W.to_hf(entry, value).astype(_float_dtype(entry))
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
@@ -153,7 +187,7 @@ def save(out: str | Path, config: ModelConfig, params, *, precision: str = "fp8"
 
     Raises:
       HFError: `out` in the way, an unknown precision or scale format, a model with no
-        Llama-family layout. Nothing is left behind on error.
+        checkpoint layout. Nothing is left behind on error.
     """
     out = Path(out)
     hf_config = from_model_config(export_config(config), base_config)

@@ -24,12 +24,35 @@ files store 1 + w):
     model.layers.{i}.pre_feedforward_layernorm layers_{i}/mlp_norm/scale
     model.layers.{i}.post_feedforward_layernorm layers_{i}/mlp_post_norm/scale
     model.layers.{i}.self_attn.{q,k}_norm      layers_{i}/attn/{q,k}_norm/scale
+
+DeepSeek-V3 (multi-head latent attention, `kv_lora_rank`) names its attention and MoE
+tensors as DeepSeek releases them, one tensor per routed expert; the experts of a block
+are stacked into one (E, ...) kernel:
+
+    model.layers.{i}.self_attn.q_proj                 layers_{i}/attn/q_proj     (D, H, Kqk) (no q_lora_rank)
+    model.layers.{i}.self_attn.q_a_proj               layers_{i}/attn/q_a_proj   (D, Rq)
+    model.layers.{i}.self_attn.q_a_layernorm          layers_{i}/attn/q_a_norm/scale
+    model.layers.{i}.self_attn.q_b_proj               layers_{i}/attn/q_b_proj   (Rq, H, Kqk)
+    model.layers.{i}.self_attn.kv_a_proj_with_mqa     layers_{i}/attn/kv_a_proj  (D, Rkv + Krope)
+    model.layers.{i}.self_attn.kv_a_layernorm         layers_{i}/attn/kv_a_norm/scale
+    model.layers.{i}.self_attn.kv_b_proj              layers_{i}/attn/kv_b_proj  (Rkv, H, Knope + Kv)
+    model.layers.{i}.self_attn.o_proj                 layers_{i}/attn/o_proj     (H, Kv, D)
+    model.layers.{i}.mlp.{gate,up,down}_proj          layers_{i}/mlp/...         (i < first_k_dense_replace)
+    model.layers.{i}.mlp.gate.weight                  layers_{i}/moe/router/kernel      (D, E)
+    model.layers.{i}.mlp.gate.e_score_correction_bias layers_{i}/moe/router/score_bias  (E,) (noaux_tc)
+    model.layers.{i}.mlp.experts.{j}.{gate,up}_proj   layers_{i}/moe/experts/{gate,up}/kernel  (E, D, F)[j]
+    model.layers.{i}.mlp.experts.{j}.down_proj        layers_{i}/moe/experts/down/kernel       (E, F, D)[j]
+    model.layers.{i}.mlp.shared_experts.{...}_proj    layers_{i}/moe/shared/{gate,up,down}     (D, Fs) / (Fs, D)
+
+where Kqk = qk_nope_head_dim + qk_rope_head_dim and Fs = n_shared_experts * F. A block-FP8
+expert's 128x128 blocks stack into a ScaledArray of (1, 128, 128) blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -51,18 +74,27 @@ class Entry:
 
     `n_in` is the number of input axes of a kernel (its HF weight is the transposed
     (K, N) view); None for tensors stored as they are (embeddings, norms, biases).
+    `experts` > 0: the param stacks that many experts' kernels along its first axis, one
+    HF tensor each, named by `hf` with "{j}" replaced by the expert's index (`names()`);
+    `hf_shape` is then one expert's.
     """
 
     hf: str
     path: tuple[str, ...]
     shape: tuple[int, ...]
     n_in: int | None = None
+    experts: int = 0
 
     @property
     def hf_shape(self) -> tuple[int, ...]:
+        shape = self.shape[1:] if self.experts else self.shape
         if self.n_in is None:
-            return (math.prod(self.shape),) if self.path[-1] == "bias" else self.shape
-        return math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in])
+            return (math.prod(shape),) if self.path[-1] == "bias" else shape
+        return math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in])
+
+    def names(self) -> list[str]:
+        """The HF tensor names: `hf`, or one per expert."""
+        return [self.hf.format(j=j) for j in range(self.experts)] if self.experts else [self.hf]
 
     @property
     def module(self) -> str:
@@ -95,14 +127,72 @@ def _layer_entries(i: int, post_norms: bool = False) -> list[Entry]:
     return out
 
 
+def _mla_entries(i: int, c: ModelConfig) -> list[Entry]:
+    pre, at = f"model.layers.{i}.self_attn.", ("layers_" + str(i), "attn")
+    d, h = c.d_model, c.n_heads
+    if c.q_lora_rank is None:
+        out = [Entry(pre + "q_proj.weight", at + ("q_proj", "kernel"), (d, h, c.head_dim), 1)]
+    else:
+        out = [Entry(pre + "q_a_proj.weight", at + ("q_a_proj", "kernel"), (d, c.q_lora_rank), 1),
+               Entry(pre + "q_a_layernorm.weight", at + ("q_a_norm", "scale"), (c.q_lora_rank,)),
+               Entry(pre + "q_b_proj.weight", at + ("q_b_proj", "kernel"), (c.q_lora_rank, h, c.head_dim), 1)]
+    latent, kv_head = c.kv_lora_rank, c.qk_nope_head_dim + c.v_head_dim
+    return out + [
+        Entry(pre + "kv_a_proj_with_mqa.weight", at + ("kv_a_proj", "kernel"), (d, latent + c.qk_rope_head_dim), 1),
+        Entry(pre + "kv_a_layernorm.weight", at + ("kv_a_norm", "scale"), (latent,)),
+        Entry(pre + "kv_b_proj.weight", at + ("kv_b_proj", "kernel"), (latent, h, kv_head), 1),
+        Entry(pre + "o_proj.weight", at + ("o_proj", "kernel"), (h, c.v_head_dim, d), 2)]
+
+
+def _ffn_entries(hf: str, path: tuple[str, ...], d: int, f: int, experts: int = 0) -> list[Entry]:
+    """gate/up (D, F) and down (F, D) kernels, stacked (E, ...) for `experts` > 0."""
+    stack = (experts,) if experts else ()
+    return [Entry(f"{hf}.{name}.weight", path + (mine, "kernel"), stack + ((f, d) if mine == "down" else (d, f)), 1,
+                  experts) for name, mine in _MLP.items()]
+
+
+def _deepseek_ffn_entries(i: int, c: ModelConfig) -> list[Entry]:
+    pre, at = f"model.layers.{i}.mlp", ("layers_" + str(i),)
+    if not c.is_moe_layer(i):
+        return _ffn_entries(pre, at + ("mlp",), c.d_model, c.d_ff)
+    at += ("moe",)
+    out = [Entry(pre + ".gate.weight", at + ("router", "kernel"), (c.d_model, c.n_experts), 1)]
+    if c.topk_method == "noaux_tc":
+        out.append(Entry(pre + ".gate.e_score_correction_bias", at + ("router", "score_bias"), (c.n_experts,)))
+    out += _ffn_entries(pre + ".experts.{j}", at + ("experts",), c.d_model, c.expert_d_ff, c.n_experts)
+    if c.n_shared_experts:
+        out += _ffn_entries(pre + ".shared_experts", at + ("shared",), c.d_model, c.n_shared_experts * c.expert_d_ff)
+    return out
+
+
+def deepseek_entries(config: ModelConfig) -> list[Entry]:
+    """Every tensor of a DeepSeek-V3 checkpoint of `config` (multi-head latent attention),
+    in checkpoint order, shapes from the config alone."""
+    c, d = config, config.d_model
+    out = [Entry("model.embed_tokens.weight", ("embed", "embedding"), (c.vocab_size, d))]
+    for i in range(c.n_layers):
+        at = ("layers_" + str(i),)
+        out.append(Entry(f"model.layers.{i}.input_layernorm.weight", at + ("attn_norm", "scale"), (d,)))
+        out += _mla_entries(i, c)
+        out.append(Entry(f"model.layers.{i}.post_attention_layernorm.weight", at + ("mlp_norm", "scale"), (d,)))
+        out += _deepseek_ffn_entries(i, c)
+    out.append(Entry("model.norm.weight", ("final_norm", "scale"), (d,)))
+    if not c.tie_embeddings:
+        out.append(Entry("lm_head.weight", ("lm_head", "kernel"), (d, c.vocab_size), 1))
+    return out
+
+
 def entries(config: ModelConfig) -> list[Entry]:
     """Every tensor of a checkpoint of `config`, in checkpoint order.
 
     Raises:
-      HFError: a mixture-of-experts config (no Llama-family layout).
+      HFError: a mixture-of-experts config without multi-head latent attention (no
+        checkpoint layout).
     """
+    if config.is_mla:
+        return deepseek_entries(config)
     if config.n_experts:
-        raise HFError("mixture-of-experts models have no Llama-family checkpoint layout")
+        raise HFError("mixture-of-experts models with grouped-query attention have no supported checkpoint layout")
     shapes = param_shapes(config)
     candidates = [Entry("model.embed_tokens.weight", ("embed", "embedding"), ())]
     for i in range(config.n_layers):
@@ -112,17 +202,29 @@ def entries(config: ModelConfig) -> list[Entry]:
     return [dataclasses.replace(e, shape=shapes[e.path]) for e in candidates if e.path in shapes]
 
 
-def check_shape(entry: Entry, shape: tuple[int, ...], what: str = "") -> None:
-    """Raises HFError naming the tensor and both shapes when `shape` is not its HF shape."""
+def check_shape(entry: Entry, shape: tuple[int, ...], what: str = "", name: str | None = None) -> None:
+    """Raises HFError naming the tensor (`name`, default entry.hf) and both shapes when
+    `shape` is not its HF shape."""
     if tuple(shape) != entry.hf_shape:
-        raise HFError(f"tensor {entry.hf}{what} has shape {list(shape)}; the config gives {list(entry.hf_shape)}")
+        raise HFError(f"tensor {name or entry.hf}{what} has shape {list(shape)}; the config gives "
+                      f"{list(entry.hf_shape)}")
 
 
 def to_param(entry: Entry, array: np.ndarray) -> np.ndarray:
-    """A float32 mpx param from its HF tensor (one copy)."""
+    """A float32 mpx param from its HF tensor (one copy); one expert's for stacked entries."""
+    shape = entry.shape[1:] if entry.experts else entry.shape
     if entry.n_in is None:
-        return np.asarray(array, np.float32).reshape(entry.shape)
-    return np.ascontiguousarray(np.asarray(array).T, np.float32).reshape(entry.shape)
+        return np.asarray(array, np.float32).reshape(shape)
+    return np.ascontiguousarray(np.asarray(array).T, np.float32).reshape(shape)
+
+
+def stack_params(entry: Entry, arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """The (E, ...) float32 param of a stacked entry from its experts' HF tensors, filled
+    expert by expert (one f32 expert beside the result)."""
+    out = np.empty(entry.shape, np.float32)
+    for j, array in enumerate(arrays):
+        out[j] = to_param(entry, array)
+    return out
 
 
 def scale_shape(entry: Entry) -> tuple[int, ...]:
@@ -139,8 +241,28 @@ def to_scaled(entry: Entry, data: np.ndarray, scale_inv: np.ndarray, fmt: str = 
                               formats.get(fmt), block)
 
 
+def stack_scaled(entry: Entry, pairs: Iterable[tuple[np.ndarray, np.ndarray]], fmt: str = "e4m3") -> scaled.ScaledArray:
+    """The (E, K, N) ScaledArray, blocks (1, 128, 128), of a stacked entry's experts'
+    block-FP8 (weight (out, in), scale_inv) pairs, exactly."""
+    data, scales = zip(*((np.ascontiguousarray(d.T), np.ascontiguousarray(s.T)) for d, s in pairs))
+    block = (1,) + scaled.resolve_block(scaled.Blocks(BLOCK), data[0].shape)
+    return scaled.ScaledArray(jnp.asarray(np.stack(data)), jnp.asarray(np.stack(scales), jnp.float32),
+                              formats.get(fmt), block)
+
+
+def expert(param, j: int):
+    """Expert `j` of a stacked (E, ...) param: an array, or a 2-D ScaledArray of a
+    (1, ...)-blocked one."""
+    if isinstance(param, scaled.ScaledArray):
+        if param.block[0] != 1:
+            raise HFError(f"a stacked expert kernel needs blocks of one expert; got block {param.block}")
+        return scaled.ScaledArray(param.data[j], param.scale[j], param.fmt, tuple(param.block[1:]))
+    return param[j]
+
+
 def to_hf(entry: Entry, param) -> np.ndarray:
-    """The HF (out, in) float32 tensor of an mpx param (a ScaledArray is dequantized)."""
+    """The HF (out, in) float32 tensor of an mpx param (a ScaledArray is dequantized); of
+    one expert (`expert(param, j)`) for a stacked entry."""
     if isinstance(param, scaled.ScaledArray):
         param = scaled.dequantize(param)
     array = np.asarray(param, np.float32)
