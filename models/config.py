@@ -429,6 +429,14 @@ PRESETS = {
     "small": ModelConfig(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=768, max_seq_len=256),
     # MoE variant of tiny, for tests of routing and per-expert FP8 weights.
     "tiny_moe": ModelConfig(n_experts=4, top_k=2, d_ff=256),
+    # DeepSeek-V3's architecture at CPU scale: MLA, a dense first block, then DeepSeekMoE.
+    "deepseek_v3_tiny": ModelConfig(
+        d_model=128, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=384, embed_scale=False,
+        kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        rope_interleave=True, rope_scaling=RopeScaling("yarn", factor=4.0, original_max_len=32, mscale=1.0,
+                                                       mscale_all_dim=1.0),
+        first_k_dense=1, n_experts=8, top_k=2, n_group=4, topk_group=2, moe_d_ff=128, n_shared_experts=1,
+        router_score="sigmoid", topk_method="noaux_tc", routed_scaling_factor=2.5),
     # ~1B parameters: GPU benchmarks.
     "1b": ModelConfig(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8,
                       d_ff=8192, max_seq_len=2048, tie_embeddings=False),
@@ -436,7 +444,7 @@ PRESETS = {
 
 
 def preset(name: str) -> ModelConfig:
-    """A model preset by name: tiny, small, tiny_moe, 1b.
+    """A model preset by name: tiny, small, tiny_moe, deepseek_v3_tiny, 1b.
 
     Raises:
       ValueError: naming the unknown preset and the known ones.

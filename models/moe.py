@@ -91,6 +91,38 @@ def bias_update(bias: Array, load: Array, rate: float) -> Array:
     return bias - rate * jnp.sign(load - 1.0 / load.shape[-1])
 
 
+def update_selection_bias(params: dict, load: Array, config: ModelConfig, rate: float) -> dict:
+    """`params` with every MoE block's `moe/router/score_bias` moved by `bias_update`.
+
+    Args:
+      params: the model's params (nested dicts).
+      load: (MoE blocks, E) each expert's share of its block's routed pairs, in block
+        order (the Transformer's aux "expert_load").
+      config: the model's config; a router without a selection bias (topk_method other
+        than "noaux_tc") leaves params as they are.
+      rate: the bias update speed (DeepSeek-V3: 0.001 for most of its training).
+    """
+    if config.topk_method != "noaux_tc" or not rate:
+        return params
+    new = dict(params)
+    moe_blocks = [i for i in range(config.n_layers) if config.is_moe_layer(i)]
+    for row, i in enumerate(moe_blocks):
+        block = new[f"layers_{i}"]
+        router = block["moe"]["router"]
+        router = {**router, "score_bias": bias_update(router["score_bias"], load[row], rate)}
+        new[f"layers_{i}"] = {**block, "moe": {**block["moe"], "router": router}}
+    return new
+
+
+def balance_metrics(load: Array) -> dict[str, Array]:
+    """Scalars of (MoE blocks, E) expert loads: `moe_max_load`, the busiest expert's
+    share times E averaged over blocks (1 when balanced), and `moe_idle_experts`, the
+    mean number of experts per block that got no pair."""
+    e = load.shape[-1]
+    return {"moe_max_load": jnp.mean(jnp.max(load, axis=-1)) * e,
+            "moe_idle_experts": jnp.mean(jnp.sum(load == 0, axis=-1).astype(jnp.float32))}
+
+
 class Experts(nn.Module):
     """E SwiGLU (or GeGLU) experts over rows sorted by expert: (M, D) -> (M, D)."""
 

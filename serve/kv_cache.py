@@ -1,9 +1,15 @@
 """The KV cache for generation: an explicit pytree, in bf16, f32 or FP8.
 
-One dict per layer (the list index is the layer):
+One dict per layer (the list index is the layer), its slots those of
+`ModelConfig.cache_slots`:
 
     "k": keys   (B, S_max, G, K)    G key/value heads, K head dim
     "v": values (B, S_max, G, K)
+
+or, for multi-head latent attention (DeepSeek-V3), the latent and the shared RoPE key:
+
+    "latent": (B, S_max, C)        C = kv_lora_rank
+    "k_rope": (B, S_max, R)        R = qk_rope_head_dim
 
 Each is a plain array (f32, or bf16 held as its uint16 bit patterns) or, for an FP8
 cache, an `mpx.ScaledArray`:
@@ -27,10 +33,13 @@ only the first `cache_len` slots of its rows (a power-of-two span above the posi
 use, chosen by `serve.engine` and `serve.slots`), so a large capacity costs memory, not
 time. Slots past a row's position are stale or empty and masked out by position.
 
-Memory per element: bf16 2 bytes; FP8 1 + 4 / K bytes (1.125 for K = 32).
+Memory per element: bf16 2 bytes; FP8 1 + 4 / K bytes (1.125 for K = 32), K the width of
+the slot's last axis.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -74,14 +83,15 @@ def init(config: ModelConfig, batch: int, kind: str = "bf16", length: int | None
       length: slots per row.
 
     Returns:
-      A list of {"k", "v"} dicts, one per layer (see the module docstring).
+      A list of dicts of slots, one per layer (see the module docstring).
 
     Raises:
       ValueError: for an unknown kind.
     """
     check_kind(kind)
-    shape = (batch, length or config.max_seq_len, config.n_kv_heads, config.head_dim)
-    return [{"k": _slot(shape, kind), "v": _slot(shape, kind)} for _ in range(config.n_layers)]
+    rows = (batch, length or config.max_seq_len)
+    return [{name: _slot(rows + shape, kind) for name, shape in config.cache_slots.items()}
+            for _ in range(config.n_layers)]
 
 
 def constrain(cache, layout: sharding.Layout | None):
@@ -100,5 +110,8 @@ def nbytes(cache) -> int:
 def bytes_per_token(config: ModelConfig, kind: str) -> float:
     """Cache bytes per token of one row, over all layers."""
     check_kind(kind)
-    per_elem = {"bf16": 2.0, "fp32": 4.0, "fp8": 1.0 + 4.0 / config.head_dim}[kind]
-    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * per_elem
+    total = 0.0
+    for shape in config.cache_slots.values():
+        per_elem = {"bf16": 2.0, "fp32": 4.0, "fp8": 1.0 + 4.0 / shape[-1]}[kind]
+        total += math.prod(shape) * per_elem
+    return config.n_layers * total

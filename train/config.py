@@ -87,6 +87,9 @@ class OptimizerConfig:
       moment_dtype: storage dtype of Adam's moments, "bf16" or "f32".
       microbatches: gradient accumulation steps per batch; divides data.batch_size.
       loss_scale: "none", "dynamic" or "static" loss scaling.
+      moe_bias_rate: how fast an MoE router's selection bias moves per step to balance
+        its experts' load (DeepSeek-V3's auxiliary-loss-free balancing, gamma in its
+        report, 0.001 there); only routers with topk_method "noaux_tc" have one.
     """
 
     name: str = "adamw"
@@ -102,6 +105,7 @@ class OptimizerConfig:
     moment_dtype: str = "bf16"
     microbatches: int = 1
     loss_scale: str = "none"
+    moe_bias_rate: float = 0.001
 
     def __post_init__(self):
         check_choice("name", self.name, OPTIMIZERS)
@@ -120,6 +124,8 @@ class OptimizerConfig:
               self.clip_norm is None or (_finite(self.clip_norm) and self.clip_norm > 0),
               "a finite number > 0, or null")
         check("microbatches", self.microbatches, self.microbatches >= 1, ">= 1")
+        check("moe_bias_rate", self.moe_bias_rate, _finite(self.moe_bias_rate) and self.moe_bias_rate >= 0,
+              "a finite number >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

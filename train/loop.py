@@ -127,7 +127,8 @@ def build(cfg: config_lib.TrainConfig) -> Run:
     shardings = layout.shardings(jax.eval_shape(_init_fn(cfg, model, tx)))
     batch = {"inputs": layout.batch_sharding(), "targets": layout.batch_sharding()}
     replicated = sharding.replicated(layout.mesh)
-    train_step = jax.jit(step_lib.make_train_step(model, tx, cfg.optimizer.microbatches, layout),
+    train_step = jax.jit(step_lib.make_train_step(model, tx, cfg.optimizer.microbatches, layout,
+                                                  cfg.optimizer.moe_bias_rate),
                          in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
                          donate_argnums=0)
     eval_step = jax.jit(step_lib.make_eval_step(model), in_shardings=(shardings, batch),

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models import moe as moe_lib
 from mpx import optim
 
 MOE_LOSS_WEIGHT = 0.01
@@ -106,6 +107,8 @@ def make_loss_fn(model: nn.Module, loss_scale) -> Callable:
         nll_sum, count = cross_entropy(logits, micro["targets"])
         loss = nll_sum / count + MOE_LOSS_WEIGHT * aux["moe_loss"]
         metrics = {"loss": nll_sum / count, "moe_loss": aux["moe_loss"]}
+        if aux.get("expert_load") is not None:
+            metrics["expert_load"] = aux["expert_load"]
         return loss_scale.scale(loss), {"metrics": metrics, "fp8_state": fp8_state}
 
     return loss_fn
@@ -182,13 +185,29 @@ def _update_applied(opt_state) -> jax.Array:
     return jnp.asarray(getattr(opt_state, "last_finite", True))
 
 
+def _balance(model: nn.Module, params, metrics: dict, applied, rate: float):
+    """(params, metrics) after the MoE selection-bias update and with scalar balance
+    metrics in place of the (MoE blocks, E) expert loads."""
+    metrics = dict(metrics)
+    load = metrics.pop("expert_load", None)
+    if load is None:
+        return params, metrics
+    moved = moe_lib.update_selection_bias(params, load, model.config, rate)
+    params = jax.tree.map(lambda new, old: jnp.where(applied, new, old), moved, params)
+    return params, {**metrics, **moe_lib.balance_metrics(load)}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbatches: int = 1,
-                    layout=None) -> Callable:
+                    layout=None, moe_bias_rate: float = 0.0) -> Callable:
     """The pure train step `(state, batch) -> (state, metrics)`; jit it with donation.
 
     `batch` is {"inputs": (B, T) int32, "targets": (B, T) int32}. `layout` (a
     `mpx.sharding.Layout`, optional) adds batch sharding constraints and, with
     `grad_comm="bf16"`, the per-replica gradient reduction (see the module doc).
+    `moe_bias_rate`: the auxiliary-loss-free balancing speed of MoE routers with a
+    selection bias (`models.moe.update_selection_bias`), applied after the optimizer
+    (the bias gets no gradient); the metrics then hold `moe_max_load` and
+    `moe_idle_experts` (`models.moe.balance_metrics`).
     """
     grad_step = make_grad_fn(model, microbatches, layout)
 
@@ -198,6 +217,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbat
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         applied = finite & _update_applied(opt_state)
+        params, step_metrics = _balance(model, params, aux["metrics"], applied, moe_bias_rate)
         # A skipped step must not record its (possibly inf) amax observations.
         fp8_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), aux["fp8_state"], state.fp8_state)
         new_state = TrainState(
@@ -205,7 +225,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, microbat
             loss_scale=state.loss_scale.adjust(finite),
             rng=jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0]),
         )
-        metrics = {**aux["metrics"], "grad_norm": optim.global_norm(grads), "skipped": ~applied,
+        metrics = {**step_metrics, "grad_norm": optim.global_norm(grads), "skipped": ~applied,
                    "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32)}
         return new_state, metrics
 
