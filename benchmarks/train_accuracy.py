@@ -10,6 +10,12 @@ comparable. At few steps the gap is mostly seed noise: compare its mean to its s
     python -m benchmarks.train_accuracy                      # small preset, 3 seeds
     python -m benchmarks.train_accuracy --model tiny --steps 50 --json
     python -m benchmarks.train_accuracy --precisions fp8,my_policy.yaml   # per-layer policies too
+    python -m benchmarks.train_accuracy --model deepseek_v3_tiny     # MLA + DeepSeekMoE
+
+MoE models train with DeepSeek-V3's auxiliary-loss-free balancing (selection-bias rate
+`--moe-bias-rate`), and each run also reports its experts' balance over the last tenth of
+its steps: the busiest expert's share of the routed pairs times the number of experts
+(1.0 = perfectly even), averaged over MoE blocks and steps.
 """
 
 from __future__ import annotations
@@ -79,8 +85,8 @@ def _batches(tokens: np.ndarray, batch: int, seq: int, steps: int, seed: int):
 
 
 def train_one(cfg, precision: str, seed: int, train_tokens, eval_batches, steps: int, batch: int, seq: int,
-              lr: float) -> float:
-    """Final mean eval loss (nats per token) of one run."""
+              lr: float, moe_bias_rate: float = 0.001) -> tuple[float, float | None]:
+    """(final mean eval loss in nats per token, expert balance or None) of one run."""
     model = transformer.Transformer(cfg, mpx.policy.get(precision))
     moments = jnp.float32 if precision == "fp32" else jnp.bfloat16
     # Warmup, then cosine decay to 0: the final loss is not one noisy step of a constant
@@ -88,15 +94,18 @@ def train_one(cfg, precision: str, seed: int, train_tokens, eval_batches, steps:
     tx = mpx.optim.build("adamw", lr, schedule="cosine", warmup_steps=max(steps // 10, 1), total_steps=steps,
                          final_ratio=0.0, moment_dtype=moments, clip_norm=1.0)
     state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), seed, jnp.zeros((1, seq), jnp.int32))
-    step = jax.jit(step_lib.make_train_step(model, tx))
-    for data in _batches(train_tokens, batch, seq, steps, seed):
-        state, _ = step(state, data)
+    step = jax.jit(step_lib.make_train_step(model, tx, moe_bias_rate=moe_bias_rate))
+    balance = []
+    for i, data in enumerate(_batches(train_tokens, batch, seq, steps, seed)):
+        state, metrics = step(state, data)
+        if "moe_max_load" in metrics and i >= steps - max(steps // 10, 1):
+            balance.append(float(metrics["moe_max_load"]))
     evaluate = jax.jit(step_lib.make_eval_step(model))
     nll = tokens = 0.0
     for data in eval_batches:
         out = evaluate(state, data)
         nll, tokens = nll + float(out["nll_sum"]), tokens + float(out["tokens"])
-    return nll / tokens
+    return nll / tokens, (statistics.fmean(balance) if balance else None)
 
 
 def _gap(losses: list[float], reference: list[float]) -> dict:
@@ -105,17 +114,21 @@ def _gap(losses: list[float], reference: list[float]) -> dict:
 
 
 def run(model: str, seeds: int, steps: int, batch: int, seq: int, lr: float, eval_batches: int,
-        precisions=PRECISIONS) -> dict:
+        precisions=PRECISIONS, moe_bias_rate: float = 0.001) -> dict:
     """Every precision x seed; each one's gap to bf16 (percent of bf16's loss) per seed."""
     cfg = model_config.preset(model)
     text = np.frombuffer(prose(400_000, seed=1234).encode(), np.uint8).astype(np.int32)
     split = int(0.9 * len(text))
     held_out = list(_batches(text[split:], batch, seq, eval_batches, seed=99))
-    losses = {p: [train_one(cfg, p, s, text[:split], held_out, steps, batch, seq, lr) for s in range(seeds)]
-              for p in precisions}
+    runs = {p: [train_one(cfg, p, s, text[:split], held_out, steps, batch, seq, lr, moe_bias_rate)
+                for s in range(seeds)] for p in precisions}
+    losses = {p: [loss for loss, _ in r] for p, r in runs.items()}
     gaps = {p: _gap(losses[p], losses["bf16"]) for p in precisions if p != "bf16"}
     result = {"model": model, "steps": steps, "batch": batch, "seq": seq, "seeds": seeds, "eval_loss": losses,
               "gap_vs_bf16_pct": gaps}
+    if cfg.n_experts:
+        result["moe_max_load"] = {p: [b for _, b in r] for p, r in runs.items()}
+        result["moe_bias_rate"] = moe_bias_rate
     if "fp8" in gaps:
         result["fp8_vs_bf16_gap_pct"] = gaps["fp8"]
     return result
@@ -133,6 +146,8 @@ def table(result: dict) -> str:
     lines = [f"{p:<6} eval loss " + "  ".join(f"{v:.4f}" for v in values) for p, values in result["eval_loss"].items()]
     lines += [f"{p} vs bf16: {gap['mean']:+.2f}% +- {gap['stdev']:.2f}% over {result['seeds']} seeds"
               for p, gap in result["gap_vs_bf16_pct"].items()]
+    lines += [f"{p:<6} expert balance (max load x E, 1 = even) " + "  ".join(f"{v:.3f}" for v in values)
+              for p, values in result.get("moe_max_load", {}).items()]
     return "\n".join(lines)
 
 
@@ -148,9 +163,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-batches", type=cli.positive_int, default=16)
     parser.add_argument("--precisions", default=",".join(PRECISIONS), type=cli.accepted_by(_precisions),
                         help="comma-separated presets or policy YAML files; bf16 (the reference) always runs")
+    parser.add_argument("--moe-bias-rate", type=float, default=0.001,
+                        help="MoE selection-bias update rate (auxiliary-loss-free balancing)")
     args = parser.parse_args(argv)
     result = run(args.model, args.seeds, args.steps, args.batch, args.seq, args.lr, args.eval_batches,
-                 _precisions(args.precisions))
+                 _precisions(args.precisions), args.moe_bias_rate)
     return benchmarks.report(args, table(result), result)
 
 

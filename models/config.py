@@ -435,7 +435,8 @@ PRESETS = {
         kv_lora_rank=64, q_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         rope_interleave=True, rope_scaling=RopeScaling("yarn", factor=4.0, original_max_len=32, mscale=1.0,
                                                        mscale_all_dim=1.0),
-        first_k_dense=1, n_experts=8, top_k=2, n_group=4, topk_group=2, moe_d_ff=128, n_shared_experts=1,
+        tie_embeddings=False, first_k_dense=1, n_experts=8, top_k=2, n_group=4, topk_group=2, moe_d_ff=128,
+        n_shared_experts=1,
         router_score="sigmoid", topk_method="noaux_tc", routed_scaling_factor=2.5),
     # ~1B parameters: GPU benchmarks.
     "1b": ModelConfig(vocab_size=32768, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8,

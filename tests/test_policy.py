@@ -23,6 +23,9 @@ DENSE = ["embed", "layers_0/attn_norm", "layers_0/attn/q_proj", "layers_0/attn/k
          "layers_0/attn/o_proj", "layers_0/attn/qk", "layers_0/attn/pv", "layers_0/mlp_norm", "layers_0/mlp/gate",
          "layers_0/mlp/up", "layers_0/mlp/down", "final_norm", "lm_head"]
 MOE = ["layers_1/moe/router", "layers_1/moe/experts/gate", "layers_1/moe/experts/up", "layers_1/moe/experts/down"]
+# DeepSeek-V3's additions: multi-head latent attention and shared experts.
+MLA = ["layers_1/attn/q_a_proj", "layers_1/attn/q_b_proj", "layers_1/attn/kv_a_proj", "layers_1/attn/kv_b_proj",
+       "layers_1/moe/shared/gate", "layers_1/moe/shared/up", "layers_1/moe/shared/down"]
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -310,8 +313,10 @@ def test_explain_table():
 def test_unmatched_rules():
     policy = P.preset("fp8")
     unmatched = policy.unmatched_rules(DENSE)
-    assert [r.pattern for r in unmatched] == ["moe/experts/*", "moe/router"]
-    assert policy.unmatched_rules(DENSE + MOE) == []
+    assert [r.pattern for r in unmatched] == ["attn/q_a_proj", "attn/q_b_proj", "attn/kv_a_proj", "attn/kv_b_proj",
+                                              "moe/experts/*", "moe/shared/*", "moe/router"]
+    assert policy.unmatched_rules(DENSE + MOE + MLA) == []
+    assert all(policy.resolve(p).recipe is not None for p in MLA)  # FP8, as DeepSeek-V3 trains them
     assert P.Policy(rules=[P.Rule("nothing*")]).explain(["a"]).endswith("rule 0 'nothing*' matches no layer")
 
 

@@ -2,7 +2,7 @@
 
 | op | fp8 presets |
 |---|---|
-| Q/K/V/O projections, FFN, MoE experts | the FP8 recipe (bf16 outputs, f32 accumulation) |
+| Q/K/V/O projections (and MLA's q/kv latent projections), FFN, MoE routed and shared experts | the FP8 recipe (bf16 outputs, f32 accumulation) |
 | QK^T, PV (attention) | bf16 |
 | token embedding, LM head | bf16 weights and inputs, f32 logits |
 | norms, MoE router | f32 |
@@ -41,8 +41,13 @@ def _fp8_rules(recipe: recipes_lib.Recipe) -> tuple[Rule, ...]:
         Rule("attn/k_proj", recipe=recipe),
         Rule("attn/v_proj", recipe=recipe),
         Rule("attn/o_proj", recipe=recipe),
+        Rule("attn/q_a_proj", recipe=recipe),  # multi-head latent attention (DeepSeek-V3)
+        Rule("attn/q_b_proj", recipe=recipe),
+        Rule("attn/kv_a_proj", recipe=recipe),
+        Rule("attn/kv_b_proj", recipe=recipe),
         Rule("mlp/*", recipe=recipe),
         Rule("moe/experts/*", recipe=recipe),
+        Rule("moe/shared/*", recipe=recipe),
     )
 
 
