@@ -426,3 +426,20 @@ def test_the_command_prints_its_url_and_sigterm_ends_a_stream_properly(checkpoin
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_deepseek_v3_decodes_over_its_latent_cache_as_transformers_does():
+    # MLA serves from a latent KV cache in the absorbed form; the greedy reply through the
+    # server to fixed prompt ids is transformers' greedy continuation (expanded form).
+    import numpy as np
+    directory = ROOT / "tests" / "fixtures" / "hf" / "deepseek_v3"
+    reference = np.load(directory / "reference.npz")
+    service = server.build(server.parse_args(["--checkpoint", str(directory), "--precision", "fp32", "--kv-cache",
+                                              "fp32", "--max-batch", "2", "--prefill-chunk", "8"]))
+    assert set(service.batcher.slots.cache[0]) == {"latent", "k_rope"}
+    with _serving(service) as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        for ids, greedy in zip(reference["tokens"].tolist(), reference["greedy"].tolist()):
+            reply = client.completions.create(model=service.model_name, prompt=ids, max_tokens=len(greedy),
+                                              temperature=0)
+            assert reply.choices[0].text == service.tokenizer.decode(greedy)
