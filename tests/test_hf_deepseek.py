@@ -275,7 +275,7 @@ def test_greedy_generation_matches_transformers(loaded):
     m, spec, ref = loaded["deepseek_v3"], q.ServeSpec("fp32"), _reference("deepseek_v3")
     engine = engine_lib.Engine(transformer.Transformer(m.config, spec.policy()),
                                {"params": q.quantize_params(m.params, m.config, spec)}, kv_cache="fp32", chunk=8)
-    out, _ = engine.generate(ref["tokens"].tolist(), max_new_tokens=ref["greedy"].shape[1], use_cache=False)
+    out, _ = engine.generate(ref["tokens"].tolist(), max_new_tokens=ref["greedy"].shape[1])  # the latent cache
     assert [g.tokens for g in out] == ref["greedy"].tolist()
 
 

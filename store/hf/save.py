@@ -4,13 +4,13 @@ Two layouts:
 
 * "bf16": every tensor bfloat16 (a MoE router float32, as transformers keeps it).
 * "fp8": DeepSeek-V3's released block-FP8 layout. Each linear weight the fp8 policy
-  quantizes (Q/K/V/O projections, FFN, routed experts), and DeepSeek-V3's other
-  attention projections and shared experts, is `<name>.weight` float8_e4m3fn (out, in)
-  plus `<name>.weight_scale_inv` float32 with one scale per 128x128 block (ceil-divided;
-  weight * scale_inv dequantizes), one pair per routed expert; the router float32,
-  everything else bfloat16; config.json gains `"quantization_config": {"quant_method":
-  "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}`
-  (+ `"scale_fmt": "ue8m0"` for power-of-two scales, DeepSeek-V3.1 / DeepGEMM style).
+  quantizes (Q/K/V/O projections and MLA's latent ones, FFN, routed and shared experts)
+  is `<name>.weight` float8_e4m3fn (out, in) plus `<name>.weight_scale_inv` float32 with
+  one scale per 128x128 block (ceil-divided; weight * scale_inv dequantizes), one pair
+  per routed expert; the router float32, everything else bfloat16; config.json gains
+  `"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
+  "dynamic", "weight_block_size": [128, 128]}` (+ `"scale_fmt": "ue8m0"` for
+  power-of-two scales, DeepSeek-V3.1 / DeepGEMM style).
 
 A model with multi-head latent attention is written as DeepseekV3ForCausalLM, its
 routed experts one tensor each (`mlp.experts.{j}.gate_proj.weight`, ...) as DeepSeek
@@ -47,9 +47,6 @@ from store.hf.tensors import write
 from store.tokenizer import TOKENIZER_FILES, tokenizer_files  # noqa: F401 (re-exported)
 
 PRECISIONS = ("fp8", "bf16")
-# DeepSeek-V3's release quantizes every linear layer but the router, embeddings and head:
-# these besides the ones the fp8 preset gives a recipe.
-DEEPSEEK_FP8 = ("attn/q_a_proj", "attn/q_b_proj", "attn/kv_a_proj", "attn/kv_b_proj", "moe/shared/*")
 SCALE_FORMATS = ("float32", "ue8m0")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -69,12 +66,9 @@ def export_config(config: ModelConfig) -> ModelConfig:
 
 
 def is_fp8_layer(entry: W.Entry) -> bool:
-    """Whether the fp8 policy gives this kernel an FP8 recipe (the layers serving
-    quantizes), or DeepSeek-V3's release stores it in FP8 (`DEEPSEEK_FP8`)."""
-    if entry.n_in is None:
-        return False
-    return mpx.policy.preset("fp8").resolve(entry.module).recipe is not None or \
-        any(mpx.policy.match_path(pattern, entry.module) for pattern in DEEPSEEK_FP8)
+    """Whether the fp8 policy gives this kernel an FP8 recipe (the layers serving quantizes;
+    for DeepSeek-V3 every linear layer but the router and head, as its release stores)."""
+    return entry.n_in is not None and mpx.policy.preset("fp8").resolve(entry.module).recipe is not None
 
 
 def _float_dtype(entry: W.Entry) -> np.dtype:
