@@ -13,7 +13,9 @@ this module as its `sharding`:
 matches a pattern (fnmatch, first match of the same rank wins) gets those logical axes;
 optimizer moments match through their embedded param path. Serving stores
 DenseGeneral kernels as 2-D (K, N) ScaledArrays (serve/quantize.py), hence the rank-2
-attention patterns.
+attention patterns. MoE experts' (E, K, F) kernels split experts over fsdp (expert
+parallelism) and F over tensor; the shared experts are dense kernels and the router's
+(D, E) kernel keeps E whole.
 """
 
 from __future__ import annotations
@@ -48,8 +50,22 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     ("*attn/k_proj/kernel", ("embed", "kv_heads", "head_dim")),
     ("*attn/v_proj/kernel", ("embed", "kv_heads", "head_dim")),
     ("*attn/o_proj/kernel", ("heads", "head_dim", "embed")),
+    # Multi-head latent attention (models/mla.py), as DeepSeek-V3's own tensor parallelism
+    # splits it: the down projections to the latents whole on every tensor rank (their
+    # inputs on fsdp), the up projections by head.
+    ("*attn/q_b_proj/kernel", ("embed", "heads", "head_dim")),
+    ("*attn/kv_b_proj/kernel", ("embed", "heads", "head_dim")),
+    ("*attn/q_a_proj/kernel", ("embed", None)),
+    ("*attn/kv_a_proj/kernel", ("embed", None)),
     ("*attn/[qkv]_proj/kernel", ("embed", "heads")),
+    ("*attn/q_b_proj/kernel", ("embed", "heads")),
+    ("*attn/kv_b_proj/kernel", ("embed", "heads")),
     ("*attn/o_proj/kernel", ("heads", "embed")),
+    # Replicated: the latent norms (each tensor rank holds its whole latent) and the MoE
+    # router's selection bias, like every other norm and vector.
+    ("*attn/q_a_norm/scale", (None,)),
+    ("*attn/kv_a_norm/scale", (None,)),
+    ("*router/score_bias", (None,)),
     ("*router/kernel", ("embed", None)),
     ("*experts/down/kernel", ("experts", "mlp", "embed")),
     ("*experts/*/kernel", ("experts", "embed", "mlp")),
