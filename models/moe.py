@@ -13,6 +13,13 @@ token's row gathered once per pair, and every expert multiplies only its own run
 of expert work, not N * E. There is no capacity: no token is ever dropped, whatever the
 load, and the result is exactly that of running each token through its own experts.
 
+Expert parallelism (`ExpertParallel`): the experts' kernels are split over a mesh axis
+(E / P per device) and, in `jax.shard_map` over that axis, every device gathers the
+routed tokens of all its peers (all-gather dispatch), runs its own experts on the pairs
+that chose them, and the partial outputs are summed back to the tokens' owners
+(reduce-scatter): each pair's expert work is done once, on the device that holds the
+expert. The result is the single-device one up to the order of float sums.
+
 Returns, besides the output, the Switch-Transformer balance loss (on the scores
 normalized over the experts) and each expert's share of the routed pairs (for balance
 metrics and DeepSeek-V3's auxiliary-loss-free bias update, `bias_update`).
@@ -20,12 +27,18 @@ metrics and DeepSeek-V3's auxiliary-loss-free bias update, `bias_update`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
 from models.ffn import SwiGLU, swiglu_residuals
+from mpx import activations
 from mpx import nn as mnn
 from mpx.policy import Policy
 
@@ -140,6 +153,79 @@ class Experts(nn.Module):
                     group_sizes)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """Experts split over mesh axis `axis` of `mesh` (see the module docstring); the
+    tokens of a call are split over the same axis."""
+
+    mesh: Mesh
+    axis: str
+
+    @property
+    def size(self) -> int:
+        return self.mesh.shape[self.axis]
+
+
+def _local_pairs(experts: Array, first: Array, n_local: int) -> tuple[Array, Array, Array]:
+    """(order, group_sizes, mine) of the (token, slot) pairs for the experts [first,
+    first + n_local): pairs of other experts sort after them and get no group."""
+    local = experts - first
+    mine = (local >= 0) & (local < n_local)
+    key = jnp.where(mine, local, n_local).reshape(-1)
+    return jnp.argsort(key, stable=True), jnp.bincount(key, length=n_local + 1)[:n_local].astype(jnp.int32), mine
+
+
+def _expert_ffn(rows: Array, group_sizes: Array, kernels: tuple, precisions: tuple, activation: str) -> Array:
+    gate, up, down = kernels
+    g = mnn.grouped_matmul(rows, gate, group_sizes, precisions[0])
+    u = mnn.grouped_matmul(rows, up, group_sizes, precisions[1])
+    return mnn.grouped_matmul(activations.glu(g, u, activation=activation), down, group_sizes, precisions[2])
+
+
+def _parallel_experts(ep: ExpertParallel, tokens, weights, experts, kernels, precisions, activation: str, top_k: int):
+    """The routed experts' combined output (N, D) f32, experts split over `ep.axis`."""
+    if tokens.shape[0] % ep.size:
+        raise ValueError(f"expert parallelism over mesh axis {ep.axis!r} (size {ep.size}) needs a token count "
+                         f"divisible by it; got {tokens.shape[0]} tokens")
+
+    def local(tokens, weights, experts, *kernels):
+        n_local = kernels[0].shape[0]
+        tokens, weights, experts = (lax.all_gather(a, ep.axis, tiled=True) for a in (tokens, weights, experts))
+        order, group_sizes, mine = _local_pairs(experts, lax.axis_index(ep.axis) * n_local, n_local)
+        rows = jnp.take(tokens, order // top_k, axis=0)
+        y = _expert_ffn(rows, group_sizes, kernels, precisions, activation).astype(jnp.float32)
+        pair_weights = jnp.take(jnp.where(mine, weights, 0.0).reshape(-1), order)[:, None]
+        out = jnp.zeros(tokens.shape, jnp.float32).at[order // top_k].add(y * pair_weights)
+        return lax.psum_scatter(out, ep.axis, scatter_dimension=0, tiled=True)
+
+    split = P(ep.axis)
+    return jax.shard_map(local, mesh=ep.mesh, in_specs=(split,) * 6, out_specs=split)(
+        tokens, weights, experts, *kernels)
+
+
+class ShardedExperts(nn.Module):
+    """The routed experts with their kernels split over a mesh axis (`ExpertParallel`):
+    the params of `Experts` (gate, up, down kernels), multiplied inside shard_map."""
+
+    n_experts: int
+    d_ff: int
+    ep: ExpertParallel
+    policy: Policy | None = None
+    activation: str = "silu"
+
+    @nn.compact
+    def __call__(self, tokens: Array, weights: Array, experts: Array) -> Array:
+        if self.n_experts % self.ep.size:
+            raise ValueError(f"n_experts={self.n_experts} cannot be split over mesh axis {self.ep.axis!r} of size "
+                             f"{self.ep.size}")
+        d = tokens.shape[-1]
+        layers = [mnn.ExpertKernel(self.n_experts, f, policy=self.policy, name=n)(k)
+                  for n, k, f in (("gate", d, self.d_ff), ("up", d, self.d_ff), ("down", self.d_ff, d))]
+        kernels, precisions = tuple(k for k, _ in layers), tuple(p for _, p in layers)
+        return _parallel_experts(self.ep, tokens, weights, experts, kernels, precisions, self.activation,
+                                 experts.shape[-1])
+
+
 class MoE(nn.Module):
     """The MoE FFN of a block: (B, T, D) -> ((B, T, D), {"moe_loss", "expert_load"}).
 
@@ -150,6 +236,7 @@ class MoE(nn.Module):
 
     config: ModelConfig
     policy: Policy | None = None
+    expert_parallel: ExpertParallel | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, dict]:
@@ -159,18 +246,28 @@ class MoE(nn.Module):
         logits = router(tokens).astype(jnp.float32)
         bias = router.variables["params"]["score_bias"] if c.topk_method == "noaux_tc" else None
         weights, experts, scores = route(logits, c, bias)
+        group_sizes = jnp.bincount(experts.reshape(-1), length=c.n_experts).astype(jnp.int32)
+        if self.expert_parallel is None:
+            out = self._routed(tokens, weights, experts)
+        else:
+            out = ShardedExperts(c.n_experts, c.expert_d_ff, self.expert_parallel, policy=self.policy,
+                                 activation=c.activation, name="experts")(tokens, weights, experts)
+        if c.n_shared_experts:
+            shared = SwiGLU(c.n_shared_experts * c.expert_d_ff, c.n_layers, policy=self.policy,
+                            activation=c.activation, name="shared")
+            out = out + shared(tokens).astype(jnp.float32)
+        load = group_sizes.astype(jnp.float32) / (b * t * c.top_k)  # each expert's share of the pairs
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+        first = jnp.mean(jax.nn.one_hot(experts[:, 0], c.n_experts), axis=0)
+        aux = {"moe_loss": c.n_experts * jnp.sum(first * jnp.mean(probs, axis=0)), "expert_load": load}
+        return out.reshape(b, t, d), aux
+
+    def _routed(self, tokens: Array, weights: Array, experts: Array) -> Array:
+        """The routed experts' combined output (N, D) f32, on one device."""
+        c = self.config
         order, group_sizes = dispatch(experts, c.n_experts)
         rows = jnp.take(tokens, order // c.top_k, axis=0)  # (N * top_k, D), sorted by expert
         y = Experts(c.n_experts, c.expert_d_ff, policy=self.policy, activation=c.activation,
                     name="experts")(rows, group_sizes)
         pair_weights = jnp.take(weights.reshape(-1), order)[:, None]  # (N * top_k, 1)
-        out = jnp.zeros((b * t, d), jnp.float32).at[order // c.top_k].add(y.astype(jnp.float32) * pair_weights)
-        if c.n_shared_experts:
-            shared = SwiGLU(c.n_shared_experts * c.expert_d_ff, c.n_layers, policy=self.policy,
-                            activation=c.activation, name="shared")
-            out = out + shared(tokens).astype(jnp.float32)
-        load = group_sizes.astype(jnp.float32) / (b * t * c.top_k)
-        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
-        first = jnp.mean(jax.nn.one_hot(experts[:, 0], c.n_experts), axis=0)
-        aux = {"moe_loss": c.n_experts * jnp.sum(first * jnp.mean(probs, axis=0)), "expert_load": load}
-        return out.reshape(b, t, d), aux
+        return jnp.zeros(tokens.shape, jnp.float32).at[order // c.top_k].add(y.astype(jnp.float32) * pair_weights)

@@ -46,7 +46,7 @@ from models.cache import Cache, as_bits, attention_mask, init_cache, read_slot, 
 from models.config import ModelConfig
 from models.ffn import SwiGLU, residual_init
 from models.mla import LatentAttention
-from models.moe import MoE
+from models.moe import ExpertParallel, MoE
 from models.rope import rope
 from mpx import nn as mnn
 from mpx.policy import Policy, preset
@@ -120,6 +120,7 @@ class Block(nn.Module):
     policy: Policy | None = None
     cache_len: int | None = None
     layer: int = 0
+    expert_parallel: ExpertParallel | None = None
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, cache: Cache | None, cache_rows: Array | None = None):
@@ -133,7 +134,7 @@ class Block(nn.Module):
         x = x + attn.astype(jnp.float32)
         h = norm(c, self.policy, "mlp_norm")(x)
         if self.use_moe:
-            ffn, aux = MoE(c, policy=self.policy, name="moe")(h)
+            ffn, aux = MoE(c, policy=self.policy, expert_parallel=self.expert_parallel, name="moe")(h)
         else:
             ffn = SwiGLU(c.d_ff, c.n_layers, policy=self.policy, activation=c.activation, name="mlp")(h)
             aux = {"moe_loss": jnp.zeros((), jnp.float32)}
@@ -154,6 +155,9 @@ class Transformer(nn.Module):
     bucket of slots that holds every position of the call, so its cost follows the
     sequence's length, not the cache's capacity.
 
+    `expert_parallel` splits every MoE block's routed experts over a mesh axis
+    (`models.moe.ExpertParallel`).
+
     `constrain(x, logical_axes)`, when given (e.g. `mpx.sharding.Layout.constrain`), pins
     the sharding of the residual stream ("batch", "seq", "act_embed") at every block
     boundary and of the logits ("batch", "seq", "vocab"); it never changes values.
@@ -162,6 +166,7 @@ class Transformer(nn.Module):
     config: ModelConfig
     policy: Policy | None = None
     constrain: Callable[[Array, tuple], Array] | None = None
+    expert_parallel: ExpertParallel | None = None
 
     def _pin(self, x: Array, logical_axes: tuple) -> Array:
         return x if self.constrain is None else self.constrain(x, logical_axes)
@@ -199,7 +204,7 @@ class Transformer(nn.Module):
         for i in range(c.n_layers):
             block_cls = nn.remat(Block) if self._remat(i) else Block
             block = block_cls(c, use_moe=self.config.is_moe_layer(i), policy=self.policy, cache_len=cache_len,
-                              layer=i, name=f"layers_{i}")
+                              layer=i, expert_parallel=self.expert_parallel, name=f"layers_{i}")
             x, layer_cache, aux = block(x, positions, None if cache is None else cache[i], cache_rows)
             x = self._pin(x, ACTIVATION_AXES)
             new_cache.append(layer_cache)

@@ -283,12 +283,7 @@ class ExpertDense(nn.Module):
         return self._dense(x, group_sizes)
 
     def _expert_kernel(self, k: int, precision: Precision) -> Array | ScaledArray:
-        shape = (self.n_experts, k, self.features)
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
-        kernel = _kernel(self, init, shape, precision.param_dtype)
-        if precision.recipe is not None and not isinstance(kernel, ScaledArray):
-            warn_misaligned(module_path(self), {"in": shape[1], "out": shape[2]})
-        return kernel
+        return _expert_kernel(self, (self.n_experts, k, self.features), precision)
 
     def _dense(self, x: Array, group_sizes: Array | None = None) -> Array:
         precision = resolve_precision(self, self.policy)
@@ -298,6 +293,37 @@ class ExpertDense(nn.Module):
         if isinstance(kernel, ScaledArray):  # serving: pre-quantized (E, K, F)
             return contract_prequantized(self, "kernel", x, kernel, precision)
         return contract(self, "kernel", _fp8_inputs(x, precision), kernel, EXPERT_DIMS, precision)
+
+
+def _expert_kernel(module: nn.Module, shape: tuple[int, int, int], precision: Precision) -> Array | ScaledArray:
+    """The (E, K, F) "kernel" param of an expert layer (fan-in init per expert)."""
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=1, out_axis=2)
+    kernel = _kernel(module, init, shape, precision.param_dtype)
+    if precision.recipe is not None and not isinstance(kernel, ScaledArray):
+        warn_misaligned(module_path(module), {"in": shape[1], "out": shape[2]})
+    return kernel
+
+
+class ExpertKernel(nn.Module):
+    """An `ExpertDense`'s (E, K, F) kernel and precision without its matmul: for code
+    that multiplies the experts itself, e.g. inside `jax.shard_map` (expert parallelism),
+    where a bound Flax module cannot be called. Same param path and init as ExpertDense.
+    """
+
+    n_experts: int
+    features: int
+    policy: Policy | None = None
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[Array | ScaledArray, Precision]:
+        precision = resolve_precision(self, self.policy)
+        return _expert_kernel(self, (self.n_experts, in_features, self.features), precision), precision
+
+
+def grouped_matmul(x: Array, kernel: Array | ScaledArray, group_sizes: Array, precision: Precision) -> Array:
+    """Rows sorted by expert times their experts' kernels under `precision` (the
+    computation of a grouped `ExpertDense` call), in `precision.output_dtype`."""
+    return _ragged(x, kernel, group_sizes, precision)
 
 
 def _ragged(x: Array, kernel: Array | ScaledArray, group_sizes: Array, precision: Precision) -> Array:

@@ -45,6 +45,7 @@ SCHEDULES = ("cosine", "constant")
 MOMENT_DTYPES = ("bf16", "f32")
 LOSS_SCALES = ("none", "dynamic", "static")
 GRAD_COMMS = ("f32", "bf16")
+EXPERT_AXES = ("data", "fsdp")  # mesh axes that can split MoE experts (the batch axes)
 
 
 def _finite(x: float) -> bool:
@@ -139,12 +140,16 @@ class MeshConfig:
         Sizes multiply to the device count; -1 (at most one axis) takes the rest.
       grad_comm: "f32" (gradients reduced in float32) or "bf16" (data-axis reduction
         with bf16 communication and float32 accumulation).
+      experts: the axis ("data" or "fsdp") that splits each MoE block's routed experts
+        (expert parallelism, `models.moe.ExpertParallel`: all-gather dispatch, each
+        device runs its own experts); null: every device runs every expert.
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     grad_comm: str = "f32"
+    experts: str | None = None
 
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -153,6 +158,8 @@ class MeshConfig:
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"at most one axis may be -1; got {sizes}")
         check_choice("grad_comm", self.grad_comm, GRAD_COMMS)
+        if self.experts is not None:
+            check_choice("experts", self.experts, EXPERT_AXES)
 
 
 @dataclasses.dataclass(frozen=True)

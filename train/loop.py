@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mpx
-from models import transformer
+from models import moe, transformer
 from mpx import optim
 from models import sharding
 from store import checkpoint as ckpt
@@ -118,7 +118,8 @@ def build(cfg: config_lib.TrainConfig) -> Run:
     """Builds mesh, model, policy, optimizer, data stream and jitted steps from `cfg`."""
     policy = load_policy(cfg.precision)
     layout = make_layout(cfg)
-    model = transformer.Transformer(cfg.model, policy, constrain=layout.constrain)
+    experts = moe.ExpertParallel(layout.mesh, cfg.mesh.experts) if cfg.mesh.experts else None
+    model = transformer.Transformer(cfg.model, policy, constrain=layout.constrain, expert_parallel=experts)
     tx = make_optimizer(cfg)
     try:
         stream, tokenizer = data_lib.build(cfg.data, cfg.model.vocab_size)

@@ -15,7 +15,8 @@ rhs, exactly as `dot_general` would for one expert:
     dgrad    dX = dY . W_e^T   dY 1x128 tiles along N, the same blocks of W_e
     wgrad    dW_e = X_e^T dY_e X and dY 128x1 tiles along the rows
 
-(per-tensor recipes: one scale per operand). The row tiles of wgrad are taken over the
+(per-tensor recipes: one scale per operand). Under `fp8_residuals` (the recipes' default)
+the backward pass keeps the forward's FP8 rows, not the input rows. The row tiles of wgrad are taken over the
 sorted rows, so a tile at the border of two experts' rows shares its scale between them;
 each element is still quantized in a 128-row tile that holds it. The quantized operands
 are multiplied in float32 (`jax.lax.ragged_dot` of the dequantized values): the exact
@@ -52,6 +53,7 @@ class _Config:
     lhs_dtype: Any
     rhs_dtype: Any
     out_dtype: Any
+    fp8_residuals: bool  # keep the FP8 lhs for the backward pass, not the input
 
 
 def _check(lhs, rhs_shape, group_sizes) -> None:
@@ -80,19 +82,26 @@ def _quantized(cfg: _Config, lhs, rhs, group_sizes, lhs_scale, rhs_scale):
 def _forward(cfg: _Config, lhs, rhs, group_sizes, lhs_scale, rhs_scale):
     p = cfg.plan
     rhs_q = backends.quantize_operand(rhs, p.fprop_rhs, rhs_scale)  # 1 byte per weight, kept for dgrad
-    out = _product(_dequantized(lhs, p.fprop_lhs, lhs_scale), dequantize(rhs_q, jnp.float32), group_sizes)
+    lhs_q = backends.quantize_operand(lhs, p.fprop_lhs, lhs_scale)
+    out = _product(dequantize(lhs_q, jnp.float32), dequantize(rhs_q, jnp.float32), group_sizes)
     keep_rhs = rhs_q if p.dgrad_rhs == p.fprop_rhs else rhs
-    return out.astype(cfg.out_dtype), (lhs, keep_rhs, group_sizes)
+    # With fp8_residuals the FP8 rows (1 byte each) wait for wgrad, which dequantizes and
+    # quantizes them again in its own tiles, as `dot_general` does.
+    keep_lhs = lhs_q if cfg.fp8_residuals else lhs
+    return out.astype(cfg.out_dtype), (keep_lhs, keep_rhs, group_sizes)
 
 
 def _backward(cfg: _Config, residuals, g):
     p = cfg.plan
-    lhs, keep_rhs, group_sizes = residuals
+    keep_lhs, keep_rhs, group_sizes = residuals
+    lhs = dequantize(keep_lhs, jnp.float32) if isinstance(keep_lhs, ScaledArray) else keep_lhs
     rhs_d = dequantize(keep_rhs, jnp.float32) if isinstance(keep_rhs, ScaledArray) else \
         _dequantized(keep_rhs, p.dgrad_rhs)
     d_lhs = _product(_dequantized(g, p.dgrad_dy), jnp.swapaxes(rhs_d, 1, 2), group_sizes)
     lhs_w, dy_w = _dequantized(lhs, p.wgrad_lhs), _dequantized(g, p.wgrad_dy)
-    _, pullback = jax.vjp(lambda r: _product(lhs_w, r, group_sizes), jnp.zeros(rhs_d.shape, jnp.float32))
+    # Linear in r: any primal point gives the same pullback; rhs_d carries the operands'
+    # sharding type (varying over a shard_map axis under expert parallelism).
+    _, pullback = jax.vjp(lambda r: _product(lhs_w, r, group_sizes), rhs_d)
     (d_rhs,) = pullback(dy_w)  # dW_e = X_e^T dY_e over each group's rows
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None, None
 
@@ -145,7 +154,7 @@ def ragged_dot(lhs, rhs, group_sizes, *, recipe=None, preferred_element_type=Non
         dtype = compute_dtype or jnp.result_type(lhs, rhs)
         return lax.ragged_dot(lhs.astype(dtype), rhs.astype(dtype), group_sizes,
                               preferred_element_type=jnp.float32).astype(out_dtype)
-    cfg = _Config(plan(recipe, "weight"), lhs.dtype, rhs.dtype, out_dtype)
+    cfg = _Config(plan(recipe, "weight"), lhs.dtype, rhs.dtype, out_dtype, recipe.fp8_residuals)
     return _quantized(cfg, lhs, rhs, group_sizes, *_tensor_scales(recipe, lhs, rhs))
 
 
