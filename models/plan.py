@@ -77,9 +77,9 @@ by the tensor axis size. Per block:
 * MoE with dispatch by sorting (`models.moe`): the router's f32 logits and scores and per
   (token, expert) pair its expert id, sort position and weight; then per pair (top_k per
   token, no capacity: N * top_k rows) the gathered row as the grouped matmul keeps it
-  (`mpx.dot.ragged.ragged_dot` keeps its input as it came, the f32 norm output, under an
-  FP8 recipe too), gate and up, the SwiGLU product (f32: the grouped down projection keeps
-  its input too) and the expert's output (for its weight's gradient); balanced routing is
+  (`mpx.dot.ragged.ragged_dot` keeps its E4M3 rows under an FP8 recipe with
+  fp8_residuals, the input as it came otherwise), gate and up, the SwiGLU product (one
+  byte as the grouped down projection keeps it under FP8) and the expert's output (for its weight's gradient); balanced routing is
   assumed (a device holding a popular expert gets more rows). Shared experts count as a
   dense FFN of width n_shared_experts * moe_d_ff;
 * post-norms (Gemma) keep the attention and FFN outputs.
@@ -355,8 +355,11 @@ def _saved_inputs(precisions, input_dtype) -> int:
 
 
 def _grouped_input(precision, input_dtype) -> int:
-    # `ragged_dot` keeps its input as it came under a recipe, the cast copy without one.
-    return _bytes(input_dtype) if precision.recipe is not None else _bytes(precision.compute_dtype)
+    # `ragged_dot` keeps its FP8 rows under a recipe with fp8_residuals (one byte; per-row
+    # scales ignored), the input as it came under one without, the cast copy without a recipe.
+    if precision.recipe is None:
+        return _bytes(precision.compute_dtype)
+    return 1 if precision.recipe.fp8_residuals else _bytes(input_dtype)
 
 
 def _fused_attention(qk, pv) -> bool:

@@ -204,9 +204,9 @@ def test_activation_estimate_counts_mla_latents_and_sorted_dispatch_rows():
         return plan_lib.block_bytes_per_token(dataclasses.replace(cfg, **fields), policy, 3, 4096, 8, moe=True)
 
     # Per routed pair (N * top_k rows, no capacity): its gathered row as ragged_dot keeps
-    # it (the f32 norm output), the expert's bf16 output, gate and up as FP8 tiles and the
-    # f32 SwiGLU product (both tensor-split), and 12 B of routing (id, position, weight).
-    assert block() - block(top_k=4) == 4 * (7168 * (4 + 2) + (1 + 1 + 4) * 2048 / 8 + 12)
+    # it (E4M3 under fp8_residuals), the expert's bf16 output, gate, up and the SwiGLU
+    # product as E4M3 rows (tensor-split), and 12 B of routing (id, position, weight).
+    assert block() - block(top_k=4) == 4 * (7168 * (1 + 2) + (1 + 1 + 1) * 2048 / 8 + 12)
     # MLA's latent: kv_a_proj's bf16 output (kv_a_norm's input) and kv_b_proj's E4M3 copy.
     assert block() - block(kv_lora_rank=256) == 256 * (2 + 1)
     # Expanded form, per head: q and k (192 wide) and v (128) in bf16, the softmax's two f32
