@@ -210,3 +210,18 @@ def test_expert_parallelism_over_four_devices_equals_one_device(tmp_path):
     # FP8: wgrad's 128-row tiles run over the device's gathered pairs, not the single
     # device's: the same quantization, other tile borders.
     assert result["fp8"]["grads"] < 1e-2
+
+
+def test_grouped_gemm_pads_each_group_to_a_tile_not_every_row_to_every_group():
+    from mpx.dot import ragged as ragged_lib
+    sizes = jnp.array([5, 0, 130, 1], jnp.int32)
+    lay = ragged_lib._layout(sizes, 140, 128)  # 136 rows in groups, 4 past them
+    tiles = np.asarray(lay.tile_group)
+    # Groups 0, 2, 3 take 1, 2 and 1 tiles of 128 rows; no tile holds two groups' rows. The
+    # buffer is sized for the worst case, 140 rows + 127 padding per group: 6 tiles.
+    assert lay.padded_rows == 768 and list(tiles[:4]) == [0, 2, 2, 3]
+    dest = np.asarray(lay.dest)
+    assert list(dest[:5]) == [0, 1, 2, 3, 4] and (dest[5], dest[134], dest[135]) == (128, 257, 384)
+    assert (dest[136:] == 768).all()  # rows past the groups are dropped
+    # Decode-sized calls get small tiles: 8 pairs over 256 experts pad to at most 8 x 8 rows.
+    assert ragged_lib.tile_rows(8, 256) == 8 and ragged_lib.tile_rows(4096, 8) == 128
