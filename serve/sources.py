@@ -16,6 +16,8 @@ that tokenizer.
 
 from __future__ import annotations
 
+import sys
+
 from pathlib import Path
 
 from models import transformer
@@ -53,6 +55,8 @@ def load_hf(path: str | Path, spec: q.ServeSpec | None = None, *,
         model = hf_lib.load(path, None if spec is None else _converter(config, spec))
     except hf_lib.HFError as err:
         raise q.ServeError(str(err)) from None
+    for note in model.notes:  # e.g. multi-token-prediction layers skipped on purpose
+        print(f"note: {note}", file=sys.stderr)
     data = {"tokenizer": str(model.path), "seq_len": min(CALIBRATION_SEQ_LEN, config.max_seq_len)}
     return q.Checkpoint(config, model.params, {"data": data}, 0, model.path)
 
