@@ -87,12 +87,3 @@ def attention_mask(query_pos: Array, key_pos: Array, window: int | None) -> Arra
     if window is not None:
         visible &= delta < window
     return visible[:, None]
-
-
-def attention_mask(query_pos: Array, key_pos: Array, window: int | None) -> Array:
-    """(B, 1, T, S) bool: key j visible to query i when j <= i (and i - j < window)."""
-    delta = query_pos[:, :, None] - key_pos[:, None, :]  # (B, T, S)
-    visible = delta >= 0
-    if window is not None:
-        visible &= delta < window
-    return visible[:, None]
