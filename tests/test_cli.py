@@ -69,7 +69,7 @@ CASES = [
     ("train.run", _train("model.sliding_window=0"), "sliding_window must be an integer >= 1, or null; got 0"),
     ("train.run", _train("model.head_dim_override=7"), "head_dim_override must be an even integer >= 2"),
     ("train.run", _train("model.n_experts=2", "model.top_k=3"), "top_k=3 must be in [1, n_experts=2]"),
-    ("train.run", _train("model.rope_scaling.kind=yarn"), "kind must be one of 'none', 'linear', 'llama3'"),
+    ("train.run", _train("model.rope_scaling.kind=dynamic"), "kind must be one of 'none', 'linear', 'llama3', 'yarn'"),
     ("train.run", _train("model.rope_scaling.factor=0"), "factor must be a finite number > 0; got 0.0"),
     ("train.run", _train("model.rope_scaling.original_max_len=0"), "original_max_len must be an integer >= 1"),
     ("train.run", _train("model.vocab_size=100"), "bytes tokenizer needs model.vocab_size >= 256; got 100"),

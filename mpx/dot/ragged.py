@@ -113,14 +113,15 @@ def _tiled_product(x: jax.Array, w: jax.Array, lay: _Layout) -> jax.Array:
     return y.reshape(lay.padded_rows, w.shape[2])
 
 
-def _tiled_wgrad(x: jax.Array, dy: jax.Array, groups: int, lay: _Layout) -> jax.Array:
-    """(E, K, N) f32: each group's X^T dY, accumulated tile by tile into its slice."""
+def _tiled_wgrad(x: jax.Array, dy: jax.Array, w: jax.Array, lay: _Layout) -> jax.Array:
+    """(E, K, N) f32: each group's X^T dY, accumulated tile by tile into its slice. The
+    accumulator starts as zeros like the weight `w`, so under `shard_map` (expert
+    parallelism) it has the operands' sharding type."""
     def tile(dw, args):
         xt, gt, g = args
         return dw.at[g].add(jnp.dot(xt.T, gt, preferred_element_type=jnp.float32)), None
 
-    zeros = jnp.zeros((groups, x.shape[1], dy.shape[1]), jnp.float32)
-    dw, _ = lax.scan(tile, zeros, (_tiles(x, lay), _tiles(dy, lay), lay.tile_group))
+    dw, _ = lax.scan(tile, jnp.zeros_like(w, jnp.float32), (_tiles(x, lay), _tiles(dy, lay), lay.tile_group))
     return dw
 
 
@@ -193,7 +194,7 @@ def _backward(cfg: _Config, residuals, g):
     d_lhs = _unpad(_tiled_product(dy_d, jnp.swapaxes(w, 1, 2), lay), lay)
     x_w = _operand(cfg, x, None if p is None else p.wgrad_lhs)
     dy_w = _operand(cfg, dy, None if p is None else p.wgrad_dy)
-    d_rhs = _tiled_wgrad(x_w, dy_w, w.shape[0], lay)
+    d_rhs = _tiled_wgrad(x_w, dy_w, w, lay)
     return d_lhs.astype(cfg.lhs_dtype), d_rhs.astype(cfg.rhs_dtype), None, None, None
 
 
