@@ -246,9 +246,9 @@ class MoE(nn.Module):
         logits = router(tokens).astype(jnp.float32)
         bias = router.variables["params"]["score_bias"] if c.topk_method == "noaux_tc" else None
         weights, experts, scores = route(logits, c, bias)
-        group_sizes = jnp.bincount(experts.reshape(-1), length=c.n_experts).astype(jnp.int32)
+        order, group_sizes = dispatch(experts, c.n_experts)
         if self.expert_parallel is None:
-            out = self._routed(tokens, weights, experts)
+            out = self._routed(tokens, weights, order, group_sizes)
         else:
             out = ShardedExperts(c.n_experts, c.expert_d_ff, self.expert_parallel, policy=self.policy,
                                  activation=c.activation, name="experts")(tokens, weights, experts)
@@ -262,10 +262,10 @@ class MoE(nn.Module):
         aux = {"moe_loss": c.n_experts * jnp.sum(first * jnp.mean(probs, axis=0)), "expert_load": load}
         return out.reshape(b, t, d), aux
 
-    def _routed(self, tokens: Array, weights: Array, experts: Array) -> Array:
-        """The routed experts' combined output (N, D) f32, on one device."""
+    def _routed(self, tokens: Array, weights: Array, order: Array, group_sizes: Array) -> Array:
+        """The routed experts' combined output (N, D) f32, on one device, from `dispatch`'s
+        sort order and group sizes."""
         c = self.config
-        order, group_sizes = dispatch(experts, c.n_experts)
         rows = jnp.take(tokens, order // c.top_k, axis=0)  # (N * top_k, D), sorted by expert
         y = Experts(c.n_experts, c.expert_d_ff, policy=self.policy, activation=c.activation,
                     name="experts")(rows, group_sizes)

@@ -209,12 +209,11 @@ def _recipe(recipe):
     return recipe
 
 
-def _tensor_scales(recipe, lhs, rhs):
-    """Per-tensor forward scales, computed outside the VJP (None for tiled recipes)."""
+def _tensor_scale(recipe, x):
+    """x's per-tensor forward scale, computed outside the VJP (None for tiled recipes)."""
     if recipe is None or recipe.tiled:
-        return None, None
-    kw = dict(margin=recipe.margin, pow2=recipe.pow2_scale)
-    return tuple(compute_scale(tensor_amax(x), recipe.fwd_format, **kw) for x in (lhs, rhs))
+        return None
+    return compute_scale(tensor_amax(x), recipe.fwd_format, margin=recipe.margin, pow2=recipe.pow2_scale)
 
 
 def ragged_dot(lhs, rhs, group_sizes, *, recipe=None, preferred_element_type=None, compute_dtype=None,
@@ -246,7 +245,7 @@ def ragged_dot(lhs, rhs, group_sizes, *, recipe=None, preferred_element_type=Non
     cfg = _Config(None if recipe is None else plan(recipe, "weight"), compute_dtype or jnp.result_type(lhs, rhs),
                   lhs.dtype, rhs.dtype, out_dtype, recipe is not None and recipe.fp8_residuals,
                   tile or tile_rows(lhs.shape[0], rhs.shape[0]))
-    return _grouped(cfg, lhs, rhs, group_sizes.astype(jnp.int32), *_tensor_scales(recipe, lhs, rhs))
+    return _grouped(cfg, lhs, rhs, group_sizes.astype(jnp.int32), _tensor_scale(recipe, lhs), _tensor_scale(recipe, rhs))
 
 
 def prequantized_ragged_dot(lhs, rhs: ScaledArray, group_sizes, *, recipe=None, compute_dtype=jnp.bfloat16,
@@ -271,6 +270,6 @@ def prequantized_ragged_dot(lhs, rhs: ScaledArray, group_sizes, *, recipe=None, 
     if recipe is None:
         x = x.astype(compute_dtype).astype(jnp.float32)
     else:
-        x = _dequantized(x, plan(recipe, "weight").fprop_lhs, _tensor_scales(recipe, lhs, lhs)[0])
+        x = _dequantized(x, plan(recipe, "weight").fprop_lhs, _tensor_scale(recipe, lhs))
     y = _tiled_product(x, dequantize(rhs, jnp.float32), lay)
     return _unpad(y, lay).astype(preferred_element_type)
