@@ -36,7 +36,7 @@ OCP_FP8 = ("e4m3", "e5m2")
 FNUZ_FP8 = ("e4m3fnuz", "e5m2fnuz")
 _TO_FNUZ = dict(zip(OCP_FP8, FNUZ_FP8))
 _TO_OCP = dict(zip(FNUZ_FP8, OCP_FP8))
-_FORMAT_FIELDS = ("fwd_format", "bwd_format", "fmt", "grad_format")
+_FORMAT_FIELDS = ("fwd_format", "bwd_format")
 
 # (device_kind regex, compute capability); first match wins, so GH200 precedes H200.
 _NVIDIA_KINDS = (
@@ -268,7 +268,7 @@ def _format_map(info: HardwareInfo) -> dict[str, str]:
 
 
 def swap_formats(recipe: recipes_lib.Recipe, mapping: dict[str, str]) -> recipes_lib.Recipe:
-    """`recipe` with its format fields (fwd/bwd_format, fmt, grad_format) renamed by `mapping`."""
+    """`recipe` with its format fields (fwd_format, bwd_format) renamed by `mapping`."""
     names = {f.name for f in dataclasses.fields(recipe)}
     changes = {k: mapping[getattr(recipe, k)] for k in _FORMAT_FIELDS
                if k in names and getattr(recipe, k) in mapping}

@@ -68,6 +68,15 @@ class Scaling:
     recompute_swiglu = False
 
 
+def _check_fields(recipe) -> None:
+    """Raises ValueError for a recipe's unknown formats or scale format."""
+    _check_format("fwd_format", recipe.fwd_format)
+    _check_format("bwd_format", recipe.bwd_format)
+    if recipe.scale_format not in SCALE_FORMATS:
+        raise ValueError(f"{type(recipe).__name__}.scale_format must be one of {tuple(SCALE_FORMATS)}; "
+                         f"got {recipe.scale_format!r}")
+
+
 def _check_length(name: str, value) -> None:
     """Raises ValueError unless value is an int >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -82,19 +91,19 @@ class CurrentScaling(Scaling):
       fwd_format: format of forward operands (activations and weights).
       bwd_format: format of output gradients.
       margin: headroom in powers of two.
-      pow2_scale: round scales up to powers of two.
+      scale_format: "f32" (float scales), "ue8m0" (rounded up to powers of two) or
+        "ue8m3" (rounded up to 4 significant bits).
       fp8_residuals: keep the FP8 operands for the backward pass, not the inputs.
     """
 
     fwd_format: str = "e4m3"
     bwd_format: str = "e5m2"
     margin: float = 0.0
-    pow2_scale: bool = False
+    scale_format: str = "f32"
     fp8_residuals: bool = True
 
     def __post_init__(self):
-        _check_format("fwd_format", self.fwd_format)
-        _check_format("bwd_format", self.bwd_format)
+        _check_fields(self)
 
     @property
     def name(self) -> str:
@@ -110,7 +119,7 @@ class DelayedScaling(Scaling):
       amax_algo: "max" (max over the history) or "most_recent".
       margin: headroom in powers of two.
       fwd_format, bwd_format: as in CurrentScaling; gradients are scaled just in time.
-      pow2_scale: round scales up to powers of two.
+      scale_format: as in CurrentScaling.
       fp8_residuals: keep the FP8 operands for the backward pass, not the inputs.
     """
 
@@ -119,7 +128,7 @@ class DelayedScaling(Scaling):
     margin: float = 0.0
     fwd_format: str = "e4m3"
     bwd_format: str = "e5m2"
-    pow2_scale: bool = False
+    scale_format: str = "f32"
     fp8_residuals: bool = True
 
     stateful = True
@@ -129,8 +138,7 @@ class DelayedScaling(Scaling):
         _check_length("DelayedScaling.history", self.history)
         if self.amax_algo not in AMAX_ALGOS:
             raise ValueError(f"DelayedScaling.amax_algo must be one of {AMAX_ALGOS}; got {self.amax_algo!r}")
-        _check_format("fwd_format", self.fwd_format)
-        _check_format("bwd_format", self.bwd_format)
+        _check_fields(self)
 
     @property
     def name(self) -> str:
@@ -146,20 +154,19 @@ class StaticScaling(Scaling):
 
     The state is an `AmaxHistory` of length 1 holding the calibrated amax; it is read,
     never updated. An all-zero (uncalibrated) state falls back to current scaling.
-    `fp8_residuals` as in `CurrentScaling`.
+    Fields as in `CurrentScaling`.
     """
 
     fwd_format: str = "e4m3"
     bwd_format: str = "e5m2"
     margin: float = 0.0
-    pow2_scale: bool = False
+    scale_format: str = "f32"
     fp8_residuals: bool = True
 
     stateful = True
 
     def __post_init__(self):
-        _check_format("fwd_format", self.fwd_format)
-        _check_format("bwd_format", self.bwd_format)
+        _check_fields(self)
 
     @property
     def name(self) -> str:
@@ -184,36 +191,32 @@ class DeepSeekV3(Scaling):
 
     Attributes:
       block: tile / block edge (128 in the report).
-      fmt: element format for all operands (E4M3).
-      grad_format: format of output gradients (E4M3 in the report).
-      pow2_scale: power-of-two scales (the same as scale_format="ue8m0").
+      fwd_format: element format of activations and weights (E4M3).
+      bwd_format: format of output gradients (E4M3 in the report).
       scale_format: "f32" (float scales, as in the report: applied exactly to f32
         partial sums per 128-wide K group), "ue8m0" (power-of-two scales, as
         DeepSeek-V3.1 and DeepGEMM use) or "ue8m3" (scales rounded up to 4 significant
         bits). ue8m0 and ue8m3 scales fold into bf16 operands exactly (an E4M3 value
         times a ue8m3 scale has at most 8 significant bits): one GEMM, no K groups,
         faster on CPU. Float scales put each tile's largest value exactly on the
-        format's max; rounded-up scales do not, which costs 4-6 dB of SQNR on tiles
-        with outliers and about 0.2 dB on Gaussian ones (`benchmarks.scale_formats`).
+        format's max; rounded-up scales do not, which costs SQNR on tiles with
+        outliers (`benchmarks.scale_formats`).
       fp8_residuals: keep the FP8 operands (E4M3 data and scales) for the backward
         pass instead of the unquantized input (DeepSeek-V3 report, 3.3); wgrad then
         requantizes its 128x1 tiles from them. False keeps the input (more memory).
       swiglu_residuals: on an FFN's down projection, SwiGLU keeps its inputs (gate and
-        up) as `fmt` 1x128 tiles for the backward pass, as the report (3.3) does: half
-        the bytes of bf16 inputs, and gradients from the dequantized values. False
-        keeps them as the projections return them (on CPU the quantization costs about
-        0.2x of a bf16 train step; `BENCHMARKS.md`).
+        up) as `fwd_format` 1x128 tiles for the backward pass, as the report (3.3)
+        does: half the bytes of bf16 inputs, and gradients from the dequantized values.
+        False keeps them as the projections return them.
       recompute_swiglu: with fp8_residuals, an FFN's down projection keeps no copy of
         its input: the backward pass recomputes the SwiGLU product from SwiGLU's
         residuals (the report, 3.3; `mpx.dot.swiglu_dot_general`). One tensor of the
-        FFN's width per layer fewer, for a sigmoid per element more (on CPU about 0.1x
-        of a bf16 train step).
+        FFN's width per layer fewer, for a sigmoid per element more.
     """
 
     block: int = 128
-    fmt: str = "e4m3"
-    grad_format: str = "e4m3"
-    pow2_scale: bool = False
+    fwd_format: str = "e4m3"
+    bwd_format: str = "e4m3"
     scale_format: str = "f32"
     fp8_residuals: bool = True
     swiglu_residuals: bool = True
@@ -222,41 +225,33 @@ class DeepSeekV3(Scaling):
     tiled = True
 
     def __post_init__(self):
-        if self.scale_format not in SCALE_FORMATS:
-            raise ValueError(f"DeepSeekV3.scale_format must be one of {tuple(SCALE_FORMATS)}; "
-                             f"got {self.scale_format!r}")
-        if self.pow2_scale and self.scale_format != "f32" and self.scale_format != "ue8m0":
-            raise ValueError(f"DeepSeekV3.pow2_scale=True is scale_format='ue8m0'; "
-                             f"got it with scale_format={self.scale_format!r}")
-        if self.pow2_scale or self.scale_format == "ue8m0":  # one spelling each, so equal recipes compare equal
-            object.__setattr__(self, "pow2_scale", True)
-            object.__setattr__(self, "scale_format", "ue8m0")
         _check_length("DeepSeekV3.block", self.block)
-        _check_format("fmt", self.fmt)
-        _check_format("grad_format", self.grad_format)
+        _check_fields(self)
 
     @property
     def name(self) -> str:
         return "deepseek_v3"
-
-    @property
-    def fwd_format(self) -> str:
-        return self.fmt
-
-    @property
-    def bwd_format(self) -> str:
-        return self.grad_format
 
 
 Recipe = CurrentScaling | DelayedScaling | StaticScaling | DeepSeekV3
 RECIPES = {"current": CurrentScaling, "delayed": DelayedScaling, "static": StaticScaling, "deepseek_v3": DeepSeekV3}
 
 
+# Spellings of earlier versions, each with the field that replaced it.
+RENAMED_FIELDS = {"fmt": "fwd_format", "grad_format": "bwd_format", "pow2_scale": "scale_format ('ue8m0')"}
+
+
+def renamed_hint(key: str) -> str:
+    """" (renamed: use X)" for a field spelled as an earlier version did, else ""."""
+    return f" (renamed: use {RENAMED_FIELDS[key]})" if key in RENAMED_FIELDS else ""
+
+
 def get(name: str | Recipe | None, **kwargs) -> Recipe | None:
     """A recipe by name ("current", "delayed", "static", "deepseek_v3"), or None.
 
     Raises:
-      ValueError: naming the unknown recipe and the known ones.
+      ValueError: naming the unknown recipe and the known ones, or a field the recipe
+        does not have (with its new name when an earlier version spelled it so).
     """
     if name is None or is_recipe(name):
         return name
@@ -264,6 +259,10 @@ def get(name: str | Recipe | None, **kwargs) -> Recipe | None:
         return None
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)} (or none)")
+    fields = tuple(f.name for f in dataclasses.fields(RECIPES[name]))
+    for key in kwargs:
+        if key not in fields:
+            raise ValueError(f"recipe {name} has no field {key!r}{renamed_hint(key)}; fields: {', '.join(fields)}")
     return RECIPES[name](**kwargs)
 
 
@@ -329,7 +328,8 @@ def history_amax(state: AmaxHistory, algo: str = "max") -> jax.Array:
 
 
 def delayed_scale(state: AmaxHistory, fmt, *, algo: str = "max", margin: float = 0.0,
-                  pow2: bool = False, current_amax: jax.Array | None = None) -> jax.Array:
+                  pow2: bool = False, current_amax: jax.Array | None = None,
+                  scale_format: str = "f32") -> jax.Array:
     """The dequantization scale from a history; falls back to `current_amax` when empty.
 
     A fresh (all-zero) history would give scale 1 and saturate the first step's
@@ -338,7 +338,7 @@ def delayed_scale(state: AmaxHistory, fmt, *, algo: str = "max", margin: float =
     amax = history_amax(state, algo)
     if current_amax is not None:
         amax = jnp.where(amax > 0, amax, jnp.asarray(current_amax, jnp.float32).reshape(()))
-    return compute_scale(amax, fmt, margin=margin, pow2=pow2)
+    return compute_scale(amax, fmt, margin=margin, pow2=pow2, scale_format=scale_format)
 
 
 def merge_amax(*observations: jax.Array) -> jax.Array:

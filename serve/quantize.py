@@ -105,7 +105,7 @@ class ServeSpec:
 
     def recipe(self) -> recipes_lib.Recipe | None:
         """The recipe of the FP8 layers' activations (None: weight-only)."""
-        return {"token": recipes_lib.DeepSeekV3(fmt=self.fmt, grad_format=self.fmt),
+        return {"token": recipes_lib.DeepSeekV3(fwd_format=self.fmt, bwd_format=self.fmt),
                 "tensor": recipes_lib.CurrentScaling(fwd_format=self.fmt),
                 "static": recipes_lib.StaticScaling(fwd_format=self.fmt), "none": None}[self.activations]
 

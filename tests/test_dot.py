@@ -65,7 +65,7 @@ def _recipe_and_state(name):
         r = recipes.StaticScaling()
         return r, mdot.init_state(r)
     return {"current": recipes.CurrentScaling(), "deepseek": recipes.DeepSeekV3(),
-            "deepseek_pow2": recipes.DeepSeekV3(pow2_scale=True)}[name], None
+            "deepseek_pow2": recipes.DeepSeekV3(scale_format="ue8m0")}[name], None
 
 
 def _value_and_grads(fn, lhs, rhs, ct):
@@ -182,8 +182,8 @@ def test_implementations_agree_with_the_dequantized_reference(recipe):
 # Under DeepSeekV3, "fp8" runs the "upcast_bf16" computation (no block-scaled XLA GEMM);
 # "dequant_f32" is compared with both in test_implementations_agree_....
 @pytest.mark.parametrize("recipe,impl", [
-    (recipes.CurrentScaling(pow2_scale=True), "upcast_bf16"), (recipes.CurrentScaling(pow2_scale=True), "fp8"),
-    (recipes.DeepSeekV3(pow2_scale=True), "upcast_bf16")], ids=lambda v: getattr(v, "name", v))
+    (recipes.CurrentScaling(scale_format="ue8m0"), "upcast_bf16"), (recipes.CurrentScaling(scale_format="ue8m0"), "fp8"),
+    (recipes.DeepSeekV3(scale_format="ue8m0"), "upcast_bf16")], ids=lambda v: getattr(v, "name", v))
 def test_representable_inputs_with_pow2_scales_are_exact(recipe, impl):
     # Integers |v| <= 16 are E4M3 values, |v| <= 8 are E5M2 values; with power-of-two
     # scales quantization loses nothing and all partial sums are exact in float32.
@@ -577,13 +577,16 @@ def test_backward_keeps_fp8_operands_not_the_input(recipe_cls):
     assert (x.shape, jnp.dtype(jnp.float32)) in old
 
 
-def test_ue8m0_is_the_power_of_two_spelling_and_unknown_formats_fail():
-    assert recipes.DeepSeekV3(scale_format="ue8m0") == recipes.DeepSeekV3(pow2_scale=True)
-    assert mdot.plan(recipes.DeepSeekV3(scale_format="ue8m0")).fprop_lhs.pow2
-    with pytest.raises(ValueError, match="scale_format"):
-        recipes.DeepSeekV3(scale_format="e8m3")
-    with pytest.raises(ValueError, match="pow2_scale"):
-        recipes.DeepSeekV3(pow2_scale=True, scale_format="ue8m3")
+@pytest.mark.parametrize("recipe_cls", [recipes.DeepSeekV3, recipes.CurrentScaling, recipes.DelayedScaling,
+                                        recipes.StaticScaling])
+def test_every_recipe_spells_power_of_two_scales_as_ue8m0_and_unknown_scale_formats_fail(recipe_cls):
+    assert mdot.plan(recipe_cls(scale_format="ue8m0")).fprop_lhs.pow2
+    assert not mdot.plan(recipe_cls()).fprop_lhs.pow2
+    with pytest.raises(ValueError, match=r"scale_format must be one of \('f32', 'ue8m0', 'ue8m3'\); got 'e8m3'"):
+        recipe_cls(scale_format="e8m3")
+
+
+def test_ue8m3_scales_fold_exactly_into_bf16():
     ue8m3 = mdot.plan(recipes.DeepSeekV3(scale_format="ue8m3")).fprop_lhs
     assert ue8m3.scale_format == "ue8m3" and not ue8m3.pow2 and ue8m3.folds_exactly
     grid, scale = backends.quantize_parts(_normal(45, (8, 256)), ue8m3)

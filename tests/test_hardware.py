@@ -121,10 +121,10 @@ def test_adapt_policy_mi300_switches_to_fnuz(name):
 
 
 def test_adapt_policy_keeps_other_recipe_fields():
-    policy = P.fp8(recipes.DeepSeekV3(block=64, pow2_scale=True))
+    policy = P.fp8(recipes.DeepSeekV3(block=64, scale_format="ue8m0"))
     adapted, _ = H.adapt_policy(policy, H.classify("rocm", "AMD Instinct MI300X"))
     assert adapted.resolve("layers_0/mlp/up").recipe == recipes.DeepSeekV3(
-        block=64, pow2_scale=True, fmt="e4m3fnuz", grad_format="e4m3fnuz")
+        block=64, scale_format="ue8m0", fwd_format="e4m3fnuz", bwd_format="e4m3fnuz")
 
 
 def test_adapt_policy_nvidia():

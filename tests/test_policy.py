@@ -168,8 +168,8 @@ def test_with_rules_overrides_and_map_recipes():
     p = base.with_rules(P.Rule("layers_0/mlp/*", recipe=None), name="fp8_but_layer0")
     assert p.name == "fp8_but_layer0" and p.resolve("layers_0/mlp/up").recipe is None
     assert p.resolve("layers_1/mlp/up") == base.resolve("layers_1/mlp/up")
-    pow2 = base.map_recipes(lambda r: recipes.DeepSeekV3(pow2_scale=True))
-    assert pow2.resolve("layers_0/attn/v_proj").recipe.pow2_scale
+    pow2 = base.map_recipes(lambda r: recipes.DeepSeekV3(scale_format="ue8m0"))
+    assert pow2.resolve("layers_0/attn/v_proj").recipe.scale_format == "ue8m0"
     assert pow2.resolve("embed").recipe is None and pow2.rules[-1] == base.rules[-1]
 
 
@@ -247,7 +247,7 @@ def test_fp8_presets(name, recipe_type):
 
 
 def test_fp8_with_custom_recipe_and_unknown_preset():
-    r = recipes.DeepSeekV3(pow2_scale=True)
+    r = recipes.DeepSeekV3(scale_format="ue8m0")
     assert P.fp8(r).resolve("layers_0/mlp/up").recipe == r
     with pytest.raises(ValueError, match="known presets: fp32, bf16"):
         P.preset("int4")
@@ -344,7 +344,7 @@ def test_every_policy_file_loads_and_round_trips(path):
 def test_ffn_only_example():
     policy = P.load(os.path.join(POLICY_DIR, "fp8_ffn_only.yaml"))
     for path in ["layers_0/mlp/gate", "layers_1/moe/experts/down"]:
-        assert policy.resolve(path).recipe == recipes.DeepSeekV3(pow2_scale=True)
+        assert policy.resolve(path).recipe == recipes.DeepSeekV3(scale_format="ue8m0")
     for path in ["layers_0/attn/v_proj", "layers_0/attn/q_proj", "embed", "layers_1/moe/router"]:
         assert policy.resolve(path).recipe is None
     assert policy.resolve("final_norm").compute_dtype == F32
@@ -387,7 +387,11 @@ def test_from_dict_base_merges_rules_after():
     ({"rules": [{"match": "a", "recipe": "fastest"}]}, ["rules[0]", "unknown recipe 'fastest'", "deepseek_v3"]),
     ({"rules": [{"match": "a", "recipe": {"name": "fastest"}}]}, ["rules[0]", "unknown recipe", "current"]),
     ({"rules": [{"match": "a", "recipe": {"name": "deepseek_v3", "blocks": 64}}]},
-     ["rules[0]", "unknown key 'blocks'", "block", "pow2_scale"]),
+     ["rules[0]", "unknown key 'blocks'", "block", "scale_format"]),
+    ({"rules": [{"match": "a", "recipe": {"name": "deepseek_v3", "fmt": "e4m3"}}]},
+     ["rules[0]", "unknown key 'fmt'", "renamed: use fwd_format"]),
+    ({"rules": [{"match": "a", "recipe": {"name": "current", "pow2_scale": True}}]},
+     ["rules[0]", "unknown key 'pow2_scale'", "renamed: use scale_format ('ue8m0')"]),
     ({"rules": [{"match": "a", "recipe": {"name": "deepseek_v3", "block": "128"}}]}, ["rules[0]", "block", "int"]),
     ({"rules": [{"match": "a", "recipe": {"name": "current", "fwd_format": "e9m9"}}]}, ["rules[0]", "e9m9"]),
     ({"rules": [{"match": "a", "recipe": {"block": 64}}]}, ["rules[0]", "'name'"]),
@@ -447,7 +451,7 @@ def test_a_recipe_mapping_sets_its_fields_rejects_unknown_ones_and_round_trips()
     assert P.from_dict(P.to_dict(policy)) == policy
     spec["rules"][0]["recipe"]["scale"] = "ue8m0"
     with pytest.raises(ValueError, match=r"rules\[0\]: recipe deepseek_v3: unknown key 'scale'; allowed: name, block, "
-                                         r"fmt, grad_format, pow2_scale, scale_format, fp8_residuals, "
+                                         r"fwd_format, bwd_format, scale_format, fp8_residuals, "
                                          r"swiglu_residuals, recompute_swiglu"):
         P.from_dict(spec)
 

@@ -31,7 +31,8 @@ def test_defaults_follow_the_design():
     (lambda: recipes.CurrentScaling(bwd_format="int8"), "bwd_format='int8'"),
     (lambda: recipes.StaticScaling(fwd_format="fp7"), "fwd_format='fp7'"),
     (lambda: recipes.DeepSeekV3(block=0), "block.*0"),
-    (lambda: recipes.DeepSeekV3(grad_format="nope"), "grad_format='nope'"),
+    (lambda: recipes.DeepSeekV3(bwd_format="nope"), "bwd_format='nope'"),
+    (lambda: recipes.get("deepseek_v3", grad_format="e5m2"), r"no field 'grad_format' \(renamed: use bwd_format\)"),
     (lambda: recipes.get("fancy"), "'fancy'.*current.*delayed.*static.*deepseek_v3"),
     (lambda: recipes.init_history(0), "length.*0"),
 ])

@@ -317,7 +317,7 @@ POLICY = """name: mlp-block-q-tensor
 base: bf16
 rules:
   - match: mlp/*
-    recipe: {name: deepseek_v3, pow2_scale: true}
+    recipe: {name: deepseek_v3, scale_format: ue8m0}
   - match: attn/q_proj
     recipe: current
 """

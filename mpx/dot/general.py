@@ -187,7 +187,7 @@ def tensor_amax(x: jax.Array) -> jax.Array:
 
 def _forward_scale(recipe, history: AmaxHistory | None, amax: jax.Array) -> jax.Array:
     """Per-tensor forward scale: just in time, or from `history`."""
-    kw = dict(margin=recipe.margin, pow2=recipe.pow2_scale)
+    kw = dict(margin=recipe.margin, scale_format=recipe.scale_format)
     if history is None:
         return compute_scale(amax, recipe.fwd_format, **kw)
     return recipes_lib.delayed_scale(history, recipe.fwd_format, algo=recipe.amax_algo, current_amax=amax, **kw)

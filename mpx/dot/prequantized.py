@@ -54,7 +54,7 @@ def _prequantized_lhs_scale(recipe, state: DotState | None, lhs: jax.Array) -> j
     """The per-tensor lhs scale of a per-tensor recipe (None for DeepSeekV3 and no recipe)."""
     if recipe is None or recipe.tiled:
         return None
-    amax, kw = tensor_amax(lhs), dict(margin=recipe.margin, pow2=recipe.pow2_scale)
+    amax, kw = tensor_amax(lhs), dict(margin=recipe.margin, scale_format=recipe.scale_format)
     if not recipe.stateful:  # current scaling
         return compute_scale(amax, recipe.fwd_format, **kw)
     # Static / delayed: the recorded amax (calibration), never updated while serving; an

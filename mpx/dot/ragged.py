@@ -213,7 +213,7 @@ def _tensor_scale(recipe, x):
     """x's per-tensor forward scale, computed outside the VJP (None for tiled recipes)."""
     if recipe is None or recipe.tiled:
         return None
-    return compute_scale(tensor_amax(x), recipe.fwd_format, margin=recipe.margin, pow2=recipe.pow2_scale)
+    return compute_scale(tensor_amax(x), recipe.fwd_format, margin=recipe.margin, scale_format=recipe.scale_format)
 
 
 def ragged_dot(lhs, rhs, group_sizes, *, recipe=None, preferred_element_type=None, compute_dtype=None,

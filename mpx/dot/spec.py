@@ -107,9 +107,8 @@ def plan(recipe, rhs_kind: str = "weight") -> DotPlan:
         raise ValueError("plan needs a recipe; recipe=None means an unquantized dot")
     if recipe.tiled:
         return _deepseek_plan(recipe, rhs_kind)
-    scale_format = "ue8m0" if recipe.pow2_scale else "f32"
-    fwd = OperandSpec(recipe.fwd_format, PerTensor(), scale_format, recipe.margin)
-    bwd = OperandSpec(recipe.bwd_format, PerTensor(), scale_format, recipe.margin)
+    fwd = OperandSpec(recipe.fwd_format, PerTensor(), recipe.scale_format, recipe.margin)
+    bwd = OperandSpec(recipe.bwd_format, PerTensor(), recipe.scale_format, recipe.margin)
     return DotPlan(fwd, fwd, bwd, fwd, fwd, bwd)
 
 
@@ -119,16 +118,16 @@ def _deepseek_plan(recipe: recipes_lib.DeepSeekV3, rhs_kind: str) -> DotPlan:
     along_k_of_rhs = Blocks((b, 1))  # 128 contraction channels x columns
     act = functools.partial(OperandSpec, scale_format=recipe.scale_format)
     if rhs_kind == "weight":
-        fprop_rhs = dgrad_rhs = act(recipe.fmt, Blocks((b, b)))
+        fprop_rhs = dgrad_rhs = act(recipe.fwd_format, Blocks((b, b)))
     else:
-        fprop_rhs, dgrad_rhs = act(recipe.fmt, along_k_of_rhs), act(recipe.fmt, along_k_of_lhs)
+        fprop_rhs, dgrad_rhs = act(recipe.fwd_format, along_k_of_rhs), act(recipe.fwd_format, along_k_of_lhs)
     return DotPlan(
-        fprop_lhs=act(recipe.fmt, along_k_of_lhs),
+        fprop_lhs=act(recipe.fwd_format, along_k_of_lhs),
         fprop_rhs=fprop_rhs,
-        dgrad_dy=act(recipe.grad_format, along_k_of_lhs),  # per token, 128 out-features
+        dgrad_dy=act(recipe.bwd_format, along_k_of_lhs),  # per token, 128 out-features
         dgrad_rhs=dgrad_rhs,
-        wgrad_lhs=act(recipe.fmt, along_k_of_rhs),  # 128 tokens x 1 channel
-        wgrad_dy=act(recipe.grad_format, along_k_of_rhs),
+        wgrad_lhs=act(recipe.fwd_format, along_k_of_rhs),  # 128 tokens x 1 channel
+        wgrad_dy=act(recipe.bwd_format, along_k_of_rhs),
     )
 
 

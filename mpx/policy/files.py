@@ -19,13 +19,13 @@ _YAML_FIELDS = {"param": "param_dtype", "compute": "compute_dtype", "output": "o
 _RULE_KEYS = ("match",) + tuple(_YAML_FIELDS)
 
 
-def _check_keys(d: Any, allowed: Iterable[str], where: str) -> None:
+def _check_keys(d: Any, allowed: Iterable[str], where: str, hint=lambda key: "") -> None:
     if not isinstance(d, Mapping):
         raise ValueError(f"{where}: expected a mapping; got {type(d).__name__}: {d!r}")
     allowed = tuple(allowed)
     for key in d:
         if key not in allowed:
-            raise ValueError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+            raise ValueError(f"{where}: unknown key {key!r}{hint(key)}; allowed: {', '.join(allowed)}")
 
 
 def _recipe_from_yaml(spec: Any, where: str) -> recipes_lib.Recipe | None:
@@ -38,7 +38,7 @@ def _recipe_from_yaml(spec: Any, where: str) -> recipes_lib.Recipe | None:
     if name not in recipes_lib.RECIPES:
         raise ValueError(f"{where}: unknown recipe {name!r}; known recipes: {', '.join(recipes_lib.RECIPES)}")
     fields = {f.name: f.default for f in dataclasses.fields(recipes_lib.RECIPES[name])}
-    _check_keys(params, ("name",) + tuple(fields), f"{where}: recipe {name}")
+    _check_keys(params, ("name",) + tuple(fields), f"{where}: recipe {name}", recipes_lib.renamed_hint)
     for key, value in params.items():
         if not _same_kind(value, fields[key]):
             raise ValueError(f"{where}: recipe {name}.{key} must be a {type(fields[key]).__name__}; got {value!r}")

@@ -69,7 +69,7 @@ def dtype_name(dtype: Any) -> str:
 
 
 def recipe_label(recipe: recipes_lib.Recipe | None) -> str:
-    """A recipe's name plus its non-default fields: "deepseek_v3(pow2_scale=True)"; "-" for None."""
+    """A recipe's name plus its non-default fields: "deepseek_v3(scale_format=ue8m0)"; "-" for None."""
     if recipe is None:
         return "-"
     changed = changed_fields(recipe)

@@ -16,10 +16,10 @@ are for that form:
 | e4m3_tensor | e4m3 per tensor          | e4m3 per tensor     | CurrentScaling("e4m3")          |
 | e5m2        | e5m2 per tensor          | e5m2 per tensor     | CurrentScaling("e5m2")          |
 | e4m3_weight | e4m3 128x128 blocks      | (unchanged)         | none: weight-only, serving      |
-| e5m4, e4m4  | FP10 / FP9 128x128       | 1x128 tiles         | DeepSeekV3(fmt=...) (simulated) |
-| e3m2        | FP6 128x128              | 1x128 tiles         | DeepSeekV3(fmt="e3m2")          |
+| e5m4, e4m4  | FP10 / FP9 128x128       | 1x128 tiles         | DeepSeekV3(fwd_format=...)      |
+| e3m2        | FP6 128x128              | 1x128 tiles         | DeepSeekV3(fwd_format="e3m2")   |
 | e2m1_mx     | FP4, MX(32): pow2 scale per 32 in-features | (unchanged) | none: weight-only   |
-| e2m1_b32    | FP4 32x32, pow2 scales   | FP4 1x32, pow2      | DeepSeekV3(fmt="e2m1", 32, pow2)|
+| e2m1_b32    | FP4 32x32, pow2 scales   | FP4 1x32, pow2      | DeepSeekV3(32, "e2m1", ue8m0)   |
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _block(fmt: str, b: int = 128, pow2: bool = False) -> tuple[Operand, Operand
 
 def _deepseek(name: str, fmt: str, block: int = 128, pow2: bool = False) -> Candidate:
     weight, act = _block(fmt, block, pow2)
-    recipe = recipes_lib.DeepSeekV3(fmt=fmt, grad_format=fmt, block=block, pow2_scale=pow2)
+    recipe = recipes_lib.DeepSeekV3(block, fmt, fmt, scale_format="ue8m0" if pow2 else "f32")
     return Candidate(name, weight, act, recipe)
 
 
