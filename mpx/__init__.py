@@ -11,14 +11,13 @@ from mpx.scaled import (
     PerTensor,
     ScaledArray,
     check_finite,
-    compute_amax,
-    compute_scale,
     dequantize,
     fake_quant,
     nonfinite_counts,
     quantize,
     quantize_with_scale,
 )
+from mpx.scales import compute_amax, compute_scale
 
 __version__ = "0.1.0"
 
@@ -35,7 +34,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'mpx' has no attribute {name!r}")
 
 __all__ = [
+    # names
     "Blocks", "Format", "MX", "PerAxis", "PerTensor", "Policy", "Precision", "Rule", "ScaledArray",
-    "DotState", "calibrate", "cast", "check_finite", "dot", "dot_general", "einsum", "init_state", "inspect", "compute_amax", "compute_scale", "dequantize", "fake_quant",
-    "formats", "hardware", "metrics", "optim", "policy", "nonfinite_counts", "quantize", "quantize_with_scale", "recipes", "scaled", "target",
+    "DotState", "cast", "check_finite", "compute_amax", "compute_scale", "dequantize", "dot_general",
+    "einsum", "fake_quant", "init_state", "nonfinite_counts", "quantize", "quantize_with_scale",
+    # modules (those not imported above load on first use)
+    "activations", "aot", "attention", "calibrate", "config", "dot", "formats", "hardware", "hlo_graph",
+    "inspect", "kernels", "metrics", "nn", "optim", "ordering", "policy", "recipes", "scaled", "scales",
+    "sensitivity", "sharding", "target",
 ]

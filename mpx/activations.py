@@ -32,6 +32,10 @@ from mpx.ordering import after, kept
 from mpx.scaled import Blocks, ScaledArray, dequantize, quantize
 from mpx.sharding import explicit
 
+__all__ = [
+    "SWIGLU_TILE", "ACTIVATIONS", "activate", "swiglu", "glu", "swiglu_inputs", "swiglu_grads", "rms_norm"
+]
+
 Array = jax.Array
 _F32 = jnp.float32
 # Tile width of SwiGLU inputs kept in FP8 (DeepSeek-V3's activation tiles).

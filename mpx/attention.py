@@ -42,6 +42,8 @@ from mpx.dot.rounded import rounded_dot
 from mpx.ordering import after
 from mpx.sharding import explicit
 
+__all__ = ["QUERY_BLOCK", "Dtypes", "softmax_attention", "visible_keys", "hide"]
+
 Array = jax.Array
 _F32 = jnp.float32
 # (B, G, R, T, D) x (B, G, S, D) -> (B, G, R, T, S), batched over B and G

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpx import formats as formats_lib
-from mpx.scaled import exp2_int, floor_log2
+from mpx.scales import exp2_int, floor_log2
 
 METHODS = ("max", "percentile", "mse", "kl")
 DEFAULT_BINS = 2048

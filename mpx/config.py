@@ -38,6 +38,11 @@ from typing import Any, Callable
 
 import yaml
 
+__all__ = [
+    "ConfigError", "check_choice", "check", "check_keys", "from_dict", "to_dict", "parse_value", "merge",
+    "SHIPPED", "locate", "read_yaml", "read_tree", "parse_override", "origin"
+]
+
 class ConfigError(ValueError):
     """A bad configuration value; `key` is the dotted key at fault ("" for a whole file)."""
 

@@ -39,6 +39,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+__all__ = [
+    "Format", "simulated", "register", "names", "get", "cast", "upcast", "saturate", "round_to_grid",
+    "representable_values", "ulp_exponent"
+]
+
 
 @dataclasses.dataclass(frozen=True)
 class Format:

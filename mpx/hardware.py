@@ -32,6 +32,12 @@ from mpx import formats as formats_lib
 from mpx import policy as policy_lib
 from mpx import recipes as recipes_lib
 
+__all__ = [
+    "OCP_FP8", "FNUZ_FP8", "EMULATED_FP8", "HardwareInfo", "nvidia_compute_capability", "amd_arch",
+    "cpu_flags", "classify", "detect", "preferred_fp8_formats", "swap_formats", "policy_recipes",
+    "adapt_policy", "describe"
+]
+
 OCP_FP8 = ("e4m3", "e5m2")
 FNUZ_FP8 = ("e4m3fnuz", "e5m2fnuz")
 _TO_FNUZ = dict(zip(OCP_FP8, FNUZ_FP8))

@@ -19,6 +19,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "cosine_similarity", "relative_error", "sqnr_db", "max_error_over_amax", "kl_divergence",
+    "top1_agreement", "summary"
+]
+
 _TINY = jnp.finfo(jnp.float32).tiny
 
 

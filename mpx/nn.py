@@ -47,6 +47,13 @@ from mpx.scaled import ScaledArray
 from mpx.scales import pad_axis_to
 from mpx.sharding import explicit
 
+__all__ = [
+    "FP8_ALIGNMENT", "default_kernel_init", "module_path", "resolve_precision", "warn_misaligned", "contract",
+    "contract_prequantized", "DenseGeneral", "Dense", "SwiGLUDense", "EXPERT_DIMS", "ExpertDense",
+    "ExpertKernel", "grouped_matmul", "ExpertSwiGLUDense", "is_grouped_call", "LINEAR_TYPES", "linear_input",
+    "Embed", "RMSNorm", "LayerNorm", "causal_mask", "attention_weights", "grouped_attention"
+]
+
 Array = jax.Array
 FP8_ALIGNMENT = 16
 _WARNED: set[str] = set()

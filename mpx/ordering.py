@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from mpx.target import current as current_target
 
+__all__ = ["after", "kept"]
+
 Array = jax.Array
 
 

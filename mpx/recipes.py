@@ -34,8 +34,13 @@ import jax
 import jax.numpy as jnp
 
 from mpx import formats as formats_lib
-from mpx.scaled import compute_scale
-from mpx.scales import SCALE_FORMATS
+from mpx.scales import SCALE_FORMATS, compute_scale
+
+__all__ = [
+    "AMAX_ALGOS", "Scaling", "CurrentScaling", "DelayedScaling", "StaticScaling", "DeepSeekV3", "Recipe",
+    "RECIPES", "RENAMED_FIELDS", "renamed_hint", "get", "is_recipe", "is_stateful", "AmaxHistory",
+    "init_history", "update_history", "history_amax", "delayed_scale", "merge_amax", "merge_amax_trees"
+]
 
 AMAX_ALGOS = ("max", "most_recent")
 

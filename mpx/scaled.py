@@ -57,6 +57,12 @@ from mpx.scales import (  # noqa: F401  (compute_amax ... broadcast_scale: publi
     scale_shape,
 )
 
+__all__ = [
+    "MX_SCALE_RULES", "PerTensor", "PerAxis", "Blocks", "MX", "Granularity", "resolve_block", "ScaledArray",
+    "quantize_with_scale", "quantize", "dequantize", "fake_quant", "nonfinite_counts", "check_finite",
+    "quantization_error_bound", "blocks_count"
+]
+
 Shape = tuple[int, ...]
 MX_SCALE_RULES = ("ceil", "ocp")
 

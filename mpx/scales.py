@@ -20,6 +20,12 @@ import numpy as np
 from mpx import formats as formats_lib
 from mpx.formats import Format
 
+__all__ = [
+    "scale_shape", "check_block", "pad_axis_to", "compute_amax", "SCALE_FORMATS", "scale_mantissa_bits",
+    "folds_exactly", "compute_scale", "round_up_bits", "mx_scale_ocp", "pow2_ceil", "exp2_int", "floor_log2",
+    "broadcast_scale", "scale_blocks", "grid_values"
+]
+
 Shape = tuple[int, ...]
 
 

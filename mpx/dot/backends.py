@@ -35,6 +35,12 @@ from mpx.ordering import after, kept
 from mpx.scaled import ScaledArray, dequantize, quantize, quantize_with_scale, resolve_block
 from mpx.scales import broadcast_scale, compute_amax, compute_scale, grid_values, pad_axis_to, scale_shape
 
+__all__ = [
+    "Prepared", "MAX_SCANNED_GROUPS", "quantize_operand", "quantize_parts", "from_grid", "prepare",
+    "block_of", "is_f8", "dot", "block_fp8_fits", "guarded_dot", "grouped_product", "grouped_dot",
+    "decode_kernel_fits"
+]
+
 # A prepared operand is what a dot consumes: (values, scalar or None, block scales or
 # None). The result of the dot is multiplied by the scalars; block scales are either
 # folded into the values already, or multiply the dot's K-group partial sums.

@@ -35,7 +35,10 @@ from mpx.dot.general import MatmulConfig, quantized_forward, setup_operands, dot
 from mpx.sharding import explicit
 from mpx.target import Target
 from mpx.target import current as current_target
-from mpx.dot.spec import IMPLS, check_choice, plan, resolve_impl, to_canonical, transposed
+from mpx.config import check_choice
+from mpx.dot.spec import IMPLS, plan, resolve_impl, to_canonical, transposed
+
+__all__ = ["recomputes_swiglu", "swiglu_dot_general"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,12 +20,12 @@ from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
 from mpx.dot import backends
 from mpx.ordering import after, kept
+from mpx.config import check_choice
 from mpx.dot.spec import (
     IMPLS,
     DotPlan,
     OperandSpec,
     DotState,
-    check_choice,
     check_state,
     dims,
     layout,
@@ -40,6 +40,11 @@ from mpx.sharding import explicit
 from mpx.target import Target
 from mpx.target import current as current_target
 from mpx.scales import broadcast_scale, compute_amax, compute_scale
+
+__all__ = [
+    "MatmulConfig", "quantized_forward", "grads", "dgrad", "wgrad", "tensor_amax", "setup_operands",
+    "quantized_operands", "dot_general"
+]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,12 +18,15 @@ from mpx import kernels
 from mpx.kernels import block_fp8
 from mpx.dot.backends import decode_kernel_fits, dot, grouped_dot
 from mpx.dot.general import tensor_amax
-from mpx.dot.spec import IMPLS, DotState, check_choice, check_state, dims
+from mpx.config import check_choice
+from mpx.dot.spec import IMPLS, DotState, check_state, dims
 from mpx.target import Target
 from mpx.target import current as current_target
 from mpx.formats import upcast
 from mpx.scaled import Blocks, ScaledArray, dequantize, quantize, quantize_with_scale
 from mpx.scales import compute_amax, compute_scale, grid_values, pad_axis_to
+
+__all__ = ["PREQUANTIZED_IMPLS", "prequantized_matmul", "block_fp8_takes"]
 
 PREQUANTIZED_IMPLS = IMPLS + ("fold_f32", "cpu_kernel")
 

@@ -26,6 +26,8 @@ from mpx.sharding import explicit
 from mpx.target import Target
 from mpx.target import current as current_target
 
+__all__ = ["rounded_dot", "transpose_lhs", "transpose_rhs"]
+
 
 @explicit.auto_inside(explicit.dot_specs)
 def rounded_dot(lhs, rhs, dimension_numbers, compute_dtype, accum_dtype=jnp.float32, *,

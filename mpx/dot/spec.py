@@ -16,11 +16,16 @@ import jax.numpy as jnp
 
 from mpx import recipes as recipes_lib
 from mpx.recipes import AmaxHistory
-from mpx.config import check_choice  # noqa: F401  (used here and by the other mpx.dot modules)
+from mpx.config import check_choice
 from mpx.scaled import Blocks, PerTensor
 from mpx.scales import folds_exactly
 from mpx.target import Target
 from mpx.target import current as current_target
+
+__all__ = [
+    "IMPLS", "RHS_KINDS", "resolve_impl", "OperandSpec", "DotPlan", "plan", "transposed", "DotState",
+    "init_state", "check_state", "Layout", "layout", "to_canonical", "dims"
+]
 
 IMPLS = ("auto", "upcast_bf16", "fold_bf16", "fp8", "dequant_f32")
 RHS_KINDS = ("weight", "activation")

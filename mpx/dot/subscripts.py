@@ -8,6 +8,8 @@ import jax.numpy as jnp
 from mpx.dot.general import dot_general
 from mpx.dot.spec import DotState
 
+__all__ = ["einsum"]
+
 
 def _parse_einsum(subscripts: str) -> tuple[str, str, str]:
     spec = subscripts.replace(" ", "")

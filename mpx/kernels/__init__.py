@@ -27,6 +27,8 @@ import numpy as np
 
 from mpx.scales import broadcast_scale
 
+__all__ = ["TARGET", "DTYPES", "available", "status", "supports", "decode_matmul"]
+
 TARGET = "mpx_decode_matmul"
 # Storage dtypes the kernel decodes (1 or 2 bytes; float32 weights gain nothing).
 DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2), jnp.dtype(jnp.bfloat16))

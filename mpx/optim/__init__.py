@@ -35,7 +35,8 @@ from mpx.optim.loss_scale import (
     dynamic_loss_scale,
     static_loss_scale,
 )
-from mpx.optim.master import cast_params, matrices_only, path_str
+from mpx.optim.master import cast_params, matrices_only
+from mpx.sharding import path_str
 from mpx.optim.memory import MemoryReport, compute_copy_bytes, memory_report, num_params, tree_bytes
 from mpx.optim.optimizers import ScaleByAdamState, adam, adamw, scale_by_adam
 

@@ -36,6 +36,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+__all__ = ["MODES", "split_microbatches", "accumulate_gradients"]
+
 F32 = jnp.float32
 MODES = ("mean", "sum", "max", "min", "last")
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = ["global_norm", "clip_by_global_norm", "AdaptiveClipState", "clip_adaptive"]
+
 F32 = jnp.float32
 
 

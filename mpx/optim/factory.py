@@ -22,6 +22,8 @@ from mpx.optim.optimizers import adamw
 from mpx.optim.clipping import clip_adaptive, clip_by_global_norm
 from mpx.optim.guard import skip_nonfinite as skip_nonfinite_fn
 
+__all__ = ["OPTIMIZERS", "SCHEDULES", "resolve_dtype", "warmup_cosine", "make_schedule", "build"]
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 

@@ -21,6 +21,8 @@ import optax
 
 from mpx.optim.loss_scale import all_finite
 
+__all__ = ["SkipNonFiniteState", "skip_nonfinite"]
+
 
 class SkipNonFiniteState(NamedTuple):
     """State of `skip_nonfinite`.

@@ -27,6 +27,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "all_finite", "NoOpLossScale", "StaticLossScale", "DynamicLossScale", "dynamic_loss_scale",
+    "static_loss_scale"
+]
+
 F32 = jnp.float32
 
 

@@ -29,7 +29,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mpx.sharding import path_str  # noqa: F401  (re-exported: mpx.optim.path_str)
+from mpx.sharding import path_str
+
+__all__ = ["cast_params", "matrices_only"]
 
 
 def _cast_leaf(x, dtype):

@@ -32,6 +32,8 @@ import math
 import jax
 import numpy as np
 
+__all__ = ["CATEGORIES", "tree_bytes", "num_params", "MemoryReport", "memory_report", "compute_copy_bytes"]
+
 CATEGORIES = ("master", "gradients", "optimizer", "scale_state")
 
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+__all__ = ["ScaleByAdamState", "store", "scale_by_adam", "adamw", "adam"]
+
 F32 = jnp.float32
 
 

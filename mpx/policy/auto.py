@@ -54,6 +54,11 @@ from mpx.policy.presets import preset
 from mpx.policy.patterns import group_patterns, index_regex  # noqa: F401 (index_regex: public here too)
 from mpx.policy.rules import Policy, Rule
 
+__all__ = [
+    "OBJECTIVES", "Round", "SearchResult", "ppl_change_pct", "budget_nats", "order", "solve",
+    "default_max_measurements", "search", "search_candidates"
+]
+
 OBJECTIVES = ("bytes", "fp8-flops")
 
 

@@ -13,6 +13,8 @@ from mpx.policy.precision import FIELDS, Precision, changed_fields, dtype_name, 
 from mpx.policy.presets import PRESETS, preset
 from mpx.policy.rules import Policy, Rule
 
+__all__ = ["from_dict", "load", "get", "to_dict"]
+
 _TOP_KEYS = ("name", "base", "default", "rules")
 _YAML_FIELDS = {"param": "param_dtype", "compute": "compute_dtype", "output": "output_dtype",
                 "accum": "accum_dtype", "recipe": "recipe"}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+__all__ = ["group_patterns", "index_regex"]
+
 _INDEXED = re.compile(r"^(.*?)(\d+)(/.*)?$")
 
 

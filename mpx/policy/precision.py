@@ -11,6 +11,11 @@ import jax.numpy as jnp
 from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
 
+__all__ = [
+    "DTYPE_FIELDS", "FIELDS", "parse_dtype", "dtype_name", "recipe_label", "changed_fields", "parse_recipe",
+    "INHERIT", "Precision"
+]
+
 _DTYPES = {
     "f32": jnp.float32, "fp32": jnp.float32, "float32": jnp.float32,
     "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,

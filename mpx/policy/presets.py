@@ -18,6 +18,9 @@ from mpx import recipes as recipes_lib
 from mpx.policy.precision import Precision
 from mpx.policy.rules import Policy, Rule
 
+__all__ = ["F32", "BF16", "F16", "fp32", "bf16", "fp16", "fp8", "fp8_current", "fp8_delayed", "PRESETS", "PRESET_NAMES",
+           "preset"]
+
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
 

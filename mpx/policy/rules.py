@@ -12,6 +12,8 @@ from mpx import recipes as recipes_lib
 from mpx.policy.precision import (DTYPE_FIELDS, FIELDS, INHERIT, Precision, parse_recipe, dtype_name,
                                   parse_dtype, recipe_label)
 
+__all__ = ["match_path", "Rule", "Policy", "module_paths"]
+
 
 def match_path(pattern: str, path: str) -> bool:
     """Whether `pattern` matches module `path` (see the module docstring for the rules)."""

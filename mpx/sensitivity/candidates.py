@@ -34,6 +34,8 @@ from mpx import formats as formats_lib
 from mpx import recipes as recipes_lib
 from mpx.scaled import Blocks, PerTensor, fake_quant
 
+__all__ = ["NATIVE_FORMATS", "Operand", "Candidate", "CANDIDATES", "DEFAULT", "get"]
+
 
 NATIVE_FORMATS = ("bf16", "e4m3", "e5m2")
 

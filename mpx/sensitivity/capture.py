@@ -28,6 +28,11 @@ import jax.numpy as jnp
 from mpx import nn as mnn
 from mpx.scaled import ScaledArray
 
+__all__ = [
+    "LINEAR_TYPES", "ApplyFn", "Layer", "canonical", "find_layers", "to_canonical_out", "tapped_loss",
+    "lowered_loss", "assigned_loss", "next_token_nll"
+]
+
 LINEAR_TYPES = mnn.LINEAR_TYPES
 ApplyFn = Callable[[Any, Any], jax.Array]  # (variables, batch) -> model output
 

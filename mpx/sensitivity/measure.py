@@ -41,6 +41,11 @@ from mpx.sensitivity import capture
 from mpx.sensitivity import candidates as candidates_lib
 from mpx.sensitivity import stats as stats_lib
 
+__all__ = [
+    "Progress", "Sensitivity", "spearman", "smoothing_factors", "smoothable", "estimate", "exact",
+    "exact_subset", "analyze"
+]
+
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from mpx import formats as formats_lib
 
+__all__ = ["Moments", "zeros", "observe", "summary", "tensor_stats"]
+
 _E4M3 = formats_lib.get("e4m3")
 
 

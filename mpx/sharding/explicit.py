@@ -24,6 +24,8 @@ from jax.sharding import AxisType, PartitionSpec
 
 from mpx.sharding.specs import logical_to_spec
 
+__all__ = ["explicit_mesh", "spec_of", "fitted", "plain_spec", "like_first", "dot_specs", "auto_inside"]
+
 
 def explicit_mesh(tree: Any):
     """The abstract mesh with Explicit axes that types the arrays in `tree` (or the

@@ -15,6 +15,8 @@ from mpx.config import check_choice
 from mpx.sharding.specs import RULES, batch_sharding, batch_shards, constrain, spec_for, tree_shardings
 from mpx.sharding.specs import path_str
 
+__all__ = ["GRAD_COMM_DTYPES", "mean_over_replicas", "Layout", "collectives", "global_amax"]
+
 GRAD_COMM_DTYPES = ("f32", "bf16")
 _COMM_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 

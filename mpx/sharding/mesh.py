@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 
+__all__ = ["MESH_AXES", "resolve_sizes", "make_mesh", "abstract_mesh", "parse_mesh"]
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 def _as_sizes(sizes: Any) -> dict[str, int]:

@@ -10,6 +10,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+__all__ = [
+    "RULES", "CACHE_AXES", "logical_to_spec", "param_logical_axes", "spec_for", "path_str", "tree_specs",
+    "tree_shardings", "shard_tree", "replicated", "batch_spec", "batch_sharding", "batch_shards", "constrain",
+    "activation_constraint", "process_rows", "global_batch", "cache_specs", "cache_shardings", "shard_cache",
+    "shard_elements", "per_device_bytes"
+]
+
 # Logical axis -> mesh axes (a tuple shards one dimension over several mesh axes).
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
