@@ -24,8 +24,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # Every other submodule (mpx.nn, mpx.sensitivity, mpx.hardware, ...) loads on first use,
-    # so `import mpx` stays free of Flax, and `python -m mpx.hardware` does not find its own
-    # module already imported (runpy's RuntimeWarning).
+    # so `import mpx` stays free of Flax.
     import importlib
     import importlib.util
 

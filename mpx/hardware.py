@@ -14,16 +14,14 @@ hardware. Knowledge encoded here (conservative: native only where known):
 * CPU: BF16 native with avx512_bf16 / amx_bf16 (x86) or bf16 (aarch64); FP8 always
   emulated (XLA upcasts f8 dot operands to f32: exact, not faster).
 
-`python -m mpx.hardware [--policy NAME_OR_YAML]` prints the report.
+`python -m benchmarks.hardware [--policy NAME_OR_YAML]` prints the report.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
-import sys
 from collections.abc import Iterable
 
 import jax.numpy as jnp
@@ -360,35 +358,3 @@ def describe(info: HardwareInfo | None = None) -> str:
     ]
     lines = [f"{k:<20}{v}" for k, v in rows] + ["notes:"] + [f"  - {n}" for n in info.notes]
     return "\n".join(lines)
-
-
-def _load_policy(spec: str) -> policy_lib.Policy:
-    is_file = spec.endswith((".yaml", ".yml"))
-    return policy_lib.load(spec) if is_file else policy_lib.preset(spec)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: prints `describe()`, and with --policy the adapted policy's notes and table.
-
-    Returns:
-      The exit status: 0, or 2 after one `error: ...` line for a bad --policy.
-    """
-    parser = argparse.ArgumentParser(prog="python -m mpx.hardware", description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", help="a preset name or a policy YAML file to adapt to this hardware")
-    args = parser.parse_args(argv)
-    try:
-        policy = _load_policy(args.policy) if args.policy else None
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: --policy: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    info = detect()
-    print(describe(info))
-    if policy is not None:
-        adapted, notes = adapt_policy(policy, info)
-        print(f"\npolicy {adapted.name!r} on this hardware:")
-        print("\n".join(f"  - {n}" for n in notes) or "  (no changes)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

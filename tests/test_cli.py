@@ -131,7 +131,7 @@ CASES = [
     ("benchmarks.train_step", ["--presets", "fp8,fp7"], "unknown preset(s) ['fp7']"),
     ("benchmarks.train_accuracy", ["--steps", "0"], "argument --steps"),
     ("benchmarks.train_accuracy", ["--precisions", "fp8,nope.yaml"], "no policy file 'nope.yaml'"),
-    ("mpx.hardware", ["--policy", "nosuch"], "nosuch"),
+    ("benchmarks.hardware", ["--policy", "nosuch"], "nosuch"),
     (PLAN, ["--model", "tiny", "--batch", "-4"], "--batch"),
     (PLAN, ["--model", "tiny", "--mesh", "data=3,fsdp=2", "--devices", "6", "--batch", "7"], "--batch"),
     (PLAN, ["--model", "tiny", "--seq", "0"], "--seq"),
@@ -252,14 +252,14 @@ def test_a_real_program_run_reports_bad_data_in_one_line(files, tmp_path):
 
 
 def test_hardware_report_runs_without_warnings(tmp_path):
-    result = _program("mpx.hardware", cwd=tmp_path)
+    result = _program("benchmarks.hardware", cwd=tmp_path)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("module", ["train.run", "serve.generate", "serve.evaluate", "serve.server",
                                     "serve.export", "serve.sensitivity", "benchmarks.generate",
                                     "benchmarks.optimizer", "benchmarks.serve_load", "benchmarks.decode_bandwidth",
-                                    "benchmarks.gguf_reference", "benchmarks.h100_compile", "benchmarks.gpu"])
+                                    "benchmarks.gguf_reference", "benchmarks.h100_compile", "benchmarks.gpu", "benchmarks.hardware"])
 def test_help_names_the_real_invocation(module, capsys):
     assert _call(module, ["--help"]) == 0
     out = capsys.readouterr().out

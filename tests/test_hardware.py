@@ -179,7 +179,7 @@ def test_describe_and_cli():
     for fragment in ["AMD Instinct MI300X", "gfx942", "fp8 native          yes (e4m3fnuz, e5m2fnuz)",
                      "forward e4m3fnuz, backward e5m2fnuz", "notes:"]:
         assert fragment in text
-    out = subprocess.run([sys.executable, "-m", "mpx.hardware", "--policy", "fp8"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.hardware", "--policy", "fp8"], capture_output=True,
                          text=True, check=True, timeout=120).stdout
     assert H.detect().device_kind in out and "policy 'fp8' on this hardware" in out
 
