@@ -8,8 +8,8 @@ and PV have no FP8 recipe (every preset). Its forward pass is the plain one, op 
     out    = (probs @ v) in pv.compute, accumulated in pv.accum, rounded to pv.output
 
 Autodiff of that would keep the (T, S) logits and probabilities of every layer in f32 until
-the backward pass reaches it: at 16 x 256 tokens and 8 heads, 33.5 MB per buffer per
-layer, more than every other activation together. This custom VJP keeps q, k, v and the
+the backward pass reaches it: at training lengths more than every other activation
+together. This custom VJP keeps q, k, v and the
 softmax's row max and row sum, (T,) per head, and recomputes the probabilities
 (equal to the forward's up to the f32 summation order of the recomputed QK^T) in the
 backward pass. The backward is FlashAttention's, tiled along the queries only:

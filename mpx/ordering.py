@@ -59,7 +59,7 @@ def kept(x: Array) -> Array:
     The value leaves a `lax.cond` whose two branches both return x (one through a
     bitcast round trip, so XLA cannot merge them), and fusion does not cross a
     conditional. The predicate is a constant True behind an optimization barrier, which
-    XLA does not fold (jax 0.10; `tests/test_attention.py` measures the effect), and
+    XLA does not fold (`tests/test_attention.py` measures the effect), and
     reads no data, so a sharded x costs no collective. Costs one copy of x. On CPU only:
     elsewhere x comes back as it is (on GPU a conditional reads its predicate on the
     host, and XLA's GPU fusion has not shown the duplication).

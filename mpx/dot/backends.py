@@ -230,11 +230,11 @@ def grouped_product(a, b, dimension_numbers, target: Target, blocks, out_dtype=j
     f32, accumulated in f32) whose partial sums are scaled and added to an f32
     accumulator, as DeepSeek-V3's block-scaled GEMM promotes its partial sums every 128
     elements: exact up to f32 rounding. The groups run in a `lax.scan` of 2-D GEMMs: on
-    CPU one batched GEMM over the groups is 4x slower, and it would hold every group's
+    CPU one batched GEMM over the groups is slower, and it would hold every group's
     partial sums at once. A product of many rows runs in chunks of rows
     (`Target.row_chunk`): XLA has no GEMM that adds into its output, so the running sum and one
     group's partial sums are two f32 buffers of the chunk's size, not of the whole
-    result's (the FFN's projections: 2 x 12.6 MB at 4096 x 768).
+    result's.
 
     Args:
       a: (values (B?, M, K), scales or None), scales of shape ceil(shape / block).
@@ -306,8 +306,7 @@ def grouped_product(a, b, dimension_numbers, target: Target, blocks, out_dtype=j
 def _dequantized_product(a, b, k_last: bool, target: Target, out_dtype) -> jax.Array:
     """(B, M, N) = dequantized a . dequantized b in f32 GEMMs, over chunks of about
     `Target.col_chunk` of b's columns one after another where each column has scales of its
-    own: only one chunk of b is dequantized into f32 at a time (wgrad's dY: 12.6 MB at
-    4096 x 768).
+    own: only one chunk of b is dequantized into f32 at a time.
 
     Chunk c holds columns c, c + chunks, ... (interleaved, as `_by_rows` interleaves
     rows): on a mesh that shards the columns in contiguous blocks every device holds its

@@ -12,8 +12,8 @@ the recomputed product once in its 128x1 tiles (instead of requantizing the forw
 1x128 FP8 copy, which rounds twice); with FP8 SwiGLU tiles the recomputed product uses
 the dequantized gate and up, as SwiGLU's own gradient does. wgrad runs first, then dgrad
 and SwiGLU's gradient, each from its own recomputed gate and up (`mpx.ordering.after`),
-so the recomputed product and dgrad's f32 result are never alive together (8 MB less
-at the small model's peak).
+so the recomputed product and dgrad's f32 result are never alive together
+(`benchmarks.train_step` measures the peak).
 
 Fused for `DeepSeekV3` with `fp8_residuals` and `recompute_swiglu` (its defaults); any
 other recipe, or none, is the plain composition of `mpx.activations.swiglu` and
