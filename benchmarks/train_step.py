@@ -55,7 +55,7 @@ def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
     tx = mpx.optim.build("adamw", 1e-3, moment_dtype=_moment_dtype(preset), clip_norm=1.0)
     state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, jnp.zeros((1, seq), jnp.int32))
     step = jax.jit(step_lib.make_train_step(model, tx))
-    copy_bytes = mpx.optim.compute_copy_bytes(policy.resolve("layers_0/mlp/up"))
+    copy_bytes = mpx.optim.compute_copy_bytes(policy.resolve("layers_0/mlp/up", "linear"))
     report = mpx.optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
                                      compute_dtype_bytes=copy_bytes)
     return step, state, report, model

@@ -30,7 +30,7 @@ def swiglu_residual_format(down_recipe) -> str | None:
 
 def swiglu_residuals(module: nn.Module, policy: Policy | None) -> str | None:
     """`swiglu_residual_format` of the down projection under `module`."""
-    return swiglu_residual_format(mnn.resolve_precision(module, policy, "down").recipe)
+    return swiglu_residual_format(mnn.resolve_precision(module, policy, "down", role="linear").recipe)
 
 
 class SwiGLU(nn.Module):

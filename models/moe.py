@@ -52,6 +52,7 @@ class Router(mnn.Dense):
     The bias never gets a gradient: training moves it by `bias_update`."""
 
     selection_bias: bool = False
+    role: str = "router"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

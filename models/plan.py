@@ -111,6 +111,7 @@ from jax.sharding import PartitionSpec
 
 import mpx
 from models import config as model_config
+from models import precision as roles
 from models import sharding, transformer
 from models.ffn import swiglu_residual_format
 from mpx import attention
@@ -281,7 +282,8 @@ def serving_params(shapes: ModelShapes, policy) -> dict:
 
     def convert(path, leaf):
         names = sharding_lib.path_str(path).split("/")
-        module, precision = "/".join(names[:-1]), policy.resolve("/".join(names[:-1]))
+        module = "/".join(names[:-1])
+        precision = roles.resolve(policy, module)
         if names[-1] == "kernel" and module in shapes.linear and precision.recipe is not None:
             return _fp8_kernel(leaf, shapes.linear[module], precision.recipe)
         return jax.ShapeDtypeStruct(leaf.shape, precision.compute_dtype)
@@ -451,7 +453,7 @@ def _moe_bytes(c, at, tensor: int) -> float:
 
 def block_bytes_per_token(config, policy, layer: int, seq: int, tensor: int, moe: bool) -> float:
     """Bytes one block saves per token for backward (see the module doc), tensor-sharded."""
-    c, at = config, lambda name: policy.resolve(f"layers_{layer}/{name}")  # noqa: E731
+    c, at = config, lambda name: roles.resolve(policy, f"layers_{layer}/{name}")  # noqa: E731
     attn = (_mla_bytes if c.is_mla else _gqa_bytes)(c, at, seq, tensor)
     ffn = _moe_bytes(c, at, tensor) if moe else _dense_ffn_bytes(c, at, tensor)
     total = 2 * c.d_model * 4 + attn + ffn  # f32 block input and mid-block residual
@@ -468,8 +470,8 @@ def _head_bytes(config, tensor: int) -> float:
 def _mtp_bytes(config, policy, k: int, tensor: int) -> float:
     """An MTP module's tensors besides its block: the next token's f32 embedding, eh_proj's
     kept input (2D) and its head."""
-    eh_proj = policy.resolve(f"mtp_{k}/eh_proj")
-    return config.d_model * (4 + 2 * _saved_input(eh_proj, policy.resolve(f"mtp_{k}/enorm").output_dtype)) + \
+    eh_proj = roles.resolve(policy, f"mtp_{k}/eh_proj")
+    return config.d_model * (4 + 2 * _saved_input(eh_proj, roles.resolve(policy, f"mtp_{k}/enorm").output_dtype)) + \
         _head_bytes(config, tensor)
 
 
@@ -489,24 +491,15 @@ def activation_bytes(config, policy, batch: int, seq: int, mesh, mtp: int = 0) -
     for layer in range(config.n_layers + mtp):
         moe = config.is_moe_layer(layer)
         full = block_bytes_per_token(config, policy, layer, seq, tensor, moe)
-        qk, pv = (policy.resolve(f"layers_{layer}/attn/{name}") for name in ("qk", "pv"))
+        qk, pv = (roles.resolve(policy, f"layers_{layer}/attn/{name}") for name in ("qk", "pv"))
         live = max(live, _attention_scratch(qk, pv, config.n_heads / tensor, seq))
-        if _is_remat(config, policy, layer, moe):
+        if roles.is_remat(config, policy, layer):
             saved.append(config.d_model * 4)
             live = max(live, full)  # one block's set is live while it is recomputed
         else:
             saved.append(full)
     saved += [_mtp_bytes(config, policy, k, tensor) for k in range(mtp)]
     return int(tokens * (sum(saved) + live))
-
-
-def _is_remat(config, policy, layer: int, moe: bool) -> bool:
-    if config.remat == "full":
-        return True
-    if config.remat == "non_fp8":
-        probe = "moe/experts/up" if moe else "mlp/up"
-        return policy.resolve(f"layers_{layer}/{probe}").recipe is None
-    return False
 
 
 def _kept_weight(precision, param_dtype) -> int:
@@ -524,13 +517,13 @@ def weight_copy_bytes(config, policy, shapes: ModelShapes, mesh) -> int:
     per_group: dict[str, int] = collections.Counter()
     for module, param in matmuls.items():
         leaf = _leaf(shapes.params, param)
-        kept = _kept_weight(policy.resolve(module), leaf.dtype)
+        kept = _kept_weight(roles.resolve(policy, module), leaf.dtype)
         spec = sharding.spec_for(param, leaf.shape, mesh)
         per_group[module.split("/")[0]] += sharding_lib.shard_elements(leaf.shape, spec, mesh) * kept
     saved, live = 0, 0
     for group, count in per_group.items():
         layer = int(group[len("layers_"):]) if group.startswith("layers_") else None
-        if layer is not None and _is_remat(config, policy, layer, config.is_moe_layer(layer)):
+        if layer is not None and roles.is_remat(config, policy, layer):
             live = max(live, count)
         else:
             saved += count

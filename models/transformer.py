@@ -47,6 +47,7 @@ from models.config import ModelConfig
 from models.ffn import SwiGLU, residual_init
 from models.mla import LatentAttention
 from models.moe import ExpertParallel, MoE
+from models.precision import is_remat
 from models.rope import rope
 from mpx import nn as mnn
 from mpx.policy import Policy, preset
@@ -171,16 +172,6 @@ class Transformer(nn.Module):
     def _pin(self, x: Array, logical_axes: tuple) -> Array:
         return x if self.constrain is None else self.constrain(x, logical_axes)
 
-    def _remat(self, layer: int) -> bool:
-        if self.config.remat == "full":
-            return True
-        if self.config.remat == "non_fp8":
-            # FP8 blocks save 4x smaller activations: the seed skips their recomputation.
-            probe = "mlp/up" if not self.config.is_moe_layer(layer) else "moe/experts/up"
-            policy = self.policy or preset("fp32")
-            return policy.resolve(f"layers_{layer}/{probe}").recipe is None
-        return False
-
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, cache: list[Cache] | None = None, *,
                  cache_len: int | None = None, cache_rows: Array | None = None):
@@ -202,7 +193,7 @@ class Transformer(nn.Module):
         x = self._pin(x, ACTIVATION_AXES)
         new_cache, moe_losses, loads = [], [], []
         for i in range(c.n_layers):
-            block_cls = nn.remat(Block) if self._remat(i) else Block
+            block_cls = nn.remat(Block) if is_remat(self.config, self.policy or preset("fp32"), i) else Block
             block = block_cls(c, use_moe=self.config.is_moe_layer(i), policy=self.policy, cache_len=cache_len,
                               layer=i, expert_parallel=self.expert_parallel, name=f"layers_{i}")
             x, layer_cache, aux = block(x, positions, None if cache is None else cache[i], cache_rows)
@@ -215,7 +206,7 @@ class Transformer(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = mnn.Dense(c.vocab_size, policy=self.policy, name="lm_head")(x)
+            logits = mnn.Dense(c.vocab_size, policy=self.policy, role="head", name="lm_head")(x)
         aux = {"cache": None if cache is None else new_cache, "moe_loss": jnp.mean(jnp.stack(moe_losses)),
                "expert_load": jnp.stack(loads) if loads else None}
         return self._pin(logits.astype(jnp.float32), LOGITS_AXES), aux

@@ -70,9 +70,12 @@ def module_path(module: nn.Module, *extra: str) -> str:
     return "/".join(parts + extra)
 
 
-def resolve_precision(module: nn.Module, policy: Policy | None, *extra: str) -> Precision:
-    """The `Precision` the policy gives this module (fp32 preset when policy is None)."""
-    return (policy or preset("fp32")).resolve(module_path(module, *extra))
+def resolve_precision(module: nn.Module, policy: Policy | None, *extra: str, role: str | None = None) -> Precision:
+    """The `Precision` the policy gives this module (fp32 preset when policy is None):
+    its path (plus `extra`) of its role (`role`, else the module's own `role` attribute,
+    else none; `mpx.policy.ROLES`)."""
+    role = getattr(module, "role", None) if role is None else role
+    return (policy or preset("fp32")).resolve(module_path(module, *extra), role)
 
 
 def warn_misaligned(path: str, dims: dict[str, int]) -> None:
@@ -172,6 +175,8 @@ class DenseGeneral(nn.Module):
       policy: precision policy; None means fp32.
       kernel_init: initializer of the (in..., out...) kernel.
       pad_to: zero-pad the contraction dimension to a multiple of this (0: no padding).
+      role: its part in the precision map (`mpx.policy.ROLES`): "linear", or "router"
+        (MoE gating) and "head" (an untied LM head), which the presets keep wide.
     """
 
     features: int | Sequence[int]
@@ -180,6 +185,7 @@ class DenseGeneral(nn.Module):
     policy: Policy | None = None
     kernel_init: Callable = default_kernel_init
     pad_to: int = 0
+    role: str = "linear"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -284,6 +290,7 @@ class ExpertDense(nn.Module):
     features: int
     policy: Policy | None = None
     kernel_init: Callable = default_kernel_init
+    role = "linear"
 
     @nn.compact
     def __call__(self, x: Array, group_sizes: Array | None = None) -> Array:
@@ -320,6 +327,7 @@ class ExpertKernel(nn.Module):
     n_experts: int
     features: int
     policy: Policy | None = None
+    role = "linear"
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[Array | ScaledArray, Precision]:
@@ -398,6 +406,7 @@ class Embed(nn.Module):
     features: int
     policy: Policy | None = None
     embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+    role = "embed"
 
     def setup(self):
         self._precision = resolve_precision(self, self.policy)
@@ -441,6 +450,7 @@ class RMSNorm(nn.Module):
     epsilon: float = 1e-6
     policy: Policy | None = None
     unit_offset: bool = False
+    role = "norm"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -458,6 +468,7 @@ class LayerNorm(nn.Module):
 
     epsilon: float = 1e-6
     policy: Policy | None = None
+    role = "norm"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -510,8 +521,8 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
     qg = jnp.transpose(q.reshape(b, t, g, h // g, d), (0, 2, 3, 1, 4)) * scale
     kt = jnp.transpose(k, (0, 2, 1, 3))  # (B, G, S, D)
     vt = jnp.transpose(v, (0, 2, 1, 3))  # (B, G, S, D)
-    qk = resolve_precision(module, policy, "qk")
-    pv = resolve_precision(module, policy, "pv")
+    qk = resolve_precision(module, policy, "qk", role="attention")
+    pv = resolve_precision(module, policy, "pv", role="attention")
     if mask is not None and mask.ndim == 4:
         mask = mask[:, :, None]  # (B, 1, T, S) -> (B, 1, 1, T, S)
     if qk.recipe is None and pv.recipe is None:  # keeps no (T, S) residual for the backward pass

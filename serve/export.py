@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from absl import logging as absl_logging
 
+from models import precision as roles
 from serve import quantize as q
 from store import cli
 from store import hf as hf_lib
@@ -74,7 +75,7 @@ def policy_layers(path: str) -> Callable[[Any], bool]:
       ServeError: a missing or invalid policy file.
     """
     policy = q.policy_spec(path).layer_policy
-    return lambda entry: policy.resolve(entry.module).recipe is not None
+    return lambda entry: roles.resolve(policy, entry.module).recipe is not None
 
 
 def export(checkpoint: str, out: str, precision: str = "fp8", scale_format: str = "float32",

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mpx
+from models import precision as roles
 from models import transformer
 from models.config import ModelConfig
 from mpx import calibrate as calibrate_lib
@@ -157,7 +158,7 @@ def fp8_layers(config: ModelConfig) -> dict[str, int | None]:
     """The layers the fp8 policy gives a recipe: {path: feature axes (None: experts)}."""
     policy = mpx.policy.preset("fp8")
     layers = _dense_layers(transformer.Transformer(config))
-    return {p: n for p, n in layers.items() if policy.resolve(p).recipe is not None}
+    return {p: n for p, n in layers.items() if roles.resolve(policy, p).recipe is not None}
 
 
 _fp8_paths = fp8_layers
@@ -206,7 +207,7 @@ def fp8_forms(config: ModelConfig, spec: ServeSpec) -> dict[str, KernelForm]:
       ServeError: a policy recipe serving cannot apply (delayed, static).
     """
     if spec.layer_policy is not None:
-        forms = {p: _form_of_recipe(p, n, spec.layer_policy.resolve(p).recipe)
+        forms = {p: _form_of_recipe(p, n, roles.resolve(spec.layer_policy, p).recipe)
                  for p, n in _dense_layers(transformer.Transformer(config)).items()}
         return {p: f for p, f in forms.items() if f is not None}
     if spec.precision != "fp8":
@@ -239,8 +240,8 @@ def _keeps(leaf: ScaledArray, form: KernelForm) -> bool:
 def _float_dtype(module: str, spec: ServeSpec):
     """The dtype of a non-FP8 serving param."""
     if spec.layer_policy is not None:
-        return jnp.dtype(spec.layer_policy.resolve(module).compute_dtype)
-    if spec.precision == "fp32" or module.endswith("router"):  # the MoE router's top-k flips easily
+        return jnp.dtype(roles.resolve(spec.layer_policy, module).compute_dtype)
+    if spec.precision == "fp32" or roles.role_of(module) == "router":  # the MoE router's top-k flips easily
         return jnp.float32
     return jnp.bfloat16
 

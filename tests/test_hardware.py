@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from mpx import formats, hardware as H, policy as P, recipes
+from models.precision import role_of
 
 OCP, FNUZ = ("e4m3", "e5m2"), ("e4m3fnuz", "e5m2fnuz")
 X86_BF16 = {"fpu", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -111,9 +112,9 @@ def test_adapt_policy_mi300_switches_to_fnuz(name):
     policy = P.preset(name)
     adapted, notes = H.adapt_policy(policy, H.classify("gpu", "AMD Instinct MI300X"))
     for path in PATHS:
-        assert _fp8_formats(adapted.resolve(path).recipe) <= set(FNUZ), path
-        assert type(adapted.resolve(path).recipe) is type(policy.resolve(path).recipe)
-    assert adapted.resolve("embed") == policy.resolve("embed") and adapted.name == policy.name
+        assert _fp8_formats(adapted.resolve(path, role_of(path)).recipe) <= set(FNUZ), path
+        assert type(adapted.resolve(path, role_of(path)).recipe) is type(policy.resolve(path, role_of(path)).recipe)
+    assert adapted.resolve("embed", role_of("embed")) == policy.resolve("embed", role_of("embed")) and adapted.name == policy.name
     max_fnuz = formats.get("e4m3fnuz").max
     assert any(f"e4m3 -> e4m3fnuz (max {max_fnuz:g})" in n for n in notes)
     again, again_notes = H.adapt_policy(adapted, H.classify("gpu", "AMD Instinct MI300X"))
@@ -123,7 +124,7 @@ def test_adapt_policy_mi300_switches_to_fnuz(name):
 def test_adapt_policy_keeps_other_recipe_fields():
     policy = P.fp8(recipes.DeepSeekV3(block=64, scale_format="ue8m0"))
     adapted, _ = H.adapt_policy(policy, H.classify("rocm", "AMD Instinct MI300X"))
-    assert adapted.resolve("layers_0/mlp/up").recipe == recipes.DeepSeekV3(
+    assert adapted.resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")).recipe == recipes.DeepSeekV3(
         block=64, scale_format="ue8m0", fwd_format="e4m3fnuz", bwd_format="e4m3fnuz")
 
 

@@ -160,3 +160,28 @@ def test_dense_jit_matches_eager():
     eager = layer.apply(v, x)
     jitted = jax.jit(layer.apply)(v, x)
     np.testing.assert_array_equal(np.asarray(eager, np.float32), np.asarray(jitted, np.float32))
+
+
+def test_presets_reach_a_model_of_any_module_paths_through_roles():
+    """A user's model built from mpx.nn, with paths the presets never name, gets the fp8
+    preset's precision map: FP8 projections (measurably not bf16), f32 norms."""
+    import flax.linen as nn
+
+    class Block(nn.Module):
+        policy: mpx.Policy
+
+        @nn.compact
+        def __call__(self, x):
+            h = mnn.RMSNorm(policy=self.policy, name="ln_1")(x)
+            return mnn.Dense(256, policy=self.policy, name="w_in")(h)
+
+    x = _x((16, 256))
+    outs = {}
+    for name in ("fp32", "bf16", "fp8"):
+        model = Block(mpx.policy.preset(name))
+        params = model.init(jax.random.key(0), x)
+        outs[name] = np.asarray(model.apply(params, x), np.float32)
+    err = {name: float(np.abs(outs[name] - outs["fp32"]).max()) for name in ("bf16", "fp8")}
+    assert err["fp8"] > 4 * err["bf16"] > 0, err
+    norm = mnn.RMSNorm(policy=mpx.policy.preset("fp8"), name="ln_1")
+    assert norm.apply(norm.init(jax.random.key(0), x), x).dtype == jnp.float32

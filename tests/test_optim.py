@@ -12,6 +12,7 @@ import pytest
 
 import mpx.optim as mo
 from mpx import formats
+from models.precision import role_of
 
 F32_EPS = float(jnp.finfo(jnp.float32).eps)
 BF16_HALF_ULP = formats.get("bf16").half_ulp
@@ -572,7 +573,7 @@ def test_resolve_dtype_names():
 
 def test_compute_copy_bytes_per_preset():
     import mpx
-    up = lambda name: mpx.policy.preset(name).resolve("layers_0/mlp/up")  # noqa: E731
+    up = lambda name: mpx.policy.preset(name).resolve("layers_0/mlp/up", role_of("layers_0/mlp/up"))  # noqa: E731
     assert mpx.optim.compute_copy_bytes(up("fp32")) == 0.0  # the forward reads the f32 masters
     assert mpx.optim.compute_copy_bytes(up("bf16")) == 2.0
     assert mpx.optim.compute_copy_bytes(up("fp8")) == 1.0

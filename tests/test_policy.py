@@ -13,6 +13,7 @@ from flax.core import FrozenDict
 
 from mpx import policy as P
 from mpx import recipes
+from models.precision import role_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICY_DIR = os.path.join(ROOT, "configs", "policies")
@@ -156,21 +157,21 @@ def test_first_match_wins_and_default():
     policy = P.Policy(rules=[P.Rule("layers_0/mlp/up", compute_dtype="f32"), P.Rule("mlp/*", recipe="current")],
                       default=P.Precision.parse("c=bf16"))
     assert policy.match("layers_0/mlp/up") == 0 and policy.match("layers_1/mlp/up") == 1
-    assert policy.resolve("layers_0/mlp/up") == P.Precision.parse("c=f32,o=bf16")  # rule 0 only: no recipe
-    assert policy.resolve("layers_1/mlp/up").recipe == recipes.CurrentScaling()
-    assert policy.match("embed") is None and policy.resolve("embed") == policy.default
-    assert policy.resolve(("layers_1", "mlp", "up")) == policy.resolve("layers_1/mlp/up")
+    assert policy.resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")) == P.Precision.parse("c=f32,o=bf16")  # rule 0 only: no recipe
+    assert policy.resolve("layers_1/mlp/up", role_of("layers_1/mlp/up")).recipe == recipes.CurrentScaling()
+    assert policy.match("embed") is None and policy.resolve("embed", role_of("embed")) == policy.default
+    assert policy.resolve(("layers_1", "mlp", "up")) == policy.resolve("layers_1/mlp/up", role_of("layers_1/mlp/up"))
     assert isinstance(policy.rules, tuple)
 
 
 def test_with_rules_overrides_and_map_recipes():
     base = P.preset("fp8")
     p = base.with_rules(P.Rule("layers_0/mlp/*", recipe=None), name="fp8_but_layer0")
-    assert p.name == "fp8_but_layer0" and p.resolve("layers_0/mlp/up").recipe is None
-    assert p.resolve("layers_1/mlp/up") == base.resolve("layers_1/mlp/up")
+    assert p.name == "fp8_but_layer0" and p.resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")).recipe is None
+    assert p.resolve("layers_1/mlp/up", role_of("layers_1/mlp/up")) == base.resolve("layers_1/mlp/up", role_of("layers_1/mlp/up"))
     pow2 = base.map_recipes(lambda r: recipes.DeepSeekV3(scale_format="ue8m0"))
-    assert pow2.resolve("layers_0/attn/v_proj").recipe.scale_format == "ue8m0"
-    assert pow2.resolve("embed").recipe is None and pow2.rules[-1] == base.rules[-1]
+    assert pow2.resolve("layers_0/attn/v_proj", role_of("layers_0/attn/v_proj")).recipe.scale_format == "ue8m0"
+    assert pow2.resolve("embed", role_of("embed")).recipe is None and pow2.rules[-1] == base.rules[-1]
 
 
 def test_policy_rejects_non_rules():
@@ -204,12 +205,12 @@ HALF_EXPECT = {  # path -> (param, compute, output, accum, recipe) with "h" = th
 @pytest.mark.parametrize("path", sorted(HALF_EXPECT))
 def test_half_presets(name, half, path):
     expected = tuple(half if v == "h" else v for v in HALF_EXPECT[path])
-    assert _summary(P.preset(name).resolve(path)) == expected
+    assert _summary(P.preset(name).resolve(path, role_of(path))) == expected
 
 
 @pytest.mark.parametrize("path", DENSE + MOE)
 def test_fp32_preset(path):
-    assert _summary(P.preset("fp32").resolve(path)) == ("float32",) * 4 + (None,)
+    assert _summary(P.preset("fp32").resolve(path, role_of(path))) == ("float32",) * 4 + (None,)
 
 
 FP8_EXPECT = {  # path -> (compute, output, has recipe); params f32 and accum f32 everywhere
@@ -240,7 +241,7 @@ def test_fp8_presets(name, recipe_type):
     policy = P.preset(name)
     assert set(FP8_EXPECT) == set(DENSE + MOE)
     for path, (compute, output, has_recipe) in FP8_EXPECT.items():
-        p = policy.resolve(path)
+        p = policy.resolve(path, role_of(path))
         assert (str(p.param_dtype), str(p.accum_dtype)) == ("float32", "float32"), path
         assert (str(p.compute_dtype), str(p.output_dtype)) == (compute, output), path
         assert isinstance(p.recipe, recipe_type) if has_recipe else p.recipe is None, path
@@ -248,7 +249,7 @@ def test_fp8_presets(name, recipe_type):
 
 def test_fp8_with_custom_recipe_and_unknown_preset():
     r = recipes.DeepSeekV3(scale_format="ue8m0")
-    assert P.fp8(r).resolve("layers_0/mlp/up").recipe == r
+    assert P.fp8(r).resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")).recipe == r
     with pytest.raises(ValueError, match="known presets: fp32, bf16"):
         P.preset("int4")
 
@@ -260,9 +261,9 @@ def test_presets_hashable_and_jit_static(name):
 
     @jax.jit
     def f(x):
-        return x.astype(policy.resolve("layers_0/mlp/up").compute_dtype)
+        return x.astype(policy.resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")).compute_dtype)
 
-    assert f(jnp.ones(2)).dtype == policy.resolve("layers_0/mlp/up").compute_dtype
+    assert f(jnp.ones(2)).dtype == policy.resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")).compute_dtype
     traced = jax.jit(lambda x, p: x.astype(p.default.compute_dtype), static_argnums=1)
     assert traced(jnp.ones(2), policy).dtype == policy.default.compute_dtype
 
@@ -292,38 +293,39 @@ def test_module_paths_from_params_and_variables():
 
 def test_explain_table():
     policy = P.preset("fp8")
-    text = policy.explain(_params(), extra_paths=["layers_0/attn/qk"])
+    text = policy.explain(_params(), extra_paths=["layers_0/attn/qk"], roles=role_of)
     lines = text.splitlines()
     header = lines[1]
-    assert header.split() == ["path", "param", "compute", "output", "accum", "recipe", "rule"]
+    assert header.split() == ["path", "role", "param", "compute", "output", "accum", "recipe", "rule"]
     rows = {line.split()[0]: line for line in lines[2:] if not line.startswith("rule ")}
     assert set(rows) == set(P.module_paths(_params())) | {"layers_0/attn/qk"}
-    columns = [header.index(h) for h in ("param", "compute", "recipe", "rule")]
+    columns = [header.index(h) for h in ("role", "param", "compute", "recipe", "rule")]
     for line in rows.values():  # aligned: every column starts at the header's offset
         assert all(line[c - 1] == " " and line[c] != " " for c in columns), line
-    assert "deepseek_v3" in rows["layers_0/mlp/up"] and "'mlp/*'" in rows["layers_0/mlp/up"]
-    assert rows["final_norm"].split()[1:5] == ["f32", "f32", "f32", "f32"]
+    assert "deepseek_v3" in rows["layers_0/mlp/up"] and "'*' (role linear)" in rows["layers_0/mlp/up"]
+    assert rows["final_norm"].split()[1:6] == ["norm", "f32", "f32", "f32", "f32"]
     unmatched = [line for line in lines if line.startswith("rule ")]
-    expected = {policy.rules.index(r) for r in policy.unmatched_rules(list(rows))}
+    expected = {policy.rules.index(r) for r in policy.unmatched_rules(list(rows), roles=role_of)}
     assert {int(line.split()[1]) for line in unmatched} == expected
-    assert any("'attn/pv' matches no layer" in line for line in unmatched)
-    assert not any("'attn/qk'" in line for line in unmatched)
+    assert unmatched == [f"rule {policy.rules.index(r)} '*' (role router) matches no layer"
+                         for r in policy.rules if r.role == "router"]  # a dense model has no router
+    without_roles = policy.explain(_params())  # paths without roles: only role-free rules match
+    assert sum(line.endswith("matches no layer") for line in without_roles.splitlines()) == len(policy.rules)
 
 
 def test_unmatched_rules():
     policy = P.preset("fp8")
-    unmatched = policy.unmatched_rules(DENSE)
-    assert [r.pattern for r in unmatched] == ["attn/q_a_proj", "attn/q_b_proj", "attn/kv_a_proj", "attn/kv_b_proj",
-                                              "moe/experts/*", "moe/shared/*", "moe/router"]
-    assert policy.unmatched_rules(DENSE + MOE + MLA) == []
-    assert all(policy.resolve(p).recipe is not None for p in MLA)  # FP8, as DeepSeek-V3 trains them
+    unmatched = policy.unmatched_rules(DENSE, roles=role_of)
+    assert [(r.pattern, r.role) for r in unmatched] == [("*", "router")]
+    assert policy.unmatched_rules(DENSE + MOE + MLA, roles=role_of) == []
+    assert all(policy.resolve(p, role_of(p)).recipe is not None for p in MLA)  # FP8, as DeepSeek-V3 trains them
     assert P.Policy(rules=[P.Rule("nothing*")]).explain(["a"]).endswith("rule 0 'nothing*' matches no layer")
 
 
 def test_explain_default_row():
     text = P.Policy(name="empty").explain(["x"])
     assert text.splitlines()[0] == "policy 'empty': 1 paths, 0 rules"
-    assert text.splitlines()[2].split() == ["x", "f32", "f32", "f32", "f32", "-", "default"]
+    assert text.splitlines()[2].split() == ["x", "-", "f32", "f32", "f32", "f32", "-", "default"]
 
 
 # --------------------------------------------------------------------------- YAML
@@ -344,10 +346,10 @@ def test_every_policy_file_loads_and_round_trips(path):
 def test_ffn_only_example():
     policy = P.load(os.path.join(POLICY_DIR, "fp8_ffn_only.yaml"))
     for path in ["layers_0/mlp/gate", "layers_1/moe/experts/down"]:
-        assert policy.resolve(path).recipe == recipes.DeepSeekV3(scale_format="ue8m0")
+        assert policy.resolve(path, role_of(path)).recipe == recipes.DeepSeekV3(scale_format="ue8m0")
     for path in ["layers_0/attn/v_proj", "layers_0/attn/q_proj", "embed", "layers_1/moe/router"]:
-        assert policy.resolve(path).recipe is None
-    assert policy.resolve("final_norm").compute_dtype == F32
+        assert policy.resolve(path, role_of(path)).recipe is None
+    assert policy.resolve("final_norm", role_of("final_norm")).compute_dtype == F32
 
 
 @pytest.mark.parametrize("name", sorted(P.PRESETS))
@@ -361,7 +363,7 @@ def test_from_dict_recipe_forms_and_partial_default():
                    {"match": "b", "recipe": None}, {"match": "c", "recipe": "none"}, {"match": "d"}]}
     policy = P.from_dict(d)
     assert policy.default == P.Precision(compute_dtype="bf16")  # other fields: Precision() defaults
-    assert policy.resolve("a").recipe == recipes.DelayedScaling(history=4, margin=1.0)
+    assert policy.resolve("a", role_of("a")).recipe == recipes.DelayedScaling(history=4, margin=1.0)
     assert policy.rules[1].recipe is None and policy.rules[2].recipe is None
     assert policy.rules[3].recipe is P.INHERIT
     assert P.from_dict({"default": "p=f32,c=bf16,r=current"}).default.recipe == recipes.CurrentScaling()
@@ -372,15 +374,15 @@ def test_from_dict_base_merges_rules_after():
     policy = P.from_dict({"base": "bf16", "default": {"recipe": "current"},
                           "rules": [{"match": "lm_head", "output": "bf16"}]})
     assert policy.name == "bf16" and policy.rules[1:] == P.preset("bf16").rules
-    assert policy.resolve("lm_head").output_dtype == BF16
-    assert policy.resolve("layers_0/mlp/up").recipe == recipes.CurrentScaling()
-    assert policy.resolve("final_norm").recipe is None  # base rules keep norms out of FP8
+    assert policy.resolve("lm_head", role_of("lm_head")).output_dtype == BF16
+    assert policy.resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")).recipe == recipes.CurrentScaling()
+    assert policy.resolve("final_norm", role_of("final_norm")).recipe is None  # base rules keep norms out of FP8
 
 
 @pytest.mark.parametrize("d, fragments", [
     ({"nme": "x"}, ["<dict>", "unknown key 'nme'", "allowed: name, base, default, rules"]),
     ({"rules": [{"match": "a"}, {"match": "b", "comptue": "f32"}]},
-     ["rules[1]", "unknown key 'comptue'", "allowed: match, param, compute, output, accum, recipe"]),
+     ["rules[1]", "unknown key 'comptue'", "allowed: match, role, param, compute, output, accum, recipe"]),
     ({"default": {"param": "f32", "accumulate": "f32"}}, ["default", "unknown key 'accumulate'", "accum"]),
     ({"rules": [{"match": "a", "compute": "fp12"}]}, ["rules[0]", "'fp12'", "bf16"]),
     ({"rules": [{"match": "a", "param": "e4m3"}]}, ["rules[0]", "recipe"]),
@@ -423,7 +425,7 @@ def test_load_base_file_relative_and_cycle(tmp_path):
     (tmp_path / "child.yaml").write_text("name: child\nbase: parent.yaml\nrules:\n  - match: embed\n    output: bf16\n")
     child = P.load(tmp_path / "child.yaml")
     assert child.name == "child" and child.rules[2:] == P.preset("fp8").rules
-    assert child.resolve("embed").output_dtype == BF16 and child.resolve("lm_head").output_dtype == BF16
+    assert child.resolve("embed", role_of("embed")).output_dtype == BF16 and child.resolve("lm_head", role_of("lm_head")).output_dtype == BF16
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ValueError, match="cycle"):
@@ -445,9 +447,9 @@ def test_a_recipe_mapping_sets_its_fields_rejects_unknown_ones_and_round_trips()
         {"match": "mlp/*", "recipe": {"name": "deepseek_v3", "scale_format": "ue8m0", "fp8_residuals": False}},
         {"match": "attn/*", "recipe": {"name": "current", "margin": 1.0}}]}
     policy = P.from_dict(spec)
-    assert policy.resolve("layers_0/mlp/up").recipe == recipes.DeepSeekV3(scale_format="ue8m0",
+    assert policy.resolve("layers_0/mlp/up", role_of("layers_0/mlp/up")).recipe == recipes.DeepSeekV3(scale_format="ue8m0",
                                                                           fp8_residuals=False)
-    assert policy.resolve("layers_0/attn/q_proj").recipe == recipes.CurrentScaling(margin=1.0)
+    assert policy.resolve("layers_0/attn/q_proj", role_of("layers_0/attn/q_proj")).recipe == recipes.CurrentScaling(margin=1.0)
     assert P.from_dict(P.to_dict(policy)) == policy
     spec["rules"][0]["recipe"]["scale"] = "ue8m0"
     with pytest.raises(ValueError, match=r"rules\[0\]: recipe deepseek_v3: unknown key 'scale'; allowed: name, block, "
@@ -489,7 +491,7 @@ def _measure(sens, factor, calls=None):
     def measure(policy):
         if calls is not None:
             calls.append(policy)
-        lowered = np.array([policy.resolve(p).recipe is not None for p in sens.paths])
+        lowered = np.array([policy.resolve(p, role_of(p)).recipe is not None for p in sens.paths])
         return float((sens.estimate[:, 0] * factor)[lowered].sum())
     return measure
 
@@ -559,3 +561,35 @@ def test_measurements_are_bounded_and_edge_budgets_measure_little():
     assert len(calls) == 1 and every.fp8_weight_fraction == 1.0 and every.rounds[0].step == "all"
     with pytest.raises(ValueError, match="max_measurements must be an integer >= 1; got 0"):
         P.search(sens, BUDGET, measure=lambda policy: 0.0, max_measurements=0)
+
+
+# --------------------------------------------------------------------------- roles
+
+
+def test_a_role_rule_matches_only_layers_of_its_role():
+    rule = P.Rule("*", role="norm", compute_dtype=F32)
+    assert rule.matches("anything/ln_1", "norm") and not rule.matches("anything/ln_1", "linear")
+    assert not rule.matches("anything/ln_1")  # a path without a role: role-free rules only
+    policy = P.preset("fp8")
+    assert policy.resolve("my_block/ffn/w1", "linear").recipe == recipes.DeepSeekV3()
+    assert policy.resolve("my_block/ffn/w1").recipe is None  # no role given: the bf16 default
+    assert policy.resolve("my_block/scores", "attention").compute_dtype == BF16
+
+
+@pytest.mark.parametrize("make", [lambda: P.Rule("*", role="ffn"), lambda: P.preset("fp8").resolve("x", "ffn"),
+                                  lambda: P.from_dict({"rules": [{"role": "ffn"}]})])
+def test_an_unknown_role_names_the_roles(make):
+    with pytest.raises(ValueError, match=r"must be one of linear, attention, norm, router, embed, head; got 'ffn'"):
+        make()
+
+
+def test_role_rules_in_yaml_round_trip():
+    policy = P.from_dict({"name": "r", "rules": [{"role": "norm", "compute": "f32"},
+                                                {"match": "mlp/*", "role": "linear", "recipe": "current"}]})
+    assert policy.rules[0] == P.Rule("*", role="norm", compute_dtype=F32)
+    assert policy.resolve("layers_0/mlp/up", "linear").recipe == recipes.CurrentScaling()
+    assert policy.resolve("layers_0/attn/q_proj", "linear").recipe is None
+    assert P.from_dict(P.to_dict(policy)) == policy
+    with pytest.raises(ValueError, match=r"rules\[0\]: rule needs a 'match' pattern or a 'role'"):
+        P.from_dict({"rules": [{"compute": "f32"}]})
+

@@ -12,6 +12,7 @@ import mpx
 from models import cache as cache_lib
 from models import config as config_lib
 from models import transformer
+from models.precision import role_of
 
 TINY = config_lib.preset("tiny")
 SEQ = 32
@@ -63,8 +64,8 @@ def test_low_precision_logits_and_grads_match_fp32(policy, min_logit_cos, min_gr
 
 def test_moe_router_is_f32_and_experts_fp8_under_fp8_preset():
     policy = mpx.policy.preset("fp8")
-    router = policy.resolve("layers_0/moe/router")
-    expert = policy.resolve("layers_0/moe/experts/up")
+    router = policy.resolve("layers_0/moe/router", role_of("layers_0/moe/router"))
+    expert = policy.resolve("layers_0/moe/experts/up", role_of("layers_0/moe/experts/up"))
     assert router.recipe is None and router.compute_dtype == jnp.float32
     assert isinstance(expert.recipe, mpx.recipes.DeepSeekV3)
     cfg = config_lib.preset("tiny_moe")

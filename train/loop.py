@@ -32,6 +32,7 @@ import numpy as np
 
 import mpx
 from models import moe, transformer
+from models import precision as roles
 from mpx import optim
 from models import sharding
 from store import checkpoint as ckpt
@@ -303,8 +304,9 @@ def train(cfg: config_lib.TrainConfig, *, resume_run: bool = False, quiet: bool 
     quiet = quiet or not main
     if resume_run:
         state, data_state = resume(run, state, skip_incomplete, say=print if not quiet else lambda _: None)
+    ffn = roles.resolve(run.policy, roles.ffn_probe(0, False))
     report = optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
-                                 compute_dtype_bytes=optim.compute_copy_bytes(run.policy.resolve("layers_0/mlp/up")))
+                                 compute_dtype_bytes=optim.compute_copy_bytes(ffn))
     run_dir = Path(cfg.run_dir or "runs/default")
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:

@@ -4,7 +4,9 @@ A `Policy` is an ordered tuple of `Rule`s and a default `Precision`. `resolve(pa
 returns the default with the fields of the first matching rule laid over it; rules set
 only the fields they name and inherit the rest from the default.
 
-Paths are module paths joined with "/" ("layers_3/attn/v_proj", "embed"). Patterns:
+Paths are module paths joined with "/" ("layers_3/attn/v_proj", "embed"); a rule may
+also name a role (`ROLES`: linear, attention, norm, router, embed, head), which every
+`mpx.nn` layer declares, and then matches only layers of that role. Patterns:
 
 * "re:REGEX": `re.fullmatch(REGEX, path)` against the full path (no suffix rule;
   write "re:(.*/)?v_proj" for "v_proj anywhere").
@@ -26,7 +28,7 @@ policy from a sensitivity analysis under a perplexity budget).
 Example:
     >>> import mpx.policy as P
     >>> p = P.preset("fp8")
-    >>> p.resolve("layers_0/mlp/up").recipe.name, str(p.resolve("final_norm").compute_dtype)
+    >>> p.resolve("layers_0/mlp/up", "linear").recipe.name, str(p.resolve("final_norm", "norm").compute_dtype)
     ('deepseek_v3', 'float32')
 """
 
@@ -54,7 +56,7 @@ from mpx.policy.presets import (
     fp32,
     preset,
 )
-from mpx.policy.rules import Policy, Rule, match_path, module_paths
+from mpx.policy.rules import ROLES, Policy, Rule, check_role, match_path, module_paths
 from mpx.policy.auto import (  # noqa: E402  (after Policy: it builds policies)
     OBJECTIVES,
     SearchResult,
@@ -63,7 +65,8 @@ from mpx.policy.auto import (  # noqa: E402  (after Policy: it builds policies)
 )
 
 __all__ = [
-    "BF16", "F16", "F32", "INHERIT", "OBJECTIVES", "PRESETS", "PRESET_NAMES", "Policy", "Precision", "Rule",
+    "BF16", "F16", "F32", "INHERIT", "OBJECTIVES", "PRESETS", "PRESET_NAMES", "Policy", "Precision", "ROLES", "Rule",
+    "check_role",
     "SearchResult", "bf16", "get", "search", "search_candidates",
     "dtype_name", "fp16", "fp32", "fp8", "fp8_current", "fp8_delayed", "from_dict", "load", "match_path",
     "module_paths", "parse_dtype", "preset", "recipe_label", "to_dict",

@@ -163,8 +163,8 @@ def budget_nats(budget_pct: float) -> float:
     return math.log1p(budget_pct / 100)
 
 
-def _base_bytes(base: Policy, path: str, elements: int) -> float:
-    precision = base.resolve(path)
+def _base_bytes(base: Policy, path: str, role: str, elements: int) -> float:
+    precision = base.resolve(path, role)
     return elements * (1 if precision.recipe is not None else jnp.dtype(precision.compute_dtype).itemsize)
 
 
@@ -173,7 +173,7 @@ def _tables(sens, base: Policy, objective: str, names: Sequence[str]):
     cols = [sens.column(n) for n in names]
     cands = [sens.candidates[c] for c in cols]
     elements = np.array([layer.weight_elements for layer in sens.layers], float)
-    nbytes = np.array([[_base_bytes(base, layer.path, layer.weight_elements)] +
+    nbytes = np.array([[_base_bytes(base, layer.path, layer.role, layer.weight_elements)] +
                        [c.weight_bytes(layer.weight_shape) for c in cands] for layer in sens.layers])
     pred = np.maximum(sens.estimate[:, cols], sens.second_order[:, cols])
     pred = np.concatenate([np.zeros((len(elements), 1)), pred], axis=1)
@@ -314,7 +314,8 @@ class _Context:
         elements = np.array([layer.weight_elements for layer in self.sens.layers], float)
         eight = np.array([c > 0 and self.sens.candidates[self.sens.column(self.names[c - 1])].bits == 8
                           for c in choice])
-        base_eight = np.array([self.base.resolve(layer.path).recipe is not None for layer in self.sens.layers])
+        base_eight = np.array([self.base.resolve(layer.path, layer.role).recipe is not None
+                               for layer in self.sens.layers])
         return float(elements[np.where(choice > 0, eight, base_eight)].sum() / elements.sum())
 
     def round(self, choice, moves: int, measured, seconds: float, step: str) -> Round:

@@ -18,7 +18,7 @@ __all__ = ["from_dict", "load", "get", "to_dict"]
 _TOP_KEYS = ("name", "base", "default", "rules")
 _YAML_FIELDS = {"param": "param_dtype", "compute": "compute_dtype", "output": "output_dtype",
                 "accum": "accum_dtype", "recipe": "recipe"}
-_RULE_KEYS = ("match",) + tuple(_YAML_FIELDS)
+_RULE_KEYS = ("match", "role") + tuple(_YAML_FIELDS)
 
 
 def _check_keys(d: Any, allowed: Iterable[str], where: str, hint=lambda key: "") -> None:
@@ -83,9 +83,9 @@ def _default_from_yaml(spec: Any, base: Precision, where: str) -> Precision:
 
 def _rule_from_yaml(spec: Any, where: str) -> Rule:
     _check_keys(spec, _RULE_KEYS, where)
-    if "match" not in spec:
-        raise ValueError(f"{where}: rule needs a 'match' pattern; keys: {', '.join(_RULE_KEYS)}")
-    return _wrap(Rule, where, spec["match"], **_fields_from_yaml(spec, where))
+    if "match" not in spec and "role" not in spec:
+        raise ValueError(f"{where}: rule needs a 'match' pattern or a 'role'; keys: {', '.join(_RULE_KEYS)}")
+    return _wrap(Rule, where, spec.get("match", "*"), role=spec.get("role"), **_fields_from_yaml(spec, where))
 
 
 def _base_policy(base: Any, source: str, seen: frozenset[str]) -> Policy | None:
@@ -105,8 +105,9 @@ def from_dict(d: Mapping, *, source: str = "<dict>", _seen: frozenset[str] = fro
     Keys: name, base (a preset name or a .yaml path relative to `source`; its rules come
     after this dict's rules and its default is the starting default), default (a mapping
     of param/compute/output/accum/recipe, or a "p=..,c=.." string), rules (a list of
-    mappings with `match` and any of param/compute/output/accum/recipe). A recipe is a
-    name, none, or {name: deepseek_v3, block: 128, ...}.
+    mappings with `match` and/or `role` (`mpx.policy.ROLES`; `match` defaults to "*"
+    then) and any of param/compute/output/accum/recipe). A recipe is a name, none, or
+    {name: deepseek_v3, block: 128, ...}.
 
     Args:
       d: the mapping.
@@ -179,7 +180,8 @@ def to_dict(policy: Policy) -> dict[str, Any]:
     return {
         "name": policy.name,
         "default": _fields_to_yaml({f: getattr(policy.default, f) for f in FIELDS}),
-        "rules": [{"match": r.pattern, **_fields_to_yaml(r.overrides())} for r in policy.rules],
+        "rules": [{"match": r.pattern, **({} if r.role is None else {"role": r.role}), **_fields_to_yaml(r.overrides())}
+                  for r in policy.rules],
     }
 
 

@@ -1,11 +1,14 @@
 """Preset policies: fp32, bf16, fp16 and the FP8 ones, after DeepSeek-V3's precision map.
 
-| op | fp8 presets |
+Presets name layer roles (`mpx.policy.ROLES`, declared by every `mpx.nn` layer), never a
+model's module paths, so they apply to any model built from `mpx.nn`:
+
+| role | fp8 presets |
 |---|---|
-| Q/K/V/O projections (and MLA's q/kv latent projections), FFN, MoE routed and shared experts | the FP8 recipe (bf16 outputs, f32 accumulation) |
-| QK^T, PV (attention) | bf16 |
-| token embedding, LM head | bf16 weights and inputs, f32 logits |
-| norms, MoE router | f32 |
+| linear: projections (Q/K/V/O, latent), FFN, MoE routed and shared experts | the FP8 recipe (bf16 outputs, f32 accumulation) |
+| attention: QK^T, PV | bf16 |
+| embed, head: token embedding, LM head | bf16 weights and inputs, f32 logits |
+| norm, router | f32 |
 """
 
 from __future__ import annotations
@@ -27,30 +30,19 @@ F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 def _half_rules() -> tuple[Rule, ...]:
     """What stays in f32 in every low-precision preset (and never gets an FP8 recipe)."""
     return (
-        Rule("*norm*", compute_dtype=F32, output_dtype=F32, recipe=None),
-        Rule("moe/router", param_dtype=F32, compute_dtype=F32, output_dtype=F32, accum_dtype=F32, recipe=None),
+        Rule("*", role="norm", compute_dtype=F32, output_dtype=F32, recipe=None),
+        Rule("*", role="router", param_dtype=F32, compute_dtype=F32, output_dtype=F32, accum_dtype=F32, recipe=None),
         # The embedding output feeds the f32 residual stream; attend() gives f32 logits.
-        Rule("embed", output_dtype=F32, recipe=None),
-        Rule("lm_head", output_dtype=F32, recipe=None),
+        Rule("*", role="embed", output_dtype=F32, recipe=None),
+        Rule("*", role="head", output_dtype=F32, recipe=None),
     )
 
 
 def _fp8_rules(recipe: recipes_lib.Recipe) -> tuple[Rule, ...]:
-    """The map above: FP8 for Q/K/V/O projections, FFN and experts; QK^T and PV in bf16."""
+    """The map above: FP8 for every linear layer (projections, FFN, experts); QK^T and PV in bf16."""
     return (
-        Rule("attn/qk", compute_dtype=BF16, recipe=None),
-        Rule("attn/pv", compute_dtype=BF16, recipe=None),
-        Rule("attn/q_proj", recipe=recipe),
-        Rule("attn/k_proj", recipe=recipe),
-        Rule("attn/v_proj", recipe=recipe),
-        Rule("attn/o_proj", recipe=recipe),
-        Rule("attn/q_a_proj", recipe=recipe),  # multi-head latent attention (DeepSeek-V3)
-        Rule("attn/q_b_proj", recipe=recipe),
-        Rule("attn/kv_a_proj", recipe=recipe),
-        Rule("attn/kv_b_proj", recipe=recipe),
-        Rule("mlp/*", recipe=recipe),
-        Rule("moe/experts/*", recipe=recipe),
-        Rule("moe/shared/*", recipe=recipe),
+        Rule("*", role="attention", compute_dtype=BF16, recipe=None),
+        Rule("*", role="linear", recipe=recipe),
     )
 
 

@@ -1,4 +1,19 @@
-"""Rules and policies: module-path patterns mapped to precision fields; the first match wins."""
+"""Rules and policies: module-path patterns (and layer roles) mapped to precision fields;
+the first match wins.
+
+Every `mpx.nn` layer declares a role, the part it plays in a model's precision map, so
+that a policy can say "every projection in FP8" without knowing the model's module
+paths. `ROLES`:
+
+| role      | layers                                                         |
+|-----------|----------------------------------------------------------------|
+| linear    | projections and FFNs (Dense, DenseGeneral, SwiGLUDense, experts) |
+| attention | the attention products QK^T and PV                             |
+| norm      | RMSNorm, LayerNorm                                             |
+| router    | MoE gating                                                     |
+| embed     | token embeddings (and a tied LM head, which is the embedding)  |
+| head      | an untied LM head                                              |
+"""
 
 from __future__ import annotations
 
@@ -12,7 +27,15 @@ from mpx import recipes as recipes_lib
 from mpx.policy.precision import (DTYPE_FIELDS, FIELDS, INHERIT, Precision, parse_recipe, dtype_name,
                                   parse_dtype, recipe_label)
 
-__all__ = ["match_path", "Rule", "Policy", "module_paths"]
+__all__ = ["ROLES", "check_role", "match_path", "Rule", "Policy", "module_paths"]
+
+ROLES = ("linear", "attention", "norm", "router", "embed", "head")
+
+
+def check_role(role: str | None, what: str = "role") -> None:
+    """Raises ValueError unless role is None or one of `ROLES`."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"{what} must be one of {', '.join(ROLES)}; got {role!r}")
 
 
 def match_path(pattern: str, path: str) -> bool:
@@ -38,6 +61,8 @@ class Rule:
     Attributes:
       pattern: glob, "/glob" (anchored) or "re:regex" (see the module docstring).
       param_dtype, compute_dtype, output_dtype, accum_dtype, recipe: as in `Precision`.
+      role: if set, the rule matches only layers of that role (one of `ROLES`), and
+        only where the caller says which role a path has.
     """
 
     pattern: str
@@ -46,6 +71,7 @@ class Rule:
     output_dtype: Any = INHERIT
     accum_dtype: Any = INHERIT
     recipe: Any = INHERIT
+    role: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str) or self.pattern in ("", "re:", "/"):
@@ -60,10 +86,16 @@ class Rule:
                 object.__setattr__(self, field, parse_dtype(getattr(self, field), what=field))
         if self.recipe is not INHERIT:
             object.__setattr__(self, "recipe", parse_recipe(self.recipe))
+        check_role(self.role, "Rule.role")
 
-    def matches(self, path: str | Iterable[str]) -> bool:
-        """Whether this rule's pattern matches module `path` (str or tuple of names)."""
-        return match_path(self.pattern, _join_path(path))
+    def matches(self, path: str | Iterable[str], role: str | None = None) -> bool:
+        """Whether this rule matches module `path` (str or tuple of names) of `role`."""
+        return (self.role is None or self.role == role) and match_path(self.pattern, _join_path(path))
+
+    @property
+    def label(self) -> str:
+        """The pattern, with the role when the rule has one: "'*' (role norm)"."""
+        return repr(self.pattern) + ("" if self.role is None else f" (role {self.role})")
 
     def overrides(self) -> dict[str, Any]:
         """The fields this rule sets, by `Precision` field name."""
@@ -99,14 +131,21 @@ class Policy:
         if not isinstance(self.default, Precision):
             raise TypeError(f"Policy.default must be a Precision; got {type(self.default).__name__}")
 
-    def match(self, path: str | Iterable[str]) -> int | None:
-        """Index of the first rule matching `path`, or None when the default applies."""
+    def match(self, path: str | Iterable[str], role: str | None = None) -> int | None:
+        """Index of the first rule matching `path` of `role`, or None when the default applies."""
         path = _join_path(path)
-        return next((i for i, rule in enumerate(self.rules) if rule.matches(path)), None)
+        return next((i for i, rule in enumerate(self.rules) if rule.matches(path, role)), None)
 
-    def resolve(self, path: str | Iterable[str]) -> Precision:
-        """The precision of module `path` ("layers_3/attn/v_proj" or a tuple of names)."""
-        index = self.match(path)
+    def resolve(self, path: str | Iterable[str], role: str | None = None) -> Precision:
+        """The precision of module `path` ("layers_3/attn/v_proj" or a tuple of names).
+
+        Args:
+          path: the module path.
+          role: the layer's role (one of `ROLES`; `mpx.nn` layers pass their own). Rules
+            with a role match only paths given that role; None: only role-free rules.
+        """
+        check_role(role)
+        index = self.match(path, role)
         return self.default if index is None else self.rules[index].apply(self.default)
 
     def with_rules(self, *rules: Rule, name: str | None = None) -> "Policy":
@@ -120,39 +159,48 @@ class Policy:
                       for r in self.rules)
         return Policy(rules, default, self.name)
 
-    def unmatched_rules(self, paths_or_params) -> list[Rule]:
-        """The rules that match none of the given paths (a list of paths or a params tree)."""
-        return [self.rules[i] for i in self._unmatched(module_paths(paths_or_params))]
+    def unmatched_rules(self, paths_or_params, roles: Callable[[str], str | None] | None = None) -> list[Rule]:
+        """The rules that match none of the given paths (a list of paths or a params tree),
+        each path of the role `roles(path)` gives (None: no roles)."""
+        return [self.rules[i] for i in self._unmatched(_with_roles(module_paths(paths_or_params), roles))]
 
-    def _unmatched(self, paths: list[str]) -> list[int]:
-        return [i for i, rule in enumerate(self.rules) if not any(rule.matches(p) for p in paths)]
+    def _unmatched(self, paths: list[tuple[str, str | None]]) -> list[int]:
+        return [i for i, rule in enumerate(self.rules) if not any(rule.matches(p, r) for p, r in paths)]
 
-    def explain(self, paths_or_params, extra_paths: Iterable[str] = ()) -> str:
+    def explain(self, paths_or_params, extra_paths: Iterable[str] = (),
+                roles: Callable[[str], str | None] | None = None) -> str:
         """An aligned table of the precision each path gets, and the rules matching nothing.
 
         Args:
           paths_or_params: module paths, or a (Flax) params tree whose module paths are
             the parents of its leaves ("layers_0/attn/q_proj/kernel" -> "layers_0/attn/q_proj").
           extra_paths: more paths, e.g. parameterless ops ("layers_0/attn/qk").
+          roles: the role of each path (a model's table, e.g. `models.precision.role_of`);
+            None: paths have no role, so only role-free rules match.
 
         Returns:
           The table as a string (print it). Rule indices are 0-based positions in `rules`.
         """
         paths = list(dict.fromkeys(module_paths(paths_or_params) + [_join_path(p) for p in extra_paths]))
-        header = ("path", "param", "compute", "output", "accum", "recipe", "rule")
-        rows = [header] + [self._row(p) for p in paths]
+        paths = _with_roles(paths, roles)
+        header = ("path", "role", "param", "compute", "output", "accum", "recipe", "rule")
+        rows = [header] + [self._row(p, r) for p, r in paths]
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
         lines = [f"policy {self.name!r}: {len(paths)} paths, {len(self.rules)} rules"]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines += [f"rule {i} {self.rules[i].pattern!r} matches no layer" for i in self._unmatched(paths)]
+        lines += [f"rule {i} {self.rules[i].label} matches no layer" for i in self._unmatched(paths)]
         return "\n".join(lines)
 
-    def _row(self, path: str) -> tuple[str, ...]:
-        index = self.match(path)
-        p = self.resolve(path)
-        rule = "default" if index is None else f"{index} {self.rules[index].pattern!r}"
+    def _row(self, path: str, role: str | None) -> tuple[str, ...]:
+        index = self.match(path, role)
+        p = self.resolve(path, role)
+        rule = "default" if index is None else f"{index} {self.rules[index].label}"
         dtypes = tuple(dtype_name(getattr(p, f)) for f in DTYPE_FIELDS)
-        return (path or "(root)",) + dtypes + (recipe_label(p.recipe), rule)
+        return (path or "(root)", role or "-") + dtypes + (recipe_label(p.recipe), rule)
+
+
+def _with_roles(paths: list[str], roles) -> list[tuple[str, str | None]]:
+    return [(p, None if roles is None else roles(p)) for p in paths]
 
 
 def module_paths(paths_or_params) -> list[str]:

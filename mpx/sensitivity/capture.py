@@ -45,12 +45,14 @@ class Layer:
       path: module path ("layers_0/mlp/up").
       weight_shape: canonical (G, K, N).
       out_shape, out_dtype: the shape and dtype of the layer's output (as the model sees it).
+      role: the role the layer declares (`mpx.policy.ROLES`: "linear", "router", "head").
     """
 
     path: str
     weight_shape: tuple[int, int, int]
     out_shape: tuple[int, ...]
     out_dtype: Any
+    role: str = "linear"
 
     @property
     def weight_elements(self) -> int:
@@ -102,7 +104,7 @@ def find_layers(apply_fn: ApplyFn, variables: Any, batch: Any) -> tuple[Layer, .
         if _is_linear_call(context, args):
             _, w3 = _operands(context, args)
             path = mnn.module_path(context.module)
-            found[path] = Layer(path, tuple(w3.shape), tuple(y.shape), y.dtype)
+            found[path] = Layer(path, tuple(w3.shape), tuple(y.shape), y.dtype, context.module.role)
         return y
 
     def run(v, b):

@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 import mpx
+from models import precision as roles
 from models.config import ModelConfig
 from store.hf import weights as W
 from store.hf.config import HFError, from_model_config
@@ -68,7 +69,7 @@ def export_config(config: ModelConfig) -> ModelConfig:
 def is_fp8_layer(entry: W.Entry) -> bool:
     """Whether the fp8 policy gives this kernel an FP8 recipe (the layers serving quantizes;
     for DeepSeek-V3 every linear layer but the router and head, as its release stores)."""
-    return entry.n_in is not None and mpx.policy.preset("fp8").resolve(entry.module).recipe is not None
+    return entry.n_in is not None and roles.resolve(mpx.policy.preset("fp8"), entry.module).recipe is not None
 
 
 def _float_dtype(entry: W.Entry) -> np.dtype:

@@ -1,0 +1,64 @@
+"""The reference transformer's precision table: the role of each of its module paths.
+
+`mpx.nn` layers declare their role (`mpx.policy.ROLES`) when they resolve their own
+precision. Code that walks the model's parameters or plans it by path (the memory
+planner, serving's quantization, export, the train loop's memory report) has only the
+path; this table gives the role the layer at that path declares, so both resolve alike.
+`tests/test_precision.py` checks the table against what the layers declare, for every
+architecture the transformer builds.
+
+| path (suffix)                               | role      |
+|---------------------------------------------|-----------|
+| attn/qk, attn/pv                            | attention |
+| any name containing "norm"                  | norm      |
+| moe/router                                  | router    |
+| embed                                       | embed     |
+| lm_head                                     | head      |
+| everything else (projections, FFN, experts) | linear    |
+"""
+
+from __future__ import annotations
+
+from mpx.policy import Policy, Precision, match_path
+
+__all__ = ["ROLE_PATTERNS", "role_of", "resolve", "is_fp8_layer", "ffn_probe", "is_remat"]
+
+ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("attn/qk", "attention"),
+    ("attn/pv", "attention"),
+    ("*norm*", "norm"),
+    ("moe/router", "router"),
+    ("embed", "embed"),
+    ("lm_head", "head"),
+)
+
+
+def role_of(path: str) -> str:
+    """The role of the reference transformer's layer at module `path` ("linear" if no
+    pattern of `ROLE_PATTERNS` matches)."""
+    return next((role for pattern, role in ROLE_PATTERNS if match_path(pattern, path)), "linear")
+
+
+def resolve(policy: Policy, path: str) -> Precision:
+    """The precision `policy` gives the reference transformer's layer at `path`."""
+    return policy.resolve(path, role_of(path))
+
+
+def ffn_probe(layer: int, moe: bool) -> str:
+    """The path of block `layer`'s FFN up projection (routed experts' in a MoE block)."""
+    return f"layers_{layer}/{'moe/experts/up' if moe else 'mlp/up'}"
+
+
+def is_fp8_layer(policy: Policy, layer: int, moe: bool = False) -> bool:
+    """Whether block `layer`'s FFN runs under an FP8 recipe (its activations are then
+    kept in FP8: the planner's and `remat="non_fp8"`'s question)."""
+    return resolve(policy, ffn_probe(layer, moe)).recipe is not None
+
+
+def is_remat(config, policy: Policy, layer: int) -> bool:
+    """Whether block `layer` is recomputed in the backward pass under `config.remat`:
+    "full" every block, "non_fp8" the blocks whose FFN is not FP8 (FP8 blocks keep 4x
+    smaller activations, so the seed skips their recomputation), "none" no block."""
+    if config.remat == "non_fp8":
+        return not is_fp8_layer(policy, layer, config.is_moe_layer(layer))
+    return config.remat == "full"
