@@ -43,6 +43,7 @@ import numpy as np
 import benchmarks
 from benchmarks import serve_load
 from serve import evaluate
+from serve import flags
 from serve import quantize as q
 from serve import sources
 
@@ -218,7 +219,7 @@ def table(rows: list[dict], args, docs: int) -> str:
 
 def main(argv=None) -> dict:
     parser = benchmarks.parser("lm_eval_server", __doc__)
-    parser.add_argument("--checkpoint", required=True, help="mpx run, Hugging Face directory or GGUF file")
+    flags.checkpoint(parser, required=True, skip_incomplete=False)
     parser.add_argument("--lm-eval", default="lm_eval", help="the lm_eval executable (from lm-eval's venv)")
     parser.add_argument("--variants", default="fp32,bf16,fp8", help="weight precisions, comma-separated")
     parser.add_argument("--policy", help="also a searched policy YAML (serve.sensitivity's output)")

@@ -207,17 +207,6 @@ class ModelShapes:
     linear: dict
 
 
-def _recorder(found: dict):
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, mnn.LINEAR_TYPES):
-            features = None if isinstance(module, mnn.ExpertDense) else np.atleast_1d(module.features)
-            found[mnn.module_path(module)] = None if features is None else len(features)
-        return next_fun(*args, **kwargs)
-
-    return record
-
-
 def model_shapes(config, policy, mtp: int = 0) -> ModelShapes:
     """The param and scale-state shapes of `config` under `policy`, with `mtp` MTP modules.
 
@@ -230,7 +219,7 @@ def model_shapes(config, policy, mtp: int = 0) -> ModelShapes:
 def _model_shapes(config, policy, mtp: int) -> ModelShapes:
     linear: dict = {}
     tokens = jax.ShapeDtypeStruct((1, _PROBE_TOKENS), jnp.int32)
-    with nn.intercept_methods(_recorder(linear)):
+    with nn.intercept_methods(roles.linear_recorder(linear)):
         variables = dict(jax.eval_shape(transformer.Transformer(config, policy).init, jax.random.key(0), tokens))
         if mtp:
             x = jax.ShapeDtypeStruct((1, _PROBE_TOKENS, config.d_model), jnp.float32)

@@ -19,9 +19,18 @@ architecture the transformer builds.
 
 from __future__ import annotations
 
-from mpx.policy import Policy, Precision, match_path
+from typing import Callable
 
-__all__ = ["ROLE_PATTERNS", "role_of", "resolve", "is_fp8_layer", "ffn_probe", "is_remat"]
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpx import nn as mnn
+from mpx.policy import Policy, Precision, match_path, preset
+
+__all__ = ["ROLE_PATTERNS", "role_of", "resolve", "is_fp8_layer", "ffn_probe", "is_remat", "linear_recorder",
+           "linear_layers", "fp8_layers"]
 
 ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("attn/qk", "attention"),
@@ -53,6 +62,37 @@ def is_fp8_layer(policy: Policy, layer: int, moe: bool = False) -> bool:
     """Whether block `layer`'s FFN runs under an FP8 recipe (its activations are then
     kept in FP8: the planner's and `remat="non_fp8"`'s question)."""
     return resolve(policy, ffn_probe(layer, moe)).recipe is not None
+
+
+def linear_recorder(found: dict) -> Callable:
+    """A Flax method interceptor recording every linear layer a model calls into `found`:
+    {module path: number of output-feature axes of its kernel (None: an (E, K, F) expert
+    kernel)}."""
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, mnn.LINEAR_TYPES):
+            found[mnn.module_path(module)] = None if isinstance(module, mnn.ExpertDense) else \
+                len(np.atleast_1d(module.features))
+        return next_fun(*args, **kwargs)
+
+    return record
+
+
+def linear_layers(config) -> dict[str, int | None]:
+    """The reference transformer's linear layers under `config` (see `linear_recorder`)."""
+    from models import transformer  # late: the transformer imports this module
+
+    found: dict[str, int | None] = {}
+    with nn.intercept_methods(linear_recorder(found)):
+        jax.eval_shape(transformer.Transformer(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    return found
+
+
+def fp8_layers(config, policy: Policy | None = None) -> dict[str, int | None]:
+    """The linear layers `policy` (default the fp8 preset) gives a recipe, as `linear_layers`."""
+    policy = preset("fp8") if policy is None else policy
+    return {p: n for p, n in linear_layers(config).items() if resolve(policy, p).recipe is not None}
 
 
 def is_remat(config, policy: Policy, layer: int) -> bool:

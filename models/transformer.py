@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import flax.linen as nn

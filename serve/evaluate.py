@@ -39,6 +39,8 @@ import numpy as np
 
 import mpx
 from mpx import calibrate as calibrate_lib
+from serve import calibration
+from serve import flags
 from serve import engine as engine_lib
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
@@ -89,7 +91,7 @@ class Data:
 
 def held_out(ckpt: q.Checkpoint, batches: int, prompts: int, prompt_len: int, new_tokens: int) -> Data:
     """The checkpoint's held-out batches and `prompts` greedy prompts cut from them."""
-    stream, _ = q.token_stream(ckpt, 8)
+    stream, _ = calibration.token_stream(ckpt, 8)
     count = min(batches, stream.num_eval_batches)
     if count == 0:
         raise q.ServeError(f"checkpoint {ckpt.path} has no held-out data (data.eval_fraction is 0)")
@@ -180,7 +182,8 @@ def evaluate(ckpt: q.Checkpoint, variants: list[Variant], data: Data, calibratio
         raise ValueError("the first variant must be fp32 with a bf16/fp32 KV cache: it is the reference")
     hists = None
     if any(v.spec.activations == "static" and v.spec.precision == "fp8" for v in variants):
-        hists = q.calibrate(ckpt.config, ckpt.params, q.calibration_batches(ckpt, calibration_batches))
+        batches = calibration.calibration_batches(ckpt, calibration_batches)
+        hists = calibration.calibrate(ckpt.config, ckpt.params, batches)
     fp32_bytes = sources.fp32_bytes(ckpt)
     rows = []
     for variant in variants:
@@ -195,7 +198,7 @@ def _extra(rows: list[dict], hists) -> dict:
     extra: dict = {}
     fp8 = next((r for r in rows if r["precision"] == "fp8"), None)
     if fp8 is not None:
-        scale = q.fit_logit_scale(fp8["logits"], rows[0]["logits"])
+        scale = calibration.fit_logit_scale(fp8["logits"], rows[0]["logits"])
         kl = float(mpx.metrics.kl_divergence(fp8["logits"] * scale, rows[0]["logits"]))
         extra["logit_scale"] = {"label": fp8["label"], "scale": scale, "kl_before": fp8["kl"], "kl_after": kl}
     if hists is not None:
@@ -282,9 +285,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m serve.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="run dir, checkpoints dir or step dir")
-    p.add_argument("--skip-incomplete", action="store_true",
-                   help="if the newest step is incomplete or corrupt, load the newest intact one (printed)")
+    flags.checkpoint(p)
     p.add_argument("--out", help="output directory (default runs/<run name>/eval)")
     p.add_argument("--eval-batches", type=cli.positive_int, default=4, help="held-out batches of 8 sequences")
     p.add_argument("--calibration-batches", type=cli.positive_int, default=8,
@@ -300,8 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--windows", type=cli.positive_int, default=16, help="--data windows (default 16)")
     p.add_argument("--variants", help="comma-separated variant names (fp32, bf16, fp8, fp8-weight-only, fp8-kv, "
                    "policy, ...)")
-    p.add_argument("--policy", help="precision policy YAML evaluated as the variant 'policy'")
-    p.add_argument("--tokenizer", help="tokenizer (bytes, tokenizer.json or model dir) instead of the checkpoint's")
+    flags.policy(p, "evaluated as the variant 'policy'")
+    flags.tokenizer(p)
     p.add_argument("--json", action="store_true", help="end with one JSON object of the measured variants")
     return p.parse_args(argv)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 import mpx
 from mpx import calibrate as calibrate_lib
+from serve import calibration
 from serve import evaluate as ev
 from serve import sources
 from serve import quantize as q
@@ -117,7 +118,7 @@ def evaluate_text(ckpt: q.Checkpoint, variants: list[tuple[str, ev.Variant]], wi
     """Rows of every variant over `windows` (N, T + 1); static variants calibrate on them."""
     batches, refs, hists = _batches(windows), [], None
     if any(v.spec.precision == "fp8" and v.spec.activations == "static" for _, v in variants):
-        hists = q.calibrate(ckpt.config, ckpt.params, [b[:, :-1] for b in batches])
+        hists = calibration.calibrate(ckpt.config, ckpt.params, [b[:, :-1] for b in batches])
     rows = []
     for name, variant in variants:
         log(f"measuring {name} ({variant.label}) ...")

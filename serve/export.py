@@ -25,6 +25,7 @@ from typing import Any, Callable
 from absl import logging as absl_logging
 
 from models import precision as roles
+from serve import flags
 from serve import quantize as q
 from store import cli
 from store import hf as hf_lib
@@ -34,19 +35,19 @@ from store.hf import save as save_lib
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m serve.export", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="mpx run dir (or checkpoint/step dir) or Hugging Face dir")
+    flags.checkpoint(p, required=True, skip_incomplete=False)
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty, unless --force)")
-    p.add_argument("--precision", default="fp8", choices=save_lib.PRECISIONS, help="fp8 (block-FP8, default) or bf16")
+    flags.precision(p, save_lib.PRECISIONS, help="weights written: fp8 (block-FP8) or bf16")
     p.add_argument("--scale-format", default="float32", choices=save_lib.SCALE_FORMATS,
                    help="FP8 scales: float32 (default) or ue8m0 (powers of two)")
-    p.add_argument("--policy", help="precision policy YAML: only its FP8 layers are written block-FP8")
+    flags.policy(p, "only its FP8 layers are written block-FP8")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p.parse_args(argv)
 
 
 def _mpx_run(path: str) -> tuple:
     """(config, params, base config.json, extra files) of an mpx training run."""
-    ckpt = q.load_checkpoint(path)
+    ckpt = q.load_run(path)
     spec = ckpt.tokenizer_spec
     if spec == "bytes":
         files = {"tokenizer.json": tokenizer_lib.byte_tokenizer_json().encode()}

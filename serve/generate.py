@@ -38,8 +38,8 @@ from mpx import calibrate as calibrate_lib
 from mpx import config as config_io
 from mpx import kernels
 from mpx import target as target_lib
+from serve import flags
 from serve import engine as engine_lib
-from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
 from serve import sampling
 from serve import sources
@@ -54,21 +54,18 @@ FINISH = {"length": "--max-tokens reached", "stop": "a --stop string", "context"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m serve.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS,
-                   help=f"run dir, checkpoints dir or step dir (default {q.TRAIN_CHECKPOINTS})")
-    p.add_argument("--skip-incomplete", action="store_true",
-                   help="if the newest step is incomplete or corrupt, load the newest intact one (printed)")
+    flags.checkpoint(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
     p.add_argument("--chat", action="append", default=[], type=cli.non_empty,
                    help="a user turn through the checkpoint's chat template (repeat for turns)")
     p.add_argument("--system", type=cli.non_empty, help="system message of a --chat conversation")
-    p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
+    flags.precision(p)
     p.add_argument("--weights", choices=q.WEIGHT_SCALES, help="FP8 weight scales: block (128x128, default) or channel")
     p.add_argument("--activations", choices=q.ACTIVATIONS, help="FP8 activation scaling (default token)")
     p.add_argument("--calibration", choices=calibrate_lib.METHODS,
                    help="calibration of --activations static (default max)")
-    p.add_argument("--policy", help="precision policy YAML: which layers are FP8 and how (instead of --precision)")
-    p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
+    flags.policy(p, "which layers are FP8 and how (instead of --precision)")
+    flags.kv_cache(p)
     p.add_argument("--max-tokens", type=cli.positive_int, default=128, help="new tokens per prompt")
     p.add_argument("--temperature", type=cli.non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=cli.positive_int, help="sample among the k most likely tokens")
@@ -78,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], type=cli.non_empty, help="stop string (repeatable)")
     p.add_argument("--config", help="training config YAML whose model section the checkpoint must match")
-    p.add_argument("--tokenizer", help="tokenizer (bytes or tokenizer.json) instead of the checkpoint's")
+    flags.tokenizer(p)
     return p.parse_args(argv)
 
 

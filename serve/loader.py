@@ -1,12 +1,13 @@
-"""Loading a training checkpoint for serving: its f32 masters, model config and tokenizer.
+"""Loading an mpx training run for serving: its f32 masters, model config and tokenizer.
 
-    ckpt = load_checkpoint("runs/tiny")         # a run dir, its checkpoints/ or one step dir
+    ckpt = load_run("runs/tiny")                # a run dir, its checkpoints/ or one step dir
     ckpt.step, ckpt.config, ckpt.params         # the step loaded, the model, f32 masters
 
 The checkpoint is verified against its manifest (store/checkpoint.py) and its params
 against the shapes its model config gives. User mistakes (no checkpoint, an incomplete
 or corrupt one, a checkpoint of another model, a missing tokenizer) raise `ServeError`
-with a one-line message.
+with a one-line message. Programs load any checkpoint (a run, a Hugging Face directory,
+a GGUF file) with `serve.sources.load_checkpoint`, which calls this for a run.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Checkpoint:
       train_config: the checkpoint's training config as a dict (data, precision, ...).
       step: the training step.
       path: the checkpoint root directory.
+      serving: the `serve.quantize.ServeSpec` the params are already converted under
+        (tensor by tensor while loading), or None for float masters.
     """
 
     config: ModelConfig
@@ -51,6 +54,7 @@ class Checkpoint:
     train_config: dict
     step: int
     path: Path
+    serving: Any = None
 
     @property
     def name(self) -> str:
@@ -87,8 +91,8 @@ def _locate(path: str | Path) -> tuple[Path, int | None]:
     return path, None
 
 
-def load_checkpoint(path: str | Path, *, expect_model: ModelConfig | None = None,
-                    skip_incomplete: bool = False) -> Checkpoint:
+def load_run(path: str | Path, *, expect_model: ModelConfig | None = None,
+             skip_incomplete: bool = False) -> Checkpoint:
     """Restores a training checkpoint's params and config (verified by its manifest).
 
     Args:

@@ -1,6 +1,6 @@
 """Serving weights: load a training checkpoint and convert it under a precision.
 
-    ckpt = load_checkpoint("runs/tiny/checkpoints")       # f32 masters + model config
+    ckpt = load_run("runs/tiny/checkpoints")              # f32 masters + model config
     spec = ServeSpec("fp8")                               # or "bf16", "fp32"
     model, variables = prepare(ckpt, spec)                # quantized, ready for apply
 
@@ -18,13 +18,11 @@ Precisions (weight memory about 100 / 50 / 25 % of fp32):
   DeepSeekV3 recipe), "tensor" (online per tensor), "static" (per tensor, from
   calibration with the `calibration` method) or "none" (weight-only, bf16 activations).
 
-Calibration (`calibrate`) runs the fp32 model over calibration batches and streams the
-input of every DenseGeneral / ExpertDense layer into an `mpx.calibrate.Histogram`
-(collected with a Flax method interceptor, inside jit). `static_state` turns the
-histograms into the `fp8_state` of the StaticScaling recipe.
+Static activations are calibrated in serve/calibration.py (`prepare` calls it).
 
-Loading (`load_checkpoint`, `load_tokenizer`, `Checkpoint`, `ServeError`) lives in
-serve/loader.py and is importable from here. User mistakes (a missing or incomplete
+Loading (`load_run`, `load_tokenizer`, `Checkpoint`, `ServeError`) lives in
+serve/loader.py and is importable from here; `serve.sources.load_checkpoint` loads any
+kind of checkpoint. User mistakes (a missing or incomplete
 checkpoint, a checkpoint of another model, a missing tokenizer) raise `ServeError` with
 a one-line message.
 """
@@ -33,26 +31,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import mpx
 from models import precision as roles
 from models import transformer
 from models.config import ModelConfig
 from mpx import calibrate as calibrate_lib
-from mpx import dot as dot_lib
-from mpx import nn as mnn
 from mpx import recipes as recipes_lib
 from mpx.scaled import ScaledArray
 from mpx import config as config_lib
+from serve import calibration
 from serve.loader import (TRAIN_CHECKPOINTS, TRAIN_COMMAND, Checkpoint, ServeError,  # noqa: F401 (re-exported)
-                          key_name, check_params, load_checkpoint, load_tokenizer, missing_checkpoint_message)
-from store import data as data_lib
+                          key_name, check_params, load_run, load_tokenizer, missing_checkpoint_message)
 
 PRECISIONS = ("fp32", "bf16", "fp8")
 WEIGHT_SCALES = ("block", "channel")
@@ -137,36 +131,10 @@ def policy_spec(path: str) -> ServeSpec:
 # --------------------------------------------------------------------------- layers
 
 
-def _dense_layers(model: transformer.Transformer) -> dict[str, int | None]:
-    """{module path: number of output-feature axes of its kernel (None: ExpertDense)}."""
-    found: dict[str, int | None] = {}
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, mnn.LINEAR_TYPES):
-            features = getattr(module, "features", None)
-            n_out = None if isinstance(module, mnn.ExpertDense) else len(np.atleast_1d(features))
-            found[mnn.module_path(module)] = n_out
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    return found
-
-
-def fp8_layers(config: ModelConfig) -> dict[str, int | None]:
-    """The layers the fp8 policy gives a recipe: {path: feature axes (None: experts)}."""
-    policy = mpx.policy.preset("fp8")
-    layers = _dense_layers(transformer.Transformer(config))
-    return {p: n for p, n in layers.items() if roles.resolve(policy, p).recipe is not None}
-
-
-_fp8_paths = fp8_layers
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelForm:
-    """How one FP8 kernel is stored.
+    """How one FP8 kernel is stored for serving, and its conversion from a checkpoint tensor
+    (`quantize`, or `keeps` it as loaded); `mpx.nn` multiplies the stored `ScaledArray`.
 
     Attributes:
       n_out: feature axes of a DenseGeneral kernel (None: an ExpertDense (E, K, F) one).
@@ -181,6 +149,23 @@ class KernelForm:
     scales: str = "block"
     scale_format: str = "f32"
     edge: int = BLOCK
+
+    def quantize(self, kernel: jax.Array) -> ScaledArray:
+        """The kernel (a DenseGeneral's (in..., out...) or an expert layer's (E, K, F)) in
+        this form: a DenseGeneral kernel held in its 2-D (K, N) view."""
+        if self.n_out is None:  # ExpertDense (E, K, F)
+            view = kernel
+            block = {"block": (1, self.edge, self.edge), "channel": (1, kernel.shape[1], 1)}.get(self.scales,
+                                                                                                 kernel.shape)
+        else:
+            view = kernel.reshape(-1, math.prod(kernel.shape[kernel.ndim - self.n_out:]))
+            block = {"block": (self.edge, self.edge), "channel": (view.shape[0], 1)}.get(self.scales, view.shape)
+        return mpx.quantize(view, self.fmt, mpx.Blocks(tuple(block)), scale_format=self.scale_format)
+
+    def keeps(self, leaf: ScaledArray) -> bool:
+        """Whether a loaded block-FP8 kernel already has this form (no requantization)."""
+        return (self.scales == "block" and self.edge == BLOCK and self.scale_format == "f32"
+                and leaf.fmt == mpx.formats.get(self.fmt))
 
 
 def _form_of_recipe(path: str, n_out: int | None, recipe) -> KernelForm | None:
@@ -208,33 +193,17 @@ def fp8_forms(config: ModelConfig, spec: ServeSpec) -> dict[str, KernelForm]:
     """
     if spec.layer_policy is not None:
         forms = {p: _form_of_recipe(p, n, roles.resolve(spec.layer_policy, p).recipe)
-                 for p, n in _dense_layers(transformer.Transformer(config)).items()}
+                 for p, n in roles.linear_layers(config).items()}
         return {p: f for p, f in forms.items() if f is not None}
     if spec.precision != "fp8":
         return {}
-    return {p: KernelForm(n, spec.fmt, spec.weights) for p, n in fp8_layers(config).items()}
-
-
-def _quantize_kernel(kernel: jax.Array, form: KernelForm) -> ScaledArray:
-    if form.n_out is None:  # ExpertDense (E, K, F)
-        view = kernel
-        block = {"block": (1, form.edge, form.edge), "channel": (1, kernel.shape[1], 1)}.get(form.scales, kernel.shape)
-    else:
-        view = kernel.reshape(-1, math.prod(kernel.shape[kernel.ndim - form.n_out:]))  # DenseGeneral's (K, N)
-        block = {"block": (form.edge, form.edge), "channel": (view.shape[0], 1)}.get(form.scales, view.shape)
-    return mpx.quantize(view, form.fmt, mpx.Blocks(tuple(block)), scale_format=form.scale_format)
+    return {p: KernelForm(n, spec.fmt, spec.weights) for p, n in roles.fp8_layers(config).items()}
 
 
 def _path_of(path: tuple) -> tuple[str, str]:
     """(module path, param name) of a params-tree key path."""
     names = [key_name(k) for k in path]
     return "/".join(names[:-1]), names[-1]
-
-
-def _keeps(leaf: ScaledArray, form: KernelForm) -> bool:
-    """Whether a loaded block-FP8 kernel already has the form (no requantization)."""
-    return (form.scales == "block" and form.edge == BLOCK and form.scale_format == "f32"
-            and leaf.fmt == mpx.formats.get(form.fmt))
 
 
 def _float_dtype(module: str, spec: ServeSpec):
@@ -257,11 +226,11 @@ def convert_leaf(module: str, name: str, leaf, spec: ServeSpec, fp8: dict[str, K
     """
     form = fp8.get(module) if name == "kernel" else None
     if isinstance(leaf, ScaledArray):
-        if form is not None and _keeps(leaf, form):
+        if form is not None and form.keeps(leaf):
             return leaf
         leaf = mpx.dequantize(leaf).reshape(leaf.shape if shape is None else shape)
     if form is not None:
-        return _quantize_kernel(jnp.asarray(leaf, jnp.float32), form)
+        return form.quantize(jnp.asarray(leaf, jnp.float32))
     return jnp.asarray(leaf, _float_dtype(module, spec))
 
 
@@ -322,98 +291,6 @@ def memory_report(params) -> dict[str, int]:
     return out
 
 
-# --------------------------------------------------------------------------- calibration
-
-
-def _record_inputs(records: dict) -> Callable:
-    """A Flax interceptor that stores the input of every dense layer by module path."""
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, mnn.LINEAR_TYPES):
-            records[mnn.module_path(module)] = mnn.linear_input(module, args)
-        return next_fun(*args, **kwargs)
-
-    return record
-
-
-def _observe_step(model: transformer.Transformer) -> Callable:
-    @jax.jit
-    def step(hists, params, tokens):
-        records: dict = {}
-        with nn.intercept_methods(_record_inputs(records)):
-            model.apply({"params": params}, tokens)
-        return {p: calibrate_lib.observe(h, records[p]) for p, h in hists.items()}
-
-    return step
-
-
-def calibrate(config: ModelConfig, params, batches: Iterable, *, bins: int = calibrate_lib.DEFAULT_BINS,
-              paths: Iterable[str] | None = None) -> dict[str, calibrate_lib.Histogram]:
-    """Histograms of every dense layer's input over `batches`, from the fp32 model.
-
-    Args:
-      config: the model's shape.
-      params: f32 params.
-      batches: (B, T) int token arrays.
-      bins: histogram bins (a power of two).
-      paths: the layers to observe (default: those the fp8 policy quantizes).
-
-    Returns:
-      {module path: Histogram}.
-    """
-    model = transformer.Transformer(config, mpx.policy.preset("fp32"))
-    paths = list(_fp8_paths(config) if paths is None else paths)
-    hists = {p: calibrate_lib.init_histogram(bins) for p in paths}
-    step = _observe_step(model)
-    for tokens in batches:
-        hists = step(hists, params, jnp.asarray(tokens, jnp.int32))
-    return hists
-
-
-def static_state(hists: dict[str, calibrate_lib.Histogram], method: str, fmt: str = "e4m3", **options) -> dict:
-    """The `fp8_state` collection of the StaticScaling recipe: calibrated lhs amax per layer.
-
-    Returns:
-      A nested dict {"layers_0": {"attn": {"q_proj": {"kernel": DotState}}}, ...}.
-    """
-    recipe = recipes_lib.StaticScaling(fwd_format=fmt)
-    state: dict = {}
-    for path, hist in hists.items():
-        amax = calibrate_lib.calibrated_amax(hist, method, fmt, **options)
-        entry = dot_lib.DotState(lhs=recipes_lib.AmaxHistory(jnp.reshape(amax, (1,))), rhs=recipe.init_state())
-        node = state
-        for part in path.split("/"):
-            node = node.setdefault(part, {})
-        node["kernel"] = entry
-    return state
-
-
-def calibration_batches(ckpt_: Checkpoint, count: int, batch_size: int = 8, seq_len: int | None = None) -> list:
-    """`count` training-split batches (B, T) of the checkpoint's own data (not held out)."""
-    stream, _ = token_stream(ckpt_, batch_size, seq_len)
-    state, out = data_lib.DataState(), []
-    for _ in range(min(count, stream.steps_per_epoch)):
-        batch, state = stream.batch(state)
-        out.append(np.asarray(batch.inputs))
-    return out
-
-
-def token_stream(ckpt_: Checkpoint, batch_size: int, seq_len: int | None = None):
-    """(TokenStream, tokenizer) of the checkpoint's own data, with another batch shape.
-
-    Raises:
-      ServeError: the data or tokenizer cannot be loaded.
-    """
-    data = dict(ckpt_.train_config.get("data", {}))
-    data.update(batch_size=batch_size, seq_len=seq_len or data.get("seq_len", ckpt_.config.max_seq_len))
-    try:
-        cfg = config_lib.from_dict(data_lib.DataConfig, data, "data")
-        return data_lib.build(cfg, ckpt_.config.vocab_size)
-    except (FileNotFoundError, ImportError, ValueError) as err:
-        raise ServeError(f"data of checkpoint {ckpt_.path}: {err}") from None
-
-
 # --------------------------------------------------------------------------- putting it together
 
 
@@ -421,29 +298,18 @@ def prepare(ckpt_: Checkpoint, spec: ServeSpec, *, hists: dict | None = None,
             calibration_count: int = 8) -> tuple[transformer.Transformer, dict]:
     """The serving model and its variables for a checkpoint under `spec`.
 
-    Static activations need histograms: `hists` from `calibrate`, or `calibration_count`
+    Static activations need histograms: `hists` from `serve.calibration.calibrate`, or `calibration_count`
     batches of the checkpoint's training data are observed here.
 
     Returns:
       (model, variables) for `model.apply(variables, tokens, positions, cache)`.
     """
     model = transformer.Transformer(ckpt_.config, spec.policy())
-    variables = {"params": quantize_params(ckpt_.params, ckpt_.config, spec)}
+    converted = ckpt_.serving == spec  # converted tensor by tensor while loading: not again
+    variables = {"params": ckpt_.params if converted else quantize_params(ckpt_.params, ckpt_.config, spec)}
     if spec.layer_policy is None and spec.precision == "fp8" and spec.activations == "static":
         if hists is None:
-            hists = calibrate(ckpt_.config, ckpt_.params, calibration_batches(ckpt_, calibration_count))
-        variables["fp8_state"] = static_state(hists, spec.calibration, spec.fmt)
+            hists = calibration.calibrate(ckpt_.config, ckpt_.params,
+                                          calibration.calibration_batches(ckpt_, calibration_count))
+        variables["fp8_state"] = calibration.static_state(hists, spec.calibration, spec.fmt)
     return model, variables
-
-
-def fit_logit_scale(logits: jax.Array, reference: jax.Array, *, low: float = 0.8, high: float = 1.25,
-                    steps: int = 91) -> float:
-    """The factor a on `logits` minimizing KL(softmax(reference) || softmax(a * logits)).
-
-    Temperature scaling at the output layer: if FP8 compresses (or stretches)
-    the logits, a > 1 (< 1) restores the distribution's sharpness. A grid search over
-    [low, high], geometric.
-    """
-    grid = np.geomspace(low, high, steps).astype(np.float32)
-    kls = jax.vmap(lambda a: mpx.metrics.kl_divergence(logits * a, reference))(jnp.asarray(grid))
-    return float(grid[int(jnp.argmin(kls))])

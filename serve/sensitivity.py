@@ -47,6 +47,7 @@ from models import transformer
 from mpx import config as config_lib
 from mpx import sensitivity as sens_lib
 from mpx.policy import auto as auto_lib
+from serve import flags
 from serve import quantize as q
 from serve import sources
 from store import cli
@@ -130,7 +131,7 @@ def to_markdown(s: sens_lib.Sensitivity, result, args, ckpt: q.Checkpoint) -> st
     """The sensitivity.md report."""
     lines = [f"# Sensitivity of {ckpt.name} (step {ckpt.step})", "",
              f"{len(s.layers)} linear layers x {len(s.candidates)} formats, base loss {s.base_loss:.4f} nats "
-             f"(fp32) over {args.calibration} calibration windows of {args.seq} tokens. Cells: predicted "
+             f"(fp32) over {args.calibration_windows} calibration windows of {args.seq} tokens. Cells: predicted "
              "perplexity change in % of lowering that layer alone (exact one-layer measurement in brackets).", ""]
     lines += _search_section(s, result, args)
     header = ["layer", "params", "chosen"] + s.names
@@ -224,8 +225,7 @@ def _budget(text: str) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (a bad flag: one line naming it, exit status 2)."""
     p = cli.ArgumentParser(prog="python -m serve.sensitivity", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True,
-                   help="mpx run (dir, checkpoints dir or step dir) or Hugging Face model dir")
+    flags.checkpoint(p, required=True, skip_incomplete=False)
     p.add_argument("--data", required=True, type=cli.non_empty,
                    help="text (.txt/.jsonl file, glob or directory) to calibrate on")
     p.add_argument("--budget", type=_budget, required=True, help="perplexity change budget in percent (>= 0)")
@@ -238,8 +238,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search", default="native",
                    help="candidates the policy may use: native (bf16, E4M3, E5M2: what hardware runs as is), "
                         "all (simulated formats too) or a comma-separated list")
-    p.add_argument("--calibration", type=cli.positive_int, default=8, help="calibration windows")
-    p.add_argument("--heldout", type=cli.positive_int, default=8, help="held-out windows for the real measurement")
+    p.add_argument("--calibration-windows", type=cli.positive_int, default=8,
+                   help="windows the analysis observes (default 8)")
+    p.add_argument("--heldout-windows", type=cli.positive_int, default=8,
+                   help="held-out windows each measured policy is scored on (default 8)")
     p.add_argument("--seq", type=cli.positive_int,
                    help=f"tokens per window (at most the model's max_seq_len; default {DEFAULT_SEQ}, or "
                         "max_seq_len where that is shorter)")
@@ -277,7 +279,7 @@ def inputs(args) -> tuple[q.Checkpoint, list, list]:
     args.seq = args.seq or min(DEFAULT_SEQ, ckpt.config.max_seq_len)
     if args.seq > ckpt.config.max_seq_len:
         raise ValueError(f"--seq {args.seq} exceeds the model's max_seq_len {ckpt.config.max_seq_len}")
-    return (ckpt, *windows(ckpt, args.data, args.seq, args.calibration, args.heldout, args.rows))
+    return (ckpt, *windows(ckpt, args.data, args.seq, args.calibration_windows, args.heldout_windows, args.rows))
 
 
 def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoint, float]:

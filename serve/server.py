@@ -57,6 +57,7 @@ from starlette.exceptions import HTTPException
 from mpx import config as config_io
 from mpx import kernels
 from mpx import target as target_lib
+from serve import flags
 from serve import batching
 from serve import kv_cache as kv_cache_lib
 from serve import quantize as q
@@ -202,13 +203,11 @@ async def _respond(service: Service, params: api.Params, chat: bool):
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line (see the module docstring); a bad value exits 2 with one line."""
     p = cli.ArgumentParser(prog="python -m serve.server", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default=q.TRAIN_CHECKPOINTS, help="mpx run (dir, checkpoints dir or step dir) or Hugging Face model dir")
-    p.add_argument("--skip-incomplete", action="store_true",
-                   help="if the newest step is incomplete, load the newest complete one")
-    p.add_argument("--precision", default="fp8", choices=q.PRECISIONS, help="weights and compute (default fp8)")
+    flags.checkpoint(p)
+    flags.precision(p)
     p.add_argument("--activations", default="token", choices=q.ACTIVATIONS, help="FP8 activations (default token)")
-    p.add_argument("--policy", help="precision policy YAML: which layers are FP8 and how (instead of --precision)")
-    p.add_argument("--kv-cache", default="bf16", choices=kv_cache_lib.KINDS, help="KV cache (default bf16)")
+    flags.policy(p, "which layers are FP8 and how (instead of --precision)")
+    flags.kv_cache(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=cli.non_negative_int, default=8000, help="0 picks a free port")
     p.add_argument("--max-batch", type=cli.positive_int,
@@ -223,8 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=cli.positive_int, default=1, help="decode steps per compiled call")
     p.add_argument("--grace", type=cli.non_negative_float, default=10.0,
                    help="seconds requests in flight may run after Ctrl-C / SIGTERM before they are ended")
-    p.add_argument("--tokenizer", help="tokenizer instead of the checkpoint's: bytes, a tokenizer.json, or a "
-                   "Hugging Face model directory (its chat template and stop ids too)")
+    flags.tokenizer(p)
     return p.parse_args(argv)
 
 

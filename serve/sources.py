@@ -1,7 +1,7 @@
 """Where serving weights come from: an mpx training run or a Hugging Face model directory.
 
     model, variables, tokenizer, ckpt = load_for_serving("path/to/SmolLM2-135M", ServeSpec("fp8"))
-    ckpt = load_checkpoint("runs/tiny")                  # float32 masters, either kind
+    ckpt = load_checkpoint("runs/tiny")                  # float32 masters, any kind
 
 The kind is detected from the directory's contents (config.json, *.safetensors,
 tokenizer.json: Hugging Face; checkpoints/ or step directories: mpx), with no flag. A
@@ -58,7 +58,7 @@ def load_hf(path: str | Path, spec: q.ServeSpec | None = None, *,
     for note in model.notes:  # e.g. multi-token-prediction layers skipped on purpose
         print(f"note: {note}", file=sys.stderr)
     data = {"tokenizer": str(model.path), "seq_len": min(CALIBRATION_SEQ_LEN, config.max_seq_len)}
-    return q.Checkpoint(config, model.params, {"data": data}, 0, model.path)
+    return q.Checkpoint(config, model.params, {"data": data}, 0, model.path, serving=spec)
 
 
 def load_checkpoint(path: str | Path, spec: q.ServeSpec | None = None, *, expect_model: ModelConfig | None = None,
@@ -78,7 +78,7 @@ def load_checkpoint(path: str | Path, spec: q.ServeSpec | None = None, *, expect
     """
     if hf_lib.is_hf_dir(path):
         return load_hf(path, spec, expect_model=expect_model)
-    return q.load_checkpoint(path, expect_model=expect_model, skip_incomplete=skip_incomplete)
+    return q.load_run(path, expect_model=expect_model, skip_incomplete=skip_incomplete)
 
 
 def fp32_bytes(ckpt: q.Checkpoint) -> int:

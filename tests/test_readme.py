@@ -180,7 +180,7 @@ def _check_measurement_inputs(module: str, argv: list[str]) -> None:
         return
     args = serve_evaluate.parse_args(argv)
     if args.data is None:
-        assert quantize.load_checkpoint(args.checkpoint).step > 0
+        assert quantize.load_run(args.checkpoint).step > 0
         return
     ckpt, _, cut = evaluate_text.inputs(args.checkpoint, args.data, seq_len=args.seq_len, windows=args.windows,
                                         variants=args.variants, tokenizer=args.tokenizer, policy=args.policy)

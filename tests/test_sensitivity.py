@@ -175,7 +175,7 @@ def test_statistics_and_smoothing_on_known_tensors(sens):
 
 def test_report_and_heatmap(sens, tmp_path):
     result = mpx.policy.search(sens, 1.0)
-    args = types.SimpleNamespace(calibration=2, seq=SEQ, objective="bytes", search="native", budget=1.0,
+    args = types.SimpleNamespace(calibration_windows=2, seq=SEQ, objective="bytes", search="native", budget=1.0,
                                  smooth_alpha=0.5)
     report = cli.to_markdown(sens, result, args, types.SimpleNamespace(name="tiny", step=60))
     assert f"Spearman {sens.spearman():.3f} over 14 pairs" in report
@@ -192,7 +192,7 @@ def test_cli_writes_the_report_policy_and_json(trained, tmp_path, capsys):
     ckpt_lib.save(run, 60, {"params": variables["params"]}, meta)
     out = tmp_path / "sens"
     argv = ["--checkpoint", str(run.parent), "--data", str(ROOT / "README.md"), "--budget", "20", "--out", str(out),
-            "--candidates", "e4m3_block", "--seq", "32", "--calibration", "4", "--heldout", "4", "--exact", "3",
+            "--candidates", "e4m3_block", "--seq", "32", "--calibration-windows", "4", "--heldout-windows", "4", "--exact", "3",
             "--smooth-alpha", "0", "--json"]
     assert cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -224,7 +224,7 @@ def test_cli_runs_on_a_hugging_face_directory(tmp_path, capsys):
     directory = ROOT / "tests" / "fixtures" / "hf" / "qwen3"
     out = tmp_path / "sens"
     argv = ["--checkpoint", str(directory), "--data", str(ROOT / "README.md"), "--budget", "5", "--out", str(out),
-            "--candidates", "e4m3_block", "--seq", "32", "--calibration", "2", "--heldout", "2", "--rows", "2",
+            "--candidates", "e4m3_block", "--seq", "32", "--calibration-windows", "2", "--heldout-windows", "2", "--rows", "2",
             "--exact", "0", "--smooth-alpha", "0", "--json"]
     assert cli.main(argv) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

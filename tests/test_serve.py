@@ -15,6 +15,7 @@ import pytest
 import mpx
 from models import transformer
 from models.config import preset
+from serve import calibration
 from serve import engine as engine_lib
 from serve import evaluate
 from serve import generate
@@ -37,7 +38,7 @@ def ckpt(tmp_path_factory):
     cfg = config_lib.load(ROOT / "configs" / "tiny.yaml",
                           MICRO + [f"run_dir={run_dir}", "steps=60", "eval_every=0", "checkpoint.every=0"])
     loop.train(cfg, quiet=True)
-    return q.load_checkpoint(cfg.checkpoint_dir)
+    return q.load_run(cfg.checkpoint_dir)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def fp32(ckpt):
 
 
 def _tokens(ckpt, rows=2, length=32):
-    stream, _ = q.token_stream(ckpt, rows, length)
+    stream, _ = calibration.token_stream(ckpt, rows, length)
     return jnp.asarray(stream.eval_batch(0).inputs)
 
 
@@ -86,7 +87,7 @@ def test_fp8_serving_logits_are_close_to_fp32(ckpt, fp32, spec):
 
 def test_checkpoint_of_another_model_is_rejected(ckpt):
     with pytest.raises(q.ServeError, match="another model: d_model=64 .expected 128."):
-        q.load_checkpoint(ckpt.path, expect_model=preset("tiny"))
+        q.load_run(ckpt.path, expect_model=preset("tiny"))
     bad = dict(ckpt.params, extra={"kernel": jnp.zeros((2, 2))})
     with pytest.raises(q.ServeError, match="not in the model"):
         q.check_params(ckpt.config, bad)
@@ -370,3 +371,24 @@ def test_evaluate_policy_variant_weighs_between_bf16_and_fp8(ckpt, policy_file):
     assert sizes["fp8 (block w, token act)"] < sizes["policy mlp-block-q-tensor"] < sizes["bf16"]
     with pytest.raises(q.ServeError, match="needs --policy"):
         evaluate_text.parse_variants("policy")
+
+
+@pytest.mark.parametrize("fixture, spec", [("llama3", q.ServeSpec("fp8")), ("deepseek_v3_fp8", q.ServeSpec("fp8")),
+                                           ("qwen2", q.ServeSpec("bf16"))])
+def test_a_checkpoint_tensor_is_converted_once_on_its_way_to_serving(fixture, spec, monkeypatch):
+    """A Hugging Face checkpoint's tensors are converted to their serving form as they load;
+    `prepare` then leaves them alone, and the layers' forms are worked out once."""
+    from serve import sources
+
+    conversions, forms = [], []
+    convert_leaf, fp8_forms = q.convert_leaf, q.fp8_forms
+    monkeypatch.setattr(q, "convert_leaf", lambda module, name, *a, **k: conversions.append(f"{module}/{name}")
+                        or convert_leaf(module, name, *a, **k))
+    monkeypatch.setattr(q, "fp8_forms", lambda *a, **k: forms.append(1) or fp8_forms(*a, **k))
+    _, variables, _, ckpt = sources.load_for_serving(ROOT / "tests" / "fixtures" / "hf" / fixture, spec)
+    leaves = ["/".join(q.key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(
+        variables["params"], is_leaf=lambda x: isinstance(x, mpx.ScaledArray))[0]]
+    assert sorted(conversions) == sorted(leaves) and len(set(conversions)) == len(conversions)
+    assert len(forms) == 1 and ckpt.serving == spec
+    assert any(isinstance(x, mpx.ScaledArray) for x in jax.tree_util.tree_leaves(
+        variables, is_leaf=lambda x: isinstance(x, mpx.ScaledArray))) == (spec.precision == "fp8")

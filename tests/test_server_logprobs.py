@@ -46,7 +46,7 @@ def url(service):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """Tokens -> each token's log-probability as serve.evaluate scores text (fp32)."""
-    model, variables = q.prepare(q.load_checkpoint(str(checkpoint)), q.ServeSpec("fp32"))
+    model, variables = q.prepare(q.load_run(str(checkpoint)), q.ServeSpec("fp32"))
     return lambda ids: evaluate.token_logprobs(model, variables, np.asarray([ids]))[0]
 
 
