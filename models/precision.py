@@ -30,7 +30,7 @@ from mpx import nn as mnn
 from mpx.policy import Policy, Precision, match_path, preset
 
 __all__ = ["ROLE_PATTERNS", "role_of", "resolve", "is_fp8_layer", "ffn_probe", "is_remat", "linear_recorder",
-           "linear_layers", "fp8_layers"]
+           "linear_layers", "fp8_layers", "F32_ROLES", "serving_dtype"]
 
 ROLE_PATTERNS: tuple[tuple[str, str], ...] = (
     ("attn/qk", "attention"),
@@ -46,6 +46,17 @@ def role_of(path: str) -> str:
     """The role of the reference transformer's layer at module `path` ("linear" if no
     pattern of `ROLE_PATTERNS` matches)."""
     return next((role for pattern, role in ROLE_PATTERNS if match_path(pattern, path)), "linear")
+
+
+# Roles whose params stay float32 when the rest of a model serves in bf16: the MoE
+# router (its top-k flips easily; every preset keeps it f32 in training too).
+F32_ROLES = ("router",)
+
+
+def serving_dtype(path: str, precision: str):
+    """The dtype a non-FP8 param of the layer at `path` serves in under a serving
+    precision ("fp32", "bf16" or "fp8"): f32 for fp32 and for `F32_ROLES`, else bf16."""
+    return jnp.float32 if precision == "fp32" or role_of(path) in F32_ROLES else jnp.bfloat16
 
 
 def resolve(policy: Policy, path: str) -> Precision:

@@ -210,9 +210,7 @@ def _float_dtype(module: str, spec: ServeSpec):
     """The dtype of a non-FP8 serving param."""
     if spec.layer_policy is not None:
         return jnp.dtype(roles.resolve(spec.layer_policy, module).compute_dtype)
-    if spec.precision == "fp32" or roles.role_of(module) == "router":  # the MoE router's top-k flips easily
-        return jnp.float32
-    return jnp.bfloat16
+    return roles.serving_dtype(module, spec.precision)
 
 
 def convert_leaf(module: str, name: str, leaf, spec: ServeSpec, fp8: dict[str, KernelForm],

@@ -74,8 +74,8 @@ def is_fp8_layer(entry: W.Entry) -> bool:
 
 def _float_dtype(entry: W.Entry) -> np.dtype:
     """The dtype of a tensor not written in FP8: float32 for a MoE router (its top-k flips
-    easily; transformers keeps it float32), else bfloat16."""
-    return np.dtype(np.float32) if entry.module.endswith("moe/router") else BF16
+    easily; transformers keeps it float32), else bfloat16 (`models.precision.serving_dtype`)."""
+    return np.dtype(roles.serving_dtype(entry.module, "bf16"))
 
 
 def _is_pow2(scale) -> bool:
