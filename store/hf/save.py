@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 import mpx
@@ -49,7 +48,6 @@ from store.tokenizer import TOKENIZER_FILES, tokenizer_files  # noqa: F401 (re-e
 
 PRECISIONS = ("fp8", "bf16")
 SCALE_FORMATS = ("float32", "ue8m0")
-BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def quantization_config(scale_format: str) -> dict:
