@@ -32,6 +32,7 @@ import benchmarks
 from models import transformer
 from models.config import preset
 from serve import engine as engine_lib
+from serve import flags
 from serve import quantize as q
 from serve import sources
 from store import cli
@@ -133,7 +134,7 @@ def report(args, ckpt, engs, rates, cache) -> tuple[str, dict]:
 
 def main(argv=None) -> int:
     parser = benchmarks.parser("generate", __doc__)
-    parser.add_argument("--checkpoint", help="serve this checkpoint (mpx run or Hugging Face model dir) instead of a random tiny model")
+    parser.add_argument("--checkpoint", help=f"serve this checkpoint instead of a random tiny model: {flags.CHECKPOINT_HELP}")
     parser.add_argument("--quick", action="store_true", help="64 new tokens, 3 repeats")
     args = parser.parse_args(argv)
     args.new, args.repeats, args.prompt = (64, 3, 64) if args.quick else (256, 5, 64)

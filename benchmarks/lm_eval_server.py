@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
     flags.checkpoint(parser, required=True, skip_incomplete=False)
     parser.add_argument("--lm-eval", default="lm_eval", help="the lm_eval executable (from lm-eval's venv)")
     parser.add_argument("--variants", default="fp32,bf16,fp8", help="weight precisions, comma-separated")
-    parser.add_argument("--policy", help="also a searched policy YAML (serve.sensitivity's output)")
+    flags.policy(parser, "also this policy (serve.sensitivity's output), as the variant 'policy'")
     parser.add_argument("--docs", type=int, default=100, help="documents per task")
     parser.add_argument("--max-length", type=int, default=256, help="context the harness may fill")
     parser.add_argument("--work", default="/tmp/mpx-lm-eval", help="where the tasks and lm_eval's outputs go")
