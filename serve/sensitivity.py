@@ -100,13 +100,22 @@ def _batches(w: np.ndarray, rows: int) -> list[jax.Array]:
     return [jnp.asarray(w[i:i + rows]) for i in range(0, len(w), rows)]
 
 
-def policy_loss(config, variables, batches) -> callable:
-    """`policy -> mean next-token NLL over batches` of the model under that policy."""
+def paired_change(losses: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """(mean, standard error) of the per-window loss increase over the base: windows are
+    paired (the same tokens under both), so their spread is the measurement's error."""
+    diff = np.asarray(losses, np.float64) - np.asarray(base, np.float64)
+    se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return float(np.mean(diff)), se
 
-    def loss(policy: mpx.Policy) -> float:
+
+def policy_loss(config, variables, batches) -> callable:
+    """`policy -> each window's mean next-token NLL` (an array over the batches' windows)
+    of the model under that policy."""
+
+    def loss(policy: mpx.Policy) -> np.ndarray:
         model = transformer.Transformer(config, policy)
-        f = jax.jit(lambda v, b: sens_lib.next_token_nll(model.apply(v, b)[0], b))
-        return float(np.mean([float(f(variables, b)) for b in batches]))
+        f = jax.jit(lambda v, b: sens_lib.next_token_nll(model.apply(v, b)[0], b, per_row=True))
+        return np.concatenate([np.asarray(f(variables, b), np.float64) for b in batches])
 
     return loss
 
@@ -156,15 +165,21 @@ def _search_section(s, result, args) -> list[str]:
              f"in fp32; FP8 share of weight elements {result.fp8_weight_fraction:.1%}.", ""]
     lines += [f"Policies measured on the held-out windows: {result.measurements} (at most "
               f"{result.max_measurements}) over an order of {result.moves} moves; the chosen one is the cheapest "
-              "measured within the budget.", ""]
-    rounds = [[str(i + 1), r.step, str(r.moves), _pct(r.predicted_nats),
-               "-" if r.measured_nats is None else _pct(r.measured_nats), f"{r.fp8_weight_fraction:.1%}",
-               f"{r.seconds:.1f}"] for i, r in enumerate(result.rounds)]
+              f"measured within the budget by {args.confidence:g} standard errors (± one standard error of the "
+              "paired per-window increases).", ""]
+    rounds = [[str(i + 1), r.step, str(r.moves), _pct(r.predicted_nats), _measured_cell(r),
+               f"{r.fp8_weight_fraction:.1%}", f"{r.seconds:.1f}"] for i, r in enumerate(result.rounds)]
     lines += _table(["round", "step", "moves", "predicted %", "measured % (held-out)", "FP8 share", "seconds"],
                     rounds) + [""]
     lines += ["Rules:", "", "```yaml", yaml.safe_dump(mpx.policy.to_dict(result.policy), sort_keys=False).strip(),
               "```", ""]
     return lines
+
+
+def _measured_cell(r) -> str:
+    if r.measured_nats is None:
+        return "-"
+    return _pct(r.measured_nats) + ("" if r.measured_se_nats is None else f" ± {r.measured_se_pct:.3f}")
 
 
 def _stats_section(s) -> list[str]:
@@ -249,6 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exact", type=cli.non_negative_int, default=12,
                    help="(layer, format) pairs measured exactly to check the estimate (0: none)")
     p.add_argument("--smooth-alpha", type=_smooth_alpha, default=0.5, help="SmoothQuant alpha in [0, 1] (0: none)")
+    p.add_argument("--confidence", type=cli.non_negative_float, default=1.0,
+                   help="standard errors of the held-out measurement a policy's loss increase must stay under "
+                        "the budget by (default 1; 0 trusts the mean)")
     p.add_argument("--max-measurements", type=cli.positive_int,
                    help="most policies measured on the held-out windows (default ceil(log2(moves + 1)) + 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -299,10 +317,11 @@ def run(args) -> tuple[sens_lib.Sensitivity, mpx.policy.SearchResult, q.Checkpoi
     def measure(policy):
         rounds[0] += 1
         progress("measure", rounds[0], rounds[0])
-        return loss(policy) - base
+        return paired_change(loss(policy), base)
 
     result = mpx.policy.search(s, args.budget, args.objective, measure=measure, candidates=args.search,
-                               max_measurements=args.max_measurements, name="sensitivity")
+                               max_measurements=args.max_measurements, confidence=args.confidence,
+                               name="sensitivity")
     return s, result, ckpt, time.perf_counter() - t0
 
 

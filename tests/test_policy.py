@@ -593,3 +593,20 @@ def test_role_rules_in_yaml_round_trip():
     with pytest.raises(ValueError, match=r"rules\[0\]: rule needs a 'match' pattern or a 'role'"):
         P.from_dict({"rules": [{"compute": "f32"}]})
 
+
+
+def test_a_measurement_with_an_error_fits_only_when_its_upper_bound_does():
+    """With `(mean, se)` measurements a policy counts as within the budget only when mean +
+    confidence x se is: noisy in-budget means no longer win; confidence 0 trusts the mean."""
+    sens, target = _synthetic(), math.log1p(BUDGET / 100)
+    plain = _measure(sens, np.full(N_LAYERS, 3.0))
+    noisy = lambda policy: (plain(policy), 0.3 * target)  # noqa: E731
+    trusting = P.search(sens, BUDGET, measure=noisy, confidence=0.0)
+    careful = P.search(sens, BUDGET, measure=noisy, confidence=1.0)
+    assert trusting.measured_nats == P.search(sens, BUDGET, measure=plain).measured_nats
+    assert careful.measured_nats + 0.3 * target <= target < trusting.measured_nats + 0.3 * target
+    assert careful.fp8_weight_fraction < trusting.fp8_weight_fraction
+    assert all(r.measured_se_nats == 0.3 * target for r in careful.rounds)
+    assert careful.rounds[0].to_dict()["measured_se_pct"] == pytest.approx(30 * target)
+    with pytest.raises(ValueError, match="confidence must be a finite number >= 0"):
+        P.search(sens, BUDGET, measure=noisy, confidence=-1)

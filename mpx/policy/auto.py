@@ -27,6 +27,12 @@ batches, the real model under the policy) measured loss decides:
    fill the measured room left (predictions scaled by the measured-to-predicted ratio),
    halving the room after a fill that measures over.
 
+A measurement may come with its standard error (`measure` returning `(mean, se)`: the
+paired per-window differences of the held-out windows). A policy then counts as within
+the budget only when `mean + confidence * se` is, so a policy that fits by the luck of
+few windows is not taken: on a real model, neighbouring prefixes of the order measured
++-3% apart on 8 windows of 256 tokens, more than a 1% budget.
+
 The chosen policy is the cheapest measured one within the budget (the base when none
 is), so it never measures over when a measured policy fits, and losses that are not
 monotone in prefix length cannot push it over. At most `max_measurements` policies are
@@ -70,6 +76,7 @@ class Round:
       moves: how many moves of the order it takes (for a refinement, the prefix it extends).
       predicted_nats: its summed predicted loss increase.
       measured_nats: its measured increase (None: not measured).
+      measured_se_nats: the standard error of that measurement (None: not given).
       fp8_weight_fraction: share of linear-layer weight elements in an 8-bit format.
       weight_bytes: linear-layer weight bytes under it.
       seconds: wall seconds of its measurement (0 when not measured).
@@ -84,6 +91,7 @@ class Round:
     weight_bytes: float
     seconds: float
     step: str
+    measured_se_nats: float | None = None
 
     @property
     def predicted_ppl_change_pct(self) -> float:
@@ -93,9 +101,14 @@ class Round:
     def measured_ppl_change_pct(self) -> float | None:
         return ppl_change_pct(self.measured_nats)
 
+    @property
+    def measured_se_pct(self) -> float | None:
+        """The standard error as a perplexity change in percent (first order: 100 * se)."""
+        return None if self.measured_se_nats is None else 100 * self.measured_se_nats
+
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "moves": self.moves, "predicted_ppl_change_pct": self.predicted_ppl_change_pct,
-                "measured_ppl_change_pct": self.measured_ppl_change_pct,
+                "measured_ppl_change_pct": self.measured_ppl_change_pct, "measured_se_pct": self.measured_se_pct,
                 "fp8_weight_fraction": self.fp8_weight_fraction, "weight_bytes": self.weight_bytes,
                 "seconds": self.seconds}
 
@@ -239,8 +252,9 @@ def default_max_measurements(moves: int) -> int:
 
 
 def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | None = None,
-           measure: Callable[[Policy], float] | None = None, candidates: Sequence[str] | str | None = None,
-           max_measurements: int | None = None, name: str = "auto") -> SearchResult:
+           measure: Callable[[Policy], float | tuple[float, float]] | None = None,
+           candidates: Sequence[str] | str | None = None, max_measurements: int | None = None,
+           confidence: float = 1.0, name: str = "auto") -> SearchResult:
     """The cheapest layer-wise policy within a perplexity budget (see the module doc).
 
     Args:
@@ -250,14 +264,16 @@ def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | No
         of matmul work).
       base: the policy of unlowered layers (default the fp32 preset: the estimates are
         relative to f32 arithmetic).
-      measure: `policy -> measured loss increase (nats)` on held-out batches; measured
-        loss then decides (see the module doc).
+      measure: `policy -> measured loss increase (nats)` on held-out batches, or
+        `(increase, standard error)`; measured loss then decides (see the module doc).
       candidates: names to choose from; default (None or "native") the analysed
         candidates hardware runs as is (bf16, E4M3, E5M2: see `Candidate.native`), or
         every searchable one analysed if none of them is; "all": every searchable
         candidate analysed, simulated formats (FP9, FP6, FP4) included.
       max_measurements: most policies measured (default `default_max_measurements` of the
         order's length).
+      confidence: standard errors a measurement's mean must stay below the budget by
+        (>= 0; 0 trusts the mean; ignored where `measure` gives no error).
       name: the policy's name.
 
     Returns:
@@ -272,6 +288,9 @@ def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | No
     if max_measurements is not None and (isinstance(max_measurements, bool) or not isinstance(
             max_measurements, int) or max_measurements < 1):
         raise ValueError(f"max_measurements must be an integer >= 1; got {max_measurements!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not (
+            math.isfinite(confidence) and confidence >= 0):
+        raise ValueError(f"confidence must be a finite number >= 0 (standard errors); got {confidence!r}")
     base = base or preset("fp32")
     names = search_candidates(sensitivity.candidates, candidates)
     costs, pred, nbytes = _tables(sensitivity, base, cost, names)
@@ -285,7 +304,7 @@ def search(sensitivity, budget: float, cost: str = "bytes", *, base: Policy | No
         return ctx.result(choice, budget, [rnd], None, len(moves), cap)
     if target <= 0 or not moves:  # nothing fits a zero budget; nothing to lower
         return ctx.result(zero, budget, [], 0.0, len(moves), cap)
-    choice, measured, rounds = _measured_search(ctx, moves, target, measure, cap)
+    choice, measured, rounds = _measured_search(ctx, moves, target, measure, cap, float(confidence))
     return ctx.result(choice, budget, rounds, measured, len(moves), cap)
 
 
@@ -318,10 +337,10 @@ class _Context:
                                for layer in self.sens.layers])
         return float(elements[np.where(choice > 0, eight, base_eight)].sum() / elements.sum())
 
-    def round(self, choice, moves: int, measured, seconds: float, step: str) -> Round:
+    def round(self, choice, moves: int, measured, seconds: float, step: str, se: float | None = None) -> Round:
         rows = np.arange(len(choice))
         return Round(moves, self.predicted(choice), measured, self.fp8_fraction(choice),
-                     float(self.nbytes[rows, choice].sum()), seconds, step)
+                     float(self.nbytes[rows, choice].sum()), seconds, step, se)
 
     def result(self, choice, budget, rounds, measured, n_moves: int, cap: int) -> SearchResult:
         rows = np.arange(len(choice))
@@ -333,8 +352,9 @@ class _Context:
                             self.fp8_fraction(choice), n_moves, cap)
 
 
-def _measured_search(ctx: _Context, moves, target: float, measure, cap: int):
-    """(choice, measured nats, rounds) of the measured search (steps 1-3 of the module doc)."""
+def _measured_search(ctx: _Context, moves, target: float, measure, cap: int, confidence: float):
+    """(choice, measured nats, rounds) of the measured search (steps 1-3 of the module doc);
+    decisions compare each measurement's mean plus `confidence` standard errors."""
     n = len(moves)
     prefix = [np.zeros(len(ctx.cost), int)]
     for r, c in moves:
@@ -345,21 +365,23 @@ def _measured_search(ctx: _Context, moves, target: float, measure, cap: int):
 
     def run(choice, k: int, step: str) -> float:
         t0 = time.perf_counter()
-        value = float(measure(ctx.policy(choice)))
-        rounds.append(ctx.round(choice, k, value, time.perf_counter() - t0, step))
+        mean, se = _mean_and_error(measure(ctx.policy(choice)))
+        rounds.append(ctx.round(choice, k, mean, time.perf_counter() - t0, step, se))
+        value = mean + confidence * (se or 0.0)
         return value if math.isfinite(value) else math.inf
 
     lo, m_lo, hi, m_hi = 0, 0.0, n, run(prefix[n], n, "all")
     if m_hi <= target:
-        return prefix[n], m_hi, rounds
+        return prefix[n], rounds[-1].measured_nats, rounds
+    mean_lo = 0.0  # the base: not measured, no increase
     while hi - lo > 1 and len(rounds) < cap:
         k = _probe(predicted, lo, m_lo, hi, m_hi, target)
         m = run(prefix[k], k, "bisect")
         if m <= target:
-            lo, m_lo = k, m
+            lo, m_lo, mean_lo = k, m, rounds[-1].measured_nats
         else:
             hi, m_hi = k, m
-    best, m_best = prefix[lo], m_lo
+    best, m_best, mean_best = prefix[lo], m_lo, mean_lo
     # 3. skip the move that crossed (moves[lo]) and fill the measured room with later moves,
     # predictions scaled by what the best feasible policy measured against its prediction
     room = _room(target, m_best, ctx.predicted(best))
@@ -370,11 +392,19 @@ def _measured_search(ctx: _Context, moves, target: float, measure, cap: int):
             break
         m = run(fill, lo, "refine")
         if m <= target:
-            best, m_best = fill, m
+            best, m_best, mean_best = fill, m, rounds[-1].measured_nats
             room = _room(target, m_best, ctx.predicted(best))
         else:
             room /= 2
-    return best, m_best, rounds
+    return best, mean_best, rounds
+
+
+def _mean_and_error(value) -> tuple[float, float | None]:
+    """(mean, standard error or None) of what `measure` returned: a number or a pair."""
+    if isinstance(value, (tuple, list)):
+        mean, se = (float(v) for v in value)
+        return mean, (se if math.isfinite(se) else math.inf)
+    return float(value), None
 
 
 def _room(target: float, measured: float, predicted: float) -> float:

@@ -190,12 +190,13 @@ def assigned_loss(apply_fn: ApplyFn, loss_fn: Callable, lowerings: dict[str, Cal
     return f
 
 
-def next_token_nll(output: Any, tokens: jax.Array) -> jax.Array:
-    """Mean next-token negative log-likelihood (nats) of logits (B, T, V) for tokens (B, T).
+def next_token_nll(output: Any, tokens: jax.Array, per_row: bool = False) -> jax.Array:
+    """Mean next-token negative log-likelihood (nats) of logits (B, T, V) for tokens (B, T):
+    a scalar, or (B,) with `per_row` (each window's own mean).
 
     `output` may be a tuple whose first element is the logits (the reference model's).
     """
     logits = output[0] if isinstance(output, (tuple, list)) else output
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)
-    return -jnp.mean(picked)
+    return -jnp.mean(picked, axis=(1, 2)) if per_row else -jnp.mean(picked)
