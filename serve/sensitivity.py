@@ -3,8 +3,8 @@
     python -m serve.sensitivity --checkpoint runs/tiny --data notes.txt --budget 1 --out runs/tiny/sens
 
 1. Cuts the text of --data (tokenized with the checkpoint's tokenizer) into windows of
-   --seq tokens: the first --calibration windows calibrate, the last --heldout windows
-   (disjoint) measure.
+   --seq tokens: the first --calibration-windows windows calibrate, the last
+   --heldout-windows windows (disjoint) measure.
 2. `mpx.sensitivity.analyze`: per linear layer and candidate format, the predicted loss
    increase of lowering that layer alone (Fisher estimate, one forward and backward
    pass per batch), exact one-layer measurements on a subset (--exact pairs spread
@@ -16,16 +16,18 @@
    decided by measured loss: each measurement runs the model under a policy (through
    mpx.nn) on the held-out windows, and the search bisects the efficiency order of
    lowering moves on it (at most --max-measurements policies; default
-   ceil(log2(moves + 1)) + 4). The chosen policy is the cheapest one measured within
-   the budget.
+   ceil(log2(moves + 1)) + 4). A measurement is the mean of the held-out windows'
+   paired loss increases with its standard error; a policy counts as within the budget
+   when its mean plus --confidence standard errors is (default 1). The chosen policy is
+   the cheapest one measured within the budget.
 
 Writes sensitivity.md, sensitivity.png (layers x formats heatmap) and policy.yaml (use it
 with `train.run` as `precision: {policy_file: FILE}`). With --json the last line is one
 JSON object: policy, budget_pct, predicted_ppl_change_pct, measured_ppl_change_pct,
 fp8_weight_fraction, weight_bytes, seconds, measure_seconds, peak_rss_bytes, moves,
 measurements, max_measurements and rounds (every measured policy: step, moves,
-predicted and measured change, FP8 share, weight bytes, seconds). Changes are against
-the fp32 model.
+predicted and measured change with its standard error, FP8 share, weight bytes,
+seconds). Changes are against the fp32 model.
 """
 
 from __future__ import annotations
@@ -213,14 +215,14 @@ def plot(s: sens_lib.Sensitivity, result, path: Path) -> None:
 
     pct = 100 * np.expm1(np.maximum(s.estimate, s.second_order))
     values = np.log10(np.maximum(pct, 1e-6))
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(s.names), max(4.0, 0.16 * len(s.layers) + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.9 * len(s.names)), max(4.0, 0.16 * len(s.layers) + 1.5)))
     image = ax.imshow(values, aspect="auto", cmap="magma_r", vmin=max(values.min(), -6))
     ax.set_xticks(range(len(s.names)), s.names, rotation=45, ha="right")
     ax.set_yticks(range(len(s.layers)), s.paths, fontsize=max(3, min(8, 600 // max(len(s.layers), 1))))
     for i, p in enumerate(s.paths):
         if result.assignment[p] in s.names:
             ax.plot(s.column(result.assignment[p]), i, "o", color="cyan", markersize=4)
-    ax.set_title("predicted perplexity change per layer (log10 %); o = chosen")
+    ax.set_title("predicted perplexity change per layer\n(log10 %); o = chosen")
     fig.colorbar(image, ax=ax, label="log10(% perplexity change)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
