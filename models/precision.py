@@ -15,6 +15,11 @@ architecture the transformer builds.
 | embed                                       | embed     |
 | lm_head                                     | head      |
 | everything else (projections, FFN, experts) | linear    |
+
+Also here, so that one module answers precision questions about the reference model:
+`is_fp8_layer` and `is_remat` (is block i's FFN FP8, is block i recomputed),
+`linear_layers` and `fp8_layers` (its linear layers, and those a policy lowers), and
+`serving_dtype` (the float dtype a param serves in: the MoE router stays f32).
 """
 
 from __future__ import annotations
