@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m serve.export", description=__doc__.splitlines()[0])
     flags.checkpoint(p, required=True, skip_incomplete=False)
     p.add_argument("--out", required=True, help="directory to write (must not exist or be empty, unless --force)")
-    flags.precision(p, save_lib.PRECISIONS, help="weights written: fp8 (block-FP8) or bf16")
+    flags.precision(p, save_lib.PRECISIONS, what="weights written: fp8 (block-FP8) or bf16")
     p.add_argument("--scale-format", default="float32", choices=save_lib.SCALE_FORMATS,
                    help="FP8 scales: float32 (default) or ue8m0 (powers of two)")
     flags.policy(p, "only its FP8 layers are written block-FP8")

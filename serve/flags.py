@@ -38,9 +38,9 @@ def checkpoint(p: argparse.ArgumentParser, *, required: bool = False, default: s
 
 
 def precision(p: argparse.ArgumentParser, choices: tuple[str, ...] = q.PRECISIONS, default: str = "fp8",
-              help: str = "weights and compute") -> None:
-    """--precision."""
-    p.add_argument("--precision", default=default, choices=choices, help=f"{help} (default {default})")
+              what: str = "weights and compute") -> None:
+    """--precision; `what` says what it sets."""
+    p.add_argument("--precision", default=default, choices=choices, help=f"{what} (default {default})")
 
 
 def policy(p: argparse.ArgumentParser, what: str) -> None:
