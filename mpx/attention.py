@@ -1,7 +1,7 @@
 """Softmax attention whose backward pass recomputes the probabilities instead of keeping them.
 
 `softmax_attention` is the grouped-query core `mpx.nn.grouped_attention` runs when QK^T
-and PV have no FP8 recipe (every preset). Its forward pass is the plain one, op for op:
+has no FP8 recipe (every preset). Its forward pass is the plain one, op for op:
 
     logits = (q @ k^T) in qk.compute, accumulated in qk.accum, rounded to qk.output
     probs  = softmax(where(mask, logits, f32 min)) in f32
@@ -26,23 +26,37 @@ The recomputation is made to wait for the incoming gradient (`mpx.ordering.after
 XLA cannot hoist every layer's recomputation to the start of the backward pass (which
 would bring the memory back).
 
+PV in FP8 (`Fp8Values`, the fp8 presets: the seed's "Value projection in FP8", as
+FlashAttention-3 does it): the three PV products (out = P V, dV = P^T dO, dP = dO V^T)
+take FP8 operands. The probabilities, in [0, 1], are cast at a fixed power-of-two scale
+(256 for E4M3: no amax, no rounding from the scale, down to 2^-17 resolved); V
+(forward format) and dO (backward format) are scaled per tensor from their amax, once
+per call. Each product accumulates in f32 and is multiplied by the two scales: the
+pattern XLA's GEMM rewriter turns into an FP8 cuBLASLt GEMM on Hopper. QK^T, dQ and dK
+stay in qk's dtypes, and the softmax and its gradient in f32.
+
 Shapes: B batch, G key/value heads, R query heads per key/value head, T queries, S keys,
 D head dim.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from mpx import formats as formats_lib
+from mpx import target as target_lib
+from mpx.dot import backends
 from mpx.dot.rounded import rounded_dot
 from mpx.ordering import after
+from mpx.scaled import quantize
 from mpx.sharding import explicit
 
-__all__ = ["QUERY_BLOCK", "Dtypes", "softmax_attention", "visible_keys", "hide"]
+__all__ = ["QUERY_BLOCK", "Dtypes", "Fp8Values", "softmax_attention", "visible_keys", "hide"]
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -71,14 +85,33 @@ class Dtypes(NamedTuple):
 
     @classmethod
     def of(cls, precision) -> "Dtypes":
-        """The dtypes of a `mpx.Precision` (whose recipe must be None)."""
+        """The dtypes of a `mpx.Precision` (its recipe, if any, is not read)."""
         return cls(jnp.dtype(precision.compute_dtype), jnp.dtype(precision.accum_dtype),
                    jnp.dtype(precision.output_dtype))
 
 
+class Fp8Values(NamedTuple):
+    """The PV products in FP8: V and the probabilities in `fwd_format`, dO in `bwd_format`
+    (format names of `mpx.formats`), scaled as the module docstring says."""
+
+    fwd_format: str = "e4m3"
+    bwd_format: str = "e5m2"
+
+    @classmethod
+    def of(cls, recipe) -> "Fp8Values":
+        """The formats of an FP8 recipe (any `mpx.recipes` recipe: its fwd/bwd formats)."""
+        return cls(recipe.fwd_format, recipe.bwd_format)
+
+    @property
+    def probs_scale(self) -> float:
+        """The largest power of two within the forward format's range: probabilities (at
+        most 1) times it never saturate, and the scaling itself rounds nothing."""
+        return 2.0 ** math.floor(math.log2(formats_lib.get(self.fwd_format).max))
+
+
 @explicit.auto_inside(explicit.like_first)
 def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtypes, pv: Dtypes,
-                      query_block: int = QUERY_BLOCK) -> Array:
+                      query_block: int = QUERY_BLOCK, values: Fp8Values | None = None) -> Array:
     """Grouped-query softmax attention, differentiable, keeping no (T, S) residual.
 
     Args:
@@ -91,6 +124,8 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtyp
       query_block: the most queries per block: T is cut into ceil(T / query_block)
         blocks of equal size (the last one padded), and one block's (T, S) buffers
         exist at a time, forward and backward.
+      values: run the PV products in FP8 with these formats (pv's compute and accum
+        dtypes then do not apply; its output dtype does); None: in pv's dtypes.
 
     Returns:
       (B, G, R, T, D) in `pv.output`.
@@ -103,7 +138,7 @@ def softmax_attention(q: Array, k: Array, v: Array, mask: Array | None, qk: Dtyp
     visible = visible_keys(mask)
     if visible is not None:  # (T, S) or (B, 1, T, S) -> five axes, to split along T
         visible = visible.reshape((1,) * (5 - visible.ndim) + visible.shape)
-    return _attention(qk, pv, min(query_block, q.shape[3]), q, k, v, visible)
+    return _attention(qk, pv, values, min(query_block, q.shape[3]), q, k, v, visible)
 
 
 def visible_keys(mask: Array | None) -> Array | None:
@@ -139,24 +174,60 @@ def _probs(logits: Array, row_max: Array, row_sum: Array) -> Array:
     return jnp.exp(logits - row_max) / row_sum
 
 
-def _block_forward(qk: Dtypes, pv: Dtypes, q, k, v, visible):
-    """One query block: (output, row max, row sum)."""
+def _tensor_fp8(x: Array, fmt: str) -> tuple[Array, Array]:
+    """x in `fmt` with one current (amax) scale: (FP8 data, f32 dequantization scale)."""
+    q = quantize(x, fmt)
+    return q.data, q.scale.reshape(())
+
+
+def _values_operand(v: Array, values: Fp8Values | None) -> tuple[Array, Array | None]:
+    """V as the PV products take it: itself, or (FP8 data, scale) under `values`."""
+    return (v, None) if values is None else _tensor_fp8(v, values.fwd_format)
+
+
+def _fp8_dot(a: Array, sa, b: Array, sb, dimension_numbers) -> Array:
+    """f32 (a . b) * sa * sb of FP8 operands: an FP8 GEMM on Hopper."""
+    return backends.dot((a, sa, None), (b, sb, None), dimension_numbers, target_lib.current())
+
+
+def _probs_fp8(probs: Array, values: Fp8Values) -> tuple[Array, Array]:
+    """(probabilities in the forward format at the fixed scale, the dequantization scale)."""
+    scale = values.probs_scale
+    return formats_lib.cast(probs * scale, values.fwd_format), jnp.asarray(1.0 / scale, _F32)
+
+
+def _block_forward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, q, k, v, v_scale, visible):
+    """One query block: (output, row max, row sum). v is `_values_operand`'s."""
     logits = _logits(q, k, _QK, visible, qk)
     row_max, row_sum = _softmax_stats(logits)
-    out = rounded_dot(_probs(logits, row_max, row_sum), v, _PV, pv.compute, pv.accum).astype(pv.output)
-    return out, row_max, row_sum
+    probs = _probs(logits, row_max, row_sum)
+    if values is None:
+        out = rounded_dot(probs, v, _PV, pv.compute, pv.accum)
+    else:
+        out = _fp8_dot(*_probs_fp8(probs, values), v, v_scale, _PV)
+    return out.astype(pv.output), row_max, row_sum
 
 
-def _block_backward(qk: Dtypes, pv: Dtypes, q, k, v, visible, row_max, row_sum, d_out):
-    """One query block's (dQ, dK, dV), dK and dV in f32 (summed over the blocks)."""
+def _value_grads(pv: Dtypes, values: Fp8Values | None, probs, v, v_scale, d_out, d_scale):
+    """dV = P^T dO (B, G, S, D) and dP = dO V^T (B, G, S, R, T, f32), keys-major."""
+    if values is None:
+        d_v = rounded_dot(probs, d_out, _OVER_QUERIES, pv.compute, pv.accum)
+        return d_v, rounded_dot(v, d_out, _KQ, pv.compute, pv.accum).astype(_F32)
+    d_v = _fp8_dot(*_probs_fp8(probs, values), d_out, d_scale, _OVER_QUERIES)
+    return d_v, _fp8_dot(v, v_scale, d_out, d_scale, _KQ)
+
+
+def _block_backward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, q, k, v, v_scale, visible, row_max,
+                    row_sum, d_out, d_scale):
+    """One query block's (dQ, dK, dV), dK and dV in f32 (summed over the blocks). v and
+    d_out are FP8 with their scales under `values`."""
     # Everything here runs keys-major, (B, G, S, R, T): the layout dV and dK contract in,
     # and one the forward pass never formed, so XLA's common-subexpression pass cannot
     # merge the recomputed logits into the forward's and keep those alive instead.
     visible = None if visible is None else jnp.moveaxis(visible, -1, 2)
     logits = _logits(k, q, _KQ, visible, qk)
     probs = _probs(logits, jnp.moveaxis(row_max, -1, 2), jnp.moveaxis(row_sum, -1, 2))
-    d_v = rounded_dot(probs, d_out, _OVER_QUERIES, pv.compute, pv.accum)  # (B, G, S, D)
-    d_probs = rounded_dot(v, d_out, _KQ, pv.compute, pv.accum).astype(_F32)  # (B, G, S, R, T)
+    d_v, d_probs = _value_grads(pv, values, probs, v, v_scale, d_out, d_scale)
     d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=2, keepdims=True))
     if visible is not None:  # where() passes no gradient to hidden keys, even in a row with none visible
         d_logits = jnp.where(visible, d_logits, 0.0)
@@ -190,34 +261,39 @@ def _query_blocks(visible: Array | None, n: int, length: int):
     return _split(visible, n, True), None
 
 
-def _forward(qk: Dtypes, pv: Dtypes, block: int, q, k, v, visible):
+def _forward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, q, k, v, visible):
     t = q.shape[3]
     n = -(-t // block)
+    vq, v_scale = _values_operand(v, values)
     if n == 1:
-        out, row_max, row_sum = _block_forward(qk, pv, q, k, v, visible)
+        out, row_max, row_sum = _block_forward(qk, pv, values, q, k, vq, v_scale, visible)
         return out, (q, k, v, visible, row_max, row_sum)
     split_mask, shared_mask = _query_blocks(visible, n, t)
 
     def one_block(_, xs):
         q_b, mask_b = xs
-        return None, _block_forward(qk, pv, q_b, k, v, shared_mask if mask_b is None else mask_b)
+        mask_b = shared_mask if mask_b is None else mask_b
+        return None, _block_forward(qk, pv, values, q_b, k, vq, v_scale, mask_b)
 
     _, (out, row_max, row_sum) = jax.lax.scan(one_block, None, (_split(q, n, 0), split_mask))
     return _join(out, t), (q, k, v, visible, row_max, row_sum)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _attention(qk: Dtypes, pv: Dtypes, block: int, q, k, v, visible):
-    return _forward(qk, pv, block, q, k, v, visible)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _attention(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, q, k, v, visible):
+    return _forward(qk, pv, values, block, q, k, v, visible)[0]
 
 
-def _backward(qk: Dtypes, pv: Dtypes, block: int, residuals, d_out):
+def _backward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, residuals, d_out):
     q, k, v, visible, row_max, row_sum = residuals
     q = after(q, d_out)  # the recomputation waits for this layer's gradient
+    vq, v_scale = _values_operand(after(v, d_out), values)  # V is kept as given, quantized again here
+    d_out, d_scale = (d_out, None) if values is None else _tensor_fp8(d_out, values.bwd_format)
     t = q.shape[3]
     n = -(-t // block)
     if n == 1:
-        d_q, d_k, d_v = _block_backward(qk, pv, q, k, v, visible, row_max, row_sum, d_out)
+        d_q, d_k, d_v = _block_backward(qk, pv, values, q, k, vq, v_scale, visible, row_max, row_sum, d_out,
+                                        d_scale)
         return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
     split_mask, shared_mask = _query_blocks(visible, n, t)
     q_blocks = _split(q, n, 0)
@@ -225,7 +301,8 @@ def _backward(qk: Dtypes, pv: Dtypes, block: int, residuals, d_out):
     def one_block(sums, xs):
         i, mask_b, max_b, sum_b, d_out_b = xs
         mask_b = shared_mask if mask_b is None else mask_b
-        d_q, d_k, d_v = _block_backward(qk, pv, q_blocks[i], k, v, mask_b, max_b, sum_b, d_out_b)
+        d_q, d_k, d_v = _block_backward(qk, pv, values, q_blocks[i], k, vq, v_scale, mask_b, max_b, sum_b,
+                                        d_out_b, d_scale)
         return (sums[0] + d_k, sums[1] + d_v, sums[2].at[i].set(d_q)), None
 
     # Buffers made from d_out, or XLA allocates every layer's at the start of the pass.

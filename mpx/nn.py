@@ -499,8 +499,11 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
                       mask: Array | None, scale: float | None = None) -> Array:
     """Grouped-query attention core with QK^T and PV at their own precisions.
 
-    The contractions resolve `<module path>/qk` and `<module path>/pv` in the policy (bf16
-    without a recipe in the presets, FP8 if a policy asks); softmax always runs in f32.
+    The contractions resolve `<module path>/qk` and `<module path>/pv` in the policy (in
+    the fp8 presets QK^T is bf16 and PV FP8; in the others both are bf16 or f32); softmax
+    always runs in f32. With QK^T free of a recipe this is `mpx.attention.softmax_attention`
+    (PV in FP8 there when pv has a recipe: its formats, the attention's own per-tensor
+    scaling); a recipe on QK^T runs both through `contract` with their recipes.
     Call it from inside the attention block's `__call__` (it declares `fp8_state` there).
 
     Args:
@@ -525,9 +528,10 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
     pv = resolve_precision(module, policy, "pv", role="attention")
     if mask is not None and mask.ndim == 4:
         mask = mask[:, :, None]  # (B, 1, T, S) -> (B, 1, 1, T, S)
-    if qk.recipe is None and pv.recipe is None:  # keeps no (T, S) residual for the backward pass
+    if qk.recipe is None:  # keeps no (T, S) residual for the backward pass; PV in FP8 if pv has a recipe
+        values = None if pv.recipe is None else attention_lib.Fp8Values.of(pv.recipe)
         out = attention_lib.softmax_attention(qg, kt, vt, mask, attention_lib.Dtypes.of(qk),
-                                              attention_lib.Dtypes.of(pv))
+                                              attention_lib.Dtypes.of(pv), values=values)
         return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, h, dv)
     logits = contract(module, "qk", _fp8_inputs(qg, qk), kt, (((4,), (3,)), ((0, 1), (0, 1))), qk,
                       rhs_kind="activation")  # (B, G, R, T, S)

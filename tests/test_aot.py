@@ -92,16 +92,21 @@ def test_bad_targets_and_device_counts_are_named():
         mpx.aot.mesh("h100", devices=0)
 
 
-def _non_fp8_paths(compiled) -> set[str]:
+def layer_path(op_name: str) -> str:
     from benchmarks.h100_compile import layer_path
 
+    return layer_path(op_name)
+
+
+def _non_fp8_paths(compiled) -> set[str]:
     return {layer_path(g.op_name) for g in mpx.inspect.fp8_report(compiled).fallbacks()}
 
 
-def test_a_train_step_under_the_fp8_preset_leaves_only_attention_and_the_head_out_of_fp8(h100):
+def test_a_train_step_under_the_fp8_preset_leaves_only_qk_and_the_head_out_of_fp8(h100):
     """A one-layer tiny model's train step for an H100: every projection and FFN GEMM,
-    forward and backward, is FP8; what is not is what the precision map keeps wide
-    (attention's QK^T and PV, the tied LM head)."""
+    forward and backward, is FP8, and so are attention's three PV products (P V, P^T dO,
+    dO V^T); what is not is what the precision map keeps wide (QK^T, dQ and dK in bf16,
+    the tied LM head)."""
     from benchmarks import train_step
     from models import config as model_config
 
@@ -110,6 +115,9 @@ def test_a_train_step_under_the_fp8_preset_leaves_only_attention_and_the_head_ou
     compiled = mpx.aot.compile(step, state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh=h100)
     assert _non_fp8_paths(compiled) == {"Transformer/layers_*/attn", "Transformer/embed.attend"}
     assert mpx.inspect.fp8_report(compiled).fp8_flop_fraction > 0.5
+    attention = [g for g in mpx.inspect.fp8_report(compiled).gemms if layer_path(g.op_name).endswith("/attn")]
+    fp8 = [g for g in attention if g.classification == "fp8"]
+    assert (len(fp8), len(attention)) == (3, 7)  # QK^T, its recomputation, dQ and dK stay bf16
 
 
 def test_fp8_serving_decode_runs_its_linear_layers_in_fp8(h100):

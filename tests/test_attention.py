@@ -298,3 +298,112 @@ def test_rms_norm_matches_autodiff_and_keeps_x_and_its_inverse_rms():
     saved = mpx.inspect.residual_bytes(lambda x, s: activations.rms_norm(x, s, 1e-6), x, scale)["total"]
     assert saved == x.size * 4 + scale.size * 4 + x.size // 64 * 4  # x, scale, (..., 1) inverse RMS
     assert mpx.inspect.residual_bytes(plain, x, scale)["total"] >= 2 * x.size * 4
+
+
+# PV in FP8 (attention.Fp8Values, the fp8 presets' attention)
+
+E4M3 = mpx.formats.get("e4m3")
+FP8_VALUES = attention.Fp8Values("e4m3", "e5m2")
+
+
+def _dequantized_tensor(x, fmt):
+    """x through one per-tensor FP8 quantization (mpx.quantize), back in f32."""
+    return mpx.dequantize(mpx.quantize(x, fmt)).astype(jnp.float32)
+
+
+def _fp8_pv_reference(q, k, v, mask, d_out, values):
+    """The FP8 PV products written out with the core quantizer: probabilities at the fixed
+    power-of-two scale, V and dO per tensor, f32 products of the dequantized operands."""
+    logits = rounded_dot(q, k, QK, jnp.float32)
+    probs = mnn.attention_weights(logits, mask)
+    p8 = mpx.formats.cast(probs * values.probs_scale, values.fwd_format).astype(jnp.float32) / values.probs_scale
+    v8, g8 = _dequantized_tensor(v, values.fwd_format), _dequantized_tensor(d_out, values.bwd_format)
+    hi = jax.lax.Precision.HIGHEST
+    out = jnp.einsum("bgrts,bgsd->bgrtd", p8, v8, precision=hi)
+    d_v = jnp.einsum("bgrts,bgrtd->bgsd", p8, g8, precision=hi)
+    return out, d_v
+
+
+def test_fp8_values_scale_probabilities_by_the_largest_power_of_two_in_range():
+    assert attention.Fp8Values("e4m3").probs_scale == 256.0  # E4M3 max 448
+    assert attention.Fp8Values("e5m2").probs_scale == 32768.0  # E5M2 max 57344
+    assert attention.Fp8Values.of(mpx.recipes.DeepSeekV3()) == attention.Fp8Values("e4m3", "e4m3")
+    assert attention.Fp8Values.of(mpx.recipes.CurrentScaling()) == attention.Fp8Values("e4m3", "e5m2")
+
+
+@pytest.mark.parametrize("t,block", [(16, 64), (50, 16)], ids=["one-block", "padded-blocks"])
+def test_fp8_pv_output_and_dv_are_the_quantized_products(t, block):
+    """Forward P V and dV = P^T dO equal the products of the core quantizer's FP8 operands
+    (f32 summation order aside: within dot-exact's 1e-5 of max|y|), one query block or
+    several with padding."""
+    q, k, v, mask, d_out = _inputs(t=t)
+    fn = lambda q, k, v: attention.softmax_attention(q, k, v, mask, F32, F32, query_block=block,  # noqa: E731
+                                                     values=FP8_VALUES)
+    out, vjp = jax.vjp(fn, q, k, v)
+    _, _, d_v = vjp(d_out)
+    want_out, want_dv = _fp8_pv_reference(q, k, v, mask, d_out, FP8_VALUES)
+    for name, got, want in (("output", out, want_out), ("dV", d_v, want_dv)):
+        err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        assert err <= 1e-5, f"{name}: {err:.2e} of max|y| from the quantized product"
+
+
+def _half_ulp_bound(p, v, fmt, v_scale, p_scale):
+    """Worst case |P V - P8 V8| for round-to-nearest: each operand off by at most its half
+    ulp relative, or half the smallest subnormal step times its scale near zero."""
+    u, tiny = fmt.half_ulp, fmt.min_subnormal / 2
+    e_p = jnp.maximum(u * p, tiny / p_scale)
+    e_v = jnp.maximum(u * jnp.abs(v), tiny * v_scale)
+    dims = "bgrts,bgsd->bgrtd"
+    return jnp.einsum(dims, e_p, jnp.abs(v)) + jnp.einsum(dims, p, e_v) + jnp.einsum(dims, e_p, e_v)
+
+
+def test_fp8_pv_error_is_within_e4m3_rounding_and_far_above_bf16s():
+    """Two-sided: the FP8 output stays within the E4M3 rounding bound of the f32 result
+    everywhere, and is measurably further from it than the bf16 path (so FP8 ran)."""
+    q, k, v, mask, _ = _inputs(t=64, d=16)
+    want = reference_attention(q, k, v, mask, F32, F32)
+    got = attention.softmax_attention(q, k, v, mask, F32, F32, values=FP8_VALUES)
+    half = attention.softmax_attention(q, k, v, mask, BF16, BF16).astype(jnp.float32)
+    probs = mnn.attention_weights(rounded_dot(q, k, QK, jnp.float32), mask)
+    v_scale = float(jnp.max(jnp.abs(v))) / E4M3.max
+    bound = _half_ulp_bound(probs, v, E4M3, v_scale, FP8_VALUES.probs_scale)
+    assert bool(jnp.all(jnp.abs(got - want) <= bound * (1 + 1e-5) + 1e-6))
+    fp8_err, bf16_err = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(half - want)))
+    assert fp8_err > 4 * bf16_err, f"FP8 error {fp8_err:.2e} not measurably above bf16's {bf16_err:.2e}"
+
+
+def test_fp8_pv_gradients_follow_f32s_within_fp8_error_and_differ_from_bf16s():
+    """dQ, dK and dV of the FP8 PV path against f32 autodiff: close at the scale of E5M2's
+    (gradients) and E4M3's rounding, and further off than bf16's gradients."""
+    q, k, v, mask, d_out = _inputs(t=64, d=16)
+    fp8 = lambda q, k, v, m, a, b: attention.softmax_attention(q, k, v, m, a, b, values=FP8_VALUES)  # noqa: E731
+    _, got = _value_and_grads(fp8, q, k, v, mask, d_out, F32)
+    _, want = _value_and_grads(reference_attention, q, k, v, mask, d_out, F32)
+    _, half = _value_and_grads(attention.softmax_attention, q, k, v, mask, d_out, BF16)
+    bound = 2 * (mpx.formats.get("e5m2").half_ulp + E4M3.half_ulp)  # relative to max|grad|
+    for name, g, w, h in zip("qkv", got, want, half):
+        scale = float(jnp.max(jnp.abs(w)))
+        err = float(jnp.max(jnp.abs(g - w))) / scale
+        bf16_err = float(jnp.max(jnp.abs(h.astype(jnp.float32) - w))) / scale
+        assert 2 * bf16_err < err <= bound, f"d{name}: {err:.3f} (bf16 {bf16_err:.4f}, bound {bound:.3f})"
+
+
+def test_fp8_pv_clips_instead_of_overflowing_and_keeps_masked_rows_finite():
+    """Large values saturate through per-tensor scaling (no NaN from an e4m3fn overflow),
+    and a query that sees no key still gets uniform weights and finite gradients."""
+    q, k, v, mask, d_out = _inputs(t=8)
+    v = v.at[0, 0, 0, 0].set(1e6)
+    mask = mask.at[..., 3, :].set(False)
+    fn = lambda q, k, v: attention.softmax_attention(q, k, v, mask, F32, F32, values=FP8_VALUES)  # noqa: E731
+    out, vjp = jax.vjp(fn, q, k, v)
+    grads = vjp(d_out * 1e6)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in (out, *grads))
+    np.testing.assert_array_equal(grads[0][..., 3, :], 0.0)
+
+
+def test_the_fp8_presets_run_pv_in_fp8_and_qk_in_bf16():
+    for name in ("fp8", "fp8_current", "fp8_delayed"):
+        policy = mpx.policy.preset(name)
+        assert policy.resolve("layers_0/attn/pv", "attention").recipe is not None, name
+        assert policy.resolve("layers_0/attn/qk", "attention").recipe is None, name
+    assert mpx.policy.preset("bf16").resolve("layers_0/attn/pv", "attention").recipe is None

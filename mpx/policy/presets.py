@@ -6,7 +6,8 @@ model's module paths, so they apply to any model built from `mpx.nn`:
 | role | fp8 presets |
 |---|---|
 | linear: projections (Q/K/V/O, latent), FFN, MoE routed and shared experts | the FP8 recipe (bf16 outputs, f32 accumulation) |
-| attention: QK^T, PV | bf16 |
+| attention: QK^T | bf16 |
+| attention: PV (`*/pv`) | FP8 in the fused attention (the recipe's formats, per-tensor scales; bf16 outputs) |
 | embed, head: token embedding, LM head | bf16 weights and inputs, f32 logits |
 | norm, router | f32 |
 """
@@ -39,8 +40,10 @@ def _half_rules() -> tuple[Rule, ...]:
 
 
 def _fp8_rules(recipe: recipes_lib.Recipe) -> tuple[Rule, ...]:
-    """The map above: FP8 for every linear layer (projections, FFN, experts); QK^T and PV in bf16."""
+    """The map above: FP8 for every linear layer (projections, FFN, experts) and for PV;
+    QK^T in bf16 (the seed: QK^T in BF16 against softmax overflow, Value products in FP8)."""
     return (
+        Rule("*/pv", role="attention", compute_dtype=BF16, recipe=recipe),
         Rule("*", role="attention", compute_dtype=BF16, recipe=None),
         Rule("*", role="linear", recipe=recipe),
     )
