@@ -63,7 +63,7 @@ by the tensor axis size. Per block:
 * attention: q, k and v as QK^T and PV keep them, the softmax's two f32 row statistics per
   query head (the probabilities are recomputed in the backward pass: one query block's f32
   probabilities, their gradient and its bf16 copy, T per query per head, are live at a
-  time; with an FP8 recipe on QK^T or PV the f32 probabilities and their compute-dtype
+  time; with an FP8 recipe on QK^T the f32 probabilities and their compute-dtype
   copy are saved per block instead), the attention output; q/k norms (Qwen3, Gemma) keep
   q and k as projected;
 * multi-head latent attention trains in its expanded form: every head gets its own keys
@@ -354,9 +354,9 @@ def _grouped_input(precision, input_dtype) -> int:
 
 
 def _fused_attention(qk, pv) -> bool:
-    """Whether attention runs `mpx.attention.softmax_attention` (no recipe on QK^T or PV),
-    which keeps no probabilities and recomputes them one layer at a time."""
-    return qk.recipe is None and pv.recipe is None
+    """Whether attention runs `mpx.attention.softmax_attention` (no recipe on QK^T; PV in
+    FP8 or not), which keeps no probabilities and recomputes them one layer at a time."""
+    return qk.recipe is None
 
 
 def _attention_scratch(qk, pv, heads: float, seq: int) -> float:

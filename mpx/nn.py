@@ -12,7 +12,8 @@ a global setting.
 * `Embed`: token embedding with `attend()` for a tied LM head.
 * `RMSNorm`, `LayerNorm`: always computed in float32.
 * `grouped_attention`: QK^T and PV contractions resolved at `<block>/qk` and
-  `<block>/pv`, so a policy puts them in bf16 (the default) or FP8; softmax in f32.
+  `<block>/pv`, so a policy puts each in bf16 or FP8 (the fp8 presets: QK^T bf16, PV
+  FP8); softmax in f32.
 
 Serving: a `DenseGeneral` or `ExpertDense` whose params hold a `ScaledArray` kernel (FP8
 data + f32 scales, see serve/quantize.py) runs the forward-only

@@ -224,7 +224,7 @@ FP8_EXPECT = {  # path -> (compute, output, has recipe); params f32 and accum f3
     "layers_0/attn/v_proj": ("bfloat16", "bfloat16", True),
     "layers_0/attn/o_proj": ("bfloat16", "bfloat16", True),
     "layers_0/attn/qk": ("bfloat16", "bfloat16", False),
-    "layers_0/attn/pv": ("bfloat16", "bfloat16", False),
+    "layers_0/attn/pv": ("bfloat16", "bfloat16", True),  # FP8 inside the fused attention
     "layers_0/mlp/gate": ("bfloat16", "bfloat16", True),
     "layers_0/mlp/up": ("bfloat16", "bfloat16", True),
     "layers_0/mlp/down": ("bfloat16", "bfloat16", True),
@@ -293,12 +293,12 @@ def test_module_paths_from_params_and_variables():
 
 def test_explain_table():
     policy = P.preset("fp8")
-    text = policy.explain(_params(), extra_paths=["layers_0/attn/qk"], roles=role_of)
+    text = policy.explain(_params(), extra_paths=["layers_0/attn/qk", "layers_0/attn/pv"], roles=role_of)
     lines = text.splitlines()
     header = lines[1]
     assert header.split() == ["path", "role", "param", "compute", "output", "accum", "recipe", "rule"]
     rows = {line.split()[0]: line for line in lines[2:] if not line.startswith("rule ")}
-    assert set(rows) == set(P.module_paths(_params())) | {"layers_0/attn/qk"}
+    assert set(rows) == set(P.module_paths(_params())) | {"layers_0/attn/qk", "layers_0/attn/pv"}
     columns = [header.index(h) for h in ("role", "param", "compute", "recipe", "rule")]
     for line in rows.values():  # aligned: every column starts at the header's offset
         assert all(line[c - 1] == " " and line[c] != " " for c in columns), line

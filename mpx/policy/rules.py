@@ -8,7 +8,7 @@ paths. `ROLES`:
 | role      | layers                                                         |
 |-----------|----------------------------------------------------------------|
 | linear    | projections and FFNs (Dense, DenseGeneral, SwiGLUDense, experts) |
-| attention | the attention products QK^T and PV                             |
+| attention | the attention products QK^T (`<block>/qk`) and PV (`<block>/pv`) |
 | norm      | RMSNorm, LayerNorm                                             |
 | router    | MoE gating                                                     |
 | embed     | token embeddings (and a tied LM head, which is the embedding)  |
