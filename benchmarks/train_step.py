@@ -19,6 +19,7 @@ backward pass.
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,12 +49,16 @@ def _moment_dtype(preset: str):
     return jnp.float32 if preset == "fp32" else jnp.bfloat16
 
 
-def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int):
-    """(jitted step, state, memory report, model) for one preset."""
+def build(preset: str, cfg: model_config.ModelConfig, batch: int, seq: int, abstract: bool = False):
+    """(jitted step, state, memory report, model) for one preset; with `abstract` the
+    state is shapes and dtypes only (`jax.ShapeDtypeStruct`s, nothing initialized: what
+    compiling for another machine needs)."""
     policy = VARIANTS[preset]() if preset in VARIANTS else mpx.policy.preset(preset)
     model = transformer.Transformer(cfg, policy)
     tx = mpx.optim.build("adamw", 1e-3, moment_dtype=_moment_dtype(preset), clip_norm=1.0)
-    state = step_lib.init_state(model, tx, mpx.optim.NoOpLossScale(), 0, jnp.zeros((1, seq), jnp.int32))
+    init = functools.partial(step_lib.init_state, model, tx, mpx.optim.NoOpLossScale(), 0,
+                             jnp.zeros((1, seq), jnp.int32))
+    state = jax.eval_shape(init) if abstract else init()
     step = jax.jit(step_lib.make_train_step(model, tx))
     copy_bytes = mpx.optim.compute_copy_bytes(policy.resolve("layers_0/mlp/up", "linear"))
     report = mpx.optim.memory_report(state.params, state.opt_state, scale_state=state.fp8_state,
