@@ -610,3 +610,11 @@ def test_a_measurement_with_an_error_fits_only_when_its_upper_bound_does():
     assert careful.rounds[0].to_dict()["measured_se_pct"] == pytest.approx(30 * target)
     with pytest.raises(ValueError, match="confidence must be a finite number >= 0"):
         P.search(sens, BUDGET, measure=noisy, confidence=-1)
+
+
+def test_bf16_attention_example_is_fp8_with_pv_in_bf16():
+    """configs/policies/fp8_bf16_attention.yaml: the fp8 preset but for PV, which stays bf16."""
+    policy, fp8 = P.load(os.path.join(POLICY_DIR, "fp8_bf16_attention.yaml")), P.preset("fp8")
+    for path in DENSE + MOE:
+        got, want = policy.resolve(path, role_of(path)), fp8.resolve(path, role_of(path))
+        assert got == (want.replace(recipe=None) if path.endswith("attn/pv") else want), path
