@@ -18,7 +18,7 @@ also name a role (`ROLES`: linear, attention, norm, router, embed, head), which 
 Globs are `fnmatch.fnmatchcase` (case-sensitive); `*` matches across "/".
 
 Presets (`preset(name)`, names in `PRESET_NAMES`) follow DeepSeek-V3's precision map
-(`mpx.policy.presets`: FP8 projections, FFN and experts; bf16 attention products,
+(`mpx.policy.presets`: FP8 projections, FFN, experts and attention's PV; bf16 QK^T,
 embeddings and head; f32 norms, router and logits); YAML files under `configs/policies/` mirror them (`load`, `from_dict`, `to_dict`).
 
 Modules: `precision` (Precision, dtypes, the "p=..,c=.." grammar), `rules` (Rule,
