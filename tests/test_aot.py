@@ -55,6 +55,18 @@ def test_deepseek_v3_forward_dgrad_wgrad_are_three_block_fp8_gemms(h100, recipe)
     assert all(g.kind == "custom-call mpx_block_fp8_gemm" for g in report.gemms)
 
 
+def test_an_h200_is_a_hopper_with_its_own_memory_and_runs_the_same_block_fp8_gemms():
+    """The H200 target: its own device kind and memory size, and (the same sm_90 die) the
+    block-FP8 kernel for all three GEMMs of a DeepSeekV3 product."""
+    h200 = mpx.aot.mesh("h200")
+    device = h200.devices.flat[0]
+    assert device.device_kind == "NVIDIA H200" and "h200" in mpx.aot.TARGETS
+    compiled = mpx.aot.compile(_train_product(mpx.recipes.DeepSeekV3()), *_args(m=512, k=896), mesh=h200)
+    report = mpx.inspect.fp8_report(compiled)
+    assert report.counts == {"fp8": 3, "upcast": 0, "high_precision": 0}, str(report)
+    assert all(g.kind == "custom-call mpx_block_fp8_gemm" for g in report.gemms)
+
+
 def test_per_tensor_current_scaling_is_three_cublaslt_fp8_gemms(h100):
     report = mpx.inspect.fp8_report(mpx.aot.compile(_train_product(mpx.recipes.CurrentScaling()), *_args(), mesh=h100))
     assert report.counts["fp8"] == 3 and not report.fallbacks(), str(report)
