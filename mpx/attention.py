@@ -30,8 +30,9 @@ PV in FP8 (`Fp8Values`, the fp8 presets: the seed's "Value projection in FP8", a
 FlashAttention-3 does it): the three PV products (out = P V, dV = P^T dO, dP = dO V^T)
 take FP8 operands. The probabilities, in [0, 1], are cast at a fixed power-of-two scale
 (256 for E4M3: no amax, no rounding from the scale, down to 2^-17 resolved); V
-(forward format) and dO (backward format) are scaled per tensor from their amax, once
-per call. Each product accumulates in f32 and is multiplied by the two scales: the
+(forward format) and dO (backward format) are scaled from their amax once per call, one
+scale per batch row and key/value head (so a sequence's result never depends on the
+others in its batch; keys no query sees are zeroed first). Each product accumulates in f32 and is multiplied by the two scales: the
 pattern XLA's GEMM rewriter turns into an FP8 cuBLASLt GEMM on Hopper. QK^T, dQ and dK
 stay in qk's dtypes, and the softmax and its gradient in f32.
 
@@ -174,20 +175,38 @@ def _probs(logits: Array, row_max: Array, row_sum: Array) -> Array:
     return jnp.exp(logits - row_max) / row_sum
 
 
-def _tensor_fp8(x: Array, fmt: str) -> tuple[Array, Array]:
-    """x in `fmt` with one current (amax) scale: (FP8 data, f32 dequantization scale)."""
-    q = quantize(x, fmt)
-    return q.data, q.scale.reshape(())
+def _head_fp8(x: Array, fmt: str) -> tuple[Array, Array]:
+    """x (B, G, ...) in `fmt` with one current (amax) scale per batch row and key/value
+    head, so no sequence's numbers depend on the others in its batch: (FP8 data, f32
+    dequantization scales (B, G))."""
+    q = quantize(x, fmt, (1, 1) + x.shape[2:])
+    return q.data, q.scale.reshape(x.shape[:2])
 
 
-def _values_operand(v: Array, values: Fp8Values | None) -> tuple[Array, Array | None]:
-    """V as the PV products take it: itself, or (FP8 data, scale) under `values`."""
-    return (v, None) if values is None else _tensor_fp8(v, values.fwd_format)
+def _values_operand(v: Array, values: Fp8Values | None, visible) -> tuple[Array, Array | None]:
+    """V as the PV products take it: itself, or (FP8 data, scales) under `values`. Keys no
+    query sees (padding, cache slots past a row's length) are zeroed first: they get no
+    weight, and neither their values nor stale garbage may move the scale."""
+    if values is None:
+        return v, None
+    if visible is not None:  # (B', G', R', T', S) -> a key seen by any query of the row
+        seen = jnp.any(visible, axis=(2, 3))[..., None]  # (B', G', S, 1)
+        v = jnp.where(seen, v, jnp.zeros((), v.dtype))
+    return _head_fp8(v, values.fwd_format)
+
+
+def _per_head(scale: Array, ndim: int) -> Array:
+    """(B, G) scales broadcast against a (B, G, ...) product of `ndim` axes."""
+    return scale.reshape(scale.shape + (1,) * (ndim - 2))
 
 
 def _fp8_dot(a: Array, sa, b: Array, sb, dimension_numbers) -> Array:
-    """f32 (a . b) * sa * sb of FP8 operands: an FP8 GEMM on Hopper."""
-    return backends.dot((a, sa, None), (b, sb, None), dimension_numbers, target_lib.current())
+    """f32 (a . b) * sa * sb of FP8 operands (sa, sb: a scalar or (B, G) scales): an FP8
+    GEMM on Hopper, its result multiplied by the scales."""
+    out = backends.dot((a, None, None), (b, None, None), dimension_numbers, target_lib.current())
+    for scale in (sa, sb):
+        out = out * (_per_head(scale, out.ndim) if scale.ndim == 2 else scale)
+    return out
 
 
 def _probs_fp8(probs: Array, values: Fp8Values) -> tuple[Array, Array]:
@@ -264,7 +283,7 @@ def _query_blocks(visible: Array | None, n: int, length: int):
 def _forward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, q, k, v, visible):
     t = q.shape[3]
     n = -(-t // block)
-    vq, v_scale = _values_operand(v, values)
+    vq, v_scale = _values_operand(v, values, visible)
     if n == 1:
         out, row_max, row_sum = _block_forward(qk, pv, values, q, k, vq, v_scale, visible)
         return out, (q, k, v, visible, row_max, row_sum)
@@ -287,8 +306,8 @@ def _attention(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, q, 
 def _backward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, residuals, d_out):
     q, k, v, visible, row_max, row_sum = residuals
     q = after(q, d_out)  # the recomputation waits for this layer's gradient
-    vq, v_scale = _values_operand(after(v, d_out), values)  # V is kept as given, quantized again here
-    d_out, d_scale = (d_out, None) if values is None else _tensor_fp8(d_out, values.bwd_format)
+    vq, v_scale = _values_operand(after(v, d_out), values, visible)  # V is kept as given, quantized again here
+    d_out, d_scale = (d_out, None) if values is None else _head_fp8(d_out, values.bwd_format)
     t = q.shape[3]
     n = -(-t // block)
     if n == 1:

@@ -503,8 +503,8 @@ def grouped_attention(module: nn.Module, policy: Policy | None, q: Array, k: Arr
     The contractions resolve `<module path>/qk` and `<module path>/pv` in the policy (in
     the fp8 presets QK^T is bf16 and PV FP8; in the others both are bf16 or f32); softmax
     always runs in f32. With QK^T free of a recipe this is `mpx.attention.softmax_attention`
-    (PV in FP8 there when pv has a recipe: its formats, the attention's own per-tensor
-    scaling); a recipe on QK^T runs both through `contract` with their recipes.
+    (PV in FP8 there when pv has a recipe: its formats, the attention's own scaling
+    per row and head); a recipe on QK^T runs both through `contract` with their recipes.
     Call it from inside the attention block's `__call__` (it declares `fp8_state` there).
 
     Args:

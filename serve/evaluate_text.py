@@ -5,8 +5,9 @@ tokenizer and cut into `--windows` non-overlapping windows of `--seq-len` + 1 to
 Every variant (`--variants`, default all) runs over the same windows; against the fp32
 reference it reports perplexity and its change, weight bytes, the cosine of the logits,
 KL(fp32 || variant) per token and top-1 agreement. Static-activation variants calibrate
-on the same windows. Metrics are summed batch by batch, so only the fp32 logits are
-kept: a 135M-parameter model over 16 windows of 256 tokens fits in a few GB.
+on the same windows. Each batch runs through every variant in turn and its metrics are
+summed in one compiled program, so one batch's fp32 logits are all that is kept, whatever
+--windows is.
 """
 
 from __future__ import annotations
@@ -84,30 +85,39 @@ def text_windows(path: str, tokenizer, seq_len: int, count: int) -> np.ndarray:
     return np.stack([tokens[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])
 
 
-def _batches(windows: np.ndarray, size: int = 8) -> list[np.ndarray]:
+# The most windows per batch, and the most bytes of f32 logits one batch may produce.
+BATCH_WINDOWS, BATCH_LOGIT_BYTES = 8, 1 << 30
+
+
+def _batches(windows: np.ndarray, vocab_size: int) -> list[np.ndarray]:
+    """Batches of up to 8 windows, fewer where their f32 logits would pass 1 GiB (a
+    262,144-token vocabulary at 256 tokens: 4 windows)."""
+    per_window = (windows.shape[1] - 1) * vocab_size * 4
+    size = max(1, min(BATCH_WINDOWS, BATCH_LOGIT_BYTES // per_window))
     return [windows[i:i + size] for i in range(0, len(windows), size)]
 
 
 def _text_metrics(logits: jax.Array, ref: jax.Array, targets: np.ndarray) -> np.ndarray:
     """Per-batch sums: nll, dot, |a|^2, |b|^2, KL, top-1 matches, tokens."""
-    a, b = logits.reshape(-1, logits.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    count = math.prod(logits.shape[:-1])
+    sums = _metric_sums(logits, ref, jnp.asarray(targets))
+    return np.array([*np.asarray(sums, np.float64), count], np.float64)
+
+
+@jax.jit
+def _metric_sums(logits: jax.Array, ref: jax.Array, targets: jax.Array) -> jax.Array:
+    """One compiled program, so XLA fuses each row's softmax statistics into reductions:
+    evaluated op by op, every step (two log-softmaxes, their difference, ...) would be a
+    (tokens x vocabulary) f32 array of its own, 2 GB each for a batch of 8 x 256 tokens of
+    a 262,144-token vocabulary."""
+    a, b = logits.reshape(-1, logits.shape[-1]).astype(jnp.float32), ref.reshape(-1, ref.shape[-1]).astype(jnp.float32)
     count = a.shape[0]
-    return np.array([ev._nll(logits, targets), float(jnp.vdot(a, b)), float(jnp.vdot(a, a)), float(jnp.vdot(b, b)),
-                     float(mpx.metrics.kl_divergence(a, b)) * count,
-                     float(mpx.metrics.top1_agreement(a, b)) * count, count], np.float64)
+    nll = -jnp.sum(ev._target_logprobs(logits.astype(jnp.float32), targets))
+    return jnp.stack([nll, jnp.vdot(a, b), jnp.vdot(a, a), jnp.vdot(b, b), mpx.metrics.kl_divergence(a, b) * count,
+                      mpx.metrics.top1_agreement(a, b) * count])
 
 
-def measure_text(name: str, variant: ev.Variant, ckpt: q.Checkpoint, batches: list[np.ndarray], refs: list,
-                 hists) -> dict:
-    """One --data row; fills `refs` with the logits when it is empty (the fp32 reference)."""
-    model, variables = q.prepare(ckpt, variant.spec, hists=hists)
-    forward = ev._forward(model, variant.kv_cache)
-    sums = np.zeros(7)
-    for i, batch in enumerate(batches):
-        logits = forward(variables, jnp.asarray(batch[:, :-1]))
-        if len(refs) <= i:
-            refs.append(logits)
-        sums += _text_metrics(logits, refs[i], batch[:, 1:])
+def _row(name: str, variables, sums: np.ndarray) -> dict:
     nll, dot, aa, bb, kl, top1, count = sums
     return {"name": name, "ppl": math.exp(nll / count), "weight_bytes": q.weight_bytes(variables["params"]),
             "logits_cos": dot / max(math.sqrt(aa * bb), 1e-30), "top1_agreement": top1 / count, "kl": kl / count}
@@ -115,14 +125,31 @@ def measure_text(name: str, variant: ev.Variant, ckpt: q.Checkpoint, batches: li
 
 def evaluate_text(ckpt: q.Checkpoint, variants: list[tuple[str, ev.Variant]], windows: np.ndarray,
                   log=print) -> list[dict]:
-    """Rows of every variant over `windows` (N, T + 1); static variants calibrate on them."""
-    batches, refs, hists = _batches(windows), [], None
+    """Rows of every variant over `windows` (N, T + 1), against the first (the fp32
+    reference); static variants calibrate on them.
+
+    Every variant is prepared first; then each batch runs through all of them, so only one
+    batch's reference logits are alive at a time (keeping every window's for a later
+    variant costs windows x tokens x vocabulary x 4 bytes: 4.3 GB for Gemma 3 over 16
+    windows, and it grows with --windows)."""
+    batches, hists = _batches(windows, ckpt.config.vocab_size), None
     if any(v.spec.precision == "fp8" and v.spec.activations == "static" for _, v in variants):
         hists = calibration.calibrate(ckpt.config, ckpt.params, [b[:, :-1] for b in batches])
-    rows = []
+    prepared = []
     for name, variant in variants:
-        log(f"measuring {name} ({variant.label}) ...")
-        rows.append(measure_text(name, variant, ckpt, batches, refs, hists))
+        log(f"preparing {name} ({variant.label}) ...")
+        model, variables = q.prepare(ckpt, variant.spec, hists=hists)
+        prepared.append((name, ev._forward(model, variant.kv_cache), variables))
+    sums = np.zeros((len(prepared), 7))
+    for i, batch in enumerate(batches):
+        log(f"measuring batch {i + 1} of {len(batches)} ...")
+        ref = None
+        for j, (_, forward, variables) in enumerate(prepared):
+            logits = forward(variables, jnp.asarray(batch[:, :-1]))
+            ref = logits if ref is None else ref
+            sums[j] += _text_metrics(logits, ref, batch[:, 1:])
+            del logits
+    rows = [_row(name, variables, s) for (name, _, variables), s in zip(prepared, sums)]
     for row in rows:
         row["ppl_change_pct"] = 100.0 * (row["ppl"] / rows[0]["ppl"] - 1.0)
     return rows

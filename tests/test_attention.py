@@ -306,18 +306,20 @@ E4M3 = mpx.formats.get("e4m3")
 FP8_VALUES = attention.Fp8Values("e4m3", "e5m2")
 
 
-def _dequantized_tensor(x, fmt):
-    """x through one per-tensor FP8 quantization (mpx.quantize), back in f32."""
-    return mpx.dequantize(mpx.quantize(x, fmt)).astype(jnp.float32)
+def _dequantized_heads(x, fmt):
+    """x (B, G, ...) through FP8 quantization with one scale per batch row and head
+    (mpx.quantize), back in f32."""
+    return mpx.dequantize(mpx.quantize(x, fmt, (1, 1) + x.shape[2:])).astype(jnp.float32)
 
 
 def _fp8_pv_reference(q, k, v, mask, d_out, values):
     """The FP8 PV products written out with the core quantizer: probabilities at the fixed
-    power-of-two scale, V and dO per tensor, f32 products of the dequantized operands."""
+    power-of-two scale, V and dO per batch row and head, f32 products of the dequantized
+    operands."""
     logits = rounded_dot(q, k, QK, jnp.float32)
     probs = mnn.attention_weights(logits, mask)
     p8 = mpx.formats.cast(probs * values.probs_scale, values.fwd_format).astype(jnp.float32) / values.probs_scale
-    v8, g8 = _dequantized_tensor(v, values.fwd_format), _dequantized_tensor(d_out, values.bwd_format)
+    v8, g8 = _dequantized_heads(v, values.fwd_format), _dequantized_heads(d_out, values.bwd_format)
     hi = jax.lax.Precision.HIGHEST
     out = jnp.einsum("bgrts,bgsd->bgrtd", p8, v8, precision=hi)
     d_v = jnp.einsum("bgrts,bgrtd->bgsd", p8, g8, precision=hi)
@@ -365,7 +367,7 @@ def test_fp8_pv_error_is_within_e4m3_rounding_and_far_above_bf16s():
     got = attention.softmax_attention(q, k, v, mask, F32, F32, values=FP8_VALUES)
     half = attention.softmax_attention(q, k, v, mask, BF16, BF16).astype(jnp.float32)
     probs = mnn.attention_weights(rounded_dot(q, k, QK, jnp.float32), mask)
-    v_scale = float(jnp.max(jnp.abs(v))) / E4M3.max
+    v_scale = float(jnp.max(jnp.abs(v))) / E4M3.max  # no head's scale is larger
     bound = _half_ulp_bound(probs, v, E4M3, v_scale, FP8_VALUES.probs_scale)
     assert bool(jnp.all(jnp.abs(got - want) <= bound * (1 + 1e-5) + 1e-6))
     fp8_err, bf16_err = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(half - want)))
@@ -389,7 +391,7 @@ def test_fp8_pv_gradients_follow_f32s_within_fp8_error_and_differ_from_bf16s():
 
 
 def test_fp8_pv_clips_instead_of_overflowing_and_keeps_masked_rows_finite():
-    """Large values saturate through per-tensor scaling (no NaN from an e4m3fn overflow),
+    """Large values saturate through their scales (no NaN from an e4m3fn overflow),
     and a query that sees no key still gets uniform weights and finite gradients."""
     q, k, v, mask, d_out = _inputs(t=8)
     v = v.at[0, 0, 0, 0].set(1e6)
@@ -407,3 +409,17 @@ def test_the_fp8_presets_run_pv_in_fp8_and_qk_in_bf16():
         assert policy.resolve("layers_0/attn/pv", "attention").recipe is not None, name
         assert policy.resolve("layers_0/attn/qk", "attention").recipe is None, name
     assert mpx.policy.preset("bf16").resolve("layers_0/attn/pv", "attention").recipe is None
+
+
+def test_fp8_pv_of_one_sequence_does_not_depend_on_its_batch_or_on_unseen_keys():
+    """Scales per batch row and head: a row's output is the same alone or beside a row of
+    huge values; keys no query sees (stale cache slots) neither move the scale nor leak NaN."""
+    q, k, v, mask, _ = _inputs(t=16)
+    fn = lambda q, k, v, m: attention.softmax_attention(q, k, v, m, F32, F32, values=FP8_VALUES)  # noqa: E731
+    loud = v.at[1].multiply(1e4)
+    np.testing.assert_array_equal(fn(q, k, loud, mask)[0], fn(q[:1], k[:1], v[:1], mask)[0])
+    seen = (jnp.arange(16) < 12)[None, None, None, None, :]  # keys 12-15: padding, seen by nobody
+    stale = v.at[:, :, 12:].set(jnp.nan).at[:, :, 12, 0].set(1e30)
+    clean = v.at[:, :, 12:].set(0.0)
+    np.testing.assert_array_equal(fn(q, k, stale, seen), fn(q, k, clean, seen))
+    assert bool(jnp.all(jnp.isfinite(fn(q, k, stale, seen))))

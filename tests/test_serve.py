@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -392,3 +393,36 @@ def test_a_checkpoint_tensor_is_converted_once_on_its_way_to_serving(fixture, sp
     assert len(forms) == 1 and ckpt.serving == spec
     assert any(isinstance(x, mpx.ScaledArray) for x in jax.tree_util.tree_leaves(
         variables, is_leaf=lambda x: isinstance(x, mpx.ScaledArray))) == (spec.precision == "fp8")
+
+
+def test_text_batches_shrink_so_one_batchs_logits_stay_under_a_gib():
+    from serve import evaluate_text
+
+    windows = np.zeros((16, 257), np.int32)
+    assert [len(b) for b in evaluate_text._batches(windows, 256)] == [8, 8]
+    assert [len(b) for b in evaluate_text._batches(windows, 262_144)] == [4] * 4  # Gemma 3: 268 MB a window
+    assert [len(b) for b in evaluate_text._batches(windows[:3], 1 << 22)] == [1, 1, 1]  # never fewer than one
+
+
+def test_text_metrics_summed_batch_by_batch_equal_the_whole_arrays():
+    """evaluate_text runs each batch through every variant and sums per batch: its KL, top-1,
+    cosine and perplexity equal those of all windows' logits at once."""
+    from benchmarks import kv_capacity
+    from serve import evaluate_text
+
+    ckpt = kv_capacity.random_checkpoint(preset("tiny"))
+    windows = np.asarray(jax.random.randint(jax.random.key(3), (11, 33), 0, ckpt.config.vocab_size), np.int32)
+    variants = evaluate_text.parse_variants("fp32,bf16")
+    rows = evaluate_text.evaluate_text(ckpt, variants, windows, log=lambda _: None)
+    logits = []
+    for _, variant in variants:  # all 11 windows at once (evaluate_text: batches of 8 and 3)
+        model, variables = q.prepare(ckpt, variant.spec)
+        logits.append(evaluate._forward(model, variant.kv_cache)(variables, jnp.asarray(windows[:, :-1])))
+    a, b = (x.reshape(-1, x.shape[-1]) for x in (logits[1], logits[0]))
+    assert rows[0]["kl"] == 0.0 and rows[0]["top1_agreement"] == 1.0
+    np.testing.assert_allclose(rows[1]["kl"], float(mpx.metrics.kl_divergence(a, b)), rtol=1e-4)
+    np.testing.assert_allclose(rows[1]["top1_agreement"], float(mpx.metrics.top1_agreement(a, b)), rtol=1e-6)
+    np.testing.assert_allclose(rows[1]["logits_cos"], float(mpx.metrics.cosine_similarity(a, b)), rtol=1e-5)
+    nll = -float(jnp.sum(evaluate._target_logprobs(logits[1], windows[:, 1:])))
+    np.testing.assert_allclose(rows[1]["ppl"], np.exp(nll / a.shape[0]), rtol=1e-5)
+    assert rows[1]["kl"] > 0  # bf16 differs, or the comparison above could not fail

@@ -7,7 +7,7 @@ model's module paths, so they apply to any model built from `mpx.nn`:
 |---|---|
 | linear: projections (Q/K/V/O, latent), FFN, MoE routed and shared experts | the FP8 recipe (bf16 outputs, f32 accumulation) |
 | attention: QK^T | bf16 |
-| attention: PV (`*/pv`) | FP8 in the fused attention (the recipe's formats, per-tensor scales; bf16 outputs) |
+| attention: PV (`*/pv`) | FP8 in the fused attention (the recipe's formats, scales per row and head; bf16 outputs) |
 | embed, head: token embedding, LM head | bf16 weights and inputs, f32 logits |
 | norm, router | f32 |
 """
