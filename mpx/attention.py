@@ -196,57 +196,49 @@ def _values_operand(v: Array, values: Fp8Values | None, visible) -> tuple[Array,
 
 
 def _per_head(scale: Array, ndim: int) -> Array:
-    """(B, G) scales broadcast against a (B, G, ...) product of `ndim` axes."""
-    return scale.reshape(scale.shape + (1,) * (ndim - 2))
+    """A scalar or (B, G) scales, broadcast against a (B, G, ...) product of `ndim` axes."""
+    return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
 
 
-def _fp8_dot(a: Array, sa, b: Array, sb, dimension_numbers) -> Array:
-    """f32 (a . b) * sa * sb of FP8 operands (sa, sb: a scalar or (B, G) scales): an FP8
-    GEMM on Hopper, its result multiplied by the scales."""
-    out = backends.dot((a, None, None), (b, None, None), dimension_numbers, target_lib.current())
-    for scale in (sa, sb):
-        out = out * (_per_head(scale, out.ndim) if scale.ndim == 2 else scale)
-    return out
-
-
-def _probs_fp8(probs: Array, values: Fp8Values) -> tuple[Array, Array]:
-    """(probabilities in the forward format at the fixed scale, the dequantization scale)."""
+def _probs_operand(probs: Array, values: Fp8Values | None) -> tuple[Array, Array | None]:
+    """The probabilities as the PV products take them: themselves, or under `values` cast
+    at the fixed scale with its dequantization scale."""
+    if values is None:
+        return probs, None
     scale = values.probs_scale
     return formats_lib.cast(probs * scale, values.fwd_format), jnp.asarray(1.0 / scale, _F32)
 
 
-def _block_forward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, q, k, v, v_scale, visible):
-    """One query block: (output, row max, row sum). v is `_values_operand`'s."""
+def _pv_dot(pv: Dtypes, a: tuple[Array, Array | None], b: tuple[Array, Array | None], dimension_numbers) -> Array:
+    """One PV product of operands as `_values_operand`, `_probs_operand` and `_head_fp8`
+    give them, as (values, scale): in pv's dtypes where the scales are None, else f32
+    (a . b) * scales of the FP8 operands (an FP8 GEMM on Hopper, its result multiplied)."""
+    (a, sa), (b, sb) = a, b
+    if sa is None:
+        return rounded_dot(a, b, dimension_numbers, pv.compute, pv.accum)
+    out = backends.dot((a, None, None), (b, None, None), dimension_numbers, target_lib.current())
+    return out * _per_head(sa, out.ndim) * _per_head(sb, out.ndim)
+
+
+def _block_forward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, q, k, v, visible):
+    """One query block: (output, row max, row sum). v is `_values_operand`'s (values, scale)."""
     logits = _logits(q, k, _QK, visible, qk)
     row_max, row_sum = _softmax_stats(logits)
-    probs = _probs(logits, row_max, row_sum)
-    if values is None:
-        out = rounded_dot(probs, v, _PV, pv.compute, pv.accum)
-    else:
-        out = _fp8_dot(*_probs_fp8(probs, values), v, v_scale, _PV)
+    out = _pv_dot(pv, _probs_operand(_probs(logits, row_max, row_sum), values), v, _PV)
     return out.astype(pv.output), row_max, row_sum
 
 
-def _value_grads(pv: Dtypes, values: Fp8Values | None, probs, v, v_scale, d_out, d_scale):
-    """dV = P^T dO (B, G, S, D) and dP = dO V^T (B, G, S, R, T, f32), keys-major."""
-    if values is None:
-        d_v = rounded_dot(probs, d_out, _OVER_QUERIES, pv.compute, pv.accum)
-        return d_v, rounded_dot(v, d_out, _KQ, pv.compute, pv.accum).astype(_F32)
-    d_v = _fp8_dot(*_probs_fp8(probs, values), d_out, d_scale, _OVER_QUERIES)
-    return d_v, _fp8_dot(v, v_scale, d_out, d_scale, _KQ)
-
-
-def _block_backward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, q, k, v, v_scale, visible, row_max,
-                    row_sum, d_out, d_scale):
+def _block_backward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, q, k, v, visible, row_max, row_sum, d_out):
     """One query block's (dQ, dK, dV), dK and dV in f32 (summed over the blocks). v and
-    d_out are FP8 with their scales under `values`."""
+    d_out are (values, scale) pairs, FP8 with their scales under `values`."""
     # Everything here runs keys-major, (B, G, S, R, T): the layout dV and dK contract in,
     # and one the forward pass never formed, so XLA's common-subexpression pass cannot
     # merge the recomputed logits into the forward's and keep those alive instead.
     visible = None if visible is None else jnp.moveaxis(visible, -1, 2)
     logits = _logits(k, q, _KQ, visible, qk)
     probs = _probs(logits, jnp.moveaxis(row_max, -1, 2), jnp.moveaxis(row_sum, -1, 2))
-    d_v, d_probs = _value_grads(pv, values, probs, v, v_scale, d_out, d_scale)
+    d_v = _pv_dot(pv, _probs_operand(probs, values), d_out, _OVER_QUERIES)  # (B, G, S, D)
+    d_probs = _pv_dot(pv, v, d_out, _KQ).astype(_F32)  # (B, G, S, R, T)
     d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=2, keepdims=True))
     if visible is not None:  # where() passes no gradient to hidden keys, even in a row with none visible
         d_logits = jnp.where(visible, d_logits, 0.0)
@@ -283,16 +275,16 @@ def _query_blocks(visible: Array | None, n: int, length: int):
 def _forward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, q, k, v, visible):
     t = q.shape[3]
     n = -(-t // block)
-    vq, v_scale = _values_operand(v, values, visible)
+    vq = _values_operand(v, values, visible)
     if n == 1:
-        out, row_max, row_sum = _block_forward(qk, pv, values, q, k, vq, v_scale, visible)
+        out, row_max, row_sum = _block_forward(qk, pv, values, q, k, vq, visible)
         return out, (q, k, v, visible, row_max, row_sum)
     split_mask, shared_mask = _query_blocks(visible, n, t)
 
     def one_block(_, xs):
         q_b, mask_b = xs
         mask_b = shared_mask if mask_b is None else mask_b
-        return None, _block_forward(qk, pv, values, q_b, k, vq, v_scale, mask_b)
+        return None, _block_forward(qk, pv, values, q_b, k, vq, mask_b)
 
     _, (out, row_max, row_sum) = jax.lax.scan(one_block, None, (_split(q, n, 0), split_mask))
     return _join(out, t), (q, k, v, visible, row_max, row_sum)
@@ -306,13 +298,12 @@ def _attention(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, q, 
 def _backward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, residuals, d_out):
     q, k, v, visible, row_max, row_sum = residuals
     q = after(q, d_out)  # the recomputation waits for this layer's gradient
-    vq, v_scale = _values_operand(after(v, d_out), values, visible)  # V is kept as given, quantized again here
-    d_out, d_scale = (d_out, None) if values is None else _head_fp8(d_out, values.bwd_format)
+    vq = _values_operand(after(v, d_out), values, visible)  # V is kept as given, quantized again here
+    g = (d_out, None) if values is None else _head_fp8(d_out, values.bwd_format)
     t = q.shape[3]
     n = -(-t // block)
     if n == 1:
-        d_q, d_k, d_v = _block_backward(qk, pv, values, q, k, vq, v_scale, visible, row_max, row_sum, d_out,
-                                        d_scale)
+        d_q, d_k, d_v = _block_backward(qk, pv, values, q, k, vq, visible, row_max, row_sum, g)
         return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
     split_mask, shared_mask = _query_blocks(visible, n, t)
     q_blocks = _split(q, n, 0)
@@ -320,14 +311,14 @@ def _backward(qk: Dtypes, pv: Dtypes, values: Fp8Values | None, block: int, resi
     def one_block(sums, xs):
         i, mask_b, max_b, sum_b, d_out_b = xs
         mask_b = shared_mask if mask_b is None else mask_b
-        d_q, d_k, d_v = _block_backward(qk, pv, values, q_blocks[i], k, vq, v_scale, mask_b, max_b, sum_b,
-                                        d_out_b, d_scale)
+        d_q, d_k, d_v = _block_backward(qk, pv, values, q_blocks[i], k, vq, mask_b, max_b, sum_b,
+                                        (d_out_b, g[1]))
         return (sums[0] + d_k, sums[1] + d_v, sums[2].at[i].set(d_q)), None
 
     # Buffers made from d_out, or XLA allocates every layer's at the start of the pass.
     sums = tuple(after(jnp.zeros(shape, dtype), d_out)
                  for shape, dtype in ((k.shape, _F32), (v.shape, _F32), (q_blocks.shape, q.dtype)))
-    xs = (jnp.arange(n), split_mask, row_max, row_sum, _split(d_out, n, 0))
+    xs = (jnp.arange(n), split_mask, row_max, row_sum, _split(g[0], n, 0))
     (d_k, d_v, d_q), _ = jax.lax.scan(one_block, sums, xs)
     return _join(d_q, t), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 

@@ -16,6 +16,7 @@ import pytest
 import mpx
 import mpx.aot
 import mpx.inspect
+from benchmarks.h100_compile import layer_path
 
 pytestmark = pytest.mark.skipif(mpx.aot.status() is not None, reason=str(mpx.aot.status()))
 
@@ -102,12 +103,6 @@ def test_bad_targets_and_device_counts_are_named():
         mpx.aot.mesh("h900")
     with pytest.raises(ValueError, match="devices must be a positive integer; got 0"):
         mpx.aot.mesh("h100", devices=0)
-
-
-def layer_path(op_name: str) -> str:
-    from benchmarks.h100_compile import layer_path
-
-    return layer_path(op_name)
 
 
 def _non_fp8_paths(compiled) -> set[str]:
